@@ -1,0 +1,268 @@
+"""What can be pruned in an LM, read from the LM itself.
+
+A decoder-only LM has ``L`` layers. Each layer owns its norms (and any parameter no unit
+owns) and holds two kinds of prunable units:
+
+* attention units: one key/value group with the query heads that read it (grouped-query
+  attention), or one head when every head has its own key/value (``A`` units a layer);
+* MLP units: groups of ``g`` intermediate channels (``M`` units a layer).
+
+The unit axis of every per-unit tensor is ``[attention units..., MLP units...]``, so a
+layer has ``U = A + M`` units. Costs are parameter counts: all the weights a unit owns.
+
+What differs between model families (where the layers are, what the projections are
+called, whether q/k/v are fused) lives in :data:`FAMILIES`, one entry a family. Nothing is
+guessed from a model's name: the facts come from its modules and config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+import torch
+from torch import nn
+
+__all__ = ["Family", "FAMILIES", "Architecture", "describe", "UnsupportedModelError"]
+
+
+class UnsupportedModelError(ValueError):
+    """The LM's layout is not one ppn_bayes knows how to gate."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where one model family keeps what ppn_bayes gates.
+
+    Paths are attribute paths relative to the LM (``layers``) or to one decoder layer.
+    ``fused_qkv`` marks GPT-2's single ``c_attn`` Conv1D holding q, k and v side by side.
+    """
+
+    name: str
+    layers: str  # ModuleList of decoder layers, from the LM
+    final_norm: str  # from the LM; kept with the embeddings, outside the size
+    q: str
+    k: str
+    v: str
+    o: str  # attention output projection: input columns are head outputs
+    mlp_in: tuple[str, ...]  # projections whose output rows are MLP channels
+    mlp_out: str  # projection whose input columns are MLP channels
+    fused_qkv: bool = False
+    conv1d: bool = False  # weights stored [in, out] (GPT-2's Conv1D) instead of [out, in]
+
+
+_LLAMA = dict(
+    layers="model.layers",
+    final_norm="model.norm",
+    q="self_attn.q_proj",
+    k="self_attn.k_proj",
+    v="self_attn.v_proj",
+    o="self_attn.o_proj",
+    mlp_in=("mlp.gate_proj", "mlp.up_proj"),
+    mlp_out="mlp.down_proj",
+)
+
+#: One entry a supported ``config.model_type``.
+FAMILIES: dict[str, Family] = {
+    "llama": Family("llama", **_LLAMA),
+    "mistral": Family("mistral", **_LLAMA),
+    "qwen2": Family("qwen2", **_LLAMA),
+    "qwen3": Family("qwen3", **_LLAMA),
+    "gpt2": Family(
+        "gpt2",
+        layers="transformer.h",
+        final_norm="transformer.ln_f",
+        q="attn.c_attn",
+        k="attn.c_attn",
+        v="attn.c_attn",
+        o="attn.c_proj",
+        mlp_in=("mlp.c_fc",),
+        mlp_out="mlp.c_proj",
+        fused_qkv=True,
+        conv1d=True,
+    ),
+}
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    """``root.a.b.c`` for ``path='a.b.c'``, with an error that names the missing part."""
+    module = root
+    for part in path.split("."):
+        if not hasattr(module, part):
+            raise UnsupportedModelError(
+                f"{type(root).__name__} has no module '{path}' (missing '{part}')"
+            )
+        module = getattr(module, part)
+    return module
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The prunable structure of one LM, and the parameter cost of every part.
+
+    Shapes: ``layer_cost [L]``, ``unit_cost [L, U]`` with ``U = n_attention_units +
+    n_mlp_units``. ``total_cost`` is ``C`` of the budget equation: every parameter in the
+    decoder layers. Embeddings, the LM head and the final norm are ``outside_cost``.
+    """
+
+    family: str
+    model_type: str
+    n_layers: int
+    hidden_size: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    mlp_group: int
+    n_attention_units: int
+    n_mlp_units: int
+    layer_cost: tuple[int, ...]
+    unit_cost: tuple[tuple[int, ...], ...]
+    outside_cost: int
+
+    @property
+    def n_units(self) -> int:
+        return self.n_attention_units + self.n_mlp_units
+
+    @property
+    def heads_per_unit(self) -> int:
+        return self.n_heads // self.n_attention_units
+
+    @property
+    def total_cost(self) -> int:
+        return sum(self.layer_cost) + sum(map(sum, self.unit_cost))
+
+    def costs(self, device=None, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(layer_cost [L], unit_cost [L, U])`` as tensors."""
+        return (
+            torch.tensor(self.layer_cost, dtype=dtype, device=device),
+            torch.tensor(self.unit_cost, dtype=dtype, device=device),
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Architecture":
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = names - set(data)
+        if missing:
+            raise ValueError(f"architecture record lacks {sorted(missing)}")
+        data = {k: data[k] for k in names}
+        data["layer_cost"] = tuple(int(c) for c in data["layer_cost"])
+        data["unit_cost"] = tuple(tuple(int(c) for c in row) for row in data["unit_cost"])
+        return cls(**data)
+
+
+def family_of(lm: nn.Module) -> Family:
+    config = getattr(lm, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type is None:
+        raise UnsupportedModelError(
+            f"{type(lm).__name__} has no config.model_type: pass a Hugging Face causal LM"
+        )
+    if model_type not in FAMILIES:
+        raise UnsupportedModelError(
+            f"model_type '{model_type}' is not supported; supported: {sorted(FAMILIES)}. "
+            "Add an entry to ppn_bayes.architecture.FAMILIES for its layout."
+        )
+    return FAMILIES[model_type]
+
+
+def decoder_layers(lm: nn.Module) -> nn.ModuleList:
+    layers = get_module(lm, family_of(lm).layers)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise UnsupportedModelError(f"{type(lm).__name__} has no decoder layers")
+    return layers
+
+
+def _n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _out_features(weight: torch.Tensor, family: Family) -> int:
+    return weight.shape[1] if family.conv1d else weight.shape[0]
+
+
+def describe(lm: nn.Module, *, mlp_group: int = 64) -> Architecture:
+    """Read the prunable units of ``lm`` and their costs from its modules.
+
+    ``mlp_group`` is ``g``, the number of intermediate channels in one MLP unit; it must
+    divide every layer's intermediate size. Raises :class:`UnsupportedModelError` naming
+    what is missing when the layout is unknown.
+    """
+    family = family_of(lm)
+    config = lm.config
+    layers = decoder_layers(lm)
+    hidden = config.hidden_size
+    n_heads = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // n_heads
+    if n_heads % n_kv:
+        raise UnsupportedModelError(f"{n_heads} query heads do not split into {n_kv} groups")
+    first = layers[0]
+    mlp_out = get_module(first, family.mlp_out)
+    inter = mlp_out.weight.shape[0] if family.conv1d else mlp_out.weight.shape[1]
+    if mlp_group < 1 or inter % mlp_group:
+        raise ValueError(
+            f"mlp_group={mlp_group} must divide the intermediate size {inter}"
+        )
+    n_mlp = inter // mlp_group
+    heads_per_unit = n_heads // n_kv
+
+    layer_cost, unit_cost = [], []
+    for index, layer in enumerate(layers):
+        # Attention: a unit owns q rows of its heads, k/v rows of its group, o columns.
+        o = get_module(layer, family.o)
+        if family.fused_qkv:
+            qkv = get_module(layer, family.q)
+            if _out_features(qkv.weight, family) != 3 * n_heads * head_dim:
+                raise UnsupportedModelError(f"layer {index}: fused q/k/v has an unexpected width")
+            qkv_bias = 3 * head_dim if qkv.bias is not None else 0
+            attn_unit = hidden * 3 * head_dim + qkv_bias
+        else:
+            q, k, v = (get_module(layer, p) for p in (family.q, family.k, family.v))
+            for proj, width in ((q, n_heads * head_dim), (k, n_kv * head_dim), (v, n_kv * head_dim)):
+                if proj.weight.shape[0] != width:
+                    raise UnsupportedModelError(
+                        f"layer {index}: projection of width {proj.weight.shape[0]}, expected {width}"
+                    )
+            q_rows = heads_per_unit * head_dim
+            k_rows = head_dim
+            attn_unit = hidden * (q_rows + 2 * k_rows)
+            attn_unit += sum(
+                rows for proj, rows in ((q, q_rows), (k, k_rows), (v, k_rows)) if proj.bias is not None
+            )
+        attn_unit += hidden * heads_per_unit * head_dim  # o columns
+        # MLP: a unit owns g rows of every input projection and g columns of the output.
+        mlp_unit = 0
+        for path in family.mlp_in:
+            proj = get_module(layer, path)
+            if _out_features(proj.weight, family) != inter:
+                raise UnsupportedModelError(f"layer {index}: {path} is not {inter} wide")
+            mlp_unit += mlp_group * hidden + (mlp_group if proj.bias is not None else 0)
+        mlp_unit += mlp_group * hidden
+        units = [attn_unit] * n_kv + [mlp_unit] * n_mlp
+        rest = _n_params(layer) - sum(units)
+        if rest < 0:
+            raise UnsupportedModelError(f"layer {index}: unit costs exceed its parameters")
+        layer_cost.append(rest)
+        unit_cost.append(tuple(units))
+
+    outside = _n_params(lm) - sum(layer_cost) - sum(map(sum, unit_cost))
+    return Architecture(
+        family=family.name,
+        model_type=config.model_type,
+        n_layers=len(layers),
+        hidden_size=hidden,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        head_dim=head_dim,
+        intermediate_size=inter,
+        mlp_group=mlp_group,
+        n_attention_units=n_kv,
+        n_mlp_units=n_mlp,
+        layer_cost=tuple(layer_cost),
+        unit_cost=tuple(unit_cost),
+        outside_cost=outside,
+    )
+

@@ -1,0 +1,95 @@
+"""Keep probabilities and the budget equation: the push.
+
+For scales ``λ_l`` (layer) and ``λ_lu`` (unit) and global scale ``τ``::
+
+    π_l(τ)  = σ(2·(log τ + log λ_l))
+    π_lu(τ) = π_l(τ) · σ(2·(log τ + log λ_l + log λ_lu))
+
+``x²/(1+x²) = σ(2 log x)`` is the horseshoe's shrinkage complement. ``τ`` is not a free
+parameter: it is the root of the budget equation
+
+    E[size | τ] = (Σ_l c_l π_l(τ) + Σ_lu c_lu π_lu(τ)) / C = s,
+
+monotone in ``τ``, found by bisection on ``log τ``. Gradients reach the scales through
+the implicit-function theorem: ``d log τ / dθ = -(∂F/∂θ) / (∂F/∂ log τ)``.
+
+All functions broadcast over leading dimensions (draws, sizes).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["keep_logits", "keep_probs", "expected_size", "solve_log_tau"]
+
+
+def keep_logits(log_tau, log_lambda_layer, log_lambda_unit):
+    """Logits of ``π_l`` ``[*, L]`` and of the unit's conditional keep ``[*, L, U]``.
+
+    ``log_tau [*]``, ``log_lambda_layer [*, L]``, ``log_lambda_unit [*, L, U]``. The
+    conditional is the unit's keep probability given its layer is kept:
+    ``π_lu = π_l · σ(unit logit)``.
+    """
+    log_tau = log_tau[..., None]  # [*, 1]
+    layer = 2.0 * (log_tau + log_lambda_layer)  # [*, L]
+    unit = 2.0 * (log_tau[..., None] + log_lambda_layer[..., None] + log_lambda_unit)  # [*, L, U]
+    return layer, unit
+
+
+def keep_probs(log_tau, log_lambda_layer, log_lambda_unit):
+    """``(π_l [*, L], π_lu [*, L, U])``: marginal keep probabilities."""
+    layer, unit = keep_logits(log_tau, log_lambda_layer, log_lambda_unit)
+    pi_layer = torch.sigmoid(layer)
+    return pi_layer, pi_layer[..., None] * torch.sigmoid(unit)
+
+
+def expected_size(log_tau, log_lambda_layer, log_lambda_unit, layer_cost, unit_cost):
+    """``E[size | τ]`` as a fraction of the decoder's cost ``C``, shape ``[*]``."""
+    pi_layer, pi_unit = keep_probs(log_tau, log_lambda_layer, log_lambda_unit)
+    total = layer_cost.sum() + unit_cost.sum()
+    kept = (pi_layer * layer_cost).sum(-1) + (pi_unit * unit_cost).sum((-2, -1))
+    return kept / total
+
+
+def _bracket(log_lambda_layer, log_lambda_unit) -> float:
+    """A half-width for ``log τ`` that holds every root: past it all π are ~0 or ~1."""
+    span = log_lambda_layer.detach().abs().max() + (
+        log_lambda_layer.detach()[..., None] + log_lambda_unit.detach()
+    ).abs().max()
+    return float(span) + 25.0
+
+
+def solve_log_tau(size, log_lambda_layer, log_lambda_unit, layer_cost, unit_cost, *, steps: int = 64):
+    """``log τ`` solving the budget equation for ``size`` (a float or a tensor ``[*]``).
+
+    Bisection in float64 without gradients finds the root ``t₀``; the returned value is
+    ``t₀ + (F(t₀) - F(t₀).detach()) · (-1 / ∂F/∂t)``: equal to ``t₀`` and carrying the
+    implicit-function gradient to the scales and nothing else.
+    """
+    batch = log_lambda_layer.shape[:-1]
+    size = torch.as_tensor(size, dtype=torch.float64, device=log_lambda_layer.device)
+    if bool(((size <= 0) | (size > 1)).any()):
+        raise ValueError(f"size must lie in (0, 1], got {size.tolist()}")
+    size = size.expand(batch) if size.dim() == 0 else size
+    costs = (layer_cost.to(torch.float64), unit_cost.to(torch.float64))
+    with torch.no_grad():
+        ll, lu = log_lambda_layer.detach().double(), log_lambda_unit.detach().double()
+        half = _bracket(ll, lu)
+        low = torch.full(size.shape, -half, dtype=torch.float64, device=size.device)
+        high = torch.full(size.shape, half, dtype=torch.float64, device=size.device)
+        for _ in range(steps):
+            mid = 0.5 * (low + high)
+            above = expected_size(mid, ll, lu, *costs) > size
+            high = torch.where(above, mid, high)
+            low = torch.where(above, low, mid)
+        root = 0.5 * (low + high)
+    if not (log_lambda_layer.requires_grad or log_lambda_unit.requires_grad):
+        return root.to(log_lambda_layer.dtype)
+    # Implicit-function gradient: F(t, θ) = E[size | t, θ] - s.
+    t = root.clone().requires_grad_(True)
+    with torch.enable_grad():
+        f_t = expected_size(t, ll, lu, *costs)
+        (slope,) = torch.autograd.grad(f_t.sum(), t)
+    f = expected_size(root, log_lambda_layer.double(), log_lambda_unit.double(), *costs)
+    slope = slope.clamp_min(1e-30)
+    return (root - (f - f.detach()) / slope).to(log_lambda_layer.dtype)

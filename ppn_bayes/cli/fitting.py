@@ -1,0 +1,86 @@
+"""``ppn-bayes demo`` and ``ppn-bayes fit``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..config import FitConfig
+from .options import add_fit_options, fit_config_from
+
+
+def register(subparsers) -> None:
+    demo = subparsers.add_parser(
+        "demo", help="pretrain a tiny LM on the embedded text, fit it, compare with random cuts",
+        description="The main job on an embedded default (no download, no GPU): a tiny Llama is "
+                    "pretrained on the text shipped with ppn_bayes, its gate posterior is fitted, and "
+                    "the perplexity of its sub-networks is compared with random cuts of the same sizes.",
+    )
+    demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    demo.add_argument("--model", default=None,
+                      help="a local Hugging Face directory or .gguf file instead of the tiny default")
+    demo.add_argument("--text", default=None, help="a local text file instead of the embedded text")
+    demo.add_argument("--sizes", type=float, nargs="+", default=[0.9, 0.7, 0.5, 0.4, 0.3],
+                      help="sizes to report (fractions of decoder parameters)")
+    demo.add_argument("--pretrain-steps", type=int, default=400, help="pretraining steps of the tiny LM")
+    demo.add_argument("--fit-steps", type=int, default=150, help="fit steps")
+    demo.add_argument("--eval-windows", type=int, default=40, help="held-out windows for perplexity")
+    demo.add_argument("--overwrite", action="store_true", help="write into an existing, non-empty --out")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(func=_demo)
+
+    fit = subparsers.add_parser(
+        "fit", help="fit the gate posterior of a local LM on a local text",
+        description="Fit the gate posterior and the LM's weights together (Trace_ELBO, AdamW). "
+                    "Writes OUT/checkpoint (resumable) and OUT/result.json.",
+    )
+    fit.add_argument("--model", required=True, help="a local Hugging Face directory or .gguf file")
+    fit.add_argument("--data", required=True,
+                     help="training text (.txt, tokenised with the model's tokenizer) or a .safetensors "
+                          "file with a 1-D 'tokens' tensor")
+    fit.add_argument("--out", required=True, help="output folder")
+    fit.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    fit.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    fit.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="LM weights' dtype")
+    fit.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_fit_options(fit)
+    fit.set_defaults(func=_fit)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from ..demo import DemoConfig, run_demo
+
+    base = DemoConfig()
+    config = DemoConfig(
+        out=args.out, model=args.model, text=args.text, sizes=tuple(args.sizes),
+        pretrain_steps=args.pretrain_steps, fit=base.fit.replace(steps=args.fit_steps),
+        eval_windows=args.eval_windows, overwrite=args.overwrite,
+    )
+    result = run_demo(config, progress=not args.quiet)
+    print(result.table())
+    print(f"wrote {Path(args.out) / 'table.txt'}, result.json, perplexity.png and checkpoint/")
+    return 0
+
+
+def _fit(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..data import load_tokens
+    from ..fit import fit
+    from ..io import atomic_write_text
+    from ..lm import load_lm
+
+    config: FitConfig = fit_config_from(args)
+    out = Path(args.out)
+    if out.exists() and not args.resume and (out / "checkpoint").exists():
+        raise FileExistsError(f"{out / 'checkpoint'} exists; pass --resume to continue it")
+    lm, tokenizer = load_lm(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    tokens = load_tokens(args.data, tokenizer)
+    fitted = fit(lm, tokens, config, checkpoint=out / "checkpoint", resume=args.resume, tokenizer=tokenizer,
+                 progress=not args.quiet)
+    atomic_write_text(out / "result.json", fitted.result.to_json())
+    last = fitted.result.history[-1] if fitted.result.history else {}
+    print(json.dumps({"steps": fitted.result.steps_done, "train_tokens": fitted.result.train_tokens,
+                      "last": last, "checkpoint": fitted.result.checkpoint}))
+    return 0

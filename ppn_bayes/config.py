@@ -1,0 +1,106 @@
+"""Settings of a fit: one frozen dataclass, validated when built, saved with every result."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+__all__ = ["FitConfig"]
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """How a push puppet network is fitted.
+
+    Sizes: every step trains the full LM (the teacher), the smallest size ``size_min``
+    and ``n_random_sizes`` sizes drawn uniformly from ``[size_min, size_max]`` (the
+    sandwich rule). Weighting: the likelihood is the mean next-token log-likelihood per
+    token; the prior KL is scaled by ``prior_weight / prior_tokens`` (``prior_tokens``
+    defaults to the number of training tokens, which makes the loss the ELBO per token).
+    """
+
+    steps: int = 200
+    batch_size: int = 8
+    seq_len: int = 128
+    lr_lm: float = 1e-4
+    lr_guide: float = 5e-2
+    weight_decay: float = 0.0
+    size_min: float = 0.3
+    size_max: float = 1.0
+    n_random_sizes: int = 1
+    temperature: float = 0.5
+    distill_weight: float = 1.0
+    prior_weight: float = 1.0
+    prior_tokens: int | None = None
+    posterior: str = "normal"  # "normal" (mean-field) or "point" (ablation)
+    hierarchy: bool = True  # False: flat units, no layer gates (ablation)
+    train_lm: bool = True  # False: frozen LM, gates only (ablation)
+    layer_init: float = 1.0
+    init_scale: float = 0.1
+    mlp_group: int = 64
+    grad_clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 0  # 0: only at the end
+    log_every: int = 10
+
+    def __post_init__(self):
+        positive = ("steps", "batch_size", "lr_guide", "temperature", "mlp_group", "log_every")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be at least 2, got {self.seq_len}")
+        if not 0 < self.size_min <= self.size_max <= 1:
+            raise ValueError(
+                f"sizes must satisfy 0 < size_min <= size_max <= 1, got {self.size_min}, {self.size_max}"
+            )
+        for name in ("lr_lm", "weight_decay", "distill_weight", "prior_weight", "checkpoint_every",
+                     "n_random_sizes", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.posterior not in ("normal", "point"):
+            raise ValueError(f"posterior must be 'normal' or 'point', got {self.posterior!r}")
+        if self.prior_tokens is not None and self.prior_tokens < 1:
+            raise ValueError(f"prior_tokens must be positive, got {self.prior_tokens}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FitConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown fit settings {sorted(unknown)}")
+        return cls(**data)
+
+    def replace(self, **changes) -> "FitConfig":
+        return dataclasses.replace(self, **changes)
+
+
+#: One line of documentation per :class:`FitConfig` field (used by ``ppn-bayes fit --help``).
+FIT_HELP: dict[str, str] = {
+    "steps": "training steps",
+    "batch_size": "sequences per step (per process under torchrun)",
+    "seq_len": "tokens per training sequence",
+    "lr_lm": "AdamW learning rate of the LM's weights",
+    "lr_guide": "AdamW learning rate of the guide's parameters (loc and log-scale of log λ)",
+    "weight_decay": "AdamW weight decay of the LM's weights",
+    "size_min": "smallest size trained each step (sandwich rule)",
+    "size_max": "largest size drawn for the random sizes",
+    "n_random_sizes": "random sizes in [size_min, size_max] trained each step",
+    "temperature": "temperature of the relaxed Bernoulli gates (straight-through)",
+    "distill_weight": "weight of KL(full LM || gated LM), the self-distillation term; 0 turns it off",
+    "prior_weight": "weight of the prior KL against the per-token likelihood",
+    "prior_tokens": "tokens the prior KL is spread over (default: the training text's length)",
+    "posterior": "'normal' (mean-field normal on log λ) or 'point' (point estimates; ablation)",
+    "hierarchy": "layer gates above unit gates; --no-hierarchy fits flat units (ablation)",
+    "train_lm": "train the LM's weights with the gates; --no-train-lm freezes the LM (ablation)",
+    "layer_init": "initial posterior location of every log λ_l (above 0: layers start safer than units)",
+    "init_scale": "initial posterior scale of every log λ",
+    "mlp_group": "intermediate channels per MLP unit (g)",
+    "grad_clip": "clip the gradient norm to this; 0 turns clipping off",
+    "seed": "seed of data order, sizes and gate draws",
+    "checkpoint_every": "write a checkpoint every this many steps (0: only at the end)",
+    "log_every": "record the loss every this many steps",
+}

@@ -1,0 +1,127 @@
+"""Gates on a Hugging Face LM, by hooks: the LM is wrapped, never forked.
+
+For layer ``l`` with layer gate ``z_l`` and unit gates ``z_lu``:
+
+* an attention unit's output (its heads, before ``o_proj``) is multiplied by ``z_lu``;
+* an MLP unit's activation (its channels, before ``down_proj``) is multiplied by ``z_lu``;
+* the layer's two residual updates (the outputs of ``o_proj`` and ``down_proj``) are
+  multiplied by ``z_l``, so ``z_l = 0`` makes the layer an exact identity.
+
+Multiplying by exactly 1.0 changes no bit, so all gates at one reproduce the LM's logits
+exactly. :meth:`GatedLM.unload` removes every hook and returns the untouched LM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .architecture import Architecture, decoder_layers, describe, family_of, get_module
+
+__all__ = ["Gates", "GatedLM"]
+
+
+@dataclass(frozen=True)
+class Gates:
+    """Soft (or hard) gates for one forward pass.
+
+    ``layer [*B, L]`` and ``unit [*B, L, U]``; the optional leading batch dimension ``B``
+    gives every sequence of the batch its own gates.
+    """
+
+    layer: torch.Tensor
+    unit: torch.Tensor
+
+    @classmethod
+    def ones(cls, arch: Architecture, device=None, dtype=torch.float32) -> "Gates":
+        return cls(
+            torch.ones(arch.n_layers, device=device, dtype=dtype),
+            torch.ones(arch.n_layers, arch.n_units, device=device, dtype=dtype),
+        )
+
+
+class GatedLM(nn.Module):
+    """An LM whose layers and units are multiplied by :class:`Gates`.
+
+    ``gated(input_ids, gates=g)`` runs the LM under ``g``; ``gates=None`` runs it
+    untouched. The hooks read the gates of the call in flight, so the same module serves
+    the teacher (no gates) and the gated student.
+    """
+
+    def __init__(self, lm: nn.Module, arch: Architecture | None = None, *, mlp_group: int = 64):
+        super().__init__()
+        self.lm = lm
+        self.arch = arch if arch is not None else describe(lm, mlp_group=mlp_group)
+        self._gates: Gates | None = None
+        self._handles: list = []
+        family = family_of(lm)
+        A = self.arch.n_attention_units
+        head_width = self.arch.heads_per_unit * self.arch.head_dim
+        for index, layer in enumerate(decoder_layers(lm)):
+            o = get_module(layer, family.o)
+            down = get_module(layer, family.mlp_out)
+            self._handles += [
+                o.register_forward_pre_hook(self._unit_hook(index, slice(0, A), head_width)),
+                o.register_forward_hook(self._layer_hook(index)),
+                down.register_forward_pre_hook(
+                    self._unit_hook(index, slice(A, None), self.arch.mlp_group)
+                ),
+                down.register_forward_hook(self._layer_hook(index)),
+            ]
+
+    # -- hooks -----------------------------------------------------------------------
+    def _unit_hook(self, index: int, units: slice, width: int):
+        def hook(module, args):
+            if self._gates is None:
+                return None
+            (x, *rest) = args  # x: [B, T, n_units * width]
+            gate = self._gates.unit[..., index, units]  # [*B, n_units]
+            gate = gate.repeat_interleave(width, dim=-1).to(x.dtype)  # [*B, n_units * width]
+            if gate.dim() == 2:
+                gate = gate[:, None, :]  # [B, 1, D]
+            return (x * gate, *rest)
+
+        return hook
+
+    def _layer_hook(self, index: int):
+        def hook(module, args, output):
+            if self._gates is None:
+                return None
+            gate = self._gates.layer[..., index].to(output.dtype)  # [*B]
+            if gate.dim() == 1:
+                gate = gate[:, None, None]  # [B, 1, 1]
+            return output * gate
+
+        return hook
+
+    # -- use -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def gates_applied(self, gates: Gates | None):
+        """Run the LM under ``gates`` inside the ``with`` block."""
+        if gates is not None:
+            L, U = self.arch.n_layers, self.arch.n_units
+            if gates.layer.shape[-1] != L or gates.unit.shape[-2:] != (L, U):
+                raise ValueError(
+                    f"gates of shape layer {tuple(gates.layer.shape)}, unit "
+                    f"{tuple(gates.unit.shape)} do not fit {L} layers x {U} units"
+                )
+        previous, self._gates = self._gates, gates
+        try:
+            yield self
+        finally:
+            self._gates = previous
+
+    def forward(self, input_ids: torch.Tensor, gates: Gates | None = None, **kwargs):
+        """Logits ``[B, T, V]`` of the LM under ``gates``."""
+        with self.gates_applied(gates):
+            return self.lm(input_ids=input_ids, **kwargs).logits
+
+    def unload(self) -> nn.Module:
+        """Remove every hook and return the original LM."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        return self.lm

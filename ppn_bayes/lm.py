@@ -1,0 +1,86 @@
+"""Loading and building LMs: local Hugging Face directories, GGUF files, tiny test LMs.
+
+Nothing here touches a model hub: paths must be local.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .data import CharTokenizer
+from .io import atomic_directory
+
+__all__ = ["load_lm", "save_lm", "tiny_llama", "load_tokenizer"]
+
+
+def tiny_llama(vocab_size: int, *, layers: int = 4, hidden: int = 64, heads: int = 4,
+               kv_heads: int = 2, intermediate: int = 256, seed: int = 0, **overrides) -> nn.Module:
+    """A small randomly initialised ``LlamaForCausalLM`` built from a config."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        **overrides,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def load_tokenizer(directory: str | Path):
+    directory = Path(directory)
+    if (directory / "char_tokenizer.json").is_file():
+        return CharTokenizer.from_pretrained(directory)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def _plain_copy(lm: nn.Module) -> nn.Module:
+    """A GGUF-loaded LM is marked quantised; rebuild a plain one from config and weights."""
+    from transformers import AutoModelForCausalLM
+
+    config = lm.config
+    for attr in ("quantization_config",):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    plain = AutoModelForCausalLM.from_config(config, dtype=next(lm.parameters()).dtype)
+    plain.load_state_dict(lm.state_dict())
+    return plain.eval()
+
+
+def load_lm(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """``(lm, tokenizer)`` from a local Hugging Face directory or a ``.gguf`` file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        lm = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        lm = _plain_copy(lm)
+    elif path.is_dir() and (path / "config.json").is_file():
+        lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        tokenizer = load_tokenizer(path)
+    else:
+        raise FileNotFoundError(
+            f"{path} is neither a Hugging Face model directory (with config.json) nor a .gguf file"
+        )
+    return lm.to(device).eval(), tokenizer
+
+
+def save_lm(lm: nn.Module, tokenizer, directory: str | Path, *, overwrite: bool = False) -> Path:
+    """Save ``lm`` (safetensors) and its tokenizer to ``directory``, atomically."""
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
+        lm.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(directory)

@@ -1,0 +1,216 @@
+"""The generative model and the guide of a push puppet network.
+
+Read top to bottom, :class:`PuppetModel` is the story of docs/method.md:
+
+1. the strings: a scale ``λ_l ~ HalfCauchy(1)`` for every layer and ``λ_lu ~
+   HalfCauchy(1)`` for every unit of every layer (plates ``layer`` and ``unit``);
+2. the push: the global scale ``τ`` is the root of the budget equation for the
+   requested ``size`` (a ``deterministic`` site, with the expected size it reaches);
+3. the gates: ``gate_layer ~ Bernoulli(π_l)`` and, given its layer is on, ``gate_unit ~
+   Bernoulli(π_lu / π_l)``, relaxed with straight-through so gradients pass;
+4. the likelihood: the LM's own next-token log-likelihood under the gates, plus an
+   optional self-distillation term towards the same LM with all gates on.
+
+:class:`PuppetGuide` is mean-field normal on the log-scales, ``q(log λ)``, amortised over
+sizes: it solves ``τ(s)`` for whatever size it is handed and draws gates from the same
+``π`` as the model. The gate terms of the ELBO therefore cancel exactly; both sides mask
+them out (``poutine.mask(mask=False)``) rather than evaluate two equal log-densities of a
+straight-through sample. What remains is ``E_q[log-likelihood] - KL(q(log λ) ‖ p(log λ))``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from pyro import poutine
+from pyro.nn import PyroModule
+from torch import nn
+
+from .architecture import Architecture
+from .budget import expected_size, keep_logits, solve_log_tau
+from .gating import GatedLM, Gates
+
+__all__ = ["PuppetModel", "PuppetGuide", "plates", "sample_gates"]
+
+
+def plates(L: int, U: int):
+    """The plates ``layer`` (dim -2) and ``unit`` (dim -1), built once a trace and reused."""
+    return pyro.plate("layer", L, dim=-2), pyro.plate("unit", U, dim=-1)
+
+
+def sample_gates(layer_plate, unit_plate, layer_logits, unit_logits, temperature: float) -> Gates:
+    """Sample sites ``gate_layer [L, 1]`` and ``gate_unit [L, U]`` (relaxed, hard forward).
+
+    Their log-densities are masked: model and guide draw them from the same ``π``.
+    """
+    with poutine.mask(mask=False):
+        with layer_plate:
+            z_layer = pyro.sample(
+                "gate_layer",
+                dist.RelaxedBernoulliStraightThrough(
+                    torch.tensor(temperature, device=layer_logits.device), logits=layer_logits[..., None]
+                ),
+            )  # [L, 1]
+            with unit_plate:
+                z_unit = pyro.sample(
+                    "gate_unit",
+                    dist.RelaxedBernoulliStraightThrough(
+                        torch.tensor(temperature, device=unit_logits.device), logits=unit_logits
+                    ),
+                )  # [L, U]
+    return Gates(layer=z_layer[..., 0], unit=z_unit)
+
+
+class _Push(PyroModule):
+    """What model and guide share: costs, the hierarchy switch, and τ(size)."""
+
+    def __init__(self, arch: Architecture, *, hierarchy: bool, prior_scale: float, temperature: float):
+        super().__init__()
+        self.arch = arch
+        self.hierarchy = hierarchy
+        self.prior_scale = prior_scale
+        self.temperature = temperature
+        layer_cost, unit_cost = arch.costs()
+        self.register_buffer("layer_cost", layer_cost, persistent=False)
+        self.register_buffer("unit_cost", unit_cost, persistent=False)
+
+    def push(self, size, log_lambda_layer, log_lambda_unit):
+        """``log τ`` for ``size``, and the gate logits it implies."""
+        log_tau = solve_log_tau(size, log_lambda_layer, log_lambda_unit, self.layer_cost, self.unit_cost)
+        return (log_tau, *keep_logits(log_tau, log_lambda_layer, log_lambda_unit))
+
+    def flat_layers(self, like: torch.Tensor) -> torch.Tensor:
+        """Without the hierarchy every layer is kept: ``log λ_l`` so large that ``π_l = 1``."""
+        return torch.full(like.shape[:-1], 30.0, dtype=like.dtype, device=like.device)
+
+
+class PuppetModel(_Push):
+    """``p(λ, gates, tokens | size)`` for a :class:`GatedLM` whose weights train with it.
+
+    Call as ``model(input_ids, size, teacher_logits=None)``; ``input_ids [B, T]``.
+    """
+
+    def __init__(
+        self,
+        gated: GatedLM,
+        *,
+        hierarchy: bool = True,
+        prior_scale: float = 1.0,
+        temperature: float = 0.5,
+        distill_weight: float = 1.0,
+    ):
+        super().__init__(gated.arch, hierarchy=hierarchy, prior_scale=prior_scale, temperature=temperature)
+        self.gated = gated
+        self.distill_weight = distill_weight
+
+    def forward(self, input_ids: torch.Tensor, size: float, teacher_logits: torch.Tensor | None = None):
+        L, U = self.arch.n_layers, self.arch.n_units
+        device = input_ids.device
+        one = torch.ones((), device=device)
+        layer_plate, unit_plate = plates(L, U)
+        # 1. The strings of the puppet: global-local shrinkage, as in the horseshoe.
+        with poutine.scale(scale=self.prior_scale):
+            with layer_plate:
+                if self.hierarchy:
+                    lambda_layer = pyro.sample("lambda_layer", dist.HalfCauchy(one))  # [L, 1]
+                with unit_plate:
+                    lambda_unit = pyro.sample("lambda_unit", dist.HalfCauchy(one))  # [L, U]
+        log_lambda_unit = lambda_unit.log()
+        log_lambda_layer = lambda_layer.log()[..., 0] if self.hierarchy else self.flat_layers(log_lambda_unit)
+        # 2. The push: τ is the root of E[size | τ] = size.
+        log_tau, layer_logits, unit_logits = self.push(size, log_lambda_layer, log_lambda_unit)
+        pyro.deterministic("tau", log_tau.exp())
+        pyro.deterministic(
+            "expected_size",
+            expected_size(log_tau, log_lambda_layer, log_lambda_unit, self.layer_cost, self.unit_cost),
+        )
+        # 3. The gates, relaxed so that the likelihood is differentiable in π.
+        gates = sample_gates(layer_plate, unit_plate, layer_logits, unit_logits, self.temperature)
+        # 4. The likelihood: the LM's own next-token log-likelihood under the gates.
+        logits = self.gated(input_ids, gates=gates)  # [B, T, V]
+        log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)  # [B, T-1, V]
+        targets = input_ids[:, 1:]  # [B, T-1]
+        nll = -log_probs.gather(-1, targets[..., None]).mean()
+        pyro.factor("log_likelihood", -nll)
+        if teacher_logits is not None and self.distill_weight > 0:
+            # Self-distillation: KL(full LM ‖ gated LM), per token.
+            teacher = F.log_softmax(teacher_logits[:, :-1].float(), dim=-1)
+            kl = F.kl_div(log_probs, teacher, log_target=True, reduction="none").sum(-1).mean()
+            pyro.factor("distillation", -self.distill_weight * kl)
+        return nll
+
+
+class PuppetGuide(_Push):
+    """``q(log λ)``: mean-field normal (``posterior='normal'``) or a point (``'point'``).
+
+    About ``L · (1 + U)`` pairs of numbers: the small number of gating parameters.
+    ``layer_init`` is the initial ``log λ_l``: above zero, layers start safer than units.
+    """
+
+    def __init__(
+        self,
+        arch: Architecture,
+        *,
+        hierarchy: bool = True,
+        prior_scale: float = 1.0,
+        temperature: float = 0.5,
+        posterior: str = "normal",
+        init_scale: float = 0.1,
+        layer_init: float = 1.0,
+    ):
+        super().__init__(arch, hierarchy=hierarchy, prior_scale=prior_scale, temperature=temperature)
+        if posterior not in ("normal", "point"):
+            raise ValueError(f"posterior must be 'normal' or 'point', got {posterior!r}")
+        self.posterior = posterior
+        L, U = arch.n_layers, arch.n_units
+        self.loc_layer = nn.Parameter(torch.full((L,), float(layer_init)))
+        self.loc_unit = nn.Parameter(torch.zeros(L, U))
+        self.log_scale_layer = nn.Parameter(torch.full((L,), math.log(init_scale)))
+        self.log_scale_unit = nn.Parameter(torch.full((L, U), math.log(init_scale)))
+
+    def _q(self, loc, log_scale):
+        if self.posterior == "point":
+            return dist.Delta(loc.exp())
+        return dist.LogNormal(loc, log_scale.exp())
+
+    def forward(self, input_ids: torch.Tensor, size: float, teacher_logits: torch.Tensor | None = None):
+        L, U = self.arch.n_layers, self.arch.n_units
+        layer_plate, unit_plate = plates(L, U)
+        with poutine.scale(scale=self.prior_scale):
+            with layer_plate:
+                if self.hierarchy:
+                    lambda_layer = pyro.sample(
+                        "lambda_layer", self._q(self.loc_layer[:, None], self.log_scale_layer[:, None])
+                    )
+                with unit_plate:
+                    lambda_unit = pyro.sample("lambda_unit", self._q(self.loc_unit, self.log_scale_unit))
+        log_lambda_unit = lambda_unit.log()
+        log_lambda_layer = lambda_layer.log()[..., 0] if self.hierarchy else self.flat_layers(log_lambda_unit)
+        _, layer_logits, unit_logits = self.push(size, log_lambda_layer, log_lambda_unit)
+        return sample_gates(layer_plate, unit_plate, layer_logits, unit_logits, self.temperature)
+
+    # -- posterior summaries that need no sampling ----------------------------------------
+    def median_log_lambda(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior medians ``(log λ_l [L], log λ_lu [L, U])`` (the ``loc`` parameters)."""
+        unit = self.loc_unit.detach()
+        layer = self.loc_layer.detach() if self.hierarchy else self.flat_layers(unit)
+        return layer, unit
+
+    def sample_log_lambda(self, n: int, generator: torch.Generator | None = None):
+        """``n`` draws ``(log λ_l [n, L], log λ_lu [n, L, U])`` from ``q``, without Pyro."""
+        layer_loc, unit_loc = self.median_log_lambda()
+        if self.posterior == "point":
+            return layer_loc.expand(n, -1).clone(), unit_loc.expand(n, -1, -1).clone()
+        layer_eps = torch.randn((n, *layer_loc.shape), generator=generator)
+        unit_eps = torch.randn((n, *unit_loc.shape), generator=generator)
+        unit = unit_loc + unit_eps.to(unit_loc) * self.log_scale_unit.detach().exp()
+        layer = (
+            layer_loc + layer_eps.to(layer_loc) * self.log_scale_layer.detach().exp()
+            if self.hierarchy
+            else layer_loc.expand(n, -1).clone()
+        )
+        return layer, unit

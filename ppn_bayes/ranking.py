@@ -1,0 +1,163 @@
+"""From the posterior to hard masks: the deterministic ranking.
+
+Every layer and every unit crosses keep probability ½ at some global scale ``τ`` (at the
+posterior median of the scales). Ordering them by that crossing gives one ranking; the
+mask for a size is the longest prefix of the ranking whose cost fits the budget. So:
+
+* masks are nested: the mask for a smaller size is a prefix of the one for a larger size;
+* the hierarchy holds: since ``π_lu ≤ π_l`` a unit crosses after its layer, so no prefix
+  keeps a unit of a dropped layer;
+* a mask is short of its budget by less than the cost of the next item in the ranking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .architecture import Architecture
+from .gating import Gates
+
+__all__ = ["Masks", "Ranking", "crossing_log_tau", "check_size"]
+
+
+def check_size(size: float) -> float:
+    size = float(size)
+    if not 0 < size <= 1:
+        raise ValueError(f"size must be a fraction in (0, 1], got {size}")
+    return size
+
+
+def crossing_log_tau(log_lambda_layer: torch.Tensor, log_lambda_unit: torch.Tensor, *, steps: int = 80):
+    """``log τ`` at which each layer ``[L]`` and each unit ``[L, U]`` has keep probability ½.
+
+    Layer: ``σ(2(t + a)) = ½`` gives ``t = -a``. Unit: ``σ(2(t + a))·σ(2(t + a + b)) = ½``,
+    increasing in ``t``, solved by bisection; it always lies above its layer's crossing.
+    """
+    a = log_lambda_layer.double()[:, None]  # [L, 1]
+    b = log_lambda_unit.double()  # [L, U]
+    half = float(a.abs().max() + (a + b).abs().max()) + 25.0
+    low = torch.full_like(b, -half)
+    high = torch.full_like(b, half)
+    for _ in range(steps):
+        mid = 0.5 * (low + high)
+        above = torch.sigmoid(2 * (mid + a)) * torch.sigmoid(2 * (mid + a + b)) > 0.5
+        high = torch.where(above, mid, high)
+        low = torch.where(above, low, mid)
+    return -a[:, 0], 0.5 * (low + high)
+
+
+@dataclass(frozen=True)
+class Masks:
+    """Hard masks: ``layer [L]`` and ``unit [L, U]`` (bool), and what they cost."""
+
+    arch: Architecture
+    layer: torch.Tensor
+    unit: torch.Tensor
+    size_requested: float
+    kept_params: int
+    total_params: int
+
+    @property
+    def size_reached(self) -> float:
+        return self.kept_params / self.total_params
+
+    def gates(self, device=None, dtype=torch.float32) -> Gates:
+        """The masks as gates, for the masked-dense reference (a kept unit in a dropped
+        layer cannot occur)."""
+        return Gates(self.layer.to(device=device, dtype=dtype), self.unit.to(device=device, dtype=dtype))
+
+    def __le__(self, other: "Masks") -> bool:
+        """``a <= b``: everything ``a`` keeps, ``b`` keeps (nesting)."""
+        return bool((~self.layer | other.layer).all() and (~self.unit | other.unit).all())
+
+
+class Ranking:
+    """Layers and units in the order they are kept as the size grows.
+
+    ``items [K, 2]`` holds ``(layer, unit)`` pairs, ``unit = -1`` for a layer itself;
+    ``cost [K]`` their parameter counts; ``K = L · (1 + U)``.
+    """
+
+    def __init__(self, arch: Architecture, items: torch.Tensor, cost: torch.Tensor):
+        self.arch = arch
+        self.items = items
+        self.cost = cost
+        self._cumulative = torch.cumsum(cost, 0)
+
+    @classmethod
+    def from_log_lambda(cls, arch: Architecture, log_lambda_layer, log_lambda_unit) -> "Ranking":
+        """Rank by crossing ``log τ``; ties keep layers first, then lower indices."""
+        layer_cross, unit_cross = crossing_log_tau(log_lambda_layer.cpu(), log_lambda_unit.cpu())
+        return cls._from_keys(arch, layer_cross, unit_cross)
+
+    @classmethod
+    def from_guide(cls, guide) -> "Ranking":
+        """The ranking at the guide's posterior median."""
+        return cls.from_log_lambda(guide.arch, *guide.median_log_lambda())
+
+    @classmethod
+    def random(cls, arch: Architecture, seed: int = 0) -> "Ranking":
+        """A random ranking that respects the hierarchy (a baseline: random cuts)."""
+        generator = torch.Generator().manual_seed(seed)
+        layer_key = torch.rand(arch.n_layers, generator=generator, dtype=torch.float64)
+        unit_key = torch.rand(arch.n_layers, arch.n_units, generator=generator, dtype=torch.float64)
+        return cls._from_keys(arch, layer_key, torch.maximum(unit_key, layer_key[:, None]))
+
+    @classmethod
+    def _from_keys(cls, arch: Architecture, layer_key: torch.Tensor, unit_key: torch.Tensor) -> "Ranking":
+        L, U = arch.n_layers, arch.n_units
+        layer_cost, unit_cost = arch.costs(dtype=torch.int64)
+        layers = torch.arange(L)
+        keys = torch.cat([layer_key, unit_key.flatten()])
+        kind = torch.cat([torch.zeros(L, dtype=torch.long), torch.ones(L * U, dtype=torch.long)])
+        item_layer = torch.cat([layers, layers.repeat_interleave(U)])
+        item_unit = torch.cat([torch.full((L,), -1), torch.arange(U).repeat(L)])
+        cost = torch.cat([layer_cost, unit_cost.flatten()])
+        # Lexicographic sort: key, then layers before units, then layer, then unit.
+        order = torch.arange(keys.numel())
+        for column in (item_unit, item_layer, kind, keys):
+            order = order[torch.sort(column[order], stable=True).indices]
+        items = torch.stack([item_layer[order], item_unit[order]], dim=1)
+        return cls(arch, items, cost[order])
+
+    @property
+    def total_params(self) -> int:
+        return self.arch.total_cost
+
+    def prefix_length(self, budget: int) -> int:
+        """How many ranked items fit within ``budget`` parameters."""
+        return int(torch.searchsorted(self._cumulative, torch.tensor(budget, dtype=self._cumulative.dtype),
+                                      right=True))
+
+    def masks(self, size: float) -> Masks:
+        """Masks for a fraction ``size`` of the decoder's parameters."""
+        size = check_size(size)
+        return self.masks_for_params(int(size * self.total_params), size_requested=size)
+
+    def masks_for_params(self, n_params: int, *, size_requested: float | None = None) -> Masks:
+        """Masks for a budget of ``n_params`` decoder parameters."""
+        if n_params > self.total_params or n_params <= 0:
+            raise ValueError(f"a budget of {n_params} parameters is outside (0, {self.total_params}]")
+        k = self.prefix_length(n_params)
+        if k == 0:
+            raise ValueError(
+                f"a budget of {n_params} parameters is below the smallest sub-network "
+                f"({int(self.cost[0])} parameters)"
+            )
+        L, U = self.arch.n_layers, self.arch.n_units
+        layer = torch.zeros(L, dtype=torch.bool)
+        unit = torch.zeros(L, U, dtype=torch.bool)
+        kept = self.items[:k]
+        is_layer = kept[:, 1] < 0
+        layer[kept[is_layer, 0]] = True
+        unit[kept[~is_layer, 0], kept[~is_layer, 1]] = True
+        return Masks(
+            arch=self.arch,
+            layer=layer,
+            unit=unit,
+            size_requested=size_requested if size_requested is not None else n_params / self.total_params,
+            kept_params=int(self._cumulative[k - 1]),
+            total_params=self.total_params,
+        )
