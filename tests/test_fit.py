@@ -1,0 +1,120 @@
+"""Fitting: the loss moves, useless layers are found, bad input is refused."""
+
+from __future__ import annotations
+
+import pyro
+import pyro.poutine as poutine
+import pytest
+import torch
+from conftest import tiny_lm
+
+from ppn_bayes import CharTokenizer, FitConfig, GatedLM, Ranking, TokenBlocks, describe, embedded_text, fit, tokenize
+from ppn_bayes.architecture import decoder_layers
+from ppn_bayes.demo import pretrain
+from ppn_bayes.lm import tiny_llama
+from ppn_bayes.model import PuppetGuide, PuppetModel
+
+TEXT = embedded_text()[:60_000]
+TOKENIZER = CharTokenizer.for_text(embedded_text())
+TOKENS = tokenize(TEXT, TOKENIZER)
+
+
+def test_sample_sites_are_named_after_the_symbols():
+    lm = tiny_lm("llama")
+    arch = describe(lm, mlp_group=32)
+    pyro.settings.set(module_local_params=True)
+    model = PuppetModel(GatedLM(lm, arch))
+    guide = PuppetGuide(arch)
+    x = torch.randint(0, 97, (2, 8))
+    guide_trace = poutine.trace(guide).get_trace(x, 0.5)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, 0.5, None)
+    sites = {name: site for name, site in model_trace.nodes.items() if site["type"] == "sample"}
+    for name, shape in [("lambda_layer", (3, 1)), ("lambda_unit", (3, 6)), ("gate_layer", (3, 1)),
+                        ("gate_unit", (3, 6))]:
+        assert sites[name]["value"].shape == shape
+    assert {"tau", "expected_size", "log_likelihood"} <= set(sites)
+    assert abs(float(sites["expected_size"]["value"].detach()) - 0.5) < 1e-6
+    frames = {f.name for f in sites["lambda_unit"]["cond_indep_stack"]}
+    assert frames == {"layer", "unit"}
+    # Gates are hard in the forward pass (straight-through).
+    gates = sites["gate_unit"]["value"]
+    assert set(gates.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_a_fit_lowers_its_loss():
+    lm = tiny_llama(TOKENIZER.vocab_size, layers=2, hidden=32, heads=2, kv_heads=1, intermediate=64)
+    config = FitConfig(steps=40, batch_size=4, seq_len=32, lr_lm=3e-3, mlp_group=32, n_random_sizes=0,
+                       size_min=0.6, log_every=1)
+    result = fit(lm, TOKENS, config, progress=False).result
+    losses = [row["loss"] for row in result.history]
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5
+    assert result.train_tokens == 40 * 4 * 32
+    assert {"torch", "transformers", "pyro", "ppn_bayes"} <= set(result.versions)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """A pretrained tiny LM whose layers 1 and 3 are made exact no-ops."""
+    lm = tiny_llama(TOKENIZER.vocab_size, layers=4, hidden=64, heads=4, kv_heads=2, intermediate=128)
+    pretrain(lm, TokenBlocks(TOKENS, 64), steps=150, batch_size=8, progress=False)
+    with torch.no_grad():
+        for index in (1, 3):
+            layer = decoder_layers(lm)[index]
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    return lm
+
+
+def test_the_fit_ranks_planted_no_op_layers_last(planted):
+    config = FitConfig(steps=60, batch_size=8, seq_len=64, train_lm=False, mlp_group=32, size_min=0.3,
+                       lr_guide=0.1, log_every=10)
+    fitted = fit(planted, TOKENS, config, progress=False)
+    ranking = fitted.ranking()
+    layer_order = [layer for layer, unit in ranking.items.tolist() if unit < 0]
+    assert set(layer_order[-2:]) == {1, 3}, layer_order
+    # At the size the useful layers need, the no-op layers are the ones dropped.
+    arch = fitted.arch
+    useful = sum(arch.layer_cost[i] + sum(arch.unit_cost[i]) for i in (0, 2))
+    masks = ranking.masks_for_params(useful)
+    assert not masks.layer[1] and not masks.layer[3]
+    # And the posterior knows: the fitted ranking beats a random cut at half size.
+    from ppn_bayes import perplexity
+
+    held = TOKENS[-8_000:]
+    fitted_ppl = perplexity(planted, held, seq_len=64, masks=ranking.masks(0.5)).ppl
+    random_ppl = perplexity(planted, held, seq_len=64, masks=Ranking.random(arch, seed=0).masks(0.5)).ppl
+    assert fitted_ppl < random_ppl
+
+
+def test_a_nan_loss_stops_the_fit_and_writes_nothing(tmp_path):
+    lm = tiny_lm("llama")
+    with torch.no_grad():
+        lm.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="loss became nan"):
+        fit(lm, torch.randint(0, 97, (500,)), FitConfig(steps=3, batch_size=2, seq_len=16, mlp_group=32),
+            checkpoint=tmp_path / "ckpt", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(size_min=0.0), "0 < size_min <= size_max <= 1"),
+    (dict(size_max=1.5), "0 < size_min <= size_max <= 1"),
+    (dict(size_min=0.8, size_max=0.5), "0 < size_min <= size_max <= 1"),
+    (dict(steps=0), "steps must be positive"),
+    (dict(seq_len=1), "seq_len must be at least 2"),
+    (dict(posterior="laplace"), "posterior must be 'normal' or 'point'"),
+    (dict(lr_lm=-1.0), "lr_lm must not be negative"),
+])
+def test_bad_settings_are_named(changes, message):
+    with pytest.raises(ValueError, match=message):
+        FitConfig(**changes)
+
+
+def test_empty_and_too_short_texts_are_refused():
+    with pytest.raises(ValueError, match="the text is empty"):
+        tokenize("  \n", TOKENIZER)
+    with pytest.raises(ValueError, match="fewer than one window of 64"):
+        fit(tiny_lm("llama"), torch.randint(0, 97, (10,)), FitConfig(seq_len=64, mlp_group=32), progress=False)
+    with pytest.raises(ValueError, match="not in the tokenizer's alphabet"):
+        TOKENIZER.encode("€")
