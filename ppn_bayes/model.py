@@ -135,6 +135,11 @@ class PuppetModel(_Push):
         log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)  # [B, T-1, V]
         targets = input_ids[:, 1:]  # [B, T-1]
         nll = -log_probs.gather(-1, targets[..., None]).mean()
+        if not torch.isfinite(nll):
+            raise FloatingPointError(
+                f"the loss became {nll.item()}: the LM's next-token loss under the gates is not finite; "
+                "lower lr_lm / lr_guide or check the data and the LM's weights"
+            )
         pyro.factor("log_likelihood", -nll)
         if teacher_logits is not None and self.distill_weight > 0:
             # Self-distillation: KL(full LM ‖ gated LM), per token.
