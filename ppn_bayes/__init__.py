@@ -13,11 +13,15 @@ from .fit import FitResult, PuppetFit, fit, load_fit  # noqa: E402
 from .gating import GatedLM, Gates  # noqa: E402
 from .lm import load_lm, save_lm, tiny_llama  # noqa: E402
 from .model import PuppetGuide, PuppetModel  # noqa: E402
+from .maskfile import MaskFile, load_masks, save_masks  # noqa: E402
 from .ranking import Masks, Ranking  # noqa: E402
+from .resize import export_ranked, resize  # noqa: E402
+from .subnetwork import build_subnetwork, load_subnetwork, save_subnetwork  # noqa: E402
 
 __all__ = [
-    "Architecture", "CharTokenizer", "FitConfig", "FitResult", "GatedLM", "Gates", "Masks",
+    "Architecture", "CharTokenizer", "FitConfig", "FitResult", "GatedLM", "Gates", "MaskFile", "Masks",
     "Perplexity", "PuppetFit", "PuppetGuide", "PuppetModel", "Ranking", "TokenBlocks",
-    "UnsupportedModelError", "describe", "embedded_text", "fit", "load_fit", "load_lm",
-    "load_tokens", "perplexity", "save_lm", "tiny_llama", "tokenize",
+    "UnsupportedModelError", "build_subnetwork", "describe", "embedded_text", "export_ranked", "fit",
+    "load_fit", "load_lm", "load_masks", "load_subnetwork", "load_tokens", "perplexity", "resize",
+    "save_lm", "save_masks", "save_subnetwork", "tiny_llama", "tokenize",
 ]

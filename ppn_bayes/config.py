@@ -42,6 +42,7 @@ class FitConfig:
     seed: int = 0
     checkpoint_every: int = 0  # 0: only at the end
     log_every: int = 10
+    parallel: str = "auto"  # auto | none | ddp | fsdp (several processes under torchrun)
 
     def __post_init__(self):
         positive = ("steps", "batch_size", "lr_guide", "temperature", "mlp_group", "log_every")
@@ -60,6 +61,8 @@ class FitConfig:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.posterior not in ("normal", "point"):
             raise ValueError(f"posterior must be 'normal' or 'point', got {self.posterior!r}")
+        if self.parallel not in ("auto", "none", "ddp", "fsdp"):
+            raise ValueError(f"parallel must be 'auto', 'none', 'ddp' or 'fsdp', got {self.parallel!r}")
         if self.prior_tokens is not None and self.prior_tokens < 1:
             raise ValueError(f"prior_tokens must be positive, got {self.prior_tokens}")
 
@@ -103,4 +106,6 @@ FIT_HELP: dict[str, str] = {
     "seed": "seed of data order, sizes and gate draws",
     "checkpoint_every": "write a checkpoint every this many steps (0: only at the end)",
     "log_every": "record the loss every this many steps",
+    "parallel": "under torchrun: 'auto' (DDP when there are several processes), 'ddp' (every process "
+                "holds the whole LM), 'fsdp' (FSDP2: every process holds a shard of each layer) or 'none'",
 }

@@ -72,11 +72,18 @@ class DemoResult:
 
 
 def pretrain(lm, blocks: TokenBlocks, *, steps: int, batch_size: int, lr: float = 3e-3, progress: bool = True):
-    """Plain next-token training (AdamW, cosine schedule) of a freshly built LM."""
+    """Plain next-token training (AdamW, warm-up then cosine decay) of a freshly built LM."""
     from tqdm.auto import tqdm
 
     optimizer = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
+    warmup = max(1, steps // 10)
+
+    def factor(step: int) -> float:  # linear warm-up, then cosine decay to zero
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     lm.train()
     for step in tqdm(range(steps), disable=not progress, desc="pretrain", unit="step"):
         x = blocks.batch(step, batch_size)  # [B, T]

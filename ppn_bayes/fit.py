@@ -9,10 +9,21 @@ the LM's weights.
 
 Data and sampling are pure functions of ``(seed, step)``, so a run resumed from a
 checkpoint gives the same result as one that never stopped.
+
+The same loop runs as one process or under ``torchrun --nproc-per-node N``
+(:mod:`ppn_bayes.distributed`): every pass of a step (the teacher, then the ELBO at each
+size) is one forward and one backward of :class:`StepLoss`, the module that DDP or FSDP2
+wraps. Each process takes its own rows of one global batch and draws the same sizes and
+gates (the per-step seeds are global), so ``N`` processes of batch ``B`` follow the
+single-process fit of batch ``N·B``. Gradients accumulate over the passes of a step and
+are averaged across processes once, in the last backward (DDP's ``no_sync``); FSDP
+reduce-scatters after every pass so that only gradient shards are kept.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import json
 import platform
@@ -29,14 +40,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
-from .architecture import Architecture, describe
+from . import distributed
+from .architecture import Architecture, decoder_layers, describe
 from .config import FitConfig
 from .data import TokenBlocks
 from .gating import GatedLM
 from .io import FileFormatError, atomic_directory, atomic_write_text, read_json
 from .model import PuppetGuide, PuppetModel
 
-__all__ = ["fit", "FitResult", "PuppetFit", "load_fit", "save_checkpoint", "versions"]
+__all__ = ["fit", "FitResult", "PuppetFit", "StepLoss", "load_fit", "save_checkpoint", "read_state", "versions"]
 
 CHECKPOINT_FORMAT = "ppn_bayes.checkpoint"
 CHECKPOINT_VERSION = 1
@@ -57,7 +69,13 @@ def versions() -> dict:
 
 @dataclass
 class FitResult:
-    """The record of a fit: settings, losses, cost, versions."""
+    """The record of a fit: settings, losses, cost, versions.
+
+    ``history`` holds the losses every ``log_every`` steps, averaged over processes.
+    ``train_tokens`` and ``tokens_per_s`` count the global batch (all processes);
+    ``seconds`` is the wall time of the training loop of this call and ``step_times``
+    the time since that loop began at the end of each step it ran.
+    """
 
     config: dict
     architecture: dict
@@ -68,13 +86,18 @@ class FitResult:
     tokens_per_s: float = 0.0
     device: str = "cpu"
     checkpoint: str | None = None
+    world_size: int = 1
+    parallel: str = "none"
+    step_times: list[float] = field(default_factory=list)
     versions: dict = field(default_factory=versions)
     date: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     def to_dict(self) -> dict:
+        """The result as plain JSON-ready data."""
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
+        """The result as indented JSON text."""
         return json.dumps(self.to_dict(), indent=2)
 
 
@@ -89,6 +112,7 @@ class PuppetFit:
 
     @property
     def arch(self) -> Architecture:
+        """The units and costs of the LM (see :mod:`ppn_bayes.architecture`)."""
         return self.guide.arch
 
     def ranking(self):
@@ -109,15 +133,17 @@ def _guide(config: FitConfig, arch: Architecture, prior_scale: float) -> PuppetG
     )
 
 
-def _build(lm: nn.Module, config: FitConfig, arch: Architecture, prior_tokens: int):
+def _build(lm: nn.Module, config: FitConfig, arch: Architecture, prior_tokens: int, device: torch.device | None):
+    """Gated LM, model and guide; ``device=None`` leaves them where they are (FSDP moves shards)."""
     pyro.settings.set(module_local_params=True)
     gated = GatedLM(lm, arch)
     prior_scale = config.prior_weight / (config.prior_tokens or prior_tokens)
     model = PuppetModel(gated, hierarchy=config.hierarchy, prior_scale=prior_scale,
                         temperature=config.temperature, distill_weight=config.distill_weight)
     guide = _guide(config, arch, prior_scale)
-    device = next(lm.parameters()).device
-    return gated, model.to(device), guide.to(device)
+    if device is not None:
+        model, guide = model.to(device), guide.to(device)
+    return gated, model, guide, prior_scale
 
 
 def _optimizer(lm: nn.Module, guide: PuppetGuide, config: FitConfig) -> torch.optim.Optimizer:
@@ -129,24 +155,56 @@ def _optimizer(lm: nn.Module, guide: PuppetGuide, config: FitConfig) -> torch.op
 
 
 # -- checkpoints: safetensors for tensors, JSON for the rest ---------------------------------
-def save_checkpoint(path, *, lm, guide, optimizer, step, config, arch, history, tokenizer=None,
-                    overwrite: bool = True) -> Path:
-    """Write a fit's checkpoint directory atomically.
-
-    Layout: ``lm/`` (a Hugging Face directory), ``guide.safetensors``,
-    ``optimizer.safetensors`` and ``state.json`` (format, version, step, settings,
-    architecture, loss history, optimizer groups).
-    """
-    opt = optimizer.state_dict()
-    opt_tensors = {
+def _optimizer_tensors(opt_state: dict) -> dict:
+    return {
         f"state.{index}.{key}": value.detach().cpu().contiguous()
-        for index, state in opt["state"].items()
+        for index, state in opt_state["state"].items()
         for key, value in state.items()
     }
+
+
+def _write_lm(directory: Path, lm: nn.Module, state_dict: dict, lm_class: type) -> None:
+    """A Hugging Face directory from full tensors, for an LM whose own module is sharded
+    (its class is FSDP's, so ``save_pretrained`` would record the wrong architecture)."""
+    directory.mkdir(parents=True)
+    config = copy.deepcopy(lm.config)
+    config.architectures = [lm_class.__name__]
+    config.save_pretrained(directory)
+    generation = getattr(lm, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(directory)
+    seen, tensors = set(), {}
+    for name, tensor in state_dict.items():  # tied names share one tensor: keep the first
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            tensors[name] = tensor.contiguous()
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+
+
+def save_checkpoint(path, *, lm, guide, optimizer, step, config, arch, history, tokenizer=None,
+                    overwrite: bool = True, world_size: int = 1, lm_state_dict: dict | None = None,
+                    guide_state_dict: dict | None = None, optimizer_state: dict | None = None,
+                    lm_class: type | None = None) -> Path:
+    """Write a fit's checkpoint directory atomically.
+
+    Layout: ``lm/`` (a Hugging Face directory, one ``model.safetensors``),
+    ``guide.safetensors``, ``optimizer.safetensors`` and ``state.json`` (format, version,
+    step, settings, architecture, loss history, optimizer groups, and the number of
+    processes ``world_size`` whose batches of ``config.batch_size`` made a step).
+
+    The ``*_state_dict`` / ``optimizer_state`` arguments replace the modules' own states
+    with full tensors gathered from a sharded fit (see
+    :func:`ppn_bayes.distributed.full_state_dict`); ``lm_class`` is then the LM's class
+    before sharding. Every tensor is written whole, so the checkpoint loads in any
+    number of processes.
+    """
+    opt = optimizer_state if optimizer_state is not None else optimizer.state_dict()
+    guide_tensors = guide_state_dict if guide_state_dict is not None else guide.state_dict()
     state = {
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_VERSION,
         "step": step,
+        "world_size": world_size,
         "config": config.to_dict(),
         "architecture": arch.to_dict(),
         "history": history,
@@ -154,12 +212,14 @@ def save_checkpoint(path, *, lm, guide, optimizer, step, config, arch, history, 
         "versions": versions(),
     }
     with atomic_directory(path, overwrite=overwrite) as tmp:
-        lm.save_pretrained(tmp / "lm")
+        if lm_state_dict is None:
+            lm.save_pretrained(tmp / "lm", max_shard_size="100000GB")
+        else:
+            _write_lm(tmp / "lm", lm, lm_state_dict, lm_class or type(lm))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / "lm")
-        save_file({k: v.detach().cpu().contiguous() for k, v in guide.state_dict().items()},
-                  tmp / "guide.safetensors")
-        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        save_file({k: v.detach().cpu().contiguous() for k, v in guide_tensors.items()}, tmp / "guide.safetensors")
+        save_file(_optimizer_tensors(opt), tmp / "optimizer.safetensors")
         atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
     return Path(path)
 
@@ -174,10 +234,18 @@ def read_state(path) -> dict:
             f"{path} is checkpoint format version {state.get('format_version')}; this ppn_bayes "
             f"({__version__}) reads version {CHECKPOINT_VERSION}"
         )
-    for key in ("step", "config", "architecture", "history"):
+    for key in ("step", "config", "architecture", "history", "optimizer_groups"):
         if key not in state:
             raise FileFormatError(f"checkpoint {path}: state.json lacks '{key}'")
     return state
+
+
+def _recorded_architecture(state: dict, path) -> Architecture:
+    """The architecture a checkpoint records (JSON turned its tuples into lists)."""
+    try:
+        return Architecture.from_dict(state["architecture"])
+    except (ValueError, TypeError, KeyError) as err:
+        raise FileFormatError(f"checkpoint {path}: state.json has a malformed architecture ({err})") from None
 
 
 def _load_tensors(file: Path) -> dict:
@@ -189,9 +257,23 @@ def _load_tensors(file: Path) -> dict:
         raise FileFormatError(f"checkpoint: {file} is corrupt ({err})") from None
 
 
-def _restore(path: Path, state: dict, lm, guide, optimizer) -> None:
+def _read_optimizer(path: Path, state: dict) -> dict:
+    """The optimizer state of a checkpoint, index-keyed as ``Optimizer.state_dict`` has it."""
+    opt_state: dict = {}
+    for name, value in _load_tensors(path / "optimizer.safetensors").items():
+        try:
+            _, index, key = name.split(".", 2)
+            opt_state.setdefault(int(index), {})[key] = value
+        except ValueError:
+            raise FileFormatError(f"checkpoint {path}: optimizer.safetensors holds an unknown entry {name!r}") from None
+    return {"state": opt_state, "param_groups": state["optimizer_groups"]}
+
+
+def _restore_modules(path: Path, lm: nn.Module, guide: PuppetGuide) -> None:
+    """Load the LM's and the guide's tensors; every file is read and checked first."""
     from safetensors.torch import load_model
 
+    guide_tensors = _load_tensors(path / "guide.safetensors")
     lm_file = path / "lm" / "model.safetensors"
     if not lm_file.is_file():
         raise FileFormatError(f"checkpoint: {lm_file} is missing")
@@ -201,17 +283,17 @@ def _restore(path: Path, state: dict, lm, guide, optimizer) -> None:
         raise FileFormatError(f"checkpoint: {lm_file} does not fit this LM ({err})") from None
     if missing or unexpected:
         raise FileFormatError(f"checkpoint: {lm_file} lacks {missing} / has extra {unexpected}")
-    guide_tensors = _load_tensors(path / "guide.safetensors")
     try:
         guide.load_state_dict(guide_tensors)
     except RuntimeError as err:
         raise FileFormatError(f"checkpoint: guide.safetensors does not fit ({err})") from None
-    tensors = _load_tensors(path / "optimizer.safetensors")
-    opt_state: dict = {}
-    for name, value in tensors.items():
-        _, index, key = name.split(".", 2)
-        opt_state.setdefault(int(index), {})[key] = value
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer_groups"]})
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, opt_state: dict, path: Path) -> None:
+    try:
+        optimizer.load_state_dict(distributed.shard_optimizer_state(optimizer, opt_state))
+    except (ValueError, KeyError, IndexError, RuntimeError) as err:
+        raise FileFormatError(f"checkpoint {path}: optimizer.safetensors does not fit ({err})") from None
 
 
 # -- the loop -------------------------------------------------------------------------------
@@ -223,6 +305,35 @@ def _step_sizes(config: FitConfig, generator: torch.Generator) -> list[float]:
     draws = torch.rand(config.n_random_sizes, generator=generator, dtype=torch.float64)
     between = config.size_min + (config.size_max - config.size_min) * draws
     return [config.size_min, *between.tolist()]
+
+
+class StepLoss(nn.Module):
+    """One pass of a training step, as the single module that DDP or FSDP wraps.
+
+    ``step_loss(input_ids)`` is the teacher pass: the LM with all gates on, returning its
+    logits ``[B, T, V]`` and next-token loss. ``step_loss(input_ids, size,
+    teacher_logits)`` is the ELBO pass at ``size``: the negative ELBO per token of
+    ``Trace_ELBO()(model, guide)``. Its parameters are the LM's and the guide's.
+    """
+
+    def __init__(self, model: PuppetModel, guide: PuppetGuide):
+        super().__init__()
+        self.elbo = pyro.infer.Trace_ELBO()(model, guide)  # an nn.Module: .model and .guide
+
+    def forward(self, input_ids: torch.Tensor, size: float | None = None,
+                teacher_logits: torch.Tensor | None = None):
+        if size is None:
+            logits = self.elbo.model.gated(input_ids)  # [B, T, V]
+            return logits, _next_token_loss(logits, input_ids)
+        return self.elbo(input_ids, size, teacher_logits)
+
+
+def _check_finite(values: list[float], sizes: list[float], step: int) -> None:
+    for value, what in zip(values, ["the full LM", *(f"size {size:.3f}" for size in sizes)]):
+        if not torch.isfinite(torch.tensor(value)):
+            raise FloatingPointError(
+                f"the loss became {value} at step {step} ({what}); lower lr_lm / lr_guide or check the data"
+            )
 
 
 def fit(
@@ -241,86 +352,161 @@ def fit(
     :class:`~ppn_bayes.data.TokenBlocks`. With ``checkpoint``, the state is written there
     every ``config.checkpoint_every`` steps and at the end; with ``resume=True`` a fit
     continues from the checkpoint found there. Returns a :class:`PuppetFit`.
+
+    Under ``torchrun`` (see :mod:`ppn_bayes.distributed` and ``config.parallel``) every
+    process calls ``fit`` alike: ``config.batch_size`` is the batch of each process,
+    the LM moves to ``cuda:LOCAL_RANK`` (when CUDA is present), rank 0 alone writes the
+    checkpoint and shows progress, and every process returns the same fit. After an
+    FSDP fit the returned LM is a new, whole module on the CPU.
     """
     blocks = tokens if isinstance(tokens, TokenBlocks) else TokenBlocks(tokens, config.seq_len, config.seed)
     if blocks.seq_len != config.seq_len:
         raise ValueError(f"token blocks of {blocks.seq_len} tokens, but config.seq_len={config.seq_len}")
-    arch = describe(lm, mlp_group=config.mlp_group)
-    gated, model, guide = _build(lm, config, arch, prior_tokens=blocks.tokens.numel())
-    if not config.train_lm:
-        lm.requires_grad_(False)
-    optimizer = _optimizer(lm, guide, config)
-    elbo = pyro.infer.Trace_ELBO()(model, guide)
-    device = next(lm.parameters()).device
-
-    history: list[dict] = []
-    start = 0
     checkpoint = Path(checkpoint) if checkpoint is not None else None
+    state = None
     if resume:
         if checkpoint is None or not (checkpoint / "state.json").exists():
             raise FileNotFoundError(f"no checkpoint to resume from at {checkpoint}")
         state = read_state(checkpoint)
-        if state["architecture"] != arch.to_dict():
-            raise FileFormatError(f"checkpoint {checkpoint} is from another model (its architecture differs)")
-        saved = FitConfig.from_dict(state["config"])
-        ignore = ("steps", "checkpoint_every", "log_every")
-        if saved.replace(**{k: getattr(config, k) for k in ignore}) != config:
-            raise ValueError(f"checkpoint {checkpoint} was fitted with other settings: {saved}")
-        _restore(checkpoint, state, lm, guide, optimizer)
+    context = distributed.setup(config.parallel, next(lm.parameters()).device)
+    return _fit(lm, blocks, config, context, checkpoint=checkpoint, state=state, tokenizer=tokenizer,
+                progress=progress)
+
+
+def _check_resumable(state: dict, checkpoint: Path, config: FitConfig, arch: Architecture, world_size: int):
+    """Refuse a checkpoint of another model, other settings or another global batch."""
+    if _recorded_architecture(state, checkpoint) != arch:
+        raise FileFormatError(f"checkpoint {checkpoint} is from another model (its architecture differs)")
+    saved = FitConfig.from_dict(state["config"])
+    # Any number of processes may resume a checkpoint, with the same global batch.
+    saved_world = int(state.get("world_size", 1))
+    if saved.batch_size * saved_world != config.batch_size * world_size:
+        raise ValueError(
+            f"checkpoint {checkpoint} was fitted with a global batch of {saved.batch_size * saved_world} "
+            f"sequences (batch_size {saved.batch_size} x {saved_world} processes); here it would be "
+            f"{config.batch_size} x {world_size}: set batch_size so that the product stays"
+        )
+    ignore = ("steps", "checkpoint_every", "log_every", "parallel", "batch_size")
+    if saved.replace(**{k: getattr(config, k) for k in ignore}) != config:
+        raise ValueError(f"checkpoint {checkpoint} was fitted with other settings: {saved}")
+
+
+def _fit(lm, blocks: TokenBlocks, config: FitConfig, context: distributed.Context, *, checkpoint, state,
+         tokenizer, progress: bool) -> PuppetFit:
+    arch = describe(lm, mlp_group=config.mlp_group)
+    opt_state = None
+    if state is not None:  # every check and every read before the LM is touched
+        _check_resumable(state, checkpoint, config, arch, context.world_size)
+        opt_state = _read_optimizer(checkpoint, state)
+    lm_class = type(lm)
+    sharded = context.parallel == "fsdp"
+    device = context.device
+    if context.parallel == "ddp":
+        lm.to(device)
+    gated, model, guide, prior_scale = _build(lm, config, arch, prior_tokens=blocks.tokens.numel(),
+                                              device=None if sharded else device)
+    try:
+        return _loop(lm, gated, model, guide, blocks, config, context, arch, lm_class, prior_scale,
+                     checkpoint=checkpoint, state=state, opt_state=opt_state, tokenizer=tokenizer, progress=progress)
+    finally:  # also when the fit fails: the caller's LM gets no hooks left behind
+        gated.unload()
+        if not config.train_lm:
+            lm.requires_grad_(True)
+
+
+def _loop(lm, gated, model, guide, blocks, config, context, arch, lm_class, prior_scale, *, checkpoint, state,
+          opt_state, tokenizer, progress) -> PuppetFit:
+    sharded = context.parallel == "fsdp"
+    device = context.device
+    if not config.train_lm:
+        lm.requires_grad_(False)
+    history: list[dict] = []
+    start = 0
+    if state is not None:
+        _restore_modules(checkpoint, lm, guide)
         start, history = state["step"], state["history"]
 
-    tokens_per_step = config.batch_size * config.seq_len
+    step_loss = StepLoss(model, guide)
+    # Ablations leave some guide parameters without gradient (the layer scales without
+    # the hierarchy, the log-scales of a point posterior): DDP must be told.
+    unused = not (config.hierarchy and config.posterior == "normal")
+    runner = distributed.wrap(step_loss, decoder_layers(lm), context, find_unused_parameters=unused)
+    optimizer = _optimizer(lm, guide, config)
+    if opt_state is not None:
+        _restore_optimizer(optimizer, opt_state, checkpoint)
+
+    def save(step: int) -> None:
+        full = {}
+        if sharded:  # every process takes part in gathering the shards; rank 0 keeps them
+            keep = context.is_main
+            full = dict(lm_state_dict=distributed.full_state_dict(lm, keep=keep),
+                        guide_state_dict=distributed.full_state_dict(guide, keep=keep),
+                        optimizer_state=distributed.full_optimizer_state(optimizer, keep=keep), lm_class=lm_class)
+        context.barrier()
+        if context.is_main:
+            save_checkpoint(checkpoint, lm=lm, guide=guide, optimizer=optimizer, step=step, config=config,
+                            arch=arch, history=history, tokenizer=tokenizer, world_size=context.world_size,
+                            **full)
+        context.barrier()
+
+    tokens_per_step = config.batch_size * config.seq_len * context.world_size
+    step_times: list[float] = []
     lm.train()
     began = time.perf_counter()
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not progress,
-               desc="fit", unit="step")
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps,
+               disable=not (progress and context.is_main), desc="fit", unit="step")
     for step in bar:
+        # Seeds are global: every process draws the same sizes and gates.
         torch.manual_seed(config.seed * 7919 + step)
         generator = torch.Generator().manual_seed(config.seed * 104_729 + step)
-        input_ids = blocks.batch(step, config.batch_size).to(device)  # [B, T]
+        input_ids = blocks.batch(step, config.batch_size, rank=context.rank,
+                                 world_size=context.world_size).to(device)  # [B, T]
         sizes = _step_sizes(config, generator)
         optimizer.zero_grad(set_to_none=True)
         # Full size: the LM's own loss, and the teacher for self-distillation.
-        with torch.set_grad_enabled(config.train_lm):
-            teacher_logits = gated(input_ids)  # [B, T, V]
-            nll_full = _next_token_loss(teacher_logits, input_ids)
-        if config.train_lm:
-            nll_full.backward()
+        with torch.set_grad_enabled(config.train_lm), context.no_sync(runner):
+            teacher_logits, nll_full = runner(input_ids)  # [B, T, V], []
+            if config.train_lm:
+                nll_full.backward()
         teacher_logits = teacher_logits.detach()
-        # Smallest and random sizes: the ELBO per token, averaged over sizes.
-        elbo_total = 0.0
-        for size in sizes:
-            loss = elbo(input_ids, size, teacher_logits) / len(sizes)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"the loss became {loss.item()} at step {step} (size {size:.3f}); "
-                    "lower lr_lm / lr_guide or check the data"
-                )
-            loss.backward()
-            elbo_total += loss.item()
+        # Smallest and random sizes: the ELBO per token, averaged over sizes. Gradients
+        # are averaged across processes in the last backward pass only.
+        losses = []
+        for index, size in enumerate(sizes):
+            last = index == len(sizes) - 1
+            with contextlib.nullcontext() if last else context.no_sync(runner):
+                loss = runner(input_ids, size, teacher_logits) / len(sizes)
+                loss.backward()
+            losses.append(loss.detach())
+        parts = context.mean(torch.stack([nll_full.detach(), *losses]).float()).tolist()
+        _check_finite(parts, sizes, step)
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
                                            config.grad_clip)
         optimizer.step()
+        step_times.append(time.perf_counter() - began)
         if step % config.log_every == 0 or step == config.steps - 1:
-            row = {"step": step, "loss": elbo_total, "nll_full": nll_full.item()}
+            elbo_total = 0.0
+            for value in parts[1:]:
+                elbo_total += value
+            row = {"step": step, "loss": elbo_total, "nll_full": parts[0]}
             history.append(row)
             bar.set_postfix(loss=f"{elbo_total:.3f}", nll_full=f"{row['nll_full']:.3f}")
         done = step + 1
         if checkpoint is not None and config.checkpoint_every and done % config.checkpoint_every == 0 \
                 and done < config.steps:
-            save_checkpoint(checkpoint, lm=lm, guide=guide, optimizer=optimizer, step=done, config=config,
-                            arch=arch, history=history, tokenizer=tokenizer)
+            save(done)
     bar.close()
+    seconds = time.perf_counter() - began
     lm.eval()
     gated.unload()
-    seconds = time.perf_counter() - began
     steps_run = config.steps - start
     if checkpoint is not None:
-        save_checkpoint(checkpoint, lm=lm, guide=guide, optimizer=optimizer, step=config.steps, config=config,
-                        arch=arch, history=history, tokenizer=tokenizer)
+        save(config.steps)
+    if sharded:
+        lm, guide = _gather_plain(lm, guide, lm_class, config, arch, prior_scale)
     result = FitResult(
         config=config.to_dict(),
         architecture=arch.to_dict(),
@@ -331,14 +517,30 @@ def fit(
         tokens_per_s=steps_run * tokens_per_step / seconds if seconds > 0 else 0.0,
         device=str(device),
         checkpoint=str(checkpoint) if checkpoint is not None else None,
+        world_size=context.world_size,
+        parallel=context.parallel,
+        step_times=step_times,
     )
-    if not config.train_lm:
-        lm.requires_grad_(True)
     return PuppetFit(lm=lm, guide=guide, config=config, result=result)
 
 
+def _gather_plain(lm, guide, lm_class: type, config: FitConfig, arch: Architecture, prior_scale: float):
+    """Whole CPU copies of a sharded LM and guide (every process takes part)."""
+    lm_state = distributed.full_state_dict(lm)
+    guide_state = distributed.full_state_dict(guide)
+    dtype = next(iter(lm_state.values())).dtype
+    plain = lm_class(copy.deepcopy(lm.config)).to(dtype)
+    plain.load_state_dict(lm_state)
+    plain_guide = _guide(config, arch, prior_scale)
+    plain_guide.load_state_dict(guide_state)
+    return plain.eval(), plain_guide
+
+
 def load_fit(path: str | Path, *, device: str | torch.device = "cpu", dtype=torch.float32) -> PuppetFit:
-    """A :class:`PuppetFit` from a checkpoint directory written by :func:`fit`."""
+    """A :class:`PuppetFit` from a checkpoint directory written by :func:`fit`.
+
+    Checkpoints hold whole tensors, whatever number of processes wrote them.
+    """
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
@@ -346,12 +548,14 @@ def load_fit(path: str | Path, *, device: str | torch.device = "cpu", dtype=torc
     config = FitConfig.from_dict(state["config"])
     if not (path / "lm" / "config.json").is_file():
         raise FileFormatError(f"checkpoint {path}: lm/config.json is missing")
+    if not (path / "lm" / "model.safetensors").is_file():
+        raise FileFormatError(f"checkpoint {path}: lm/model.safetensors is missing")
     try:
         lm = AutoModelForCausalLM.from_pretrained(str(path / "lm"), dtype=dtype).to(device).eval()
     except (OSError, ValueError, SafetensorError) as err:
         raise FileFormatError(f"checkpoint {path}: the LM does not load ({err})") from None
     arch = describe(lm, mlp_group=config.mlp_group)
-    if arch.to_dict() != state["architecture"]:
+    if _recorded_architecture(state, path) != arch:
         raise FileFormatError(f"checkpoint {path}: the LM does not match the recorded architecture")
     guide = _guide(config, arch, prior_scale=1.0)
     try:

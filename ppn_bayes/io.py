@@ -16,6 +16,18 @@ class FileFormatError(ValueError):
     """A file is missing, truncated, of another version, or for another model."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish(path: Path) -> None:
+    """Give a temporary file (0600) or folder (0700) the permissions of a plain one."""
+    mode = 0o777 if path.is_dir() else 0o666
+    os.chmod(path, mode & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | Path, *, overwrite: bool = False):
     """Yield a temporary directory beside ``path``; rename it to ``path`` on success.
@@ -29,6 +41,7 @@ def atomic_directory(path: str | Path, *, overwrite: bool = False):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        _publish(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -50,6 +63,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
+        _publish(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -34,7 +34,10 @@ from .architecture import Architecture
 from .budget import expected_size, keep_logits, solve_log_tau
 from .gating import GatedLM, Gates
 
-__all__ = ["PuppetModel", "PuppetGuide", "plates", "sample_gates"]
+__all__ = ["PuppetModel", "PuppetGuide", "plates", "sample_gates", "FLAT_LOG_LAMBDA"]
+
+#: ``log λ_l`` of every layer without the hierarchy (flat units): ``π_l = σ(60 + ...) = 1``.
+FLAT_LOG_LAMBDA = 30.0
 
 
 def plates(L: int, U: int):
@@ -78,14 +81,30 @@ class _Push(PyroModule):
         self.register_buffer("layer_cost", layer_cost, persistent=False)
         self.register_buffer("unit_cost", unit_cost, persistent=False)
 
+    def prior_weighting(self):
+        """Scale the ``λ`` sites by ``prior_scale``; at 0 (no prior, an ablation) leave them
+        out of the ELBO altogether (``poutine.scale`` refuses a zero scale)."""
+        if self.prior_scale == 0:
+            return poutine.mask(mask=False)
+        return poutine.scale(scale=self.prior_scale)
+
     def push(self, size, log_lambda_layer, log_lambda_unit):
         """``log τ`` for ``size``, and the gate logits it implies."""
         log_tau = solve_log_tau(size, log_lambda_layer, log_lambda_unit, self.layer_cost, self.unit_cost)
         return (log_tau, *keep_logits(log_tau, log_lambda_layer, log_lambda_unit))
 
-    def flat_layers(self, like: torch.Tensor) -> torch.Tensor:
-        """Without the hierarchy every layer is kept: ``log λ_l`` so large that ``π_l = 1``."""
-        return torch.full(like.shape[:-1], 30.0, dtype=like.dtype, device=like.device)
+    def effective(self, log_lambda_layer, log_lambda_unit):
+        """``(log λ_l, log λ_lu)`` as the budget equation reads them.
+
+        Without the hierarchy every layer is kept: ``log λ_l = 30`` makes ``π_l = 1``, and
+        the unit's log-scale is read shifted by ``-30`` so that its keep probability is
+        ``σ(2·(log τ + log λ_lu))``, free of any layer scale.
+        """
+        if self.hierarchy:
+            return log_lambda_layer, log_lambda_unit
+        flat = torch.full(log_lambda_unit.shape[:-1], FLAT_LOG_LAMBDA, dtype=log_lambda_unit.dtype,
+                          device=log_lambda_unit.device)
+        return flat, log_lambda_unit - FLAT_LOG_LAMBDA
 
 
 class PuppetModel(_Push):
@@ -113,14 +132,15 @@ class PuppetModel(_Push):
         one = torch.ones((), device=device)
         layer_plate, unit_plate = plates(L, U)
         # 1. The strings of the puppet: global-local shrinkage, as in the horseshoe.
-        with poutine.scale(scale=self.prior_scale):
+        with self.prior_weighting():
             with layer_plate:
                 if self.hierarchy:
                     lambda_layer = pyro.sample("lambda_layer", dist.HalfCauchy(one))  # [L, 1]
                 with unit_plate:
                     lambda_unit = pyro.sample("lambda_unit", dist.HalfCauchy(one))  # [L, U]
-        log_lambda_unit = lambda_unit.log()
-        log_lambda_layer = lambda_layer.log()[..., 0] if self.hierarchy else self.flat_layers(log_lambda_unit)
+        log_lambda_layer, log_lambda_unit = self.effective(
+            lambda_layer.log()[..., 0] if self.hierarchy else None, lambda_unit.log()
+        )
         # 2. The push: τ is the root of E[size | τ] = size.
         log_tau, layer_logits, unit_logits = self.push(size, log_lambda_layer, log_lambda_unit)
         pyro.deterministic("tau", log_tau.exp())
@@ -185,7 +205,7 @@ class PuppetGuide(_Push):
     def forward(self, input_ids: torch.Tensor, size: float, teacher_logits: torch.Tensor | None = None):
         L, U = self.arch.n_layers, self.arch.n_units
         layer_plate, unit_plate = plates(L, U)
-        with poutine.scale(scale=self.prior_scale):
+        with self.prior_weighting():
             with layer_plate:
                 if self.hierarchy:
                     lambda_layer = pyro.sample(
@@ -193,29 +213,27 @@ class PuppetGuide(_Push):
                     )
                 with unit_plate:
                     lambda_unit = pyro.sample("lambda_unit", self._q(self.loc_unit, self.log_scale_unit))
-        log_lambda_unit = lambda_unit.log()
-        log_lambda_layer = lambda_layer.log()[..., 0] if self.hierarchy else self.flat_layers(log_lambda_unit)
+        log_lambda_layer, log_lambda_unit = self.effective(
+            lambda_layer.log()[..., 0] if self.hierarchy else None, lambda_unit.log()
+        )
         _, layer_logits, unit_logits = self.push(size, log_lambda_layer, log_lambda_unit)
         return sample_gates(layer_plate, unit_plate, layer_logits, unit_logits, self.temperature)
 
     # -- posterior summaries that need no sampling ----------------------------------------
     def median_log_lambda(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior medians ``(log λ_l [L], log λ_lu [L, U])`` (the ``loc`` parameters)."""
-        unit = self.loc_unit.detach()
-        layer = self.loc_layer.detach() if self.hierarchy else self.flat_layers(unit)
-        return layer, unit
+        """Posterior medians ``(log λ_l [L], log λ_lu [L, U])`` (the ``loc`` parameters), as
+        the budget equation reads them (:meth:`effective`)."""
+        return self.effective(self.loc_layer.detach(), self.loc_unit.detach())
 
     def sample_log_lambda(self, n: int, generator: torch.Generator | None = None):
-        """``n`` draws ``(log λ_l [n, L], log λ_lu [n, L, U])`` from ``q``, without Pyro."""
-        layer_loc, unit_loc = self.median_log_lambda()
+        """``n`` draws ``(log λ_l [n, L], log λ_lu [n, L, U])`` from ``q``, without Pyro, as
+        the budget equation reads them (:meth:`effective`)."""
+        layer_loc, unit_loc = self.loc_layer.detach(), self.loc_unit.detach()
         if self.posterior == "point":
-            return layer_loc.expand(n, -1).clone(), unit_loc.expand(n, -1, -1).clone()
+            return self.effective(layer_loc.expand(n, -1).clone(), unit_loc.expand(n, -1, -1).clone())
         layer_eps = torch.randn((n, *layer_loc.shape), generator=generator)
         unit_eps = torch.randn((n, *unit_loc.shape), generator=generator)
         unit = unit_loc + unit_eps.to(unit_loc) * self.log_scale_unit.detach().exp()
-        layer = (
-            layer_loc + layer_eps.to(layer_loc) * self.log_scale_layer.detach().exp()
-            if self.hierarchy
-            else layer_loc.expand(n, -1).clone()
-        )
+        layer = layer_loc + layer_eps.to(layer_loc) * self.log_scale_layer.detach().exp()
+        layer, unit = self.effective(layer, unit)
         return layer, unit

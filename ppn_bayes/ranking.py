@@ -161,3 +161,50 @@ class Ranking:
             kept_params=int(self._cumulative[k - 1]),
             total_params=self.total_params,
         )
+
+    # -- files: the ranking as JSON, validated when read ------------------------------------
+    def to_dict(self) -> dict:
+        """``{"items": [[layer, unit], ...], "cost": [...]}`` (``unit = -1``: the layer)."""
+        return {"items": self.items.tolist(), "cost": self.cost.tolist()}
+
+    @classmethod
+    def from_dict(cls, arch: Architecture, data: dict) -> "Ranking":
+        """A ranking read from :meth:`to_dict`'s output, checked against ``arch``.
+
+        Raises ``ValueError`` naming the problem unless the items are every layer and
+        every unit exactly once, each unit after its own layer (the hierarchy), and each
+        cost is that item's cost in ``arch``.
+        """
+        if not isinstance(data, dict) or "items" not in data or "cost" not in data:
+            raise ValueError("a ranking needs 'items' and 'cost'")
+        items, cost = data["items"], data["cost"]
+        L, U = arch.n_layers, arch.n_units
+        K = L * (1 + U)
+        if not isinstance(items, list) or not isinstance(cost, list) or len(items) != K or len(cost) != K:
+            raise ValueError(f"a ranking of this architecture has {K} items and {K} costs")
+        for pair in items:
+            if not (isinstance(pair, list) and len(pair) == 2
+                    and all(isinstance(x, int) and not isinstance(x, bool) for x in pair)):
+                raise ValueError(f"ranking item {pair!r} is not a [layer, unit] pair of integers")
+        if not all(isinstance(c, int) and not isinstance(c, bool) for c in cost):
+            raise ValueError("ranking costs must be integers")
+        items_t = torch.tensor(items, dtype=torch.long)  # [K, 2]
+        layer, unit = items_t[:, 0], items_t[:, 1]
+        if bool(((layer < 0) | (layer >= L) | (unit < -1) | (unit >= U)).any()):
+            raise ValueError(f"a ranking item lies outside {L} layers x {U} units")
+        key = layer * (U + 1) + (unit + 1)
+        if torch.unique(key).numel() != K:
+            raise ValueError("the ranking lists an item twice (and so misses another)")
+        position = torch.empty(K, dtype=torch.long)
+        position[key] = torch.arange(K)
+        layer_position = position[torch.arange(L) * (U + 1)]  # [L]
+        late = (unit >= 0) & (torch.arange(K) < layer_position[layer])
+        if bool(late.any()):
+            l, u = items_t[late][0].tolist()
+            raise ValueError(f"the ranking puts unit {u} of layer {l} before its layer (inconsistent hierarchy)")
+        layer_cost, unit_cost = arch.costs(dtype=torch.int64)
+        expected = torch.where(unit < 0, layer_cost[layer], unit_cost[layer, unit.clamp_min(0)])
+        cost_t = torch.tensor(cost, dtype=torch.int64)
+        if not torch.equal(cost_t, expected):
+            raise ValueError("the ranking's costs differ from the architecture's")
+        return cls(arch, items_t, cost_t)

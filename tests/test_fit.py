@@ -118,3 +118,19 @@ def test_empty_and_too_short_texts_are_refused():
         fit(tiny_lm("llama"), torch.randint(0, 97, (10,)), FitConfig(seq_len=64, mlp_group=32), progress=False)
     with pytest.raises(ValueError, match="not in the tokenizer's alphabet"):
         TOKENIZER.encode("€")
+
+
+def test_without_the_hierarchy_every_layer_is_kept_and_units_are_flat():
+    from ppn_bayes.budget import keep_probs, solve_log_tau
+
+    arch = describe(tiny_lm("llama"), mlp_group=32)
+    guide = PuppetGuide(arch, hierarchy=False)
+    with torch.no_grad():
+        guide.loc_unit.copy_(torch.randn(arch.n_layers, arch.n_units))
+    ll, lu = guide.median_log_lambda()
+    layer_cost, unit_cost = arch.costs()
+    log_tau = solve_log_tau(0.3, ll.double(), lu.double(), layer_cost, unit_cost)
+    pi_layer, pi_unit = keep_probs(log_tau, ll.double(), lu.double())
+    assert torch.allclose(pi_layer, torch.ones_like(pi_layer))
+    flat = torch.sigmoid(2 * (log_tau + guide.loc_unit.detach().double()))
+    assert torch.allclose(pi_unit, flat, atol=1e-12)

@@ -13,7 +13,7 @@ import sys
 
 from .. import __version__
 
-COMMAND_MODULES = ["ppn_bayes.cli.fitting"]
+COMMAND_MODULES = ["ppn_bayes.cli.fitting", "ppn_bayes.cli.summarize", "ppn_bayes.cli.deploy", "ppn_bayes.cli.speculate"]
 
 
 def build_parser() -> argparse.ArgumentParser:

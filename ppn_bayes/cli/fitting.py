@@ -41,7 +41,8 @@ def register(subparsers) -> None:
                           "file with a 1-D 'tokens' tensor")
     fit.add_argument("--out", required=True, help="output folder")
     fit.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    fit.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    fit.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu); under torchrun each process "
+                          "uses cuda:LOCAL_RANK when CUDA is present")
     fit.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="LM weights' dtype")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
     add_fit_options(fit)
@@ -66,6 +67,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _fit(args: argparse.Namespace) -> int:
     import torch
 
+    from .. import distributed
     from ..data import load_tokens
     from ..fit import fit
     from ..io import atomic_write_text
@@ -75,10 +77,14 @@ def _fit(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.resume and (out / "checkpoint").exists():
         raise FileExistsError(f"{out / 'checkpoint'} exists; pass --resume to continue it")
-    lm, tokenizer = load_lm(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    # Under torchrun the LM is read on the CPU: fit moves it (DDP) or its shards (FSDP) to cuda:LOCAL_RANK.
+    device = "cpu" if distributed.launched() else args.device
+    lm, tokenizer = load_lm(args.model, dtype=getattr(torch, args.dtype), device=device)
     tokens = load_tokens(args.data, tokenizer)
     fitted = fit(lm, tokens, config, checkpoint=out / "checkpoint", resume=args.resume, tokenizer=tokenizer,
                  progress=not args.quiet)
+    if not distributed.is_main_process():
+        return 0
     atomic_write_text(out / "result.json", fitted.result.to_json())
     last = fitted.result.history[-1] if fitted.result.history else {}
     print(json.dumps({"steps": fitted.result.steps_done, "train_tokens": fitted.result.train_tokens,

@@ -1,0 +1,149 @@
+"""Fit cost: training tokens/s of the ppn_bayes fit against plain fine-tuning, on one GPU.
+
+Both train the same LM on the same batches (``TokenBlocks.batch(step, batch)`` of the
+same text, seed 0) with AdamW at the fit's ``lr_lm``, gradient clipping at 1, and the same
+precision: bf16 autocast with fp32 weights and TF32 matmuls on CUDA, float32 on the CPU.
+
+* ``finetune``: the next-token loss only, one forward and backward a step;
+* ``ppn_bayes``: :func:`ppn_bayes.fit.fit` (``n_random_sizes=1``): the full LM, the
+  smallest size and one random size a step (three forward and backward passes), the guide
+  and the budget equation.
+
+Each loop reads its loss every step (one device sync a step, as the fit does), and
+throughput counts the steps after ``--warmup``, each training token once (steps x batch x
+seq_len). Records in ``fit.jsonl``: ``method`` ``finetune`` and ``ppn_bayes``, with
+``tokens_per_s``, ``train_tokens``, ``seconds``; the ppn_bayes record also has
+``ratio_vs_finetune`` (its tokens/s over fine-tuning's). Fine-tuning is measured first
+and its record written at once.
+
+Examples::
+
+    python3 benchmarks/fit_cost.py --model /root/SmolLM2-135M-Instruct.Q4_1.gguf \\
+        --train-text .device/b/wiki_summaries_en.txt --records-dir "$OUT/records"
+    python benchmarks/fit_cost.py --quick --device cpu --records-dir /tmp/records
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fit_scaling import TRAIN_TEXT, prepare, steady_tokens_per_s  # noqa: E402
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def finetune(lm, blocks, *, steps: int, batch_size: int, lr: float, device: str) -> list[float]:
+    """Plain fine-tuning: next-token loss, AdamW, clipping at 1. Returns the step clock
+    (seconds since the loop began, at the end of each step)."""
+    optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    lm.train()
+    times = []
+    _sync(device)
+    began = time.perf_counter()
+    for step in range(steps):
+        input_ids = blocks.batch(step, batch_size).to(device)  # [B, T]
+        optimizer.zero_grad(set_to_none=True)
+        logits = lm(input_ids=input_ids).logits  # [B, T, V]
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        optimizer.step()
+        if not torch.isfinite(torch.tensor(loss.item())):  # the read syncs the device, as the fit's does
+            raise FloatingPointError(f"fine-tuning loss became non-finite at step {step}")
+        times.append(time.perf_counter() - began)
+    lm.eval()
+    return times
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="a .gguf file or a Hugging Face directory (not needed with --quick)")
+    p.add_argument("--model-name", help="the model's name in the records (default: from --model)")
+    p.add_argument("--train-text", default=str(TRAIN_TEXT), help="training text (default: the wiki summaries)")
+    p.add_argument("--steps", type=int, default=30, help="steps of each method (default: 30)")
+    p.add_argument("--warmup", type=int, default=5, help="first steps left out of the throughput (default: 5)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per step (default: 16)")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default: 1024)")
+    p.add_argument("--mlp-group", type=int, default=64, help="intermediate channels per MLP unit (default: 64)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="where to train (default: cuda)")
+    p.add_argument("--work-dir", default=None,
+                   help="cache of the converted model and tokens (default: a temporary folder)")
+    p.add_argument("--records-dir", default="docs/benchmarks/records", help="where fit.jsonl is appended")
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny Llama on the embedded text, 4 steps of 4 x 32 tokens: a rehearsal")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ppn_bayes.config import FitConfig
+    from ppn_bayes.data import TokenBlocks, load_tokens
+    from ppn_bayes.fit import fit
+    from ppn_bayes.lm import load_lm
+    from ppn_bayes.records import append_record
+
+    args = build_parser().parse_args(argv)
+    if args.quick:
+        args.steps, args.warmup, args.batch_size, args.seq_len, args.mlp_group = 4, 1, 4, 32, 32
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: use --device cpu for a rehearsal")
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    config = FitConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, mlp_group=args.mlp_group,
+                       log_every=1, n_random_sizes=1, parallel="none")
+    tokens_per_step = args.batch_size * args.seq_len
+    common = dict(steps=args.steps, warmup_steps=args.warmup, batch_size=args.batch_size, seq_len=args.seq_len,
+                  train_tokens=args.steps * tokens_per_step, gpus=1 if cuda else 0, device=args.device,
+                  dtype="bf16 autocast, fp32 weights, tf32" if cuda else "float32", quick=args.quick,
+                  lr=config.lr_lm, grad_clip=config.grad_clip)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    with tempfile.TemporaryDirectory(prefix="fit-cost-") as tmp:
+        work = Path(args.work_dir) if args.work_dir else Path(tmp)
+        lm_dir, tokens_file, name = prepare(model=args.model, train_text=args.train_text, work_dir=work,
+                                            name=args.model_name, quick=args.quick)
+        blocks = TokenBlocks(load_tokens(tokens_file), args.seq_len, config.seed)
+
+        lm, _ = load_lm(lm_dir, device=args.device)
+        with autocast():
+            times = finetune(lm, blocks, steps=args.steps, batch_size=args.batch_size, lr=config.lr_lm,
+                             device=args.device)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+        base, seconds = steady_tokens_per_s(times, args.warmup, tokens_per_step)
+        append_record("fit", method="finetune", model=name, records_dir=args.records_dir, tokens_per_s=base,
+                      seconds=times[-1], timed_seconds=seconds, passes_per_step=1, peak_memory_gb=peak, **common)
+        print(f"[fit_cost] finetune: {base:,.0f} tokens/s")
+        del lm
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+        lm, _ = load_lm(lm_dir, device=args.device)
+        with autocast():
+            fitted = fit(lm, blocks, config, progress=False)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+        ours, seconds = steady_tokens_per_s(fitted.result.step_times, args.warmup, tokens_per_step)
+        append_record("fit", method="ppn_bayes", model=name, records_dir=args.records_dir, tokens_per_s=ours,
+                      ratio_vs_finetune=ours / base, seconds=fitted.result.seconds, timed_seconds=seconds,
+                      passes_per_step=2 + config.n_random_sizes, peak_memory_gb=peak,
+                      loss=[row["loss"] for row in fitted.result.history], fit_config=config.to_dict(), **common)
+        print(f"[fit_cost] ppn_bayes: {ours:,.0f} tokens/s, {ours / base:.2f} x fine-tuning")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# The quality and speed benchmarks on a 2-GPU H200 machine, in parts that each fit one
+# 10-minute device command; both GPUs work at once on independent steps.
+#
+#   benchmarks/gpu_job.sh check   # the environment (~20 s)
+#   benchmarks/gpu_job.sh part1   # GPU 0: dense, the ppn_bayes fit and its sizes, then ablation flat
+#                                 # GPU 1: ShortGPT, magnitude, activation, SparseGPT, Wanda (~9 min)
+#   benchmarks/gpu_job.sh part2   # GPU 0: speed, prefill; GPU 1: speed, decode; then ablations (~9 min)
+#   benchmarks/gpu_job.sh part3   # what is left of the ablations; optional +distill baselines (~5 min)
+#
+# Every part can be rerun: finished methods are skipped (markers under $WORK/done/), fits
+# resume from their checkpoints. Before part1 on a fresh machine: ../shared/tools/device-stage
+# (two transfers) and benchmarks/stage_wheels.sh here (carry .whl); see benchmarks/README.md.
+# Records go to $OUT/records/ (append them to docs/benchmarks/records/ here), the rankings to
+# $OUT/rankings.json (speed.py reads it for the CPU run here), logs to $OUT/*.log.
+# Checkpoints, caches and the rankings stay under $WORK (/root: kept while the machine is warm).
+#
+# Knobs (environment):
+#   FIT_SECONDS (150): training time of the fit of record: a 10-step probe sets its steps,
+#     at most FIT_STEPS (300), of FIT_BATCH (8) x FIT_SEQ (2048) tokens. The ablations take
+#     the steps the fit of record took (read from $WORK/rankings.json, or FIT_STEPS if the
+#     machine was lost: then set FIT_STEPS to the steps the part1 log printed).
+#   RANKINGS: a rankings file for part2 when $WORK/rankings.json is gone (carry it in).
+#   LIMIT (560 s per part); MODEL, MODEL_NAME, TEXTS, WORK, OUT; for a CPU rehearsal with a
+#   tiny LM: DEVICE=cpu, QUALITY_EXTRA and SPEED_EXTRA (extra flags), as tests/test_report.py does.
+set -uo pipefail
+part="${1:?usage: gpu_job.sh check|part1|part2|part3}"
+OUT="${OUT:-/tmp/gpu-job-out}"
+MODEL="${MODEL:-/root/SmolLM2-135M-Instruct.Q4_1.gguf}"
+MODEL_NAME="${MODEL_NAME:-SmolLM2-135M-Instruct}"
+TEXTS="${TEXTS:-.device/b}"
+WORK="${WORK:-/root/ppn-work}"
+DEVICE="${DEVICE:-cuda}"
+FIT_SECONDS="${FIT_SECONDS:-150}"
+FIT_STEPS_GIVEN="${FIT_STEPS:+yes}"
+FIT_STEPS="${FIT_STEPS:-300}"
+FIT_BATCH="${FIT_BATCH:-8}"
+FIT_SEQ="${FIT_SEQ:-2048}"
+LIMIT="${LIMIT:-560}"
+RANKINGS="${RANKINGS:-$WORK/rankings.json}"
+START=$(date +%s)
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 LLM_COMPRESSOR_LOG_LEVEL=WARNING TOKENIZERS_PARALLELISM=false
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONPATH="${PYTHONPATH:-/tmp/site:$PWD}"
+mkdir -p "$OUT/records" "$WORK"
+REC="$OUT/records"
+
+left() { echo $(( LIMIT - ($(date +%s) - START) )); }
+# run RESERVE LOG script args...: the step gets what is left of the part minus RESERVE
+# seconds, is stopped by timeout at that, and starts nothing new after 80% of it.
+run() {
+  local reserve="$1" log="$2"; shift 2
+  local budget=$(( $(left) - reserve ))
+  if (( budget < 30 )); then echo "[gpu_job] no time left for: $*" >> "$log"; return 0; fi
+  echo "[gpu_job] $(date +%T) ($budget s): $*" >> "$log"
+  timeout --signal=TERM "${budget}s" python3 "$@" --time-budget $(( budget * 8 / 10 )) >> "$log" 2>&1
+  echo "[gpu_job] $(date +%T) exit $?" >> "$log"
+}
+
+COMMON=(--model "$MODEL" --eval-text "$TEXTS/wiki.test.raw" --train-text "$TEXTS/wiki_summaries_en.txt"
+        --work-dir "$WORK" --records-dir "$REC" --model-name "$MODEL_NAME" --device "$DEVICE"
+        --fit-batch "$FIT_BATCH" --fit-seq-len "$FIT_SEQ" --fit-set checkpoint_every=50 --skip-done
+        ${QUALITY_EXTRA:-})
+
+check() {
+  {
+    nvidia-smi -L
+    python3 -c 'import torch, transformers; print("torch", torch.__version__, "cuda", torch.cuda.device_count(), "transformers", transformers.__version__)'
+    python3 -c 'import pyro, gguf; print("pyro", pyro.__version__)'
+    python3 -m pip show pyarrow datasets 2>/dev/null | grep -E '^(Name|Version)'
+    python3 -c 'import llmcompressor; print("llmcompressor", llmcompressor.__version__)' 2>&1 | tail -1
+    ls -la "$MODEL" "$TEXTS"
+  } > "$OUT/env.txt" 2>&1
+  cat "$OUT/env.txt"
+}
+
+prepare() {  # GGUF -> Hugging Face directory, and the tokens, cached under $WORK (~1 min, once)
+  [[ -e "$MODEL" ]] || { echo "no model at $MODEL: stage it first (../shared/tools/device-stage)"; exit 2; }
+  python3 benchmarks/quality.py "${COMMON[@]}" --prepare > "$OUT/prepare.log" 2>&1 || { cat "$OUT/prepare.log"; exit 2; }
+}
+
+fit_steps_of_record() {  # the steps the fit of record took, from the rankings file; else FIT_STEPS
+  python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['rankings']['ppn_bayes']['fit']['steps'])" \
+    "$RANKINGS" 2>/dev/null || echo "$FIT_STEPS"
+}
+
+ablations() {  # ablations LOG METHODS: at the fit of record's steps, once that fit is done
+  local log="$1" methods="$2"
+  if [[ ! -f "$RANKINGS" && -z "$FIT_STEPS_GIVEN" ]]; then
+    echo "[gpu_job] the fit of record is not done: ablations $methods wait for a later part" >> "$log"; return 0
+  fi
+  local steps; steps=$(fit_steps_of_record)
+  echo "[gpu_job] ablations $methods: $steps steps of $FIT_BATCH x $FIT_SEQ tokens" >> "$log"
+  run 10 "$log" benchmarks/quality.py "${COMMON[@]}" --fit-steps "$steps" --methods "$methods" \
+    --rankings "$WORK/rankings-ablations.$BASHPID.json"
+}
+
+speed() {  # speed LOG PHASE: dense, the sub-networks of the fit of record, one sparse model
+  local log="$1" phase="$2" model="$WORK/fits/ppn_bayes/lm" weights="the ppn_bayes fit's LM (dense: all units kept)"
+  [[ -f "$model/config.json" ]] || { model="$WORK/model"; weights="the dequantised GGUF (same shapes)"; }
+  [[ -f "$model/config.json" ]] || model="$MODEL"
+  local sparse=(--sparse-zeros 0.5)
+  [[ -f "$WORK/sparse/sparsegpt-0.5.safetensors" ]] && \
+    sparse=(--sparse-weights "$WORK/sparse/sparsegpt-0.5.safetensors" --sparse-label sparsegpt@0.5)
+  local rankings=(); [[ -f "$RANKINGS" ]] && rankings=(--rankings "$RANKINGS")
+  run 10 "$log" benchmarks/speed.py --model "$model" "${rankings[@]}" --phases "$phase" \
+    --sizes 0.5,0.3,0.4,0.7,0.9 --records-dir "$REC" --prompt-text "$TEXTS/wiki.test.raw" \
+    --model-name "$MODEL_NAME" --device "$DEVICE" --weights "$weights" "${sparse[@]}" ${SPEED_EXTRA:-}
+}
+
+case "$part" in
+  check) check ;;
+  part1)
+    check > /dev/null
+    prepare
+    ( export CUDA_VISIBLE_DEVICES=0
+      run 150 "$OUT/gpu0.log" benchmarks/quality.py "${COMMON[@]}" --methods dense,ppn_bayes \
+        --fit-steps "$FIT_STEPS" --fit-time-budget "$FIT_SECONDS" --rankings "$RANKINGS"
+      ablations "$OUT/gpu0.log" ppn_bayes-flat ) &
+    ( export CUDA_VISIBLE_DEVICES=1
+      run 10 "$OUT/gpu1.log" benchmarks/quality.py "${COMMON[@]}" \
+        --methods shortgpt,magnitude,activation,magnitude-uniform,activation-uniform,sparsegpt,wanda,sparsegpt-2:4,wanda-2:4 \
+        --rankings "$WORK/rankings-baselines.json" --save-sparse sparsegpt@0.5
+      ablations "$OUT/gpu1.log" ppn_bayes-point ) &
+    wait ;;
+  part2)
+    prepare
+    ( export CUDA_VISIBLE_DEVICES=0
+      speed "$OUT/gpu0.log" prefill
+      ablations "$OUT/gpu0.log" ppn_bayes-frozen,ppn_bayes-flat ) &
+    ( export CUDA_VISIBLE_DEVICES=1
+      speed "$OUT/gpu1.log" decode
+      ablations "$OUT/gpu1.log" ppn_bayes-nodistill,ppn_bayes-point ) &
+    wait ;;
+  part3)
+    prepare
+    ( export CUDA_VISIBLE_DEVICES=0
+      ablations "$OUT/gpu0.log" ppn_bayes-flat,ppn_bayes-frozen
+      run 10 "$OUT/gpu0.log" benchmarks/quality.py "${COMMON[@]}" --fit-steps "$(fit_steps_of_record)" \
+        --methods shortgpt+distill --finetune-sizes 0.5 --rankings "$WORK/rankings-ft0.json" ) &
+    ( export CUDA_VISIBLE_DEVICES=1
+      ablations "$OUT/gpu1.log" ppn_bayes-point,ppn_bayes-nodistill
+      run 10 "$OUT/gpu1.log" benchmarks/quality.py "${COMMON[@]}" --fit-steps "$(fit_steps_of_record)" \
+        --methods magnitude+distill --finetune-sizes 0.5 --rankings "$WORK/rankings-ft1.json" ) &
+    wait ;;
+  *) echo "unknown part $part: check, part1, part2 or part3"; exit 2 ;;
+esac
+[[ -f "$RANKINGS" ]] && cp "$RANKINGS" "$OUT/rankings.json"
+echo "[gpu_job] $part done in $(( $(date +%s) - START )) s; records:"
+wc -l "$REC"/*.jsonl 2>/dev/null || true
+grep -h "^\[quality\]\|^\[speed\]\|FAILED\|Error" "$OUT"/gpu*.log 2>/dev/null | tail -n 40 || true

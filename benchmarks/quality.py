@@ -1,0 +1,667 @@
+"""Quality benchmark: perplexity against size for every method of BENCHMARKS.md.
+
+The protocol: the LM (SmolLM2-135M-Instruct, dequantised from its GGUF file) is the dense
+reference; WikiText-2 raw test is tokenised whole (no special tokens added) and cut into
+non-overlapping windows of 2048 tokens; perplexity is evaluated in float32 for every
+method; sizes 0.9 0.7 0.5 0.4 0.3 are fractions of decoder parameters. Training,
+fine-tuning and calibration read the wiki summaries.
+
+Methods (``--methods``)::
+
+    dense                 the LM itself
+    ppn_bayes             one fit (FitConfig below), ranked, sliced at every size
+    ppn_bayes-flat        ablation: hierarchy=False (flat units, no layer gates)
+    ppn_bayes-point       ablation: posterior='point', prior_weight=0 (no Bayesian prior)
+    ppn_bayes-frozen      ablation: train_lm=False (gates only)
+    ppn_bayes-nodistill   ablation: distill_weight=0 (no self-distillation)
+    shortgpt              layer removal by block influence, no training
+    magnitude             units by weight magnitude, no training
+    activation            units by activation-weighted magnitude (Wanda-style), no training
+    magnitude-uniform, activation-uniform
+                          the same scores, every layer cut by the same fraction (Wanda-sp)
+    shortgpt+distill      (also magnitude+distill, activation+distill) the baseline's
+                          sub-network fine-tuned by self-distillation with the fit's budget
+    sparsegpt, wanda      llm-compressor, unstructured at sparsity 1 - size
+    sparsegpt-2:4, wanda-2:4   llm-compressor, 2:4 at size 0.5
+
+Every measurement is appended to ``<records-dir>/quality.jsonl`` as soon as it is made, so
+a run cut off by a time limit still leaves its records. Fits checkpoint under
+``--work-dir`` and resume there; a finished fit is reused. Rankings (small JSON) go to
+``--rankings`` so that ``benchmarks/speed.py`` can rebuild the sub-networks' shapes.
+
+Quick CPU check (say so: the records carry ``quick: true`` and their ``windows``)::
+
+    python benchmarks/quality.py --model "$(../shared/tools/smollm2)" --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ppn_bayes.architecture import describe
+from ppn_bayes.config import FitConfig
+from ppn_bayes.data import TokenBlocks, load_tokens
+from ppn_bayes.evaluate import perplexity
+from ppn_bayes.io import atomic_write_text
+from ppn_bayes.records import RECORDS_DIR, append_record
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+PROTOCOL_SIZES = (0.9, 0.7, 0.5, 0.4, 0.3)
+ABLATIONS = {
+    "ppn_bayes-flat": dict(hierarchy=False),
+    "ppn_bayes-point": dict(posterior="point", prior_weight=0.0),
+    "ppn_bayes-frozen": dict(train_lm=False),
+    "ppn_bayes-nodistill": dict(distill_weight=0.0),
+}
+STRUCTURED = ("shortgpt", "magnitude", "activation", "magnitude-uniform", "activation-uniform")
+SPARSE = ("sparsegpt", "wanda", "sparsegpt-2:4", "wanda-2:4")
+METHODS = ("dense", "ppn_bayes", *ABLATIONS, *STRUCTURED, *(f"{m}+distill" for m in STRUCTURED), *SPARSE)
+DEFAULT_METHODS = ("dense", "ppn_bayes", *ABLATIONS, *STRUCTURED, *SPARSE)
+#: The fit of record: 2048-token windows, the sandwich rule down to the smallest size.
+DEFAULT_FIT = FitConfig(steps=300, batch_size=8, seq_len=2048, size_min=0.3, checkpoint_every=100,
+                        log_every=10)
+PROBE_STEPS = 10
+QUICK_FIT = FitConfig(steps=2, batch_size=1, seq_len=128, size_min=0.3, log_every=1)
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    """What one run of the quality benchmark measures, and where it writes."""
+
+    model: str
+    eval_text: str
+    train_text: str
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    sizes: tuple[float, ...] = PROTOCOL_SIZES
+    ablation_sizes: tuple[float, ...] = PROTOCOL_SIZES
+    finetune_sizes: tuple[float, ...] = (0.5,)
+    seq_len: int = 2048
+    limit_windows: int | None = None
+    eval_batch: int = 8
+    calib_windows: int = 128
+    calib_seq_len: int = 2048
+    calib_seed: int = 0
+    fit: FitConfig = DEFAULT_FIT
+    autocast: str = "bf16"  # of the fits and fine-tunes on CUDA; evaluation is always float32
+    device: str = "cpu"
+    work_dir: str = "runs/quality"
+    rankings: str | None = None
+    records_dir: str = str(RECORDS_DIR)
+    model_name: str | None = None
+    time_budget: float | None = None
+    fit_time_budget: float | None = None  # seconds: fewer fit steps than asked if they would not fit
+    quick: bool = False
+    save_sparse: str | None = None  # method@size whose pruned weights are kept for speed.py
+
+    def __post_init__(self):
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
+        for size in (*self.sizes, *self.ablation_sizes, *self.finetune_sizes):
+            if not 0 < size <= 1:
+                raise ValueError(f"sizes are fractions in (0, 1], got {size}")
+        if self.autocast not in ("bf16", "none"):
+            raise ValueError(f"autocast must be 'bf16' or 'none', got {self.autocast!r}")
+        if self.limit_windows is not None and self.limit_windows < 1:
+            raise ValueError(f"limit_windows must be positive, got {self.limit_windows}")
+
+    @property
+    def name(self) -> str:
+        """The model's name in records: the GGUF file's stem without its quantisation."""
+        return self.model_name or Path(self.model).name.split(".")[0]
+
+
+# -- loading, with a cache of the dequantised LM and the tokens -------------------------------------
+def load_inputs(config: QualityConfig):
+    """``(lm, tokenizer, eval_tokens, train_tokens)``; a GGUF model and its tokens are
+    cached under ``work_dir`` (converting GGUF takes a minute; the cache loads in seconds)."""
+    from safetensors.torch import save_file
+
+    from ppn_bayes.lm import load_lm, save_lm
+
+    model = Path(config.model)
+    cache = Path(config.work_dir) / "model"
+    if model.suffix == ".gguf" and (cache / "config.json").is_file():
+        lm, tokenizer = load_lm(cache)
+    else:
+        lm, tokenizer = load_lm(model)
+        if model.suffix == ".gguf":
+            try:
+                save_lm(lm, tokenizer, cache)
+            except (FileExistsError, OSError) as err:  # another process made it first
+                print(f"[quality] model cache not written: {err}", file=sys.stderr)
+    tokens = []
+    for name, path in (("eval", config.eval_text), ("train", config.train_text)):
+        cached = Path(config.work_dir) / "tokens" / f"{config.name}-{Path(path).stem}.safetensors"
+        if cached.is_file():
+            tokens.append(load_tokens(cached))
+            continue
+        ids = load_tokens(path, tokenizer)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+        save_file({"tokens": ids}, tmp)
+        os.replace(tmp, cached)
+        tokens.append(ids)
+    return lm.to(config.device).float().eval(), tokenizer, tokens[0], tokens[1]
+
+
+# -- the run ---------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """State shared by the methods of one run."""
+
+    config: QualityConfig
+    lm: torch.nn.Module
+    tokenizer: object
+    eval_tokens: torch.Tensor
+    train_tokens: torch.Tensor
+    began: float = field(default_factory=time.perf_counter)
+    records: list = field(default_factory=list)
+    skipped: int = 0  # sizes left out for lack of time
+    _calibration: torch.Tensor | None = None
+
+    @property
+    def arch(self):
+        return describe(self.lm, mlp_group=self.config.fit.mlp_group)
+
+    def out_of_time(self) -> bool:
+        budget = self.config.time_budget
+        return budget is not None and time.perf_counter() - self.began > budget
+
+    def calibration(self) -> torch.Tensor:
+        """The protocol's calibration windows of the training text (seeded)."""
+        if self._calibration is None:
+            from ppn_bayes.baselines import calibration_windows
+
+            c = self.config
+            self._calibration = calibration_windows(self.train_tokens, c.calib_windows, c.calib_seq_len,
+                                                    c.calib_seed)
+        return self._calibration
+
+    def dense_copy(self) -> torch.nn.Module:
+        return copy.deepcopy(self.lm)
+
+    def evaluate(self, lm) -> "object":
+        torch.set_float32_matmul_precision("highest")
+        return perplexity(lm.float(), self.eval_tokens, seq_len=self.config.seq_len,
+                          limit=self.config.limit_windows, batch_size=self.config.eval_batch)
+
+    def record(self, method: str, *, size_requested: float, size_reached: float, result, train_tokens: int,
+               settings: dict, **figures) -> dict:
+        c = self.config
+        settings = {
+            "eval_text": Path(c.eval_text).name, "eval_dtype": "float32", "device": c.device,
+            **settings,
+        }
+        record = append_record(
+            "quality", method=method, model=c.name, records_dir=c.records_dir,
+            size_requested=size_requested, size_reached=size_reached, ppl=result.ppl, nll=result.nll,
+            windows=result.windows, seq_len=result.seq_len, train_tokens=train_tokens,
+            quick=c.quick or c.limit_windows is not None, settings=settings, **figures,
+        )
+        self.records.append(record)
+        print(f"[quality] {method:22s} size {size_requested:.2f} -> {size_reached:.4f}  "
+              f"ppl {result.ppl:10.3f}  ({time.perf_counter() - self.began:.0f} s)", flush=True)
+        return record
+
+    def save_ranking(self, method: str, ranking, **extra) -> None:
+        """Add ``method``'s ranking to the rankings file (small JSON; speed.py reads it)."""
+        if self.config.rankings is None:
+            return
+        path = Path(self.config.rankings)
+        data = json.loads(path.read_text()) if path.is_file() else {"format": "ppn_bayes.rankings",
+                                                                      "format_version": 1, "rankings": {}}
+        data["rankings"][method] = {
+            "model": self.config.name,
+            "architecture": ranking.arch.to_dict(),
+            **ranking.to_dict(),
+            **extra,
+        }
+        atomic_write_text(path, json.dumps(data))
+
+
+def _autocast_used(config: QualityConfig) -> str:
+    """The autocast that applies: bf16 only on CUDA (CPU fits run in float32)."""
+    return "bf16" if config.autocast == "bf16" and torch.device(config.device).type == "cuda" else "none"
+
+
+def _autocast(config: QualityConfig):
+    import contextlib
+
+    if _autocast_used(config) == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _subnetwork(lm, masks):
+    """The sliced sub-network (deployment helper's ``build_subnetwork``), its decoder
+    parameter count checked against the masks."""
+    from ppn_bayes.subnetwork import build_subnetwork, decoder_params
+
+    sub = build_subnetwork(lm, masks)
+    kept = decoder_params(sub)
+    if kept != masks.kept_params:
+        raise RuntimeError(f"the sub-network holds {kept} decoder parameters, the masks {masks.kept_params}")
+    return sub, kept
+
+
+def evaluate_ranking(run: Run, method: str, lm, ranking, sizes, *, train_tokens: int, settings: dict):
+    """Slice ``lm`` at every size of ``ranking`` and record the sub-networks' perplexity."""
+    for size in sizes:
+        if run.out_of_time():
+            print(f"[quality] out of time: {method} at {size} skipped", flush=True)
+            run.skipped += 1
+            return
+        masks = ranking.masks(size)
+        sub, kept = _subnetwork(lm, masks)
+        result = run.evaluate(sub)
+        run.record(method, size_requested=size, size_reached=masks.size_reached, result=result,
+                   train_tokens=train_tokens, settings=settings, params_kept=kept,
+                   layers_kept=int(masks.layer.sum()), evaluated="subnetwork")
+        del sub
+
+
+# -- methods -----------------------------------------------------------------------------------------
+def run_dense(run: Run, method: str) -> None:
+    result = run.evaluate(run.lm)
+    run.record("dense", size_requested=1.0, size_reached=1.0, result=result, train_tokens=0,
+               settings={"training": "none"}, params_kept=run.arch.total_cost, evaluated="dense")
+
+
+def fit_config_of(config: QualityConfig, method: str) -> FitConfig:
+    """The fit of ``method``: the fit of record, with the ablation's one change."""
+    return config.fit.replace(**ABLATIONS.get(method, {}))
+
+
+def run_ppn(run: Run, method: str) -> None:
+    from ppn_bayes.fit import fit, load_fit, read_state
+
+    c = run.config
+    fit_config = fit_config_of(c, method)
+    checkpoint = Path(c.work_dir) / "fits" / method
+    target = checkpoint.with_name(f"{method}.steps.json")  # the steps a time-boxed fit settled on
+    if c.fit_time_budget is not None and target.is_file() and (checkpoint / "state.json").is_file():
+        fit_config = fit_config.replace(steps=json.loads(target.read_text())["steps"])
+    done = (checkpoint / "state.json").is_file() and read_state(checkpoint)["step"] >= fit_config.steps
+    if done:
+        fitted = load_fit(checkpoint, device=c.device)
+        seconds, tokens_per_s = None, None
+        print(f"[quality] {method}: reusing the finished fit at {checkpoint}", flush=True)
+    else:
+        resume = (checkpoint / "state.json").is_file()
+        lm = run.dense_copy()
+        probe_seconds, probe_tokens = 0.0, 0
+        with _autocast(c):
+            if c.fit_time_budget is not None and not resume:
+                fit_config, probe = _time_boxed_steps(run, lm, fit_config, checkpoint)
+                probe_seconds, probe_tokens = probe.result.seconds, probe.result.train_tokens
+                atomic_write_text(target, json.dumps({"steps": fit_config.steps}))
+                resume = True
+            fitted = fit(lm, run.train_tokens, fit_config, checkpoint=checkpoint, resume=resume,
+                         tokenizer=run.tokenizer, progress=False)
+        # this process's training: the probe's and the (resumed) rest's, checkpoints excluded
+        seconds = probe_seconds + fitted.result.seconds
+        tokens_here = probe_tokens + fitted.result.tokens_per_s * fitted.result.seconds
+        tokens_per_s = tokens_here / seconds if seconds > 0 else None
+        print(f"[quality] {method}: fit of {fitted.result.train_tokens} tokens, {seconds:.0f} s of training "
+              f"here ({tokens_per_s or 0:.0f} tokens/s)", flush=True)
+    fitted.lm.float().eval()
+    ranking = fitted.ranking()
+    train_tokens = fit_config.steps * fit_config.batch_size * fit_config.seq_len
+    history = fitted.result.history
+    settings = {
+        "training": "ppn_bayes fit (self-distillation, sandwich rule)", "fit": fit_config.to_dict(),
+        "ablation": ABLATIONS.get(method, {}), "autocast": _autocast_used(c), "train_text": Path(c.train_text).name,
+        "passes_per_step": 2 + fit_config.n_random_sizes, "fit_seconds": seconds,
+        "fit_tokens_per_s": tokens_per_s, "final_loss": history[-1] if history else None,
+        "checkpoint": str(checkpoint),
+    }
+    run.save_ranking(method, ranking, train_tokens=train_tokens, fit=fit_config.to_dict())
+    if method == "ppn_bayes":
+        _export_ranked(run, fitted)
+    sizes = c.sizes if method == "ppn_bayes" else c.ablation_sizes
+    evaluate_ranking(run, method, fitted.lm, ranking, sizes, train_tokens=train_tokens, settings=settings)
+
+
+def _time_boxed_steps(run: Run, lm, fit_config: FitConfig, checkpoint: Path):
+    """Fit ``PROBE_STEPS`` steps, measure the throughput, and return ``fit_config`` with as
+    many steps as ``fit_time_budget`` allows (never more than asked), and the probe's fit. The fit then resumes
+    from the probe's checkpoint: with a constant learning rate and data that are a pure
+    function of the step, this equals one uninterrupted fit of the final step count."""
+    from ppn_bayes.fit import fit
+
+    probe = fit_config.replace(steps=min(PROBE_STEPS, fit_config.steps))
+    probed = fit(lm, run.train_tokens, probe, checkpoint=checkpoint, tokenizer=run.tokenizer, progress=False)
+    seconds_per_step = probed.result.seconds / probe.steps  # the training loop, its warm-up included
+    affordable = int(run.config.fit_time_budget / seconds_per_step)
+    steps = max(probe.steps, min(fit_config.steps, affordable // 10 * 10))
+    print(f"[quality] fit probe: {seconds_per_step:.2f} s/step; {steps} steps fit in "
+          f"{run.config.fit_time_budget:.0f} s (asked {fit_config.steps})", flush=True)
+    return fit_config.replace(steps=steps), probed
+
+
+def _export_ranked(run: Run, fitted) -> None:
+    """A ranked checkpoint for resizing, when the deployment helper's resize module offers one."""
+    try:
+        from ppn_bayes import resize
+    except ImportError:
+        return
+    export = getattr(resize, "export_ranked", None)
+    if export is None:
+        return
+    target = Path(run.config.work_dir) / "ranked" / "ppn_bayes"
+    if target.exists():
+        return
+    try:
+        export(fitted, target, tokenizer=run.tokenizer)
+        print(f"[quality] ranked checkpoint written to {target}", flush=True)
+    except Exception as err:  # the benchmark goes on; the failure is reported
+        print(f"[quality] ranked export failed: {err!r}", file=sys.stderr, flush=True)
+
+
+def structured_ranking(run: Run, method: str):
+    """ShortGPT, magnitude or activation ranking of the dense LM, and its settings."""
+    from ppn_bayes import baselines
+
+    base = method.split("+")[0]
+    arch = run.arch
+    to_ranking = baselines.ranking_from_scores
+    if base.endswith("-uniform"):
+        to_ranking = baselines.uniform_ranking_from_scores
+    allocation = {"allocation": "every layer cut by the same fraction (Wanda-sp)" if base.endswith("-uniform")
+                  else "global: one ranking of all units by score, each layer before its best unit"}
+    if base.startswith("magnitude"):
+        scores = baselines.magnitude_scores(run.lm, arch)
+        return to_ranking(arch, scores), {"score": "mean squared weight of owned weights", **allocation}
+    windows = run.calibration()
+    calib = {"calibration_windows": len(windows), "calibration_seq_len": int(windows.shape[1]),
+             "calibration_seed": run.config.calib_seed, "calibration_text": Path(run.config.train_text).name}
+    if base == "shortgpt":
+        influence = baselines.block_influence(run.lm, windows, batch_size=run.config.eval_batch)
+        return baselines.shortgpt_ranking(arch, influence), {**calib, "block_influence": influence.tolist()}
+    scores = baselines.activation_scores(run.lm, arch, windows, batch_size=run.config.eval_batch)
+    return to_ranking(arch, scores), {**calib, "score": "mean |W_ij| * rms(X_j) of owned weights", **allocation}
+
+
+def run_structured(run: Run, method: str) -> None:
+    ranking, settings = structured_ranking(run, method)
+    run.save_ranking(method, ranking)
+    evaluate_ranking(run, method, run.lm, ranking, run.config.sizes, train_tokens=0,
+                     settings={"training": "none", **settings})
+
+
+def distill_finetune(student, teacher, tokens: torch.Tensor, fit_config: FitConfig, *, autocast) -> dict:
+    """Fine-tune ``student`` towards ``teacher`` on ``tokens`` with the fit's budget
+    (steps, batch, windows, AdamW at ``lr_lm``): next-token loss plus
+    ``distill_weight`` · KL(teacher ‖ student) per token, as the fit's likelihood."""
+    import torch.nn.functional as F
+
+    blocks = TokenBlocks(tokens, fit_config.seq_len, fit_config.seed)
+    device = next(student.parameters()).device
+    optimizer = torch.optim.AdamW(student.parameters(), lr=fit_config.lr_lm, weight_decay=fit_config.weight_decay)
+    student.train()
+    began = time.perf_counter()
+    loss = None
+    for step in range(fit_config.steps):
+        input_ids = blocks.batch(step, fit_config.batch_size).to(device)  # [B, T]
+        with autocast:
+            with torch.no_grad():
+                teacher_logp = F.log_softmax(teacher(input_ids=input_ids).logits[:, :-1].float(), -1)
+            logp = F.log_softmax(student(input_ids=input_ids).logits[:, :-1].float(), -1)  # [B, T-1, V]
+            nll = -logp.gather(-1, input_ids[:, 1:, None]).mean()
+            kl = F.kl_div(logp, teacher_logp, log_target=True, reduction="none").sum(-1).mean()
+            loss = nll + fit_config.distill_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if fit_config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(student.parameters(), fit_config.grad_clip)
+        optimizer.step()
+    student.eval()
+    seconds = time.perf_counter() - began
+    return {"finetune_seconds": seconds, "final_loss": None if loss is None else loss.item()}
+
+
+def run_finetuned(run: Run, method: str) -> None:
+    c = run.config
+    ranking, settings = structured_ranking(run, method)
+    fit_config = c.fit
+    train_tokens = fit_config.steps * fit_config.batch_size * fit_config.seq_len
+    for size in c.finetune_sizes:
+        if run.out_of_time():
+            print(f"[quality] out of time: {method} at {size} skipped", flush=True)
+            run.skipped += 1
+            return
+        masks = ranking.masks(size)
+        sub, kept = _subnetwork(run.lm, masks)
+        sub.float()
+        cost = distill_finetune(sub, run.lm, run.train_tokens, fit_config, autocast=_autocast(c))
+        result = run.evaluate(sub)
+        run.record(method, size_requested=size, size_reached=masks.size_reached, result=result,
+                   train_tokens=train_tokens, params_kept=kept, layers_kept=int(masks.layer.sum()),
+                   evaluated="subnetwork",
+                   settings={"training": "self-distillation fine-tune of the pruned sub-network (optional "
+                                         "baseline: the same budget as the ppn_bayes fit)",
+                             "fit": fit_config.to_dict(), "autocast": _autocast_used(c), **settings, **cost})
+        del sub
+
+
+def run_sparse(run: Run, method: str) -> None:
+    from importlib.metadata import version
+
+    from ppn_bayes.baselines import sparse_prune
+
+    c = run.config
+    base, _, structure = method.partition("-")
+    structure = structure or "0:0"
+    sizes = (0.5,) if structure == "2:4" else c.sizes
+    windows = run.calibration()
+    for size in sizes:
+        if run.out_of_time():
+            print(f"[quality] out of time: {method} at {size} skipped", flush=True)
+            run.skipped += 1
+            return
+        lm = run.dense_copy()
+        began = time.perf_counter()
+        pruned = sparse_prune(lm, run.tokenizer, windows, method=base, sparsity=round(1 - size, 6),
+                              mask_structure=structure, arch=run.arch)
+        seconds = time.perf_counter() - began
+        result = run.evaluate(lm)
+        run.record(method, size_requested=size, size_reached=pruned.size_reached, result=result, train_tokens=0,
+                   evaluated="dense matrices with zeros",
+                   settings={"training": "none (one-shot, calibration only)", "implementation": "llm-compressor",
+                             "llmcompressor": version("llmcompressor"), "sparsity": pruned.sparsity,
+                             "mask_structure": structure, "targets": "decoder Linear layers (lm_head dense)",
+                             "calibration_windows": len(windows), "calibration_seq_len": int(windows.shape[1]),
+                             "calibration_seed": c.calib_seed, "calibration_text": Path(c.train_text).name,
+                             "prune_seconds": seconds})
+        if c.save_sparse == f"{method}@{size}":
+            _save_sparse(run, method, size, lm)
+        del lm
+
+
+def _save_sparse(run: Run, method: str, size: float, lm) -> None:
+    """The pruned weights (bf16 safetensors), for speed.py to time them as they deploy."""
+    from safetensors.torch import save_model
+
+    path = Path(run.config.work_dir) / "sparse" / f"{method.replace(':', '')}-{size}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_model(copy.deepcopy(lm).to(torch.bfloat16), str(tmp))
+    os.replace(tmp, path)
+    print(f"[quality] pruned weights of {method} at {size} written to {path}", flush=True)
+
+
+RUNNERS = {"dense": run_dense, "ppn_bayes": run_ppn, **{m: run_ppn for m in ABLATIONS},
+           **{m: run_structured for m in STRUCTURED}, **{f"{m}+distill": run_finetuned for m in STRUCTURED},
+           **{m: run_sparse for m in SPARSE}}
+
+
+def run_quality(config: QualityConfig, *, keep_going: bool = True, skip_done: bool = False) -> list[dict]:
+    """Measure every method of ``config`` in order; return the records written.
+
+    A method whose every size was measured is marked done under ``work_dir/done``; with
+    ``skip_done`` such methods are skipped (so that a part of the GPU job can be rerun)."""
+    lm, tokenizer, eval_tokens, train_tokens = load_inputs(config)
+    run = Run(config, lm, tokenizer, eval_tokens, train_tokens)
+    print(f"[quality] {config.name}: {eval_tokens.numel()} eval tokens "
+          f"({eval_tokens.numel() // config.seq_len} windows of {config.seq_len}), "
+          f"{train_tokens.numel()} training tokens; device {config.device}", flush=True)
+    done_dir = Path(config.work_dir) / "done"
+    for method in config.methods:
+        marker = done_dir / _slug(method)
+        if skip_done and marker.is_file():
+            print(f"[quality] {method}: done in an earlier run ({marker}), skipped", flush=True)
+            continue
+        if run.out_of_time():
+            print(f"[quality] out of time: {method} skipped", flush=True)
+            continue
+        skipped = run.skipped
+        try:
+            RUNNERS[method](run, method)
+        except Exception:  # one failed method must not cost the others' records
+            if not keep_going:
+                raise
+            print(f"[quality] {method} FAILED:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+            continue
+        if run.skipped == skipped:  # every size measured: mark it done
+            atomic_write_text(marker, json.dumps({"method": method, "records": config.records_dir}))
+    return run.records
+
+
+def _slug(method: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in method)
+
+
+# -- command line -----------------------------------------------------------------------------------
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.replace(",", " ").split())
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x for x in text.replace(",", " ").split() if x)
+
+
+def _fit_overrides(pairs: list[str], base: FitConfig) -> FitConfig:
+    changes = {}
+    fields = {f.name: f for f in dataclasses.fields(FitConfig)}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"--fit-set takes KEY=VALUE with KEY a FitConfig field, got {pair!r}")
+        current = getattr(base, key)
+        if isinstance(current, bool):
+            changes[key] = value.lower() in ("1", "true", "yes")
+        elif current is None or isinstance(current, int):
+            changes[key] = None if value.lower() == "none" else int(value)
+        elif isinstance(current, float):
+            changes[key] = float(value)
+        else:
+            changes[key] = value
+    return base.replace(**changes)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's flags (every one documented)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--model", required=True, help="the LM: a .gguf file or a Hugging Face directory")
+    p.add_argument("--eval-text", default=str(SHARED / "data/wikitext-2-raw/wiki.test.raw"),
+                   help="evaluation text (default: WikiText-2 raw test from ../shared)")
+    p.add_argument("--train-text", default=str(SHARED / "data/wiki-summaries/wiki_summaries_en.txt"),
+                   help="training and calibration text (default: the wiki summaries from ../shared)")
+    p.add_argument("--methods", type=_names, default=DEFAULT_METHODS,
+                   help=f"methods in the order they run, comma-separated; known: {', '.join(METHODS)}")
+    p.add_argument("--sizes", type=_floats, default=PROTOCOL_SIZES, help="sizes (default: 0.9,0.7,0.5,0.4,0.3)")
+    p.add_argument("--ablation-sizes", type=_floats, default=None,
+                   help="sizes of the ppn_bayes ablations (default: --sizes)")
+    p.add_argument("--finetune-sizes", type=_floats, default=(0.5,),
+                   help="sizes of the fine-tuned structured baselines, the +distill methods (default: 0.5)")
+    p.add_argument("--seq-len", type=int, default=2048, help="evaluation window (default: 2048)")
+    p.add_argument("--limit-windows", type=int, default=None,
+                   help="evaluate the first N windows only (a quick check: the records say quick)")
+    p.add_argument("--eval-batch", type=int, default=8, help="windows per evaluation batch (default: 8)")
+    p.add_argument("--calib-windows", type=int, default=None, help="calibration windows (default: 128)")
+    p.add_argument("--calib-seq-len", type=int, default=None, help="calibration window length (default: 2048)")
+    p.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration draw (default: 0)")
+    p.add_argument("--fit-steps", type=int, default=None, help=f"fit steps (default: {DEFAULT_FIT.steps})")
+    p.add_argument("--fit-batch", type=int, default=None, help=f"fit batch (default: {DEFAULT_FIT.batch_size})")
+    p.add_argument("--fit-seq-len", type=int, default=None,
+                   help=f"fit window length (default: {DEFAULT_FIT.seq_len})")
+    p.add_argument("--fit-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other FitConfig field, e.g. --fit-set lr_lm=5e-5 (repeatable)")
+    p.add_argument("--autocast", choices=["bf16", "none"], default="bf16",
+                   help="autocast of fits and fine-tunes on CUDA (evaluation is float32 always; default: bf16)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: cuda when available)")
+    p.add_argument("--work-dir", default="runs/quality",
+                   help="checkpoints, the model and token caches, pruned weights (default: runs/quality)")
+    p.add_argument("--rankings", default=None,
+                   help="JSON file the rankings are added to, for speed.py (default: WORK_DIR/rankings.json)")
+    p.add_argument("--records-dir", default=str(RECORDS_DIR),
+                   help=f"where quality.jsonl is appended to (default: {RECORDS_DIR})")
+    p.add_argument("--model-name", default=None, help="model name in the records (default: from the file name)")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds after which no new method or size is started")
+    p.add_argument("--fit-time-budget", type=float, default=None,
+                   help=f"seconds a fresh fit may take: a {PROBE_STEPS}-step probe measures the speed and the "
+                        "fit gets as many of its steps as fit (the records give the tokens it saw)")
+    p.add_argument("--save-sparse", default=None, metavar="METHOD@SIZE",
+                   help="keep the pruned weights of one sparse baseline for speed.py, e.g. sparsegpt@0.5")
+    p.add_argument("--quick", action="store_true",
+                   help="a CPU smoke run: 2 windows, 2 fit steps of 1x128 tokens, 2 calibration windows of "
+                        "128 tokens (explicit flags override)")
+    p.add_argument("--prepare", action="store_true",
+                   help="only convert and cache the model and the tokens under --work-dir, then exit")
+    p.add_argument("--stop-on-error", action="store_true", help="stop at the first failing method")
+    p.add_argument("--skip-done", action="store_true",
+                   help="skip methods an earlier run with the same --work-dir finished (WORK_DIR/done/)")
+    return p
+
+
+def config_from(args: argparse.Namespace) -> QualityConfig:
+    """A :class:`QualityConfig` from parsed flags."""
+    quick = args.quick
+    fit = QUICK_FIT if quick else DEFAULT_FIT
+    fit = fit.replace(**{k: v for k, v in (("steps", args.fit_steps), ("batch_size", args.fit_batch),
+                                           ("seq_len", args.fit_seq_len)) if v is not None})
+    fit = _fit_overrides(args.fit_set, fit)
+    limit = args.limit_windows if args.limit_windows is not None else (2 if quick else None)
+    calib_windows = args.calib_windows if args.calib_windows is not None else (2 if quick else 128)
+    calib_seq_len = args.calib_seq_len if args.calib_seq_len is not None else (128 if quick else 2048)
+    return QualityConfig(
+        model=args.model, eval_text=args.eval_text, train_text=args.train_text, methods=args.methods,
+        sizes=args.sizes, ablation_sizes=args.ablation_sizes or args.sizes, finetune_sizes=args.finetune_sizes,
+        seq_len=args.seq_len, limit_windows=limit, eval_batch=args.eval_batch, calib_windows=calib_windows,
+        calib_seq_len=calib_seq_len, calib_seed=args.calib_seed, fit=fit, autocast=args.autocast,
+        device=args.device, work_dir=args.work_dir,
+        rankings=args.rankings or str(Path(args.work_dir) / "rankings.json"), records_dir=args.records_dir,
+        model_name=args.model_name, time_budget=args.time_budget, fit_time_budget=args.fit_time_budget, quick=quick, save_sparse=args.save_sparse,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: parse flags, build the configuration, run."""
+    args = build_parser().parse_args(argv)
+    config = config_from(args)
+    if args.prepare:
+        load_inputs(config)
+        print(f"[quality] cached the model and tokens under {config.work_dir}")
+        return 0
+    records = run_quality(config, keep_going=not args.stop_on_error, skip_done=args.skip_done)
+    print(f"[quality] {len(records)} records appended to {Path(config.records_dir) / 'quality.jsonl'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,396 @@
+"""Generate docs/benchmarks.md and its plots from the benchmark records.
+
+    python benchmarks/report.py
+
+reads ``docs/benchmarks/records/{quality,speed,speculative,resize,fit}.jsonl`` (whatever
+exists), and writes ``docs/benchmarks.md`` with the tables, the targets of the issue
+(met or missed, by how much), and PNG plots under ``docs/benchmarks/``: perplexity
+against size per method (log scale) and speed-up against size with the ``0.9 / s``
+target. Nothing in the page is typed by hand: a benchmark not yet run shows as "not yet
+measured". Each table ends with the machines, dates and commands that produced it.
+
+Where a configuration was measured more than once, the latest record counts. Quick
+checks (``quick: true``: a subset of the evaluation windows, or a smoke run) never mix
+with protocol records: they get their own table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from ppn_bayes.io import atomic_write_text
+from ppn_bayes.records import BENCHMARKS, RECORDS_DIR, read_records
+
+ROOT = Path(__file__).resolve().parents[1]
+PROTOCOL_SIZES = (0.9, 0.7, 0.5, 0.4, 0.3)
+TARGET_SIZES = (0.5, 0.4, 0.3)
+LABELS = {
+    "dense": "dense",
+    "ppn_bayes": "ppn_bayes",
+    "ppn_bayes-flat": "ppn_bayes, flat units (no hierarchy)",
+    "ppn_bayes-point": "ppn_bayes, point estimates (no prior)",
+    "ppn_bayes-frozen": "ppn_bayes, frozen LM (gates only)",
+    "ppn_bayes-nodistill": "ppn_bayes, no self-distillation",
+    "shortgpt": "ShortGPT (block influence), no training",
+    "magnitude": "magnitude-ranked units, no training",
+    "activation": "activation-ranked units, no training",
+    "magnitude-uniform": "magnitude-ranked units, uniform per layer, no training",
+    "activation-uniform": "activation-ranked units, uniform per layer (Wanda-sp), no training",
+    "shortgpt+distill": "ShortGPT + self-distillation",
+    "magnitude+distill": "magnitude-ranked + self-distillation",
+    "activation+distill": "activation-ranked + self-distillation",
+    "sparsegpt": "SparseGPT, unstructured",
+    "wanda": "Wanda, unstructured",
+    "sparsegpt-2:4": "SparseGPT, 2:4",
+    "wanda-2:4": "Wanda, 2:4",
+}
+ORDER = list(LABELS)
+BOOKKEEPING = {"benchmark", "model", "machine", "versions", "command", "date", "settings", "quick"}
+
+
+def label(method: str) -> str:
+    """The human name of a method id."""
+    return LABELS.get(method, method)
+
+
+def _order(method: str) -> tuple:
+    return (ORDER.index(method), "") if method in ORDER else (len(ORDER), method)
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.{digits}g}" if abs(value) < 1 else f"{value:.{digits + 1}g}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def latest(records: list[dict], key) -> dict:
+    """The latest record (by date, then file order) of each ``key(record)``."""
+    chosen: dict = {}
+    for index, record in enumerate(records):
+        k = key(record)
+        rank = (record.get("date") or "", index)
+        if k not in chosen or rank >= chosen[k][0]:
+            chosen[k] = (rank, record)
+    return {k: v[1] for k, v in chosen.items()}
+
+
+def provenance(records: list[dict]) -> list[str]:
+    """Which machine, when, and which command produced ``records``."""
+    groups: dict = defaultdict(list)
+    for record in records:
+        groups[(record.get("machine", "?"), record.get("command", "?"))].append(record.get("date") or "?")
+    lines = ["", "Produced by:", ""]
+    for (machine, command), dates in sorted(groups.items(), key=lambda kv: min(kv[1])):
+        span = min(dates)[:10] if min(dates)[:10] == max(dates)[:10] else f"{min(dates)[:10]} to {max(dates)[:10]}"
+        lines.append(f"- {machine}, {span} ({len(dates)} records): `{command}`")
+    versions = {tuple(sorted((r.get("versions") or {}).items())) for r in records}
+    if len(versions) == 1 and versions != {()}:
+        lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in next(iter(versions)) if v))
+    return lines
+
+
+def _is_quick(record: dict) -> bool:
+    return bool(record.get("quick"))
+
+
+# -- quality ---------------------------------------------------------------------------------------------
+def quality_section(records: list[dict], images: Path, image_prefix: str) -> list[str]:
+    """Perplexity against size per method, the targets, and the plot."""
+    lines = ["## Quality: perplexity against size", ""]
+    if not records:
+        return lines + ["Not yet measured (`benchmarks/quality.py` writes `quality.jsonl`).", ""]
+    lines += ["WikiText-2 raw test, whole file tokenised at once, non-overlapping windows; "
+              "perplexity in float32 for every method. Each cell: perplexity (size reached). "
+              "Sizes are fractions of decoder parameters.", ""]
+    protocol = [r for r in records if not _is_quick(r)]
+    quick = [r for r in records if _is_quick(r)]
+    for title, group in (("Protocol runs", protocol), ("Quick checks (a subset of the windows: not the protocol)",
+                                                        quick)):
+        if not group:
+            continue
+        by_model = defaultdict(list)
+        for record in group:
+            by_model[(record.get("model"), record.get("seq_len"))].append(record)
+        for (model, seq_len), rows in sorted(by_model.items(), key=lambda kv: str(kv[0])):
+            lines += [f"### {title}: {model}, {seq_len}-token windows", ""]
+            lines += quality_table(rows)
+            lines += provenance(rows)
+            lines.append("")
+            if title == "Protocol runs":
+                lines += targets(rows)
+                name = f"quality-{_slug(model)}.png"
+                if plot_quality(rows, images / name, model):
+                    lines += [f"![perplexity against size, {model}]({image_prefix}/{name})", ""]
+    return lines
+
+
+def _slug(text) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in str(text))
+
+
+def quality_table(records: list[dict]) -> list[str]:
+    """Rows: methods; columns: sizes; cells: perplexity (size reached)."""
+    chosen = latest(records, lambda r: (r["method"], round(float(r.get("size_requested", 1.0)), 4)))
+    sizes = sorted({s for _, s in chosen} | set(PROTOCOL_SIZES), reverse=True)
+    methods = sorted({m for m, _ in chosen}, key=_order)
+    header = ["method", *(f"{s:g}" for s in sizes), "windows", "training tokens"]
+    rows = []
+    for method in methods:
+        picked = [chosen.get((method, s)) for s in sizes]
+        cells = [f"{_fmt(r['ppl'])} ({r['size_reached']:.3f})" if r else "–" for r in picked]
+        picked = [r for r in picked if r]
+        windows = sorted({r.get("windows") for r in picked})
+        tokens = sorted({r.get("train_tokens") for r in picked}, key=lambda t: (t is None, t))
+        rows.append([label(method), *cells, ", ".join(_fmt(w) for w in windows),
+                     ", ".join(_fmt(t) for t in tokens)])
+    return _table(header, rows)
+
+
+def targets(records: list[dict]) -> list[str]:
+    """The issue's quality targets: below SparseGPT and Wanda at 0.5/0.4/0.3; within 1.3x dense at 0.5."""
+    chosen = latest(records, lambda r: (r["method"], round(float(r.get("size_requested", 1.0)), 4)))
+    lines = ["Targets (from the issue):", ""]
+    rows = []
+    for size in TARGET_SIZES:
+        ours = chosen.get(("ppn_bayes", size))
+        for rival in ("sparsegpt", "wanda"):
+            theirs = chosen.get((rival, size))
+            if ours is None or theirs is None:
+                rows.append([f"ppn_bayes below {label(rival)} at {size:g}", "not yet measured", "–"])
+                continue
+            met = ours["ppl"] < theirs["ppl"]
+            rows.append([f"ppn_bayes below {label(rival)} at {size:g}",
+                         f"{_fmt(ours['ppl'])} vs {_fmt(theirs['ppl'])}",
+                         ("met" if met else "missed") + f" (ratio {ours['ppl'] / theirs['ppl']:.2f})"])
+    ours, dense = chosen.get(("ppn_bayes", 0.5)), chosen.get(("dense", 1.0))
+    if ours is None or dense is None:
+        rows.append(["ppn_bayes within 1.3 x dense at 0.5", "not yet measured", "–"])
+    else:
+        ratio = ours["ppl"] / dense["ppl"]
+        rows.append(["ppn_bayes within 1.3 x dense at 0.5", f"{_fmt(ours['ppl'])} vs {_fmt(dense['ppl'])}",
+                     ("met" if ratio <= 1.3 else "missed") + f" ({ratio:.2f} x dense)"])
+    return lines + _table(["target", "perplexity", "result"], rows) + [""]
+
+
+def plot_quality(records: list[dict], path: Path, model) -> bool:
+    """Perplexity (log) against size reached, one line per method; False when nothing to plot."""
+    chosen = latest(records, lambda r: (r["method"], round(float(r.get("size_requested", 1.0)), 4)))
+    series = defaultdict(list)
+    for (method, _), record in chosen.items():
+        if method != "dense" and record.get("ppl") is not None and math.isfinite(record["ppl"]):
+            series[method].append((record["size_reached"], record["ppl"]))
+    if not series:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for method in sorted(series, key=_order):
+        points = sorted(series[method])
+        style = "-o" if method == "ppn_bayes" else ("--." if method.startswith("ppn_bayes-") else "-.s")
+        ax.plot([p[0] for p in points], [p[1] for p in points], style, label=label(method),
+                linewidth=2.5 if method == "ppn_bayes" else 1.2, markersize=4)
+    dense = chosen.get(("dense", 1.0))
+    if dense:
+        ax.axhline(dense["ppl"], color="black", linewidth=0.8, label=f"dense ({dense['ppl']:.1f})")
+        ax.axhline(1.3 * dense["ppl"], color="grey", linewidth=0.8, linestyle=":", label="1.3 x dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("size reached (fraction of decoder parameters)")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title(f"{model}: WikiText-2 perplexity against size")
+    ax.invert_xaxis()
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# -- speed -------------------------------------------------------------------------------------------------
+def _machine_kind(record: dict) -> str:
+    return str(record.get("machine", "?")).split(":")[0]
+
+
+def speed_section(records: list[dict], images: Path, image_prefix: str) -> list[str]:
+    """Tokens/s and speed-ups against the dense model, per machine and phase, with the 0.9/s target."""
+    lines = ["## Speed: sub-networks against the dense model", ""]
+    if not records:
+        return lines + ["Not yet measured (`benchmarks/speed.py` writes `speed.jsonl`).", ""]
+    lines += ["Ratios are measured in one run against the dense model. Target (from the issue): "
+              "speed-up of at least 0.9 / s at size s.", ""]
+    for title, group in (("Protocol runs", [r for r in records if not _is_quick(r)]),
+                         ("Quick checks (smoke runs: not the protocol)", [r for r in records if _is_quick(r)])):
+        if not group:
+            continue
+        by = defaultdict(list)
+        for record in group:
+            by[(_machine_kind(record), record.get("phase"), record.get("model"))].append(record)
+        for (machine, phase, model), rows in sorted(by.items(), key=lambda kv: str(kv[0])):
+            first = rows[-1]
+            shape = (f"batch {first.get('batch')} x {first.get('seq_len')}" if phase == "prefill" else
+                     f"batch {first.get('batch')}, {first.get('seq_len')}-token prompt, "
+                     f"{first.get('new_tokens')} new tokens")
+            lines += [f"### {title}: {phase} on {machine}, {model} ({first.get('dtype')}, "
+                      f"{'compiled' if first.get('compiled') else 'eager'}, {shape})", ""]
+            chosen = latest(rows, lambda r: (r["method"], round(float(r.get("size_requested", 1.0)), 4)))
+            table = []
+            for (method, size), r in sorted(chosen.items(), key=lambda kv: (_order(kv[0][0]), -kv[0][1])):
+                ratio, reached = r.get("ratio_vs_dense"), r.get("size_reached")
+                target = 0.9 / reached if reached and method != "dense" else None
+                verdict = "–" if ratio is None or target is None or method == "dense" else (
+                    ("met" if ratio >= target else "missed") + f" ({ratio / target:.2f} of target)")
+                table.append([label(method), f"{size:g}", _fmt(reached), _fmt(r.get("tokens_per_s")),
+                              _fmt(ratio), _fmt(target), verdict])
+            lines += _table(["method", "size", "size reached", "tokens/s", "speed-up", "target 0.9/s", "result"],
+                            table)
+            lines += provenance(rows)
+            lines.append("")
+            if title == "Protocol runs":
+                name = f"speed-{_slug(machine)}-{phase}.png"
+                if plot_speed(list(chosen.values()), images / name, f"{phase} on {machine}"):
+                    lines += [f"![speed-up against size, {phase} on {machine}]({image_prefix}/{name})", ""]
+    return lines
+
+
+def plot_speed(records: list[dict], path: Path, title: str) -> bool:
+    """Speed-up against size reached per method, with the 0.9/s target curve."""
+    series = defaultdict(list)
+    for r in records:
+        if r["method"] != "dense" and r.get("ratio_vs_dense") is not None and r.get("size_reached"):
+            series[r["method"]].append((r["size_reached"], r["ratio_vs_dense"]))
+    if not series:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    grid = [0.25 + i * 0.01 for i in range(76)]
+    ax.plot(grid, [0.9 / s for s in grid], ":", color="grey", label="target 0.9 / s")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    for method in sorted(series, key=_order):
+        points = sorted(series[method])
+        ax.plot([p[0] for p in points], [p[1] for p in points], "-o", label=label(method), markersize=4)
+    ax.set_xlabel("size reached (fraction of decoder parameters)")
+    ax.set_ylabel("speed-up against dense")
+    ax.set_title(title)
+    ax.invert_xaxis()
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# -- the other benchmarks: generic tables ----------------------------------------------------------------------
+TITLES = {
+    "speculative": "Speculative decoding: sub-networks as drafts for the dense model",
+    "resize": "Resizing from a ranked checkpoint",
+    "fit": "Fit cost",
+}
+LEADING = ["method", "size_requested", "size_reached"]
+
+
+def generic_section(benchmark: str, records: list[dict]) -> list[str]:
+    """A table of every scalar figure of ``benchmark``'s records (latest per configuration)."""
+    lines = [f"## {TITLES.get(benchmark, benchmark)}", ""]
+    if not records:
+        return lines + [f"Not yet measured (no `{benchmark}.jsonl`).", ""]
+    for title, group in (("Protocol runs", [r for r in records if not _is_quick(r)]),
+                         ("Quick checks (not the protocol)", [r for r in records if _is_quick(r)])):
+        if not group:
+            continue
+        by_machine = defaultdict(list)
+        for record in group:
+            by_machine[(_machine_kind(record), record.get("model"))].append(record)
+        for (machine, model), rows in sorted(by_machine.items(), key=lambda kv: str(kv[0])):
+            columns = [c for c in LEADING if any(c in r for r in rows)]
+            for r in rows:
+                for key, value in r.items():
+                    if key not in BOOKKEEPING and key not in columns and not isinstance(value, (dict, list)):
+                        columns.append(key)
+            identity = [c for c in columns if c in ("method", "size_requested", "phase", "parallel", "world_size",
+                                                    "batch", "seq_len", "draft_length", "k")]
+            chosen = latest(rows, lambda r: tuple(str(r.get(c)) for c in identity))
+            ordered = sorted(chosen.values(), key=lambda r: (_order(r.get("method", "")),
+                                                            -float(r.get("size_requested") or 0)))
+            lines += [f"### {title}: {machine}, {model}", ""]
+            lines += _table(columns, [[_fmt(r.get(c)) if c != "method" else label(r.get(c, "")) for c in columns]
+                                      for r in ordered])
+            lines += provenance(rows)
+            lines.append("")
+    return lines
+
+
+# -- the page -----------------------------------------------------------------------------------------------------
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def render(records_dir: Path, out: Path, images: Path) -> str:
+    """The text of docs/benchmarks.md (plots are written on the way)."""
+    try:
+        prefix = images.resolve().relative_to(out.parent.resolve()).as_posix()
+    except ValueError:
+        prefix = images.resolve().as_posix()
+    records = {b: read_records(b, records_dir) for b in BENCHMARKS}
+    lines = [
+        "# Benchmarks",
+        "",
+        "<!-- GENERATED by `python benchmarks/report.py` from docs/benchmarks/records/*.jsonl: do not edit. -->",
+        "",
+        "Generated by `python benchmarks/report.py` from the JSON records in `docs/benchmarks/records/`; "
+        "the protocol is `benchmarks/README.md` (after the project's BENCHMARKS.md). Every figure below "
+        "comes from a record that names the machine, the date and the command that produced it.",
+        "",
+    ]
+    lines += quality_section(records["quality"], images, prefix)
+    lines += speed_section(records["speed"], images, prefix)
+    for benchmark in ("speculative", "resize", "fit"):
+        lines += generic_section(benchmark, records[benchmark])
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: regenerate the page and its plots."""
+    p = argparse.ArgumentParser(description="Generate docs/benchmarks.md and its plots from the records.")
+    p.add_argument("--records-dir", default=str(ROOT / RECORDS_DIR),
+                   help="where the *.jsonl records are (default: docs/benchmarks/records)")
+    p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"),
+                   help="the page to write (default: docs/benchmarks.md)")
+    p.add_argument("--images", default=None, help="where the PNG plots go (default: docs/benchmarks/ beside --out)")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    images = Path(args.images) if args.images else out.parent / "benchmarks"
+    text = render(Path(args.records_dir), out, images)
+    atomic_write_text(out, text)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

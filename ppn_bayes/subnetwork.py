@@ -1,0 +1,706 @@
+"""The sub-network: a dense LM with what the masks drop physically removed.
+
+For hard masks (:class:`~ppn_bayes.ranking.Masks`), :func:`build_subnetwork` returns a new
+Hugging Face LM in which
+
+* dropped layers are gone (the kept ones re-indexed, so caches line up: ``layer_idx``,
+  ``config.num_hidden_layers`` and per-layer config lists such as ``layer_types``);
+* a kept layer holds only its kept attention units (q/k/v rows, o columns; GPT-2: the
+  q, k and v columns of the fused ``c_attn`` and the rows of ``c_proj``) and its kept MLP
+  units (gate/up rows, down columns; GPT-2: ``c_fc`` columns, ``c_proj`` rows).
+
+Its logits equal the masked full LM's (:class:`~ppn_bayes.gating.GatedLM` under
+``masks.gates()``, the slow masked-dense reference), and it is an ordinary module:
+``torch.compile``, static KV caches and ``generate`` work on it.
+
+How it is built: a skeleton of the sub-network is made on the ``meta`` device from the
+config (no memory), each layer is narrowed to its own widths (one narrowing function per
+module type, keeping ``in_features``/``out_features`` in step with the weights), and every
+tensor is then filled from a *source*: the full LM in memory here, slices of a ranked
+safetensors checkpoint in :mod:`ppn_bayes.resize`. Which rows or columns of which source
+tensor fill a sub-network tensor is a pure function of the family and the kept units
+(:func:`tensor_plan`), shared by both paths.
+
+Per-layer widths are first-class data (:class:`Widths`), stored in the saved config as
+``ppn_widths``. When every layer keeps the same widths and the family's config can say
+so, the global config fields are set as well and the saved directory loads with plain
+``AutoModelForCausalLM.from_pretrained``; otherwise :func:`load_subnetwork` rebuilds it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .architecture import Architecture, Family, FAMILIES, decoder_layers, describe, family_of, get_module
+from .io import FileFormatError, atomic_directory
+
+__all__ = [
+    "Widths",
+    "Selection",
+    "Take",
+    "EmptyAttention",
+    "EmptyMLP",
+    "build_subnetwork",
+    "selection_from_masks",
+    "tensor_plan",
+    "subnetwork_widths",
+    "decoder_params",
+    "save_subnetwork",
+    "load_subnetwork",
+    "WIDTHS_VERSION",
+]
+
+WIDTHS_VERSION = 1
+
+
+# -- what is kept -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Selection:
+    """The units a sub-network keeps, in the order its tensors hold them.
+
+    ``layers[j]`` is the base LM's index of the sub-network's layer ``j``;
+    ``attention[j]`` and ``mlp[j]`` list the base LM's attention units (``0..A-1``) and
+    MLP units (``0..M-1``) of that layer, in the order they are laid out in the
+    sub-network's tensors (ascending for a sub-network, by rank for a ranked checkpoint).
+    """
+
+    layers: tuple[int, ...]
+    attention: tuple[tuple[int, ...], ...]
+    mlp: tuple[tuple[int, ...], ...]
+
+    def widths(self, arch: Architecture) -> "Widths":
+        """The per-layer widths of this selection."""
+        return Widths(
+            source_layers=self.layers,
+            attention_units=tuple(len(a) for a in self.attention),
+            mlp_units=tuple(len(m) for m in self.mlp),
+            heads_per_unit=arch.heads_per_unit,
+            head_dim=arch.head_dim,
+            mlp_group=arch.mlp_group,
+            base_layers=arch.n_layers,
+        )
+
+
+def selection_from_masks(masks) -> Selection:
+    """The :class:`Selection` of hard ``masks``, checked for the hierarchy.
+
+    Raises ``ValueError`` when a unit is kept in a dropped layer or no layer is kept.
+    """
+    arch = masks.arch
+    L, A, U = arch.n_layers, arch.n_attention_units, arch.n_units
+    layer = torch.as_tensor(masks.layer).bool().cpu()
+    unit = torch.as_tensor(masks.unit).bool().cpu()
+    if tuple(layer.shape) != (L,) or tuple(unit.shape) != (L, U):
+        raise ValueError(
+            f"masks of shape layer {tuple(layer.shape)}, unit {tuple(unit.shape)} do not fit "
+            f"{L} layers x {U} units"
+        )
+    orphans = (unit & ~layer[:, None]).nonzero().tolist()
+    if orphans:
+        raise ValueError(f"masks keep units of dropped layers (layer, unit): {orphans[:5]}")
+    kept = layer.nonzero().flatten().tolist()
+    if not kept:
+        raise ValueError("masks keep no layer: a sub-network needs at least one")
+    return Selection(
+        layers=tuple(kept),
+        attention=tuple(tuple(unit[l, :A].nonzero().flatten().tolist()) for l in kept),
+        mlp=tuple(tuple(unit[l, A:].nonzero().flatten().tolist()) for l in kept),
+    )
+
+
+@dataclass(frozen=True)
+class Widths:
+    """Per-layer widths of a sub-network (saved as ``config.ppn_widths``).
+
+    ``source_layers [J]``: the base LM's index of each kept layer; ``attention_units
+    [J]`` and ``mlp_units [J]``: units each kept layer holds. A layer with ``a``
+    attention units has ``a`` key/value heads and ``a * heads_per_unit`` query heads; one
+    with ``m`` MLP units has ``m * mlp_group`` intermediate channels.
+    """
+
+    source_layers: tuple[int, ...]
+    attention_units: tuple[int, ...]
+    mlp_units: tuple[int, ...]
+    heads_per_unit: int
+    head_dim: int
+    mlp_group: int
+    base_layers: int
+
+    @property
+    def uniform(self) -> bool:
+        """Every layer keeps the same, non-zero, widths."""
+        return (len(set(self.attention_units)) == 1 and len(set(self.mlp_units)) == 1
+                and self.attention_units[0] > 0 and self.mlp_units[0] > 0)
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict with a ``version`` field."""
+        return {"version": WIDTHS_VERSION, **{k: list(v) if isinstance(v, tuple) else v
+                                               for k, v in asdict(self).items()}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "Widths":
+        """Read and check a dict written by :meth:`to_dict`; ``ValueError`` if it is wrong."""
+        if not isinstance(data, Mapping):
+            raise ValueError("ppn_widths must be a JSON object")
+        if data.get("version") != WIDTHS_VERSION:
+            raise ValueError(f"ppn_widths version {data.get('version')!r}; this ppn_bayes reads {WIDTHS_VERSION}")
+        try:
+            widths = cls(
+                source_layers=tuple(_int(x) for x in data["source_layers"]),
+                attention_units=tuple(_int(x) for x in data["attention_units"]),
+                mlp_units=tuple(_int(x) for x in data["mlp_units"]),
+                heads_per_unit=_int(data["heads_per_unit"]),
+                head_dim=_int(data["head_dim"]),
+                mlp_group=_int(data["mlp_group"]),
+                base_layers=_int(data["base_layers"]),
+            )
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"ppn_widths is incomplete or malformed ({err!r})") from None
+        J = len(widths.source_layers)
+        if J == 0 or len(widths.attention_units) != J or len(widths.mlp_units) != J:
+            raise ValueError("ppn_widths: source_layers, attention_units and mlp_units must have one "
+                             "entry per kept layer")
+        if min(widths.attention_units + widths.mlp_units) < 0 or min(
+                widths.heads_per_unit, widths.head_dim, widths.mlp_group) < 1:
+            raise ValueError("ppn_widths holds a negative width")
+        if list(widths.source_layers) != sorted(set(widths.source_layers)) or \
+                not 0 <= widths.source_layers[0] <= widths.source_layers[-1] < widths.base_layers:
+            raise ValueError("ppn_widths: source_layers must be increasing indices of the base LM's layers")
+        return widths
+
+
+def _int(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer, got {value!r}")
+    return value
+
+
+# -- which source rows/columns fill which tensor ---------------------------------------------
+@dataclass(frozen=True)
+class Take:
+    """Where one sub-network tensor comes from: ``source`` tensor, cut along ``dim``
+    to the concatenation of the half-open index ``ranges`` (``dim=None``: the whole
+    tensor)."""
+
+    source: str
+    dim: int | None = None
+    ranges: tuple[tuple[int, int], ...] = ()
+
+    def length(self) -> int:
+        """Indices taken along ``dim``."""
+        return sum(b - a for a, b in self.ranges)
+
+
+def _coalesce(ranges: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    out: list[list[int]] = []
+    for a, b in ranges:
+        if out and out[-1][1] == a:
+            out[-1][1] = b
+        else:
+            out.append([a, b])
+    return tuple((a, b) for a, b in out)
+
+
+def _unit_ranges(units: Sequence[int], width: int, offset: int = 0) -> tuple[tuple[int, int], ...]:
+    return _coalesce((offset + u * width, offset + (u + 1) * width) for u in units)
+
+
+def _layer_rules(family: Family, arch: Architecture, attention: Sequence[int], mlp: Sequence[int]) -> dict:
+    """``{name within the layer: (dim, ranges)}`` for the tensors a layer's units cut."""
+    hd, hpu, g = arch.head_dim, arch.heads_per_unit, arch.mlp_group
+    q_ranges = _unit_ranges(attention, hpu * hd)  # query heads of the kept units (= o's inputs)
+    kv_ranges = _unit_ranges(attention, hd)
+    mlp_ranges = _unit_ranges(mlp, g)
+    rules: dict[str, tuple[int, tuple]] = {}
+    # A Linear stores [out, in]; GPT-2's Conv1D stores [in, out].
+    out_dim, in_dim = (1, 0) if family.conv1d else (0, 1)
+    if family.fused_qkv:
+        width = arch.n_heads * hd  # q | k | v side by side
+        fused = q_ranges + _unit_ranges(attention, hd, width) + _unit_ranges(attention, hd, 2 * width)
+        rules[f"{family.q}.weight"] = (out_dim, _coalesce(fused))
+        rules[f"{family.q}.bias"] = (0, _coalesce(fused))
+    else:
+        for path, ranges in ((family.q, q_ranges), (family.k, kv_ranges), (family.v, kv_ranges)):
+            rules[f"{path}.weight"] = (out_dim, ranges)
+            rules[f"{path}.bias"] = (0, ranges)
+    rules[f"{family.o}.weight"] = (in_dim, q_ranges)
+    for path in family.mlp_in:
+        rules[f"{path}.weight"] = (out_dim, mlp_ranges)
+        rules[f"{path}.bias"] = (0, mlp_ranges)
+    rules[f"{family.mlp_out}.weight"] = (in_dim, mlp_ranges)
+    return rules
+
+
+def tensor_plan(arch: Architecture, selection: Selection, names: Iterable[str]) -> dict[str, Take]:
+    """For each sub-network tensor name, the :class:`Take` that fills it.
+
+    ``names`` are the sub-network's tensor names (its layers numbered ``0..J-1``); the
+    sources are the base LM's names (its layers numbered as in the base). Tensors outside
+    the decoder layers, and a layer's norms and output biases, are taken whole.
+    """
+    family = FAMILIES[arch.family]
+    prefix = family.layers + "."
+    rules = [_layer_rules(family, arch, a, m) for a, m in zip(selection.attention, selection.mlp)]
+    plan = {}
+    for name in names:
+        if not name.startswith(prefix):
+            plan[name] = Take(name)
+            continue
+        index, _, rest = name[len(prefix):].partition(".")
+        j = int(index)
+        source = f"{prefix}{selection.layers[j]}.{rest}"
+        if rest in rules[j]:
+            dim, ranges = rules[j][rest]
+            plan[name] = Take(source, dim, ranges)
+        else:
+            plan[name] = Take(source)
+    return plan
+
+
+# -- narrowing modules (shapes and attributes only; the weights come from the plan) -----------
+def _empty_like(param: torch.Tensor | None, shape) -> nn.Parameter | None:
+    if param is None:
+        return None
+    return nn.Parameter(torch.empty(shape, dtype=param.dtype, device=param.device), requires_grad=False)
+
+
+def narrow_linear(linear: nn.Linear, *, in_features: int | None = None, out_features: int | None = None) -> None:
+    """Give ``linear`` new feature counts (weights left empty), keeping its attributes in step."""
+    out_f = linear.out_features if out_features is None else out_features
+    in_f = linear.in_features if in_features is None else in_features
+    linear.weight = _empty_like(linear.weight, (out_f, in_f))
+    if linear.bias is not None:
+        linear.bias = _empty_like(linear.bias, (out_f,))
+    linear.in_features, linear.out_features = in_f, out_f
+
+
+def narrow_conv1d(conv: nn.Module, *, nx: int | None = None, nf: int | None = None) -> None:
+    """The same for GPT-2's ``Conv1D`` (weight ``[nx, nf]``: inputs by outputs)."""
+    nx = conv.nx if nx is None else nx
+    nf = conv.nf if nf is None else nf
+    conv.weight = _empty_like(conv.weight, (nx, nf))
+    conv.bias = _empty_like(conv.bias, (nf,))
+    conv.nx, conv.nf = nx, nf
+
+
+def _narrow_projection(module: nn.Module, family: Family, *, inputs: int | None = None,
+                       outputs: int | None = None) -> None:
+    if family.conv1d:
+        narrow_conv1d(module, nx=inputs, nf=outputs)
+    else:
+        narrow_linear(module, in_features=inputs, out_features=outputs)
+
+
+def _output_of_nothing(projection: nn.Module, like: torch.Tensor) -> torch.Tensor:
+    """What a projection with no inputs outputs: its bias, or zeros ``[*like[:-1], out]``."""
+    out_features = projection.nf if hasattr(projection, "nf") else projection.out_features
+    output = like.new_zeros(*like.shape[:-1], out_features)
+    bias = getattr(projection, "bias", None)
+    return output + bias.to(output.dtype) if bias is not None else output
+
+
+class EmptyAttention(nn.Module):
+    """The attention of a kept layer that keeps no attention unit.
+
+    Its output is the output projection applied to nothing: the projection's bias (GPT-2)
+    or zeros, exactly what the masked LM computes. It holds the layer's zero-width
+    projections (and any norms) under their usual names, so the state dict keeps its
+    layout, and it appends empty keys and values to a cache so that every layer of the
+    cache counts the same positions.
+    """
+
+    def __init__(self, attention: nn.Module, family: Family, head_dim: int):
+        super().__init__()
+        for name, child in attention.named_children():
+            self.add_module(name, child)
+        self.layer_idx = attention.layer_idx
+        self.head_dim = head_dim
+        self._output = family.o.rsplit(".", 1)[-1]
+
+    def forward(self, hidden_states: torch.Tensor, *args, past_key_values=None, **kwargs):
+        """``(output [B, T, H], None)``, as the attention modules of transformers return."""
+        if past_key_values is not None:
+            cache = getattr(past_key_values, "self_attention_cache", past_key_values)
+            B, T = hidden_states.shape[:2]
+            empty = hidden_states.new_zeros(B, 0, T, self.head_dim)  # [B, kv heads = 0, T, D]
+            cache.update(empty, empty, self.layer_idx)
+        return _output_of_nothing(getattr(self, self._output), hidden_states), None
+
+
+class EmptyMLP(nn.Module):
+    """The MLP of a kept layer that keeps no MLP unit: it adds its output projection's bias
+    (GPT-2) or zeros, as the masked LM does. Its zero-width projections keep their names."""
+
+    def __init__(self, mlp: nn.Module, family: Family):
+        super().__init__()
+        for name, child in mlp.named_children():
+            self.add_module(name, child)
+        self._output = family.mlp_out.rsplit(".", 1)[-1]
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """``output [B, T, H]``."""
+        return _output_of_nothing(getattr(self, self._output), hidden_states)
+
+
+def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent, _, name = path.rpartition(".")
+    return (get_module(root, parent) if parent else root), name
+
+
+def narrow_attention(layer: nn.Module, family: Family, *, units: int, heads_per_unit: int, head_dim: int) -> None:
+    """Narrow layer ``layer``'s attention to ``units`` key/value groups (and their query
+    heads); with ``units = 0`` it becomes an :class:`EmptyAttention`."""
+    heads, kv_heads = units * heads_per_unit, units
+    if family.fused_qkv:
+        _narrow_projection(get_module(layer, family.q), family, outputs=3 * heads * head_dim)
+    else:
+        _narrow_projection(get_module(layer, family.q), family, outputs=heads * head_dim)
+        _narrow_projection(get_module(layer, family.k), family, outputs=kv_heads * head_dim)
+        _narrow_projection(get_module(layer, family.v), family, outputs=kv_heads * head_dim)
+    _narrow_projection(get_module(layer, family.o), family, inputs=heads * head_dim)
+    parent, name = _parent(layer, family.o.rpartition(".")[0])
+    attention = getattr(parent, name)
+    if family.fused_qkv:  # GPT-2 splits c_attn's output and counts heads by these
+        attention.split_size = heads * head_dim
+        attention.num_heads = heads
+    # Llama-style attention reshapes with -1 heads and repeats keys by
+    # num_key_value_groups = heads / kv heads, which stays heads_per_unit: nothing to change.
+    if units == 0:
+        setattr(parent, name, EmptyAttention(attention, family, head_dim))
+
+
+def narrow_mlp(layer: nn.Module, family: Family, *, channels: int) -> None:
+    """Narrow layer ``layer``'s MLP to ``channels`` intermediate channels; with 0 it
+    becomes an :class:`EmptyMLP`."""
+    for path in family.mlp_in:
+        _narrow_projection(get_module(layer, path), family, outputs=channels)
+    _narrow_projection(get_module(layer, family.mlp_out), family, inputs=channels)
+    if channels == 0:
+        parent, name = _parent(layer, family.mlp_out.rpartition(".")[0])
+        setattr(parent, name, EmptyMLP(getattr(parent, name), family))
+
+
+# -- the skeleton: a sub-network on the meta device -------------------------------------------
+def _uniform_fields(family: Family, widths: Widths, config) -> dict | None:
+    """Global config fields that describe every layer, or ``None`` if the config cannot."""
+    if not widths.uniform:
+        return None
+    heads = widths.attention_units[0] * widths.heads_per_unit
+    inter = widths.mlp_units[0] * widths.mlp_group
+    if family.fused_qkv:
+        # GPT-2 derives head_dim = n_embd / n_head: only "all heads" can be said.
+        if heads != config.n_head:
+            return None
+        return {"n_inner": inter}
+    return {"num_attention_heads": heads, "num_key_value_heads": widths.attention_units[0],
+            "intermediate_size": inter, "head_dim": widths.head_dim}
+
+
+def subnetwork_config(base_config, family: Family, widths: Widths):
+    """The config of a sub-network of ``base_config`` with ``widths`` (a new object)."""
+    config = copy.deepcopy(base_config)
+    layer_types = getattr(config, "layer_types", None)
+    config.num_hidden_layers = len(widths.source_layers)
+    if isinstance(layer_types, (list, tuple)) and len(layer_types) == widths.base_layers:
+        config.layer_types = [layer_types[l] for l in widths.source_layers]
+    uniform = _uniform_fields(family, widths, config)
+    for key, value in (uniform or {}).items():
+        setattr(config, key, value)
+    config.ppn_widths = widths.to_dict()
+    return config
+
+
+def _skeleton(config, family: Family, widths: Widths, attn_implementation: str | None = None) -> nn.Module:
+    """The sub-network's modules on the meta device, every layer narrowed to its widths."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(config, **kwargs)
+    layers = decoder_layers(lm)
+    if len(layers) != len(widths.source_layers):
+        raise FileFormatError(f"config builds {len(layers)} layers, ppn_widths lists {len(widths.source_layers)}")
+    for j, layer in enumerate(layers):
+        narrow_attention(layer, family, units=widths.attention_units[j], heads_per_unit=widths.heads_per_unit,
+                         head_dim=widths.head_dim)
+        narrow_mlp(layer, family, channels=widths.mlp_units[j] * widths.mlp_group)
+    return lm
+
+
+@torch.no_grad()
+def _fold_layer_scale(lm: nn.Module, family: Family, widths: Widths) -> None:
+    """GPT-2 may scale attention logits by ``1/(layer index + 1)``. A kept layer's index
+    changes (``l`` to ``j``), so its queries are multiplied by ``(j + 1)/(l + 1)``: the
+    logits keep the base layer's scale, and the config stays true for any loader."""
+    if not (family.fused_qkv and getattr(lm.config, "scale_attn_by_inverse_layer_idx", False)):
+        return
+    for j, layer in enumerate(decoder_layers(lm)):
+        source = widths.source_layers[j]
+        if source == j:
+            continue
+        queries = widths.attention_units[j] * widths.heads_per_unit * widths.head_dim
+        qkv = get_module(layer, family.q)  # Conv1D [in, q | k | v]
+        qkv.weight[:, :queries] *= (j + 1) / (source + 1)
+        qkv.bias[:queries] *= (j + 1) / (source + 1)
+
+
+def _tensor_groups(lm: nn.Module) -> list[list[str]]:
+    """Names of parameters and persistent buffers, grouped by shared tensor (tied weights)."""
+    groups: dict[int, list[str]] = {}
+    for name, param in lm.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    for name, buffer in lm.named_buffers(remove_duplicate=False):
+        owner, _, short = name.rpartition(".")
+        module = lm.get_submodule(owner) if owner else lm
+        if short not in module._non_persistent_buffers_set:
+            groups.setdefault(id(buffer), []).append(name)
+    return list(groups.values())
+
+
+def _assign(lm: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner, _, short = name.rpartition(".")
+    module = lm.get_submodule(owner) if owner else lm
+    if short in module._parameters:
+        if isinstance(tensor, nn.Parameter):
+            module._parameters[short] = tensor
+        else:
+            module._parameters[short] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
+    else:
+        module._buffers[short] = tensor
+
+
+def _fill(lm: nn.Module, arch: Architecture, selection: Selection, take) -> None:
+    """Fill the skeleton ``lm`` tensor by tensor: ``take(Take) -> Tensor``."""
+    groups = _tensor_groups(lm)
+    plan = tensor_plan(arch, selection, [name for group in groups for name in group])
+    for group in groups:
+        expected = tuple(lm.get_parameter(group[0]).shape) if _is_param(lm, group[0]) \
+            else tuple(lm.get_buffer(group[0]).shape)
+        tensor = take(plan[group[0]])
+        if tuple(tensor.shape) != expected:
+            raise FileFormatError(
+                f"{plan[group[0]].source} gives a tensor of shape {tuple(tensor.shape)} for {group[0]}, "
+                f"which needs {expected}"
+            )
+        if _is_param(lm, group[0]):
+            tensor = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
+        for name in group:
+            _assign(lm, name, tensor)
+
+
+def _is_param(lm: nn.Module, name: str) -> bool:
+    owner, _, short = name.rpartition(".")
+    return short in (lm.get_submodule(owner) if owner else lm)._parameters
+
+
+def _materialise_buffers(lm: nn.Module, device, reference: nn.Module | None = None) -> None:
+    """Give the non-persistent buffers still on ``meta`` (rotary frequencies) their values:
+    copied from ``reference`` when it has them, else recomputed by transformers' init
+    (only for modules without parameters, whose init cannot touch a loaded weight)."""
+    ref_buffers = dict(reference.named_buffers()) if reference is not None else {}
+    owners: dict[str, nn.Module] = {}
+    for name, buffer in list(lm.named_buffers()):
+        if not buffer.is_meta:
+            continue
+        if name in ref_buffers and ref_buffers[name].shape == buffer.shape:
+            _assign(lm, name, ref_buffers[name].detach().clone())
+            continue
+        owner = name.rpartition(".")[0]
+        module = lm.get_submodule(owner) if owner else lm
+        if any(True for _ in module.parameters(recurse=False)):
+            raise FileFormatError(f"cannot recompute buffer {name}: its module holds parameters")
+        _assign(lm, name, torch.empty_like(buffer, device=device))
+        owners[owner] = module
+    for module in owners.values():
+        lm._init_weights(module)
+    left = [name for name, t in list(lm.named_parameters()) + list(lm.named_buffers()) if t.is_meta]
+    if left:
+        raise FileFormatError(f"the sub-network was left without values for {left[:5]}")
+
+
+def _finish(lm: nn.Module, device) -> nn.Module:
+    _materialise_buffers(lm, device)
+    return lm.eval()
+
+
+# -- the builder ------------------------------------------------------------------------------
+def _gather(tensor: torch.Tensor, take: Take) -> torch.Tensor:
+    if take.dim is None:
+        return tensor.detach().clone()
+    index = torch.cat([torch.arange(a, b) for a, b in take.ranges]) if take.ranges else torch.zeros(0, dtype=torch.long)
+    return tensor.detach().index_select(take.dim, index.to(tensor.device)).contiguous()
+
+
+def _check_masks_fit(lm: nn.Module, arch: Architecture) -> None:
+    actual = describe(lm, mlp_group=arch.mlp_group)
+    if actual.to_dict() != arch.to_dict():
+        different = sorted(k for k, v in actual.to_dict().items() if arch.to_dict().get(k) != v)
+        raise ValueError(f"the masks were made for another model (its architecture differs in {different})")
+
+
+def build_from_selection(lm: nn.Module, arch: Architecture, selection: Selection) -> nn.Module:
+    """The sub-network of ``lm`` holding ``selection`` (a new module; ``lm`` untouched)."""
+    family = family_of(lm)
+    widths = selection.widths(arch)
+    config = subnetwork_config(lm.config, family, widths)
+    sub = _skeleton(config, family, widths, getattr(lm.config, "_attn_implementation", None))
+    tensors = dict(lm.named_parameters(remove_duplicate=False))
+    tensors.update(lm.named_buffers(remove_duplicate=False))
+
+    def take(cut: Take) -> torch.Tensor:
+        if cut.source not in tensors:
+            raise ValueError(f"the LM has no tensor {cut.source}")
+        return _gather(tensors[cut.source], cut)
+
+    _fill(sub, arch, selection, take)
+    _fold_layer_scale(sub, family, widths)
+    device = next(lm.parameters()).device
+    _materialise_buffers(sub, device, reference=lm)
+    if getattr(lm, "generation_config", None) is not None:
+        sub.generation_config = copy.deepcopy(lm.generation_config)
+    return sub.eval()
+
+
+def build_subnetwork(lm: nn.Module, masks) -> nn.Module:
+    """A dense sub-network of ``lm`` keeping what ``masks`` keep.
+
+    Parameters
+    ----------
+    lm:
+        A Hugging Face causal LM of a supported family; it is not modified.
+    masks:
+        :class:`~ppn_bayes.ranking.Masks` made for ``lm`` (``masks.arch`` must equal
+        ``describe(lm, mlp_group=masks.arch.mlp_group)``).
+
+    Returns
+    -------
+    torch.nn.Module
+        A new LM of the same class, in eval mode, with the dropped layers, attention
+        units and MLP units removed; its logits equal those of the masked-dense
+        reference ``GatedLM(lm, masks.arch)(x, gates=masks.gates())``. Its decoder layers
+        hold ``masks.kept_params`` parameters; per-layer widths are in
+        ``sub.config.ppn_widths`` (see :func:`subnetwork_widths`).
+
+    Raises
+    ------
+    ValueError
+        The masks are for another model, keep a unit of a dropped layer, or keep no layer.
+    """
+    _check_masks_fit(lm, masks.arch)
+    return build_from_selection(lm, masks.arch, selection_from_masks(masks))
+
+
+def subnetwork_widths(sub: nn.Module) -> Widths:
+    """The per-layer :class:`Widths` recorded in a sub-network's config."""
+    data = getattr(sub.config, "ppn_widths", None)
+    if data is None:
+        raise ValueError("this LM is not a ppn_bayes sub-network (its config has no ppn_widths)")
+    return Widths.from_dict(data)
+
+
+def decoder_params(lm: nn.Module) -> int:
+    """Parameters in ``lm``'s decoder layers (what a size counts)."""
+    return sum(p.numel() for p in decoder_layers(lm).parameters())
+
+
+# -- saving and loading -----------------------------------------------------------------------
+def save_subnetwork(sub: nn.Module, tokenizer, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Save a sub-network (safetensors and JSON) and its tokenizer to ``out``, atomically.
+
+    An existing ``out`` is refused unless ``overwrite``. When every layer keeps the same
+    widths (and the family's config can express them) the directory loads with plain
+    ``AutoModelForCausalLM.from_pretrained(out)``; in every case it loads with
+    :func:`load_subnetwork`.
+    """
+    subnetwork_widths(sub)  # refuse anything that is not a sub-network
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        sub.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out)
+
+
+def _safetensors_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise FileFormatError(f"{index} is not a safetensors index ({err!r})") from None
+        return sorted({directory / name for name in weight_map.values()})
+    single = directory / "model.safetensors"
+    if not single.is_file():
+        raise FileFormatError(f"{directory} holds no model.safetensors")
+    return [single]
+
+
+def load_subnetwork(directory: str | Path, *, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a sub-network saved by :func:`save_subnetwork` (any per-layer widths).
+
+    The config's ``ppn_widths`` say how wide each layer is: the modules are built on the
+    meta device at those widths and filled from the safetensors file(s), so nothing
+    larger than the sub-network is ever allocated. A directory without ``ppn_widths``
+    (a plain Hugging Face directory) is loaded with ``from_pretrained``. Raises
+    :class:`~ppn_bayes.io.FileFormatError` when a tensor is missing, extra or of the
+    wrong shape.
+    """
+    from safetensors import SafetensorError, safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise FileFormatError(f"{directory} holds no config.json: not a saved sub-network")
+    try:
+        config = AutoConfig.from_pretrained(str(directory))
+    except (OSError, ValueError) as err:
+        raise FileFormatError(f"{directory}/config.json does not load ({err})") from None
+    if getattr(config, "ppn_widths", None) is None:
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        return AutoModelForCausalLM.from_pretrained(str(directory), **kwargs).to(device).eval()
+    try:
+        widths = Widths.from_dict(config.ppn_widths)
+    except ValueError as err:
+        raise FileFormatError(f"{directory}/config.json: {err}") from None
+    family = FAMILIES.get(config.model_type)
+    if family is None:
+        raise FileFormatError(f"{directory}: model_type {config.model_type!r} is not supported")
+    sub = _skeleton(config, family, widths)
+    expected = {name: group for group in _tensor_groups(sub) for name in group}
+    seen: set[str] = set()
+    try:
+        for file in _safetensors_files(directory):
+            with safe_open(str(file), framework="pt", device=str(device)) as handle:
+                for name in handle.keys():
+                    if name not in expected:
+                        raise FileFormatError(f"{file.name} holds {name}, which this sub-network does not have")
+                    tensor = handle.get_tensor(name)
+                    if dtype is not None and tensor.is_floating_point():
+                        tensor = tensor.to(dtype)
+                    group = expected[name]
+                    want = tuple((sub.get_parameter(name) if _is_param(sub, name) else sub.get_buffer(name)).shape)
+                    if tuple(tensor.shape) != want:
+                        raise FileFormatError(f"{name} has shape {tuple(tensor.shape)}, ppn_widths say {want}")
+                    if _is_param(sub, name):
+                        tensor = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
+                    for alias in group:
+                        _assign(sub, alias, tensor)
+                    seen.update(group)
+    except SafetensorError as err:
+        raise FileFormatError(f"{directory}: a safetensors file is corrupt ({err})") from None
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise FileFormatError(f"{directory} lacks tensors {missing[:5]}")
+    generation = directory / "generation_config.json"
+    if generation.is_file():
+        from transformers import GenerationConfig
+
+        sub.generation_config = GenerationConfig.from_pretrained(str(directory))
+    return _finish(sub, device)

@@ -1,0 +1,37 @@
+"""The tiny fits that tests/test_distributed.py runs in one process and under torchrun.
+
+``config.batch_size`` is the global batch: a run of ``N`` processes gives each ``1/N``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ppn_bayes.config import FitConfig
+from ppn_bayes.lm import tiny_llama
+
+_BASE = FitConfig(steps=4, batch_size=4, seq_len=16, mlp_group=32, log_every=1, n_random_sizes=1,
+                  lr_lm=1e-3, checkpoint_every=2)
+
+CASES = {
+    "ddp": {"config": _BASE.replace(parallel="ddp"), "tied": True},
+    # Stopped at step 2 and resumed: the sharded optimizer state goes through a checkpoint.
+    "fsdp-resume": {"config": _BASE.replace(parallel="fsdp"), "tied": True},
+    # Ablations leave guide parameters without gradient: DDP's find_unused_parameters.
+    "ddp-flat-point": {"config": _BASE.replace(parallel="ddp", hierarchy=False, posterior="point"), "tied": False},
+}
+
+
+def case_lm(name: str):
+    """The tiny Llama of case ``name`` (tied embeddings or not), the same in every process."""
+    if CASES[name]["tied"]:
+        return tiny_llama(97, layers=2, hidden=32, heads=4, kv_heads=2, intermediate=64, seed=0,
+                          attn_implementation="eager")
+    from conftest import tiny_lm
+
+    return tiny_lm("llama")
+
+
+def case_tokens() -> torch.Tensor:
+    """A fixed stream of 600 tokens."""
+    return torch.randint(0, 97, (600,), generator=torch.Generator().manual_seed(3))

@@ -1,0 +1,174 @@
+"""Checkpoints: an interrupted fit resumes to exactly the uninterrupted result, and a bad
+checkpoint is refused with a clear ``FileFormatError`` before anything is written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_lm
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+from ppn_bayes.config import FitConfig
+from ppn_bayes.data import TokenBlocks
+from ppn_bayes.fit import fit, load_fit, read_state
+from ppn_bayes.io import FileFormatError
+
+CONFIG = FitConfig(steps=6, batch_size=2, seq_len=12, mlp_group=32, log_every=1, n_random_sizes=1,
+                   lr_lm=1e-3, checkpoint_every=3)
+TOKENS = torch.randint(0, 97, (400,), generator=torch.Generator().manual_seed(5))
+FILES = ("guide.safetensors", "optimizer.safetensors", "lm/model.safetensors")
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+class StopsAt(TokenBlocks):
+    """Token blocks that fail when asked for the batch of step ``stop``: a crash mid-fit."""
+
+    stop: int = -1
+
+    def batch(self, step, batch_size, **kwargs):
+        if step == self.stop:
+            raise Interrupted(f"stopped at step {step}")
+        return super().batch(step, batch_size, **kwargs)
+
+
+def _state(fitted) -> dict[str, torch.Tensor]:
+    out = {f"guide.{k}": v for k, v in fitted.guide.state_dict().items()}
+    out.update({f"lm.{k}": v for k, v in fitted.lm.state_dict().items()})
+    return out
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    path = tmp_path_factory.mktemp("whole") / "checkpoint"
+    return fit(tiny_lm("llama"), TOKENS, CONFIG, checkpoint=path, progress=False), path
+
+
+@pytest.fixture()
+def checkpoint(uninterrupted, tmp_path):
+    """A copy of a finished fit's checkpoint, to damage."""
+    path = tmp_path / "checkpoint"
+    shutil.copytree(uninterrupted[1], path)
+    return path
+
+
+def test_interrupted_fit_resumes_to_exactly_the_uninterrupted_one(uninterrupted, tmp_path):
+    whole, whole_path = uninterrupted
+    path = tmp_path / "checkpoint"
+    blocks = StopsAt(TOKENS, CONFIG.seq_len, CONFIG.seed)
+    object.__setattr__(blocks, "stop", 4)
+    with pytest.raises(Interrupted):
+        fit(tiny_lm("llama"), blocks, CONFIG, checkpoint=path, progress=False)
+    assert read_state(path)["step"] == 3  # the last checkpoint before the crash
+    resumed = fit(tiny_lm("llama"), TOKENS, CONFIG, checkpoint=path, resume=True, progress=False)
+    assert resumed.result.history == whole.result.history
+    want = _state(whole)
+    for key, value in _state(resumed).items():
+        assert torch.equal(value, want[key]), key
+    # The optimizer's moments too: a later resume continues the same way.
+    a, b = load_file(path / "optimizer.safetensors"), load_file(whole_path / "optimizer.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_load_fit_returns_what_fit_returned(uninterrupted):
+    whole, path = uninterrupted
+    loaded = load_fit(path)
+    want = _state(whole)
+    for key, value in _state(loaded).items():
+        assert torch.equal(value, want[key]), key
+    assert loaded.result.history == whole.result.history
+    assert read_state(path)["world_size"] == 1
+
+
+def _resume(path, lm=None, config=CONFIG):
+    return fit(lm if lm is not None else tiny_lm("llama"), TOKENS, config, checkpoint=path, resume=True,
+               progress=False)
+
+
+def test_checkpoint_of_another_model_is_refused(checkpoint):
+    before = _snapshot(checkpoint)
+    with pytest.raises(FileFormatError, match="another model"):
+        _resume(checkpoint, tiny_lm("llama", num_hidden_layers=2))
+    assert _snapshot(checkpoint) == before
+
+
+def test_other_settings_are_refused(checkpoint):
+    with pytest.raises(ValueError, match="other settings"):
+        _resume(checkpoint, config=CONFIG.replace(lr_guide=0.1))
+    with pytest.raises(ValueError, match="global batch"):
+        _resume(checkpoint, config=CONFIG.replace(batch_size=4))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"format_version": 99}, "version 99"),
+    ({"format": "something else"}, "not a ppn_bayes checkpoint"),
+    ({"architecture": {"n_layers": 3}}, "architecture"),
+])
+def test_other_format_is_refused(checkpoint, change, message):
+    state = json.loads((checkpoint / "state.json").read_text())
+    (checkpoint / "state.json").write_text(json.dumps({**state, **change}))
+    before = _snapshot(checkpoint)
+    with pytest.raises(FileFormatError, match=message):
+        _resume(checkpoint)
+    with pytest.raises(FileFormatError, match=message):
+        load_fit(checkpoint)
+    assert _snapshot(checkpoint) == before
+
+
+def test_state_that_is_not_json_is_refused(checkpoint):
+    (checkpoint / "state.json").write_text('{"format": "ppn_bayes.checkpoint", "step": ')
+    with pytest.raises(FileFormatError, match="not valid JSON"):
+        _resume(checkpoint)
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_truncated_tensors_are_refused(checkpoint, name):
+    file = checkpoint / name
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    before = _snapshot(checkpoint)
+    lm = tiny_lm("llama")
+    with pytest.raises(FileFormatError, match=name.split("/")[-1]):
+        _resume(checkpoint, lm)
+    assert _snapshot(checkpoint) == before
+    hooks = [m for m in lm.modules() if m._forward_hooks or m._forward_pre_hooks]
+    assert not hooks, "a refused resume left gate hooks on the LM"
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_missing_file_is_refused(checkpoint, name):
+    (checkpoint / name).unlink()
+    with pytest.raises(FileFormatError, match="missing"):
+        _resume(checkpoint)
+    if name != "optimizer.safetensors":  # load_fit needs no optimizer
+        with pytest.raises(FileFormatError, match="missing"):
+            load_fit(checkpoint)
+
+
+def test_no_checkpoint_to_resume(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        _resume(tmp_path / "nothing")
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fraction=st.floats(min_value=0.0, max_value=0.999))
+def test_guide_cut_anywhere_is_refused(checkpoint, fraction):
+    file = checkpoint / "guide.safetensors"
+    whole = (checkpoint.parent / "guide.bytes")
+    if not whole.exists():
+        whole.write_bytes(file.read_bytes())
+    data = whole.read_bytes()
+    file.write_bytes(data[: int(len(data) * fraction)])
+    with pytest.raises(FileFormatError, match="guide.safetensors"):
+        load_fit(checkpoint)
