@@ -121,7 +121,8 @@ case "$part" in
       run 10 "$OUT/gpu1.log" benchmarks/quality.py "${COMMON[@]}" \
         --methods shortgpt,magnitude,activation,magnitude-uniform,activation-uniform,sparsegpt,wanda,sparsegpt-2:4,wanda-2:4 \
         --rankings "$WORK/rankings-baselines.json" --save-sparse sparsegpt@0.5
-      ablations "$OUT/gpu1.log" ppn_bayes-point ) &
+      # only once GPU 0's fit of record is done: the ablation takes its steps
+      [[ -f "$RANKINGS" ]] && ablations "$OUT/gpu1.log" ppn_bayes-point ) &
     wait ;;
   part2)
     prepare

@@ -333,9 +333,15 @@ def generic_section(benchmark: str, records: list[dict]) -> list[str]:
             chosen = latest(rows, lambda r: tuple(str(r.get(c)) for c in identity))
             ordered = sorted(chosen.values(), key=lambda r: (_order(r.get("method", "")),
                                                             -float(r.get("size_requested") or 0)))
+            # columns equal in every row go under the table, once
+            common = [c for c in columns if c not in LEADING and len(ordered) > 1
+                      and len({_fmt(r.get(c)) for r in ordered}) == 1]
+            shown = [c for c in columns if c not in common]
             lines += [f"### {title}: {machine}, {model}", ""]
-            lines += _table(columns, [[_fmt(r.get(c)) if c != "method" else label(r.get(c, "")) for c in columns]
-                                      for r in ordered])
+            lines += _table(shown, [[_fmt(r.get(c)) for c in shown] for r in ordered])
+            if common:
+                lines += ["", "The same in every row: " + "; ".join(f"{c} {_fmt(ordered[0].get(c))}"
+                                                                     for c in common) + "."]
             lines += provenance(rows)
             lines.append("")
     return lines

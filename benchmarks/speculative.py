@@ -18,6 +18,8 @@ Where the drafts come from (no pyro or arviz needed for the first three):
   ``.gguf`` file cut by a ranking of the rankings file ``benchmarks/quality.py`` writes
   (on the GPU: ``<work>/fits/ppn_bayes/lm`` and ``<work>/rankings.json``);
 * ``--model LM --masks masks.json`` a mask file (``ppn-bayes masks``);
+* ``--model LM --method magnitude`` units ranked by weight magnitude, no training (a
+  baseline: what an untrained cut of the same size accepts);
 * ``--model CHECKPOINT`` a fit checkpoint (loads pyro).
 
 The target is the full network of ``--model`` (the draft's own weights, all units kept),
@@ -30,8 +32,9 @@ sizes.
 
 Examples::
 
-    # CPU smoke run with SmolLM2 (the drafts cut by --rankings):
-    python benchmarks/speculative.py --model "$(../shared/tools/smollm2)" --rankings rankings.json --quick
+    # CPU smoke run with SmolLM2 (the drafts cut by --rankings; --method magnitude needs none):
+    python benchmarks/speculative.py --model "$(../shared/tools/smollm2)" --rankings rankings.json --quick \
+        --threads 1
     # H200:
     python benchmarks/speculative.py --model $WORK/fits/ppn_bayes/lm --rankings $WORK/rankings.json \\
         --data $TEXTS/wiki.test.raw --records-dir $OUT/records --time-budget 400
@@ -109,6 +112,14 @@ def open_target(config: SpeculativeConfig):
     from ppn_bayes.speculative import Target, load_target, rank_sorted
 
     dtype = torch.float32  # cut in float32; cast to the benchmark's dtype afterwards
+    if config.rankings is None and config.masks is None and config.method == "magnitude":
+        from ppn_bayes.baselines import magnitude_ranking
+
+        lm, tokenizer = load_lm(config.model, dtype=dtype)
+        ranking = magnitude_ranking(lm)
+        if config.shared:
+            lm, ranking = rank_sorted(lm, ranking)
+        return Target(lm.eval(), ranking, tokenizer, "hf", ranked=config.shared)
     if config.rankings is None:
         return load_target(config.model, masks_file=config.masks, dtype=dtype, rank=config.shared)
     if checkpoint_kind(config.model) not in ("hf", "gguf"):
@@ -141,25 +152,38 @@ def read_prompts(config: SpeculativeConfig, tokenizer, vocab_size: int) -> list[
 
 
 # -- the float32 identity check -------------------------------------------------------------------
-def fp32_identity(target_lm, draft_lm, prompts, k: int, new_tokens: int, device) -> bool:
-    """Whether greedy speculation equals plain greedy decoding in float32 (eager) on every
-    prompt: the exactness check, separate from the timed run's dtype."""
-    import copy
+class Fp32Check:
+    """Whether greedy speculation equals plain greedy decoding in float32 (eager), on the
+    first prompts: the exactness check, apart from the timed run's dtype (bf16 rounds a
+    one-token pass and a ``k + 1``-token pass differently). The float32 target, its plain
+    outputs and each size's float32 draft are made once."""
 
-    from ppn_bayes.generation import Decoder
-    from ppn_bayes.speculative import speculative_generate
+    def __init__(self, target_lm, prompts, new_tokens: int, max_k: int, device):
+        import copy
 
-    target32 = copy.deepcopy(target_lm).to(device=device, dtype=torch.float32)
-    draft32 = copy.deepcopy(draft_lm).to(device=device, dtype=torch.float32)
-    max_len = max(p.numel() for p in prompts) + new_tokens + k + 1
-    target_decoder, draft_decoder = Decoder(target32, max_len=max_len), Decoder(draft32, max_len=max_len)
-    same = True
-    for prompt in prompts:
-        prompt = prompt[None]
-        plain = target_decoder.generate(prompt, new_tokens).cpu()
-        run = speculative_generate(target_decoder, draft_decoder, prompt, new_tokens, k=k)
-        same &= torch.equal(run.tokens, plain)
-    return bool(same)
+        from ppn_bayes.generation import Decoder
+
+        self.prompts = [p[None] for p in prompts]
+        self.new_tokens = new_tokens
+        self.max_len = max(p.shape[1] for p in self.prompts) + new_tokens + max_k + 1
+        self.device = device
+        target32 = copy.deepcopy(target_lm).to(device=device, dtype=torch.float32)
+        self.target = Decoder(target32, max_len=self.max_len)
+        self.plain = [self.target.generate(p, new_tokens).cpu() for p in self.prompts]
+        self.drafts: dict[float, object] = {}
+
+    def __call__(self, size: float, draft_lm, k: int) -> bool:
+        import copy
+
+        from ppn_bayes.generation import Decoder
+        from ppn_bayes.speculative import speculative_generate
+
+        if size not in self.drafts:
+            self.drafts = {size: Decoder(copy.deepcopy(draft_lm).to(device=self.device, dtype=torch.float32),
+                                         max_len=self.max_len)}
+        draft = self.drafts[size]
+        return all(torch.equal(speculative_generate(self.target, draft, p, self.new_tokens, k=k).tokens, expected)
+                   for p, expected in zip(self.prompts, self.plain))
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -186,6 +210,7 @@ def run_speculative(config: SpeculativeConfig) -> list[dict]:
     prompts = read_prompts(config, source.tokenizer, target_lm.config.vocab_size)
     records: list[dict] = []
     made: dict[float, tuple] = {}  # size -> (draft, size reached, bytes it adds)
+    checks: dict[str, Fp32Check] = {}
     if config.shared:  # views of the target's tensors: move the target first, once
         source.lm.to(config.device, dtype)
 
@@ -205,17 +230,20 @@ def run_speculative(config: SpeculativeConfig) -> list[dict]:
         if config.dtype == "float32":
             identical_fp32 = trial.identical
         elif config.fp32_check_tokens:
-            identical_fp32 = fp32_identity(target_lm, draft, prompts[:2], trial.k, config.fp32_check_tokens,
+            if "fp32" not in checks:
+                checks["fp32"] = Fp32Check(target_lm, prompts[:1], config.fp32_check_tokens, max(config.ks),
                                            config.device)
+            identical_fp32 = checks["fp32"](trial.size_requested, draft, trial.k)
         else:
             identical_fp32 = None
         record = append_record(
-            "speculative", method="ppn_bayes" if config.rankings is None else config.method, model=config.name,
+            "speculative", method=config.method, model=config.name,
             records_dir=config.records_dir,
             size_requested=trial.size_requested, size_reached=reached, k=trial.k,
             acceptance_rate=trial.acceptance_rate, mean_accepted=trial.mean_accepted,
             tokens_per_step=trial.tokens_per_step, tokens_per_s=trial.tokens_per_s,
             baseline_tokens_per_s=baseline, ratio_vs_target=trial.speedup,
+            draft_tokens_per_s=trial.draft_tokens_per_s, draft_speed_vs_target=trial.draft_tokens_per_s / baseline,
             identical_output=trial.identical, identical_output_fp32=identical_fp32,
             histogram=list(trial.histogram), steps=trial.steps, new_tokens=config.new_tokens,
             prompts=len(prompts), prompt_len=config.prompt_len, repeats=config.repeats, dtype=config.dtype,
@@ -267,7 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default=None,
                    help="the target LM (default: the full network of --model, the drafts' own weights)")
     p.add_argument("--rankings", default=None, help="rankings file written by benchmarks/quality.py")
-    p.add_argument("--method", default="ppn_bayes", help="which ranking of --rankings cuts the drafts")
+    p.add_argument("--method", default="ppn_bayes",
+                   help="the method in the records, and which ranking of --rankings cuts the drafts; 'magnitude' "
+                        "without --rankings or --masks ranks units by weight magnitude here (default: ppn_bayes)")
     p.add_argument("--masks", default=None, help="a mask file (`ppn-bayes masks`) instead of --rankings")
     p.add_argument("--sizes", type=_floats, default=None,
                    help="draft sizes (default: 0.3,0.4,0.5,0.6,0.7; with --quick 0.3,0.5,0.7)")
@@ -290,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shared", action="store_true",
                    help="drafts as views of the rank-sorted target's weights (records the bytes they add)")
     p.add_argument("--fp32-check-tokens", type=int, default=64,
-                   help="when not float32: tokens of the float32 identity check per pair, 0 for none (default: 64)")
+                   help="when not float32: tokens of the float32 identity check of each pair (eager, first "
+                        "prompt), 0 for none (default: 64)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 2 on CPU)")
     p.add_argument("--records-dir", default=str(RECORDS_DIR),
                    help=f"where speculative.jsonl goes (default: {RECORDS_DIR})")

@@ -29,7 +29,6 @@ Example (CPU, this machine)::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time

@@ -325,7 +325,8 @@ class DraftTrial:
 
     ``speedup`` is ``tokens_per_s`` over plain greedy decoding of the target measured in
     the same run; ``identical`` says whether every prompt's output equals plain greedy
-    decoding token for token.
+    decoding token for token; ``draft_tokens_per_s`` is the draft's own plain greedy speed
+    (what one drafted token costs).
     """
 
     size_requested: float
@@ -342,6 +343,7 @@ class DraftTrial:
     new_tokens: int
     seconds: float
     draft_params: int
+    draft_tokens_per_s: float
 
     def to_dict(self) -> dict:
         """A JSON-ready dict."""
@@ -527,6 +529,10 @@ def choose_draft(target: nn.Module, source, *, sizes: Sequence[float], ks: Seque
         check_draft(target, draft)
         draft_decoder = Decoder(draft, max_len=max_len, device=target_decoder.device, dtype=target_decoder.dtype,
                                 **options)
+        if warmup:
+            draft_decoder.generate(prompts[0], max_new_tokens)
+        draft_seconds = sum(draft_decoder._generate(prompts[0], max_new_tokens)[2] for _ in range(repeats))
+        draft_speed = max_new_tokens * repeats / draft_seconds
         for k in ks:
             if warmup:
                 speculative_generate(target_decoder, draft_decoder, prompts[0], max_new_tokens, k=k,
@@ -548,6 +554,7 @@ def choose_draft(target: nn.Module, source, *, sizes: Sequence[float], ks: Seque
                 tokens_per_s=summary.tokens_per_s, speedup=summary.tokens_per_s / baseline,
                 identical=bool(identical), steps=summary.steps, histogram=tuple(histogram),
                 new_tokens=total_tokens, seconds=seconds, draft_params=_decoder_params(draft),
+                draft_tokens_per_s=draft_speed,
             )
             trials.append(trial)
             if on_trial is not None:

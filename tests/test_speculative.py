@@ -346,7 +346,18 @@ def test_the_benchmark_script_writes_one_record_per_pair(ranked_checkpoint, tmp_
         assert r["identical_output"] and r["identical_output_fp32"] and r["quick"]
         assert r["settings"]["draft_added_bytes"] == 0
         assert r["ratio_vs_target"] == pytest.approx(r["tokens_per_s"] / r["baseline_tokens_per_s"])
-        assert sum(r["histogram"]) == r["steps"] and r["model"] == "tiny"
+        assert sum(r["histogram"]) == r["steps"] and r["model"] == "tiny" and r["dtype"] == "float32"
+    # bf16: the identity is also checked in float32
+    try:
+        assert script.main(["--model", str(ranked_checkpoint / "ranked"), "--quick", "--device", "cpu", "--data",
+                            str(ranked_checkpoint / "tokens.safetensors"), "--records-dir", str(tmp_path / "bf16"),
+                            "--dtype", "bfloat16", "--sizes", "0.5", "--ks", "3", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    (record,) = [json.loads(line) for line in (tmp_path / "bf16" / "speculative.jsonl").read_text().splitlines()]
+    assert record["dtype"] == "bfloat16" and record["identical_output_fp32"] is True
+    # a copied draft adds at least its decoder's parameters (2 bytes each in bf16), and its embeddings
+    assert record["settings"]["draft_added_bytes"] > 2 * record["settings"]["draft_params"]
 
 
 # -- bad input -----------------------------------------------------------------------------------
