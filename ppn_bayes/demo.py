@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import FitConfig
-from .data import CharTokenizer, TokenBlocks, embedded_text, load_tokens, tokenize
+from .data import CharTokenizer, TokenBlocks, embedded_text, tokenize
 from .evaluate import perplexity
 from .fit import fit, versions
 from .io import atomic_write_text
@@ -135,7 +135,7 @@ def run_demo(config: DemoConfig = DemoConfig(), *, progress: bool = True) -> Dem
                         seed=config.seed)
     else:
         lm, tokenizer = load_lm(config.model)
-    tokens = load_tokens(config.text, tokenizer) if config.text else tokenize(text, tokenizer)
+    tokens = tokenize(text, tokenizer)
     train, held_out = TokenBlocks(tokens, config.fit.seq_len, config.seed).split(0.1)
     if config.model is None and config.pretrain_steps:
         pretrain(lm, train, steps=config.pretrain_steps, batch_size=config.fit.batch_size, progress=progress)

@@ -50,9 +50,8 @@ def _plain_copy(lm: nn.Module) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     config = lm.config
-    for attr in ("quantization_config",):
-        if hasattr(config, attr):
-            delattr(config, attr)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=next(lm.parameters()).dtype)
     plain.load_state_dict(lm.state_dict())
     return plain.eval()
