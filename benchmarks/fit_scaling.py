@@ -1,10 +1,16 @@
 """Fit scaling: training tokens/s of ``ppn_bayes.fit`` on 1, 2 (and 4) GPUs.
 
-Strong scaling: one global batch (``--global-batch`` sequences of ``--seq-len`` tokens)
-is split over ``N`` processes launched by ``torchrun`` (DDP, or FSDP2 with ``--parallel
-fsdp``); ``N = 1`` is a plain single process. Every ``N`` sees the same data, sizes and
-gate draws, so its loss curve must follow the one-GPU curve to rounding; the records
-carry both curves and their largest difference.
+Strong scaling (the default): one global batch (``--global-batch`` sequences of
+``--seq-len`` tokens) is split over ``N`` processes launched by ``torchrun`` (DDP, or
+FSDP2 with ``--parallel fsdp``); ``N = 1`` is a plain single process. Every ``N`` sees the
+same data, sizes and gate draws, so its loss curve must follow the one-GPU curve to
+rounding; the records carry both curves and their largest difference. Under bf16 a
+rounding difference can flip a straight-through gate and the curves part ways step by
+step; ``--precision fp32`` (float32, no TF32) is the setting in which to compare them.
+
+Weak scaling (``--weak``): every process keeps ``--global-batch`` sequences, so ``N``
+processes train ``N`` times the tokens per step: the throughput a user gets by adding GPUs
+to a fit whose batch fits one GPU (the loss curves then differ by design).
 
 Throughput is measured after ``--warmup`` steps, from the fit's own step clock
 (``FitResult.step_times``: the loop syncs the device once a step, when it reads the
@@ -111,18 +117,21 @@ def worker(args: argparse.Namespace) -> None:
     from ppn_bayes.lm import load_lm
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.weak:
+        args.global_batch *= world
     if args.global_batch % world:
         raise SystemExit(f"--global-batch {args.global_batch} does not split over {world} processes")
     cuda = args.device == "cuda"
+    bf16 = cuda and args.precision == "bf16"
     if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = bf16
+        torch.backends.cudnn.allow_tf32 = bf16
     # Under torchrun the LM is read on the CPU and fit moves it to cuda:LOCAL_RANK.
     lm, _ = load_lm(args.lm_dir, device="cpu" if world > 1 or not cuda else "cuda")
     tokens = load_tokens(args.tokens)
     config = FitConfig(steps=args.steps, batch_size=args.global_batch // world, seq_len=args.seq_len,
                        mlp_group=args.mlp_group, log_every=1, parallel=args.parallel if world > 1 else "none")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     with autocast:
         fitted = fit(lm, tokens, config, progress=False)
     if distributed.is_main_process():
@@ -136,7 +145,7 @@ def launch(n: int, args: argparse.Namespace, lm_dir: Path, tokens_file: Path, re
     worker_args = [str(Path(__file__).resolve()), "--worker", "--lm-dir", str(lm_dir), "--tokens", str(tokens_file),
                    "--result", str(result), "--steps", str(args.steps), "--global-batch", str(args.global_batch),
                    "--seq-len", str(args.seq_len), "--mlp-group", str(args.mlp_group), "--device", args.device,
-                   "--parallel", args.parallel]
+                   "--parallel", args.parallel, "--precision", args.precision, *(["--weak"] if args.weak else [])]
     if n == 1:
         command = [sys.executable, *worker_args]
     else:
@@ -163,22 +172,26 @@ def record(n: int, result: dict, one: dict | None, args: argparse.Namespace, mod
     """The ``fit.jsonl`` record of ``n`` processes (``one``: the one-process result, if measured)."""
     from ppn_bayes.records import append_record
 
-    tokens_per_step = args.global_batch * args.seq_len
+    global_batch = args.global_batch * (n if args.weak else 1)
+    tokens_per_step = global_batch * args.seq_len
     tps, seconds = steady_tokens_per_s(result["step_times"], args.warmup, tokens_per_step)
     figures = dict(
         gpus=n if args.device == "cuda" else 0, processes=n, parallel=result["parallel"],
         tokens_per_s=tps, tokens_per_s_per_gpu=tps / n, timed_steps=len(result["step_times"]) - args.warmup,
-        timed_seconds=seconds, warmup_steps=args.warmup, steps=args.steps, global_batch=args.global_batch,
-        batch_per_gpu=args.global_batch // n, seq_len=args.seq_len, train_tokens=result["train_tokens"],
+        timed_seconds=seconds, warmup_steps=args.warmup, steps=args.steps, global_batch=global_batch,
+        batch_per_gpu=global_batch // n, scaling="weak" if args.weak else "strong", seq_len=args.seq_len,
+        train_tokens=result["train_tokens"],
         seconds=result["seconds"], loss=[row["loss"] for row in result["history"]],
         nll_full=[row["nll_full"] for row in result["history"]], peak_memory_gb=result.get("peak_memory_gb"),
-        dtype="bf16 autocast, fp32 weights, tf32" if args.device == "cuda" else "float32",
+        dtype="bf16 autocast, fp32 weights, tf32" if args.device == "cuda" and args.precision == "bf16"
+        else "float32",
         device=args.device, quick=args.quick, fit_config=result["config"],
     )
-    if one is not None:
-        one_tps, _ = steady_tokens_per_s(one["step_times"], args.warmup, tokens_per_step)
+    if one is not None:  # in weak scaling the curves differ by design: no differences recorded
+        one_tps, _ = steady_tokens_per_s(one["step_times"], args.warmup, args.global_batch * args.seq_len)
         figures["speedup_vs_1gpu"] = tps / one_tps
         figures["scaling_efficiency"] = tps / one_tps / n
+    if one is not None and not args.weak:
         figures["max_loss_diff_vs_1gpu"] = max(
             abs(a["loss"] - b["loss"]) for a, b in zip(result["history"], one["history"]))
         figures["max_nll_full_diff_vs_1gpu"] = max(
@@ -199,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--global-batch", type=int, default=16,
                    help="sequences per step over all processes (default: 16)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default: 1024)")
+    p.add_argument("--weak", action="store_true",
+                   help="weak scaling: --global-batch sequences per process, not split over the processes")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
+                   help="CUDA: bf16 autocast with TF32 (default) or float32 without TF32 (to compare curves)")
     p.add_argument("--mlp-group", type=int, default=64, help="intermediate channels per MLP unit (default: 64)")
     p.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"],
                    help="engine for several processes (default: ddp)")
@@ -226,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: use --device cpu (gloo) for a rehearsal")
     available = torch.cuda.device_count() if args.device == "cuda" else os.cpu_count() or 1
-    counts = [n for n in args.gpus if n <= available and args.global_batch % n == 0]
+    counts = [n for n in args.gpus if n <= available and (args.weak or args.global_batch % n == 0)]
     for n in sorted(set(args.gpus) - set(counts)):
         print(f"[fit_scaling] skipping {n}: {available} devices, global batch {args.global_batch}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="fit-scaling-") as tmp:

@@ -3,10 +3,15 @@
 # 10-minute device command; both GPUs work at once on independent steps.
 #
 #   benchmarks/gpu_job.sh check   # the environment (~20 s)
-#   benchmarks/gpu_job.sh part1   # GPU 0: dense, the ppn_bayes fit and its sizes, then ablation flat
-#                                 # GPU 1: ShortGPT, magnitude, activation, SparseGPT, Wanda (~9 min)
-#   benchmarks/gpu_job.sh part2   # GPU 0: speed, prefill; GPU 1: speed, decode; then ablations (~9 min)
-#   benchmarks/gpu_job.sh part3   # what is left of the ablations; optional +distill baselines (~5 min)
+#   benchmarks/gpu_job.sh part1   # six short fits of the recipe search (fit_recipes.py), three per GPU;
+#                                 # then GPU 0: dense and the fit of record with the best recipe;
+#                                 # GPU 1: SparseGPT and Wanda, unstructured and 2:4 (~9 min)
+#   benchmarks/gpu_job.sh part2   # GPU 0: ablations frozen, flat, point side by side, then nodistill;
+#                                 # GPU 1: speculative decoding, alone (~9 min)
+#   benchmarks/gpu_job.sh part3   # fit scaling on 1 and 2 GPUs; speed, prefill and decode (~6 min)
+#
+# (Structured baselines without training, shortgpt, magnitude, activation, run as before:
+# benchmarks/quality.py --methods shortgpt,magnitude,...; their records do not depend on the fit.)
 #
 # Every part can be rerun: finished methods are skipped (markers under $WORK/done/), fits
 # resume from their checkpoints. Before part1 on a fresh machine: ../shared/tools/device-stage
@@ -16,10 +21,10 @@
 # Checkpoints, caches and the rankings stay under $WORK (/root: kept while the machine is warm).
 #
 # Knobs (environment):
-#   FIT_SECONDS (150): training time of the fit of record: a 10-step probe sets its steps,
-#     at most FIT_STEPS (300), of FIT_BATCH (8) x FIT_SEQ (2048) tokens. The ablations take
-#     the steps the fit of record took (read from $WORK/rankings.json, or FIT_STEPS if the
-#     machine was lost: then set FIT_STEPS to the steps the part1 log printed).
+#   FIT_STEPS (160) of FIT_BATCH (8) x FIT_SEQ (2048) tokens: the fit of record, with the
+#     settings of the best recipe (RECIPE_STEPS (150) of 8 x 1024 tokens each). The ablations
+#     take the steps the fit of record took (read from $WORK/rankings.json) and its recipe.
+#   ABLATION_SIZES (all five); RECIPE_EXTRA, SPEC_EXTRA, SCALING_EXTRA: extra flags.
 #   RANKINGS: a rankings file for part2 when $WORK/rankings.json is gone (carry it in).
 #   LIMIT (560 s per part); MODEL, MODEL_NAME, TEXTS, WORK, OUT; for a CPU rehearsal with a
 #   tiny LM: DEVICE=cpu, QUALITY_EXTRA and SPEED_EXTRA (extra flags), as tests/test_report.py does.
@@ -31,12 +36,13 @@ MODEL_NAME="${MODEL_NAME:-SmolLM2-135M-Instruct}"
 TEXTS="${TEXTS:-.device/b}"
 WORK="${WORK:-/root/ppn-work}"
 DEVICE="${DEVICE:-cuda}"
-FIT_SECONDS="${FIT_SECONDS:-150}"
 FIT_STEPS_GIVEN="${FIT_STEPS:+yes}"
-FIT_STEPS="${FIT_STEPS:-300}"
+FIT_STEPS="${FIT_STEPS:-160}"
+RECIPE_STEPS="${RECIPE_STEPS:-150}"
 FIT_BATCH="${FIT_BATCH:-8}"
 FIT_SEQ="${FIT_SEQ:-2048}"
 LIMIT="${LIMIT:-560}"
+ABLATION_SIZES="${ABLATION_SIZES:-0.5,0.3,0.4,0.7,0.9}"
 RANKINGS="${RANKINGS:-$WORK/rankings.json}"
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 LLM_COMPRESSOR_LOG_LEVEL=WARNING TOKENIZERS_PARALLELISM=false
@@ -90,9 +96,11 @@ ablations() {  # ablations LOG METHODS: at the fit of record's steps, once that 
     echo "[gpu_job] the fit of record is not done: ablations $methods wait for a later part" >> "$log"; return 0
   fi
   local steps; steps=$(fit_steps_of_record)
-  echo "[gpu_job] ablations $methods: $steps steps of $FIT_BATCH x $FIT_SEQ tokens" >> "$log"
+  echo "[gpu_job] ablations $methods: $steps steps of $FIT_BATCH x $FIT_SEQ tokens, $(cat "$WORK/best-recipe.txt" 2>/dev/null)" >> "$log"
+  # shellcheck disable=SC2046
   run 10 "$log" benchmarks/quality.py "${COMMON[@]}" --fit-steps "$steps" --methods "$methods" \
-    --rankings "$WORK/rankings-ablations.$BASHPID.json"
+    --rankings "$WORK/rankings-ablations.$BASHPID.json" --ablation-sizes "$ABLATION_SIZES" \
+    $(cat "$WORK/best-recipe.txt" 2>/dev/null)
 }
 
 speed() {  # speed LOG PHASE: dense, the sub-networks of the fit of record, one sparse model
@@ -113,36 +121,56 @@ case "$part" in
   part1)
     check > /dev/null
     prepare
-    ( export CUDA_VISIBLE_DEVICES=0
-      run 150 "$OUT/gpu0.log" benchmarks/quality.py "${COMMON[@]}" --methods dense,ppn_bayes \
-        --fit-steps "$FIT_STEPS" --fit-time-budget "$FIT_SECONDS" --rankings "$RANKINGS"
-      ablations "$OUT/gpu0.log" ppn_bayes-flat ) &
+    # The recipe search: six short fits side by side (three per GPU), then the best recipe
+    # becomes the fit of record on GPU 0. GPU 1 runs the sparse baselines meanwhile.
+    recipes() {  # recipes GPU NAMES...
+      local gpu="$1"; shift
+      for name in "$@"; do
+        ( export CUDA_VISIBLE_DEVICES=$gpu
+          timeout --signal=TERM "$(( $(left) - 300 ))s" python3 benchmarks/fit_recipes.py --model "$MODEL" \
+            --eval-text "$TEXTS/wiki.test.raw" --train-text "$TEXTS/wiki_summaries_en.txt" --work-dir "$WORK" \
+            --records-dir "$REC" --device "$DEVICE" --recipe "$name" --steps "$RECIPE_STEPS" ${RECIPE_EXTRA:-} \
+            >> "$OUT/recipe-$name.log" 2>&1 ) &
+      done
+    }
+    ( recipes 0 default lr1e-5 warm; recipes 1 shared shared-warm shared-1e-4; wait
+      python3 benchmarks/fit_recipes.py --choose --records-dir "$REC" --out "$WORK/best-recipe.txt" > "$OUT/choose.log" 2>&1
+      export CUDA_VISIBLE_DEVICES=0
+      # shellcheck disable=SC2046
+      run 10 "$OUT/gpu0.log" benchmarks/quality.py "${COMMON[@]}" --methods dense,ppn_bayes \
+        --fit-steps "$FIT_STEPS" --rankings "$RANKINGS" $(cat "$WORK/best-recipe.txt" 2>/dev/null) ) &
     ( export CUDA_VISIBLE_DEVICES=1
-      run 10 "$OUT/gpu1.log" benchmarks/quality.py "${COMMON[@]}" \
-        --methods shortgpt,magnitude,activation,magnitude-uniform,activation-uniform,sparsegpt,wanda,sparsegpt-2:4,wanda-2:4 \
-        --rankings "$WORK/rankings-baselines.json" --save-sparse sparsegpt@0.5
-      # only once GPU 0's fit of record is done: the ablation takes its steps
-      [[ -f "$RANKINGS" ]] && ablations "$OUT/gpu1.log" ppn_bayes-point ) &
+      run 200 "$OUT/gpu1.log" benchmarks/quality.py "${COMMON[@]}" --methods wanda --sizes 0.5,0.4,0.3,0.7,0.9 \
+        --rankings "$WORK/rankings-baselines.json"
+      run 10 "$OUT/gpu1.log" benchmarks/quality.py "${COMMON[@]}" --methods sparsegpt,sparsegpt-2:4,wanda-2:4 \
+        --sizes 0.4,0.3 --rankings "$WORK/rankings-baselines.json" ) &
     wait ;;
   part2)
     prepare
     ( export CUDA_VISIBLE_DEVICES=0
-      speed "$OUT/gpu0.log" prefill
-      ablations "$OUT/gpu0.log" ppn_bayes-frozen,ppn_bayes-flat ) &
+      for m in ppn_bayes-frozen ppn_bayes-flat ppn_bayes-point; do
+        ablations "$OUT/gpu0-$m.log" "$m" & done; wait
+      ablations "$OUT/gpu0-ppn_bayes-nodistill.log" ppn_bayes-nodistill ) &
     ( export CUDA_VISIBLE_DEVICES=1
-      speed "$OUT/gpu1.log" decode
-      ablations "$OUT/gpu1.log" ppn_bayes-nodistill,ppn_bayes-point ) &
+      [[ -f "$WORK/fits/ppn_bayes/lm/config.json" && -f "$RANKINGS" ]] && \
+        run 10 "$OUT/gpu1.log" benchmarks/speculative.py --model "$WORK/fits/ppn_bayes/lm" --rankings "$RANKINGS" \
+          --data "$TEXTS/wiki.test.raw" --records-dir "$REC" --model-name "$MODEL_NAME" --shared \
+          --sizes 0.3,0.4,0.5,0.6,0.7 --ks 2,3,4,6,8 --out "$OUT/speculative-table.json" ${SPEC_EXTRA:-} ) &
     wait ;;
   part3)
     prepare
-    ( export CUDA_VISIBLE_DEVICES=0
-      ablations "$OUT/gpu0.log" ppn_bayes-flat,ppn_bayes-frozen
-      run 10 "$OUT/gpu0.log" benchmarks/quality.py "${COMMON[@]}" --fit-steps "$(fit_steps_of_record)" \
-        --methods shortgpt+distill --finetune-sizes 0.5 --rankings "$WORK/rankings-ft0.json" ) &
-    ( export CUDA_VISIBLE_DEVICES=1
-      ablations "$OUT/gpu1.log" ppn_bayes-point,ppn_bayes-nodistill
-      run 10 "$OUT/gpu1.log" benchmarks/quality.py "${COMMON[@]}" --fit-steps "$(fit_steps_of_record)" \
-        --methods magnitude+distill --finetune-sizes 0.5 --rankings "$WORK/rankings-ft1.json" ) &
+    scaling() {
+      local lm="$WORK/model"; [[ -f "$lm/config.json" ]] || lm="$MODEL"
+      python3 benchmarks/fit_scaling.py --model "$lm" --model-name "$MODEL_NAME" --device "$DEVICE" \
+        --train-text "$TEXTS/wiki_summaries_en.txt" --gpus 1 2 --work-dir "$WORK/scaling" --records-dir "$REC" \
+        "$@" ${SCALING_EXTRA:-} >> "$OUT/scaling.log" 2>&1
+    }
+    # weak scaling (16 x 1024 per GPU), strong scaling (16 x 1024 in all), curves in float32
+    scaling --weak --global-batch 16 --steps 25
+    scaling --global-batch 16 --steps 25
+    scaling --precision fp32 --global-batch 8 --seq-len 512 --steps 12 --warmup 2
+    ( export CUDA_VISIBLE_DEVICES=0; speed "$OUT/gpu0.log" prefill ) &
+    ( export CUDA_VISIBLE_DEVICES=1; speed "$OUT/gpu1.log" decode ) &
     wait ;;
   *) echo "unknown part $part: check, part1, part2 or part3"; exit 2 ;;
 esac

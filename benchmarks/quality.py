@@ -600,6 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"fit window length (default: {DEFAULT_FIT.seq_len})")
     p.add_argument("--fit-set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other FitConfig field, e.g. --fit-set lr_lm=5e-5 (repeatable)")
+    p.add_argument("--freeze-fraction", type=float, default=None,
+                   help="freeze the LM for this fraction of the fit steps (sets freeze_lm_steps)")
     p.add_argument("--autocast", choices=["bf16", "none"], default="bf16",
                    help="autocast of fits and fine-tunes on CUDA (evaluation is float32 always; default: bf16)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -636,6 +638,10 @@ def config_from(args: argparse.Namespace) -> QualityConfig:
     fit = fit.replace(**{k: v for k, v in (("steps", args.fit_steps), ("batch_size", args.fit_batch),
                                            ("seq_len", args.fit_seq_len)) if v is not None})
     fit = _fit_overrides(args.fit_set, fit)
+    if args.freeze_fraction is not None:
+        if not 0 <= args.freeze_fraction <= 1:
+            raise SystemExit(f"--freeze-fraction must lie in [0, 1], got {args.freeze_fraction}")
+        fit = fit.replace(freeze_lm_steps=int(args.freeze_fraction * fit.steps))
     limit = args.limit_windows if args.limit_windows is not None else (2 if quick else None)
     calib_windows = args.calib_windows if args.calib_windows is not None else (2 if quick else 128)
     calib_seq_len = args.calib_seq_len if args.calib_seq_len is not None else (128 if quick else 2048)

@@ -305,7 +305,8 @@ def plot_speed(records: list[dict], path: Path, title: str) -> bool:
 TITLES = {
     "speculative": "Speculative decoding: sub-networks as drafts for the dense model",
     "resize": "Resizing from a ranked checkpoint",
-    "fit": "Fit cost",
+    "fit": "Fit cost and scaling",
+    "recipes": "Fit recipes: the settings search behind the fit of record",
 }
 LEADING = ["method", "size_requested", "size_reached"]
 
@@ -376,7 +377,7 @@ def render(records_dir: Path, out: Path, images: Path) -> str:
     ]
     lines += quality_section(records["quality"], images, prefix)
     lines += speed_section(records["speed"], images, prefix)
-    for benchmark in ("speculative", "resize", "fit"):
+    for benchmark in ("recipes", "speculative", "resize", "fit"):
         lines += generic_section(benchmark, records[benchmark])
     return "\n".join(lines).rstrip() + "\n"
 

@@ -51,12 +51,14 @@ def expected_size(log_tau, log_lambda_layer, log_lambda_unit, layer_cost, unit_c
     return kept / total
 
 
-def _bracket(log_lambda_layer, log_lambda_unit) -> float:
-    """A half-width for ``log τ`` that holds every root: past it all π are ~0 or ~1."""
+def _bracket(log_lambda_layer, log_lambda_unit) -> torch.Tensor:
+    """A half-width for ``log τ`` that holds every root: past it all π are ~0 or ~1.
+
+    A 0-d tensor on the scales' device (no host sync)."""
     span = log_lambda_layer.detach().abs().max() + (
         log_lambda_layer.detach()[..., None] + log_lambda_unit.detach()
     ).abs().max()
-    return float(span) + 25.0
+    return span + 25.0
 
 
 def solve_log_tau(size, log_lambda_layer, log_lambda_unit, layer_cost, unit_cost, *, steps: int = 64):
@@ -67,16 +69,22 @@ def solve_log_tau(size, log_lambda_layer, log_lambda_unit, layer_cost, unit_cost
     implicit-function gradient to the scales and nothing else.
     """
     batch = log_lambda_layer.shape[:-1]
-    size = torch.as_tensor(size, dtype=torch.float64, device=log_lambda_layer.device)
-    if bool(((size <= 0) | (size > 1)).any()):
-        raise ValueError(f"size must lie in (0, 1], got {size.tolist()}")
-    size = size.expand(batch) if size.dim() == 0 else size
+    device = log_lambda_layer.device
+    if isinstance(size, (int, float)):  # checked on the host, filled on the device: no sync
+        if not 0 < size <= 1:
+            raise ValueError(f"size must lie in (0, 1], got {size}")
+        size = torch.full(batch, float(size), dtype=torch.float64, device=device)
+    else:
+        size = torch.as_tensor(size, dtype=torch.float64, device=device)
+        if bool(((size <= 0) | (size > 1)).any()):
+            raise ValueError(f"size must lie in (0, 1], got {size.tolist()}")
+        size = size.expand(batch) if size.dim() == 0 else size
     costs = (layer_cost.to(torch.float64), unit_cost.to(torch.float64))
     with torch.no_grad():
         ll, lu = log_lambda_layer.detach().double(), log_lambda_unit.detach().double()
         half = _bracket(ll, lu)
-        low = torch.full(size.shape, -half, dtype=torch.float64, device=size.device)
-        high = torch.full(size.shape, half, dtype=torch.float64, device=size.device)
+        high = half.to(torch.float64).expand(size.shape).clone()
+        low = -high
         for _ in range(steps):
             mid = 0.5 * (low + high)
             above = expected_size(mid, ll, lu, *costs) > size

@@ -22,13 +22,14 @@ class FitConfig:
     steps: int = 200
     batch_size: int = 8
     seq_len: int = 128
-    lr_lm: float = 1e-4
+    lr_lm: float = 3e-5
     lr_guide: float = 5e-2
     weight_decay: float = 0.0
     size_min: float = 0.3
     size_max: float = 1.0
     n_random_sizes: int = 1
     temperature: float = 0.5
+    gate_coupling: str = "independent"  # "independent" or "shared" (comonotone gates)
     distill_weight: float = 1.0
     prior_weight: float = 1.0
     prior_tokens: int | None = None
@@ -37,6 +38,8 @@ class FitConfig:
     train_lm: bool = True  # False: frozen LM, gates only (ablation)
     layer_init: float = 1.0
     init_scale: float = 0.1
+    init_jitter: float = 0.0
+    freeze_lm_steps: int = 0
     mlp_group: int = 64
     grad_clip: float = 1.0
     seed: int = 0
@@ -56,11 +59,13 @@ class FitConfig:
                 f"sizes must satisfy 0 < size_min <= size_max <= 1, got {self.size_min}, {self.size_max}"
             )
         for name in ("lr_lm", "weight_decay", "distill_weight", "prior_weight", "checkpoint_every",
-                     "n_random_sizes", "grad_clip"):
+                     "n_random_sizes", "grad_clip", "init_jitter", "freeze_lm_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.posterior not in ("normal", "point"):
             raise ValueError(f"posterior must be 'normal' or 'point', got {self.posterior!r}")
+        if self.gate_coupling not in ("independent", "shared"):
+            raise ValueError(f"gate_coupling must be 'independent' or 'shared', got {self.gate_coupling!r}")
         if self.parallel not in ("auto", "none", "ddp", "fsdp"):
             raise ValueError(f"parallel must be 'auto', 'none', 'ddp' or 'fsdp', got {self.parallel!r}")
         if self.prior_tokens is not None and self.prior_tokens < 1:
@@ -93,6 +98,8 @@ FIT_HELP: dict[str, str] = {
     "size_max": "largest size drawn for the random sizes",
     "n_random_sizes": "random sizes in [size_min, size_max] trained each step",
     "temperature": "temperature of the relaxed Bernoulli gates (straight-through)",
+    "gate_coupling": "'independent' (every gate its own draw) or 'shared' (one noise draw for all gates: "
+                     "comonotone gates, so every training mask is a prefix of a ranking, like the deployed masks)",
     "distill_weight": "weight of KL(full LM || gated LM), the self-distillation term; 0 turns it off",
     "prior_weight": "weight of the prior KL against the per-token likelihood",
     "prior_tokens": "tokens the prior KL is spread over (default: the training text's length)",
@@ -101,6 +108,8 @@ FIT_HELP: dict[str, str] = {
     "train_lm": "train the LM's weights with the gates; --no-train-lm freezes the LM (ablation)",
     "layer_init": "initial posterior location of every log λ_l (above 0: layers start safer than units)",
     "init_scale": "initial posterior scale of every log λ",
+    "init_jitter": "standard deviation of a seeded random spread of the initial unit locations log λ_lu",
+    "freeze_lm_steps": "the LM's weights stay fixed for this many first steps (the gates settle first)",
     "mlp_group": "intermediate channels per MLP unit (g)",
     "grad_clip": "clip the gradient norm to this; 0 turns clipping off",
     "seed": "seed of data order, sizes and gate draws",

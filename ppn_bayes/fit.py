@@ -1,6 +1,7 @@
 """Fitting: the guide and the LM's weights in one torch training loop.
 
-``Trace_ELBO()(model, guide)`` is a torch module (Pyro's module-local parameters), trained
+``Trace_ELBO()(model, guide)`` is a torch module (Pyro's module-local parameters; here
+:class:`~ppn_bayes.model.PuppetELBO`, the same ELBO without host syncs), trained
 with a stock torch optimizer, as in Pyro's ``examples/svi_torch.py``. Each step follows
 the sandwich rule: the full LM (all gates on) trains on the next-token loss and serves as
 the distillation teacher; then the ELBO is taken at the smallest size and at random sizes
@@ -46,7 +47,7 @@ from .config import FitConfig
 from .data import TokenBlocks
 from .gating import GatedLM
 from .io import FileFormatError, atomic_directory, atomic_write_text, read_json
-from .model import PuppetGuide, PuppetModel
+from .model import PuppetELBO, PuppetGuide, PuppetModel
 
 __all__ = ["fit", "FitResult", "PuppetFit", "StepLoss", "load_fit", "save_checkpoint", "read_state", "versions"]
 
@@ -130,6 +131,7 @@ def _guide(config: FitConfig, arch: Architecture, prior_scale: float) -> PuppetG
     return PuppetGuide(
         arch, hierarchy=config.hierarchy, prior_scale=prior_scale, temperature=config.temperature,
         posterior=config.posterior, init_scale=config.init_scale, layer_init=config.layer_init,
+        gate_coupling=config.gate_coupling, init_jitter=config.init_jitter, seed=config.seed,
     )
 
 
@@ -139,7 +141,8 @@ def _build(lm: nn.Module, config: FitConfig, arch: Architecture, prior_tokens: i
     gated = GatedLM(lm, arch)
     prior_scale = config.prior_weight / (config.prior_tokens or prior_tokens)
     model = PuppetModel(gated, hierarchy=config.hierarchy, prior_scale=prior_scale,
-                        temperature=config.temperature, distill_weight=config.distill_weight)
+                        temperature=config.temperature, distill_weight=config.distill_weight,
+                        gate_coupling=config.gate_coupling)
     guide = _guide(config, arch, prior_scale)
     if device is not None:
         model, guide = model.to(device), guide.to(device)
@@ -313,12 +316,13 @@ class StepLoss(nn.Module):
     ``step_loss(input_ids)`` is the teacher pass: the LM with all gates on, returning its
     logits ``[B, T, V]`` and next-token loss. ``step_loss(input_ids, size,
     teacher_logits)`` is the ELBO pass at ``size``: the negative ELBO per token of
-    ``Trace_ELBO()(model, guide)``. Its parameters are the LM's and the guide's.
+    ``PuppetELBO()(model, guide)`` (Pyro's ``Trace_ELBO``, its value kept on the device).
+    Its parameters are the LM's and the guide's.
     """
 
     def __init__(self, model: PuppetModel, guide: PuppetGuide):
         super().__init__()
-        self.elbo = pyro.infer.Trace_ELBO()(model, guide)  # an nn.Module: .model and .guide
+        self.elbo = PuppetELBO()(model, guide)  # Trace_ELBO without host syncs; an nn.Module
 
     def forward(self, input_ids: torch.Tensor, size: float | None = None,
                 teacher_logits: torch.Tensor | None = None):
@@ -457,47 +461,52 @@ def _loop(lm, gated, model, guide, blocks, config, context, arch, lm_class, prio
 
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps,
                disable=not (progress and context.is_main), desc="fit", unit="step")
-    for step in bar:
-        # Seeds are global: every process draws the same sizes and gates.
-        torch.manual_seed(config.seed * 7919 + step)
-        generator = torch.Generator().manual_seed(config.seed * 104_729 + step)
-        input_ids = blocks.batch(step, config.batch_size, rank=context.rank,
-                                 world_size=context.world_size).to(device)  # [B, T]
-        sizes = _step_sizes(config, generator)
-        optimizer.zero_grad(set_to_none=True)
-        # Full size: the LM's own loss, and the teacher for self-distillation.
-        with torch.set_grad_enabled(config.train_lm), context.no_sync(runner):
-            teacher_logits, nll_full = runner(input_ids)  # [B, T, V], []
-            if config.train_lm:
-                nll_full.backward()
-        teacher_logits = teacher_logits.detach()
-        # Smallest and random sizes: the ELBO per token, averaged over sizes. Gradients
-        # are averaged across processes in the last backward pass only.
-        losses = []
-        for index, size in enumerate(sizes):
-            last = index == len(sizes) - 1
-            with contextlib.nullcontext() if last else context.no_sync(runner):
-                loss = runner(input_ids, size, teacher_logits) / len(sizes)
-                loss.backward()
-            losses.append(loss.detach())
-        parts = context.mean(torch.stack([nll_full.detach(), *losses]).float()).tolist()
-        _check_finite(parts, sizes, step)
-        if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                           config.grad_clip)
-        optimizer.step()
-        step_times.append(time.perf_counter() - began)
-        if step % config.log_every == 0 or step == config.steps - 1:
-            elbo_total = 0.0
-            for value in parts[1:]:
-                elbo_total += value
-            row = {"step": step, "loss": elbo_total, "nll_full": parts[0]}
-            history.append(row)
-            bar.set_postfix(loss=f"{elbo_total:.3f}", nll_full=f"{row['nll_full']:.3f}")
-        done = step + 1
-        if checkpoint is not None and config.checkpoint_every and done % config.checkpoint_every == 0 \
-                and done < config.steps:
-            save(done)
+    # Distribution argument checks would sync the host with the device several times a
+    # pass; the loop checks the losses once a step instead (_check_finite).
+    with pyro.validation_enabled(False):
+        for step in bar:
+            # Seeds are global: every process draws the same sizes and gates.
+            torch.manual_seed(config.seed * 7919 + step)
+            generator = torch.Generator().manual_seed(config.seed * 104_729 + step)
+            input_ids = blocks.batch(step, config.batch_size, rank=context.rank,
+                                     world_size=context.world_size).to(device)  # [B, T]
+            sizes = _step_sizes(config, generator)
+            if config.train_lm:  # the LM's weights wait for the first freeze_lm_steps steps
+                optimizer.param_groups[1]["lr"] = 0.0 if step < config.freeze_lm_steps else config.lr_lm
+            optimizer.zero_grad(set_to_none=True)
+            # Full size: the LM's own loss, and the teacher for self-distillation.
+            with torch.set_grad_enabled(config.train_lm), context.no_sync(runner):
+                teacher_logits, nll_full = runner(input_ids)  # [B, T, V], []
+                if config.train_lm:
+                    nll_full.backward()
+            teacher_logits = teacher_logits.detach()
+            # Smallest and random sizes: the ELBO per token, averaged over sizes. Gradients
+            # are averaged across processes in the last backward pass only.
+            losses = []
+            for index, size in enumerate(sizes):
+                last = index == len(sizes) - 1
+                with contextlib.nullcontext() if last else context.no_sync(runner):
+                    loss = runner(input_ids, size, teacher_logits) / len(sizes)
+                    loss.backward()
+                losses.append(loss.detach())
+            parts = context.mean(torch.stack([nll_full.detach(), *losses]).float()).tolist()
+            _check_finite(parts, sizes, step)
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                               config.grad_clip)
+            optimizer.step()
+            step_times.append(time.perf_counter() - began)
+            if step % config.log_every == 0 or step == config.steps - 1:
+                elbo_total = 0.0
+                for value in parts[1:]:
+                    elbo_total += value
+                row = {"step": step, "loss": elbo_total, "nll_full": parts[0]}
+                history.append(row)
+                bar.set_postfix(loss=f"{elbo_total:.3f}", nll_full=f"{row['nll_full']:.3f}")
+            done = step + 1
+            if checkpoint is not None and config.checkpoint_every and done % config.checkpoint_every == 0 \
+                    and done < config.steps:
+                save(done)
     bar.close()
     seconds = time.perf_counter() - began
     lm.eval()

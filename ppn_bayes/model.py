@@ -28,13 +28,14 @@ import torch
 import torch.nn.functional as F
 from pyro import poutine
 from pyro.nn import PyroModule
+from pyro.distributions.util import is_identically_zero
 from torch import nn
 
 from .architecture import Architecture
 from .budget import expected_size, keep_logits, solve_log_tau
 from .gating import GatedLM, Gates
 
-__all__ = ["PuppetModel", "PuppetGuide", "plates", "sample_gates", "FLAT_LOG_LAMBDA"]
+__all__ = ["PuppetModel", "PuppetGuide", "PuppetELBO", "plates", "sample_gates", "FLAT_LOG_LAMBDA"]
 
 #: ``log λ_l`` of every layer without the hierarchy (flat units): ``π_l = σ(60 + ...) = 1``.
 FLAT_LOG_LAMBDA = 30.0
@@ -45,25 +46,51 @@ def plates(L: int, U: int):
     return pyro.plate("layer", L, dim=-2), pyro.plate("unit", U, dim=-1)
 
 
-def sample_gates(layer_plate, unit_plate, layer_logits, unit_logits, temperature: float) -> Gates:
+def _straight_through(logits: torch.Tensor, noise: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``1[logits + noise > 0]`` forward, the gradient of ``σ((logits + noise) / T)`` backward."""
+    soft = torch.sigmoid((logits + noise) / temperature)
+    return (soft > 0.5).to(soft.dtype) + (soft - soft.detach())
+
+
+def sample_gates(layer_plate, unit_plate, layer_logits, unit_logits, temperature: float,
+                 coupling: str = "independent") -> Gates:
     """Sample sites ``gate_layer [L, 1]`` and ``gate_unit [L, U]`` (relaxed, hard forward).
+
+    ``coupling='independent'``: every gate its own relaxed Bernoulli draw, the unit's given its
+    layer (``unit_logits`` are the conditional logits of :func:`~ppn_bayes.budget.keep_logits`).
+    ``coupling='shared'``: one logistic draw ``ε`` (sample site ``gate_noise``, a uniform
+    ``u`` read as ``ε = logit(u)``) drives every gate, ``z = 1[logit π + ε > 0]`` with the
+    *marginal* ``π``: each gate is still ``Bernoulli(π)``, but the draws are comonotone, so
+    the kept units are always the ``π``-largest (a prefix of a ranking), like the masks that
+    are deployed; ``π_lu ≤ π_l`` keeps the hierarchy.
 
     Their log-densities are masked: model and guide draw them from the same ``π``.
     """
+    temperature_t = torch.full((), temperature, device=layer_logits.device)  # a fill, not a host copy
     with poutine.mask(mask=False):
+        if coupling == "shared":
+            u = pyro.sample("gate_noise", dist.Uniform(torch.zeros((), device=layer_logits.device),
+                                                       torch.ones((), device=layer_logits.device)))
+            eps = torch.logit(u.clamp(1e-6, 1 - 1e-6))
+            # marginal logit of π_lu = π_l · σ(unit): log π_lu - log(1 - π_lu)
+            log_pi_unit = F.logsigmoid(layer_logits)[..., None] + F.logsigmoid(unit_logits)
+            marginal_unit = log_pi_unit - torch.log1p(-log_pi_unit.exp().clamp(max=1 - 1e-7))
+            z_layer = _straight_through(layer_logits, eps, temperature)[..., None]  # [L, 1]
+            z_unit = _straight_through(marginal_unit, eps, temperature)  # [L, U]
+            with layer_plate:
+                z_layer = pyro.sample("gate_layer", dist.Delta(z_layer))
+                with unit_plate:
+                    z_unit = pyro.sample("gate_unit", dist.Delta(z_unit))
+            return Gates(layer=z_layer[..., 0], unit=z_unit)
         with layer_plate:
             z_layer = pyro.sample(
                 "gate_layer",
-                dist.RelaxedBernoulliStraightThrough(
-                    torch.tensor(temperature, device=layer_logits.device), logits=layer_logits[..., None]
-                ),
+                dist.RelaxedBernoulliStraightThrough(temperature_t, logits=layer_logits[..., None]),
             )  # [L, 1]
             with unit_plate:
                 z_unit = pyro.sample(
                     "gate_unit",
-                    dist.RelaxedBernoulliStraightThrough(
-                        torch.tensor(temperature, device=unit_logits.device), logits=unit_logits
-                    ),
+                    dist.RelaxedBernoulliStraightThrough(temperature_t, logits=unit_logits),
                 )  # [L, U]
     return Gates(layer=z_layer[..., 0], unit=z_unit)
 
@@ -71,9 +98,13 @@ def sample_gates(layer_plate, unit_plate, layer_logits, unit_logits, temperature
 class _Push(PyroModule):
     """What model and guide share: costs, the hierarchy switch, and τ(size)."""
 
-    def __init__(self, arch: Architecture, *, hierarchy: bool, prior_scale: float, temperature: float):
+    def __init__(self, arch: Architecture, *, hierarchy: bool, prior_scale: float, temperature: float,
+                 gate_coupling: str = "independent"):
         super().__init__()
+        if gate_coupling not in ("independent", "shared"):
+            raise ValueError(f"gate_coupling must be 'independent' or 'shared', got {gate_coupling!r}")
         self.arch = arch
+        self.gate_coupling = gate_coupling
         self.hierarchy = hierarchy
         self.prior_scale = prior_scale
         self.temperature = temperature
@@ -121,8 +152,10 @@ class PuppetModel(_Push):
         prior_scale: float = 1.0,
         temperature: float = 0.5,
         distill_weight: float = 1.0,
+        gate_coupling: str = "independent",
     ):
-        super().__init__(gated.arch, hierarchy=hierarchy, prior_scale=prior_scale, temperature=temperature)
+        super().__init__(gated.arch, hierarchy=hierarchy, prior_scale=prior_scale, temperature=temperature,
+                         gate_coupling=gate_coupling)
         self.gated = gated
         self.distill_weight = distill_weight
 
@@ -149,17 +182,13 @@ class PuppetModel(_Push):
             expected_size(log_tau, log_lambda_layer, log_lambda_unit, self.layer_cost, self.unit_cost),
         )
         # 3. The gates, relaxed so that the likelihood is differentiable in π.
-        gates = sample_gates(layer_plate, unit_plate, layer_logits, unit_logits, self.temperature)
+        gates = sample_gates(layer_plate, unit_plate, layer_logits, unit_logits, self.temperature,
+                             self.gate_coupling)
         # 4. The likelihood: the LM's own next-token log-likelihood under the gates.
         logits = self.gated(input_ids, gates=gates)  # [B, T, V]
         log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)  # [B, T-1, V]
         targets = input_ids[:, 1:]  # [B, T-1]
         nll = -log_probs.gather(-1, targets[..., None]).mean()
-        if not torch.isfinite(nll):
-            raise FloatingPointError(
-                f"the loss became {nll.item()}: the LM's next-token loss under the gates is not finite; "
-                "lower lr_lm / lr_guide or check the data and the LM's weights"
-            )
         pyro.factor("log_likelihood", -nll)
         if teacher_logits is not None and self.distill_weight > 0:
             # Self-distillation: KL(full LM ‖ gated LM), per token.
@@ -186,14 +215,21 @@ class PuppetGuide(_Push):
         posterior: str = "normal",
         init_scale: float = 0.1,
         layer_init: float = 1.0,
+        gate_coupling: str = "independent",
+        init_jitter: float = 0.0,
+        seed: int = 0,
     ):
-        super().__init__(arch, hierarchy=hierarchy, prior_scale=prior_scale, temperature=temperature)
+        super().__init__(arch, hierarchy=hierarchy, prior_scale=prior_scale, temperature=temperature,
+                         gate_coupling=gate_coupling)
         if posterior not in ("normal", "point"):
             raise ValueError(f"posterior must be 'normal' or 'point', got {posterior!r}")
         self.posterior = posterior
         L, U = arch.n_layers, arch.n_units
         self.loc_layer = nn.Parameter(torch.full((L,), float(layer_init)))
-        self.loc_unit = nn.Parameter(torch.zeros(L, U))
+        # ``init_jitter``: a seeded spread of the initial unit locations; with shared gate
+        # coupling, equal scales would keep or drop every unit of a layer together.
+        jitter = torch.randn((L, U), generator=torch.Generator().manual_seed(seed)) * init_jitter
+        self.loc_unit = nn.Parameter(jitter)
         self.log_scale_layer = nn.Parameter(torch.full((L,), math.log(init_scale)))
         self.log_scale_unit = nn.Parameter(torch.full((L, U), math.log(init_scale)))
 
@@ -217,7 +253,8 @@ class PuppetGuide(_Push):
             lambda_layer.log()[..., 0] if self.hierarchy else None, lambda_unit.log()
         )
         _, layer_logits, unit_logits = self.push(size, log_lambda_layer, log_lambda_unit)
-        return sample_gates(layer_plate, unit_plate, layer_logits, unit_logits, self.temperature)
+        return sample_gates(layer_plate, unit_plate, layer_logits, unit_logits, self.temperature,
+                            self.gate_coupling)
 
     # -- posterior summaries that need no sampling ----------------------------------------
     def median_log_lambda(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,3 +274,35 @@ class PuppetGuide(_Push):
         layer = layer_loc + layer_eps.to(layer_loc) * self.log_scale_layer.detach().exp()
         layer, unit = self.effective(layer, unit)
         return layer, unit
+
+
+class PuppetELBO(pyro.infer.Trace_ELBO):
+    """``Trace_ELBO`` whose loss stays on the device.
+
+    Pyro's ``Trace_ELBO`` also adds up a float copy of every site's log-density, one host
+    round trip (a device sync) per site, to report the loss's value next to its surrogate.
+    Every latent site of a push puppet network is reparameterised (the gates and
+    ``gate_noise`` are masked), so the surrogate *is* the negative ELBO: this returns it
+    directly, with the same value and gradients (``tests/test_fit.py`` checks both against
+    ``Trace_ELBO``). A site that would need a score-function term is refused.
+    """
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        loss = 0.0
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            elbo = 0.0
+            for site in model_trace.nodes.values():
+                if site["type"] == "sample":
+                    elbo = elbo + site["log_prob_sum"]
+            for name, site in guide_trace.nodes.items():
+                if site["type"] == "sample":
+                    _, score_function_term, entropy_term = site["score_parts"]
+                    if not is_identically_zero(score_function_term):
+                        raise NotImplementedError(
+                            f"guide site {name!r} is not reparameterised; PuppetELBO handles only "
+                            "reparameterised latent sites (use pyro.infer.Trace_ELBO)"
+                        )
+                    if not is_identically_zero(entropy_term):
+                        elbo = elbo - entropy_term.sum()
+            loss = loss - elbo / self.num_particles
+        return loss

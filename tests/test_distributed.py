@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from ppn_bayes import distributed
 from ppn_bayes.config import FitConfig
 from ppn_bayes.data import TokenBlocks
+from ppn_bayes.model import PuppetELBO
 from ppn_bayes.evaluate import perplexity
 from ppn_bayes.fit import _build, _next_token_loss, _optimizer, _step_sizes, fit, load_fit
 from ppn_bayes.gating import GatedLM
@@ -145,7 +146,7 @@ def _reference_fit(lm, tokens, config: FitConfig):
     arch = describe(lm, mlp_group=config.mlp_group)
     gated, model, guide, _ = _build(lm, config, arch, prior_tokens=tokens.numel(), device=torch.device("cpu"))
     optimizer = _optimizer(lm, guide, config)
-    elbo = pyro.infer.Trace_ELBO()(model, guide)
+    elbo = PuppetELBO()(model, guide)  # Trace_ELBO, its value on the device (tests/test_fit.py)
     history = []
     lm.train()
     for step in range(config.steps):

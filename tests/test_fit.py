@@ -134,3 +134,101 @@ def test_without_the_hierarchy_every_layer_is_kept_and_units_are_flat():
     assert torch.allclose(pi_layer, torch.ones_like(pi_layer))
     flat = torch.sigmoid(2 * (log_tau + guide.loc_unit.detach().double()))
     assert torch.allclose(pi_unit, flat, atol=1e-12)
+
+
+def test_shared_gates_are_comonotone_bernoulli_draws_of_the_marginal_keep_probabilities():
+    """``gate_coupling='shared'``: each gate is Bernoulli(π) (marginals exact), the kept
+    units are always those of largest π (a prefix of a ranking), and no unit outlives its layer."""
+    from ppn_bayes.budget import keep_logits, keep_probs
+    from ppn_bayes.model import plates, sample_gates
+
+    torch.manual_seed(0)
+    L, U = 3, 5
+    log_tau = torch.tensor(0.2)
+    ll, lu = torch.randn(L), torch.randn(L, U)
+    layer_logits, unit_logits = keep_logits(log_tau, ll, lu)
+    pi_layer, pi_unit = keep_probs(log_tau, ll, lu)
+    draws = []
+    for _ in range(4000):
+        layer_plate, unit_plate = plates(L, U)
+        gates = sample_gates(layer_plate, unit_plate, layer_logits, unit_logits, 0.5, "shared")
+        assert bool((gates.unit <= gates.layer[:, None]).all())
+        kept, dropped = pi_unit[gates.unit > 0.5], pi_unit[gates.unit < 0.5]
+        if kept.numel() and dropped.numel():
+            assert kept.min() > dropped.max()
+        draws.append(gates.unit)
+    frequency = torch.stack(draws).mean(0)
+    assert torch.allclose(frequency, pi_unit, atol=0.03), (frequency - pi_unit).abs().max()
+
+
+def test_shared_gates_pass_gradients_to_the_scales():
+    from ppn_bayes.budget import keep_logits
+    from ppn_bayes.model import plates, sample_gates
+
+    ll = torch.zeros(3, requires_grad=True)
+    lu = torch.linspace(-1, 1, 15).reshape(3, 5).requires_grad_(True)
+    layer_logits, unit_logits = keep_logits(torch.tensor(0.0), ll, lu)
+    pyro.set_rng_seed(1)
+    gates = sample_gates(*plates(3, 5), layer_logits, unit_logits, 0.5, "shared")
+    (gates.unit.sum() + gates.layer.sum()).backward()
+    assert lu.grad.abs().sum() > 0 and ll.grad.abs().sum() > 0
+
+
+def test_a_shared_coupling_fit_runs_and_its_masks_nest():
+    lm = tiny_llama(TOKENIZER.vocab_size, layers=2, hidden=32, heads=2, kv_heads=1, intermediate=64)
+    config = FitConfig(steps=30, batch_size=4, seq_len=32, lr_lm=3e-3, mlp_group=32, gate_coupling="shared",
+                       init_jitter=0.5, log_every=1)
+    fitted = fit(lm, TOKENS, config, progress=False)
+    losses = [row["loss"] for row in fitted.result.history]
+    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5
+    assert fitted.ranking().masks(0.4) <= fitted.ranking().masks(0.8)
+
+
+def test_the_lm_waits_for_freeze_lm_steps():
+    lm = tiny_llama(TOKENIZER.vocab_size, layers=2, hidden=32, heads=2, kv_heads=1, intermediate=64)
+    before = {name: p.detach().clone() for name, p in lm.named_parameters()}
+    config = FitConfig(steps=3, batch_size=2, seq_len=32, mlp_group=32, freeze_lm_steps=3)
+    fitted = fit(lm, TOKENS, config, progress=False)
+    assert all(torch.equal(before[name], p) for name, p in fitted.lm.named_parameters())
+    assert not torch.equal(fitted.guide.loc_unit, torch.zeros_like(fitted.guide.loc_unit))
+    fitted = fit(lm, TOKENS, config.replace(steps=4), progress=False)
+    assert any(not torch.equal(before[name], p) for name, p in fitted.lm.named_parameters())
+
+
+def test_guide_locations_start_jittered_when_asked():
+    arch = describe(tiny_lm("llama"), mlp_group=32)
+    assert torch.equal(PuppetGuide(arch).loc_unit, torch.zeros(arch.n_layers, arch.n_units))
+    a, b = PuppetGuide(arch, init_jitter=0.5, seed=3), PuppetGuide(arch, init_jitter=0.5, seed=3)
+    assert torch.equal(a.loc_unit, b.loc_unit) and 0.2 < float(a.loc_unit.detach().std()) < 1.0
+    with pytest.raises(ValueError, match="gate_coupling must be"):
+        FitConfig(gate_coupling="copula")
+
+
+@pytest.mark.parametrize("coupling, hierarchy, posterior", [
+    ("independent", True, "normal"), ("shared", True, "normal"), ("independent", False, "point"),
+])
+def test_puppet_elbo_equals_pyros_trace_elbo_in_value_and_gradient(coupling, hierarchy, posterior):
+    """The device-only ELBO is Trace_ELBO: same loss, same gradients, on the same draws."""
+    from ppn_bayes.model import PuppetELBO
+
+    lm = tiny_lm("llama")
+    arch = describe(lm, mlp_group=32)
+    pyro.settings.set(module_local_params=True)
+    model = PuppetModel(GatedLM(lm, arch), hierarchy=hierarchy, gate_coupling=coupling, prior_scale=0.3)
+    guide = PuppetGuide(arch, hierarchy=hierarchy, gate_coupling=coupling, posterior=posterior, init_jitter=0.5,
+                        prior_scale=0.3)
+    x = torch.randint(0, 97, (2, 12))
+    teacher = lm(input_ids=x).logits.detach()
+    results = []
+    for elbo in (pyro.infer.Trace_ELBO(), PuppetELBO()):
+        module = elbo(model, guide)
+        pyro.set_rng_seed(7)
+        loss = module(x, 0.6, teacher)
+        grads = torch.autograd.grad(loss, [p for p in module.parameters() if p.requires_grad], allow_unused=True)
+        results.append((loss.detach(), grads))
+    (a, grads_a), (b, grads_b) = results
+    assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+    for ga, gb in zip(grads_a, grads_b):
+        assert (ga is None) == (gb is None)
+        if ga is not None:
+            assert torch.allclose(ga, gb, rtol=1e-5, atol=1e-7)
