@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality import SHARED, QualityConfig, Run, _autocast, load_inputs  # noqa: E402
+from quality import SHARED, QualityConfig, Run, _autocast, _subnetwork, load_inputs  # noqa: E402
 
 from ppn_bayes.config import FitConfig  # noqa: E402
 from ppn_bayes.records import RECORDS_DIR, append_record  # noqa: E402
@@ -59,7 +59,6 @@ def recipe_config(name: str, base: FitConfig) -> FitConfig:
 
 def run_recipe(args: argparse.Namespace) -> None:
     from ppn_bayes.fit import fit
-    from ppn_bayes.subnetwork import build_subnetwork
 
     base = FitConfig(steps=2 if args.quick else args.steps, batch_size=1 if args.quick else args.batch,
                      seq_len=128 if args.quick else args.seq_len, size_min=0.3, log_every=10,
@@ -79,7 +78,7 @@ def run_recipe(args: argparse.Namespace) -> None:
     full = run.evaluate(fitted.lm)
     for size in args.sizes:
         masks = ranking.masks(size)
-        result = run.evaluate(build_subnetwork(fitted.lm, masks))
+        result = run.evaluate(_subnetwork(fitted.lm, masks)[0])
         append_record("recipes", method="ppn_bayes", recipe=args.recipe, changes=RECIPES[args.recipe],
                       model=run.config.name, records_dir=args.records_dir, size_requested=size,
                       size_reached=masks.size_reached, ppl=result.ppl, nll=result.nll, windows=result.windows,
@@ -134,7 +133,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--work-dir", default="runs/quality", help="the model and token caches (as quality.py)")
     p.add_argument("--records-dir", default=str(RECORDS_DIR), help="where recipes.jsonl is appended to")
-    p.add_argument("--time-budget", type=float, default=None, help="accepted for gpu_job.sh; unused")
     p.add_argument("--quick", action="store_true", help="CPU smoke run: 2 steps of 1 x 128 tokens, 2 windows")
     return p
 

@@ -187,11 +187,11 @@ def record(n: int, result: dict, one: dict | None, args: argparse.Namespace, mod
         else "float32",
         device=args.device, quick=args.quick, fit_config=result["config"],
     )
-    if one is not None:  # in weak scaling the curves differ by design: no differences recorded
+    if one is not None:  # one GPU's batch: args.global_batch in both modes
         one_tps, _ = steady_tokens_per_s(one["step_times"], args.warmup, args.global_batch * args.seq_len)
         figures["speedup_vs_1gpu"] = tps / one_tps
         figures["scaling_efficiency"] = tps / one_tps / n
-    if one is not None and not args.weak:
+    if one is not None and not args.weak:  # weak scaling: the curves differ by design
         figures["max_loss_diff_vs_1gpu"] = max(
             abs(a["loss"] - b["loss"]) for a, b in zip(result["history"], one["history"]))
         figures["max_nll_full_diff_vs_1gpu"] = max(

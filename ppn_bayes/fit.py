@@ -410,8 +410,12 @@ def _fit(lm, blocks: TokenBlocks, config: FitConfig, context: distributed.Contex
     gated, model, guide, prior_scale = _build(lm, config, arch, prior_tokens=blocks.tokens.numel(),
                                               device=None if sharded else device)
     try:
-        return _loop(lm, gated, model, guide, blocks, config, context, arch, lm_class, prior_scale,
-                     checkpoint=checkpoint, state=state, opt_state=opt_state, tokenizer=tokenizer, progress=progress)
+        # Distribution argument checks would sync the host with the device several times a
+        # pass; the loop checks the losses once a step instead (_check_finite).
+        with pyro.validation_enabled(False):
+            return _loop(lm, gated, model, guide, blocks, config, context, arch, lm_class, prior_scale,
+                         checkpoint=checkpoint, state=state, opt_state=opt_state, tokenizer=tokenizer,
+                         progress=progress)
     finally:  # also when the fit fails: the caller's LM gets no hooks left behind
         gated.unload()
         if not config.train_lm:
@@ -461,52 +465,49 @@ def _loop(lm, gated, model, guide, blocks, config, context, arch, lm_class, prio
 
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps,
                disable=not (progress and context.is_main), desc="fit", unit="step")
-    # Distribution argument checks would sync the host with the device several times a
-    # pass; the loop checks the losses once a step instead (_check_finite).
-    with pyro.validation_enabled(False):
-        for step in bar:
-            # Seeds are global: every process draws the same sizes and gates.
-            torch.manual_seed(config.seed * 7919 + step)
-            generator = torch.Generator().manual_seed(config.seed * 104_729 + step)
-            input_ids = blocks.batch(step, config.batch_size, rank=context.rank,
-                                     world_size=context.world_size).to(device)  # [B, T]
-            sizes = _step_sizes(config, generator)
-            if config.train_lm:  # the LM's weights wait for the first freeze_lm_steps steps
-                optimizer.param_groups[1]["lr"] = 0.0 if step < config.freeze_lm_steps else config.lr_lm
-            optimizer.zero_grad(set_to_none=True)
-            # Full size: the LM's own loss, and the teacher for self-distillation.
-            with torch.set_grad_enabled(config.train_lm), context.no_sync(runner):
-                teacher_logits, nll_full = runner(input_ids)  # [B, T, V], []
-                if config.train_lm:
-                    nll_full.backward()
-            teacher_logits = teacher_logits.detach()
-            # Smallest and random sizes: the ELBO per token, averaged over sizes. Gradients
-            # are averaged across processes in the last backward pass only.
-            losses = []
-            for index, size in enumerate(sizes):
-                last = index == len(sizes) - 1
-                with contextlib.nullcontext() if last else context.no_sync(runner):
-                    loss = runner(input_ids, size, teacher_logits) / len(sizes)
-                    loss.backward()
-                losses.append(loss.detach())
-            parts = context.mean(torch.stack([nll_full.detach(), *losses]).float()).tolist()
-            _check_finite(parts, sizes, step)
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                               config.grad_clip)
-            optimizer.step()
-            step_times.append(time.perf_counter() - began)
-            if step % config.log_every == 0 or step == config.steps - 1:
-                elbo_total = 0.0
-                for value in parts[1:]:
-                    elbo_total += value
-                row = {"step": step, "loss": elbo_total, "nll_full": parts[0]}
-                history.append(row)
-                bar.set_postfix(loss=f"{elbo_total:.3f}", nll_full=f"{row['nll_full']:.3f}")
-            done = step + 1
-            if checkpoint is not None and config.checkpoint_every and done % config.checkpoint_every == 0 \
-                    and done < config.steps:
-                save(done)
+    for step in bar:
+        # Seeds are global: every process draws the same sizes and gates.
+        torch.manual_seed(config.seed * 7919 + step)
+        generator = torch.Generator().manual_seed(config.seed * 104_729 + step)
+        input_ids = blocks.batch(step, config.batch_size, rank=context.rank,
+                                 world_size=context.world_size).to(device)  # [B, T]
+        sizes = _step_sizes(config, generator)
+        if config.train_lm:  # the LM's weights wait for the first freeze_lm_steps steps
+            optimizer.param_groups[1]["lr"] = 0.0 if step < config.freeze_lm_steps else config.lr_lm
+        optimizer.zero_grad(set_to_none=True)
+        # Full size: the LM's own loss, and the teacher for self-distillation.
+        with torch.set_grad_enabled(config.train_lm), context.no_sync(runner):
+            teacher_logits, nll_full = runner(input_ids)  # [B, T, V], []
+            if config.train_lm:
+                nll_full.backward()
+        teacher_logits = teacher_logits.detach()
+        # Smallest and random sizes: the ELBO per token, averaged over sizes. Gradients
+        # are averaged across processes in the last backward pass only.
+        losses = []
+        for index, size in enumerate(sizes):
+            last = index == len(sizes) - 1
+            with contextlib.nullcontext() if last else context.no_sync(runner):
+                loss = runner(input_ids, size, teacher_logits) / len(sizes)
+                loss.backward()
+            losses.append(loss.detach())
+        parts = context.mean(torch.stack([nll_full.detach(), *losses]).float()).tolist()
+        _check_finite(parts, sizes, step)
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                           config.grad_clip)
+        optimizer.step()
+        step_times.append(time.perf_counter() - began)
+        if step % config.log_every == 0 or step == config.steps - 1:
+            elbo_total = 0.0
+            for value in parts[1:]:
+                elbo_total += value
+            row = {"step": step, "loss": elbo_total, "nll_full": parts[0]}
+            history.append(row)
+            bar.set_postfix(loss=f"{elbo_total:.3f}", nll_full=f"{row['nll_full']:.3f}")
+        done = step + 1
+        if checkpoint is not None and config.checkpoint_every and done % config.checkpoint_every == 0 \
+                and done < config.steps:
+            save(done)
     bar.close()
     seconds = time.perf_counter() - began
     lm.eval()
