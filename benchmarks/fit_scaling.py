@@ -10,11 +10,18 @@ step; ``--precision fp32`` (float32, no TF32) is the setting in which to compare
 
 Weak scaling (``--weak``): every process keeps ``--global-batch`` sequences, so ``N``
 processes train ``N`` times the tokens per step: the throughput a user gets by adding GPUs
-to a fit whose batch fits one GPU (the loss curves then differ by design).
+to a fit whose batch fits one GPU. Its loss curve is compared (``--match-curves``) with one
+process that accumulates ``N`` micro-batches of ``--global-batch`` (``FitConfig.accumulate``):
+the same global batch, sizes and gate draws, so the same steps up to rounding; the record
+carries that reference's curve and throughput too.
+
+With ``--reuse`` a process count measured before under the same settings (its result is
+kept in ``--work-dir``) is read back instead of run again: one GPU can be measured while
+the other is busy, and two GPUs later against it.
 
 Throughput is measured after ``--warmup`` steps, from the fit's own step clock
-(``FitResult.step_times``: the loop syncs the device once a step, when it reads the
-losses). ``tokens_per_s`` counts each training token once (steps x global batch x
+(``FitResult.step_times``: when each step's losses came back from the device; the loop
+reads them one step late, so the host queues the next step meanwhile). ``tokens_per_s`` counts each training token once (steps x global batch x
 seq_len), although a step runs three passes over it (the full LM, the smallest size, one
 random size). On CUDA the fit runs under bf16 autocast with fp32 weights and TF32
 matmuls; on the CPU in float32.
@@ -22,7 +29,7 @@ matmuls; on the CPU in float32.
 One record per ``N`` in ``fit.jsonl``, appended as soon as ``N`` is measured:
 ``gpus``, ``tokens_per_s``, ``tokens_per_s_per_gpu``, ``speedup_vs_1gpu``,
 ``scaling_efficiency`` (speedup / N), ``loss`` and ``nll_full`` (per step),
-``max_loss_diff_vs_1gpu``, ``train_tokens``, ``seconds``, the settings.
+``max_loss_diff_vs_1gpu`` and the other figures of :func:`curve_match`, ``train_tokens``, ``seconds``, the settings.
 
 Examples::
 
@@ -129,7 +136,8 @@ def worker(args: argparse.Namespace) -> None:
     # Under torchrun the LM is read on the CPU and fit moves it to cuda:LOCAL_RANK.
     lm, _ = load_lm(args.lm_dir, device="cpu" if world > 1 or not cuda else "cuda")
     tokens = load_tokens(args.tokens)
-    config = FitConfig(steps=args.steps, batch_size=args.global_batch // world, seq_len=args.seq_len,
+    config = FitConfig(steps=args.steps, batch_size=args.global_batch // world, accumulate=args.accumulate,
+                       seq_len=args.seq_len,
                        mlp_group=args.mlp_group, log_every=1, parallel=args.parallel if world > 1 else "none")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     with autocast:
@@ -140,12 +148,21 @@ def worker(args: argparse.Namespace) -> None:
         atomic_write_text(Path(args.result), json.dumps(result))
 
 
+def result_path(n: int, args: argparse.Namespace, directory: Path) -> Path:
+    """Where the result of ``n`` processes under these settings is kept (``--reuse`` reads it;
+    one process is the same run in weak and strong scaling)."""
+    key = (f"n{n}-b{args.global_batch}-a{args.accumulate}-t{args.seq_len}-s{args.steps}-g{args.mlp_group}-"
+           f"{args.precision}-{args.parallel}-{args.device}" + ("-weak" if args.weak and n > 1 else ""))
+    return directory / f"result-{key}.json"
+
+
 def launch(n: int, args: argparse.Namespace, lm_dir: Path, tokens_file: Path, result: Path) -> dict | None:
     """Run the worker on ``n`` processes; its result, or ``None`` when it failed or ran out of time."""
     worker_args = [str(Path(__file__).resolve()), "--worker", "--lm-dir", str(lm_dir), "--tokens", str(tokens_file),
                    "--result", str(result), "--steps", str(args.steps), "--global-batch", str(args.global_batch),
                    "--seq-len", str(args.seq_len), "--mlp-group", str(args.mlp_group), "--device", args.device,
-                   "--parallel", args.parallel, "--precision", args.precision, *(["--weak"] if args.weak else [])]
+                   "--parallel", args.parallel, "--precision", args.precision, "--accumulate", str(args.accumulate),
+                   *(["--weak"] if args.weak else [])]
     if n == 1:
         command = [sys.executable, *worker_args]
     else:
@@ -168,9 +185,11 @@ def launch(n: int, args: argparse.Namespace, lm_dir: Path, tokens_file: Path, re
     return json.loads(result.read_text())
 
 
-def record(n: int, result: dict, one: dict | None, args: argparse.Namespace, model_name: str) -> dict:
-    """The ``fit.jsonl`` record of ``n`` processes (``one``: the one-process result, if measured)."""
-    from ppn_bayes.records import append_record
+def record(n: int, result: dict, one: dict | None, args: argparse.Namespace, model_name: str,
+           reference: dict | None = None) -> dict:
+    """The ``fit.jsonl`` record of ``n`` processes (``one``: the one-process result, if measured;
+    ``reference``: one process that accumulated ``n`` micro-batches, the same global batch)."""
+    from ppn_bayes.records import append_record, curve_match
 
     global_batch = args.global_batch * (n if args.weak else 1)
     tokens_per_step = global_batch * args.seq_len
@@ -191,9 +210,15 @@ def record(n: int, result: dict, one: dict | None, args: argparse.Namespace, mod
         one_tps, _ = steady_tokens_per_s(one["step_times"], args.warmup, args.global_batch * args.seq_len)
         figures["speedup_vs_1gpu"] = tps / one_tps
         figures["scaling_efficiency"] = tps / one_tps / n
-    if one is not None and not args.weak:  # weak scaling: the curves differ by design
-        figures["max_loss_diff_vs_1gpu"] = max(
-            abs(a["loss"] - b["loss"]) for a, b in zip(result["history"], one["history"]))
+    if reference is not None:  # weak scaling: the curve of the same global batch on one GPU
+        ref_tps, _ = steady_tokens_per_s(reference["step_times"], args.warmup, tokens_per_step)
+        figures.update(reference_tokens_per_s=ref_tps, reference_accumulate=n,
+                       reference_loss=[row["loss"] for row in reference["history"]],
+                       **curve_match([row["loss"] for row in result["history"]],
+                                     [row["loss"] for row in reference["history"]]))
+    if one is not None and not args.weak and n > 1:  # weak scaling: the curves differ by design
+        figures.update(curve_match([row["loss"] for row in result["history"]],
+                                   [row["loss"] for row in one["history"]]))
         figures["max_nll_full_diff_vs_1gpu"] = max(
             abs(a["nll_full"] - b["nll_full"]) for a, b in zip(result["history"], one["history"]))
     return append_record("fit", method="ppn_bayes", model=model_name, records_dir=args.records_dir, **figures)
@@ -214,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default: 1024)")
     p.add_argument("--weak", action="store_true",
                    help="weak scaling: --global-batch sequences per process, not split over the processes")
+    p.add_argument("--match-curves", action="store_true",
+                   help="weak scaling: also fit one process that accumulates N micro-batches (the global batch "
+                        "of N processes) and compare the N-process loss curve with its curve")
+    p.add_argument("--accumulate", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
                    help="CUDA: bf16 autocast with TF32 (default) or float32 without TF32 (to compare curves)")
     p.add_argument("--mlp-group", type=int, default=64, help="intermediate channels per MLP unit (default: 64)")
@@ -224,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", default=None,
                    help="cache of the converted model and tokens (default: a temporary folder)")
     p.add_argument("--records-dir", default="docs/benchmarks/records", help="where fit.jsonl is appended")
+    p.add_argument("--reuse", action="store_true",
+                   help="take a process count's result from --work-dir when the same settings were measured "
+                        "there before (no new record for it): measure one GPU while the other is busy, then two")
     p.add_argument("--quick", action="store_true",
                    help="a tiny Llama on the embedded text, 4 steps of 4 x 32 tokens: a rehearsal")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -251,13 +283,30 @@ def main(argv: list[str] | None = None) -> int:
         lm_dir, tokens_file, name = prepare(model=args.model, train_text=args.train_text, work_dir=work,
                                             name=args.model_name, quick=args.quick)
         one = None
+        results = work / "results"
+        results.mkdir(parents=True, exist_ok=True)
         for n in sorted(counts):
-            result = launch(n, args, lm_dir, tokens_file, Path(tmp) / f"result-{n}.json")
+            kept = result_path(n, args, results)
+            reused = args.reuse and kept.is_file()
+            if reused:
+                result = json.loads(kept.read_text())
+                print(f"[fit_scaling] {n} process(es): the result measured before, {kept}", file=sys.stderr)
+            else:
+                kept.unlink(missing_ok=True)
+                result = launch(n, args, lm_dir, tokens_file, kept)
             if result is None:
                 continue
             if n == 1:
                 one = result
-            rec = record(n, result, one, args, name)
+            if reused:
+                continue
+            reference = None
+            if args.weak and args.match_curves and n > 1:
+                ref_args = argparse.Namespace(**{**vars(args), "accumulate": n})
+                kept = result_path(1, ref_args, results)
+                reference = json.loads(kept.read_text()) if args.reuse and kept.is_file() else \
+                    launch(1, ref_args, lm_dir, tokens_file, kept)
+            rec = record(n, result, one, args, name, reference)
             print(json.dumps({k: rec.get(k) for k in ("processes", "tokens_per_s", "scaling_efficiency",
                                                        "max_loss_diff_vs_1gpu")}))
     return 0

@@ -9,6 +9,10 @@
 #   benchmarks/gpu_job.sh part2   # GPU 0: ablations frozen, flat, point side by side, then nodistill;
 #                                 # GPU 1: speculative decoding, alone (~9 min)
 #   benchmarks/gpu_job.sh part3   # fit scaling on 1 and 2 GPUs; speed, prefill and decode (~6 min)
+#   benchmarks/gpu_job.sh part4   # GPU 1: Wanda at 0.9 and 0.7; strong scaling at global batches of
+#                                 # 32, 48 and 64 x 1024 and fp32 curves at 32 x 512, one GPU first (~8 min)
+#   benchmarks/gpu_job.sh part5   # weak scaling at 48 x 1024 per GPU against one GPU, its loss curve against
+#                                 # one GPU accumulating the same global batch; strong at 48; fp32 curves (~6 min)
 #
 # (Structured baselines without training, shortgpt, magnitude, activation, run as before:
 # benchmarks/quality.py --methods shortgpt,magnitude,...; their records do not depend on the fit.)
@@ -24,12 +28,14 @@
 #   FIT_STEPS (160) of FIT_BATCH (8) x FIT_SEQ (2048) tokens: the fit of record, with the
 #     settings of the best recipe (RECIPE_STEPS (150) of 8 x 1024 tokens each). The ablations
 #     take the steps the fit of record took (read from $WORK/rankings.json) and its recipe.
-#   ABLATION_SIZES (all five); RECIPE_EXTRA, SPEC_EXTRA, SCALING_EXTRA: extra flags.
+#   ABLATION_SIZES (all five); RECIPE_EXTRA, SPEC_EXTRA, SCALING_EXTRA: extra flags;
+#   SCALING_BATCHES ("32:30:5 48:30:5 64:24:4": global batch:steps:warmup) for part4;
+#   SCALING_BATCH (48: sequences per GPU) for part5.
 #   RANKINGS: a rankings file for part2 when $WORK/rankings.json is gone (carry it in).
 #   LIMIT (560 s per part); MODEL, MODEL_NAME, TEXTS, WORK, OUT; for a CPU rehearsal with a
 #   tiny LM: DEVICE=cpu, QUALITY_EXTRA and SPEED_EXTRA (extra flags), as tests/test_report.py does.
 set -uo pipefail
-part="${1:?usage: gpu_job.sh check|part1|part2|part3}"
+part="${1:?usage: gpu_job.sh check|part1|part2|part3|part4|part5}"
 OUT="${OUT:-/tmp/gpu-job-out}"
 MODEL="${MODEL:-/root/SmolLM2-135M-Instruct.Q4_1.gguf}"
 MODEL_NAME="${MODEL_NAME:-SmolLM2-135M-Instruct}"
@@ -116,6 +122,16 @@ speed() {  # speed LOG PHASE: dense, the sub-networks of the fit of record, one 
     --model-name "$MODEL_NAME" --device "$DEVICE" --weights "$weights" "${sparse[@]}" ${SPEED_EXTRA:-}
 }
 
+scaling() {  # fit_scaling.py on 1 and 2 GPUs (a later --gpus overrides), stopped at the part's limit
+  local lm="$WORK/model"; [[ -f "$lm/config.json" ]] || lm="$MODEL"
+  local budget=$(( $(left) - 5 ))
+  if (( budget < 30 )); then echo "[gpu_job] no time left for scaling $*" >> "$OUT/scaling.log"; return 0; fi
+  echo "[gpu_job] $(date +%T) scaling $* (${CUDA_VISIBLE_DEVICES:-all GPUs})" >> "$OUT/scaling.log"
+  timeout --signal=TERM "${budget}s" python3 benchmarks/fit_scaling.py --model "$lm" --model-name "$MODEL_NAME" \
+    --device "$DEVICE" --train-text "$TEXTS/wiki_summaries_en.txt" --gpus 1 2 --work-dir "$WORK/scaling" \
+    --records-dir "$REC" "$@" ${SCALING_EXTRA:-} >> "$OUT/scaling.log" 2>&1
+}
+
 case "$part" in
   check) check ;;
   part1)
@@ -159,12 +175,6 @@ case "$part" in
     wait ;;
   part3)
     prepare
-    scaling() {
-      local lm="$WORK/model"; [[ -f "$lm/config.json" ]] || lm="$MODEL"
-      python3 benchmarks/fit_scaling.py --model "$lm" --model-name "$MODEL_NAME" --device "$DEVICE" \
-        --train-text "$TEXTS/wiki_summaries_en.txt" --gpus 1 2 --work-dir "$WORK/scaling" --records-dir "$REC" \
-        "$@" ${SCALING_EXTRA:-} >> "$OUT/scaling.log" 2>&1
-    }
     # weak scaling (16 x 1024 per GPU), strong scaling (16 x 1024 in all), curves in float32
     scaling --weak --global-batch 16 --steps 25
     scaling --global-batch 16 --steps 25
@@ -172,7 +182,41 @@ case "$part" in
     ( export CUDA_VISIBLE_DEVICES=0; speed "$OUT/gpu0.log" prefill ) &
     ( export CUDA_VISIBLE_DEVICES=1; speed "$OUT/gpu1.log" decode ) &
     wait ;;
-  *) echo "unknown part $part: check, part1, part2 or part3"; exit 2 ;;
+  part4)
+    prepare
+    # GPU 1: the Wanda rows part1 ran out of time for. GPU 0 meanwhile: one GPU's fit
+    # throughput at larger global batches (strong scaling needs a step that the GPU, not
+    # the host, bounds); then both GPUs against those one-GPU results (--reuse).
+    # On a one-GPU machine Wanda runs first and the two-GPU step is skipped (fit_scaling says so).
+    second=1; [[ "$DEVICE" == cuda ]] && (( $(nvidia-smi -L | wc -l) < 2 )) && second=0
+    ( export CUDA_VISIBLE_DEVICES=$second
+      run 10 "$OUT/gpu1.log" benchmarks/quality.py "${COMMON[@]}" --methods wanda --sizes 0.9,0.7 \
+        --rankings "$WORK/rankings-baselines.json" ) &
+    wanda=$!
+    (( second == 0 )) && wait "$wanda"
+    STRONG=(${SCALING_BATCHES:-"32:30:5" "48:30:5" "64:24:4"})  # global batch:steps:warmup, 1024 tokens each
+    FP32=(--precision fp32 --global-batch 32 --seq-len 512 --steps 16 --warmup 3)
+    ( export CUDA_VISIBLE_DEVICES=0
+      for spec in "${STRONG[@]}"; do IFS=: read -r b n w <<< "$spec"
+        scaling --gpus 1 --reuse --global-batch "$b" --steps "$n" --warmup "$w"; done
+      scaling --gpus 1 --reuse "${FP32[@]}" )
+    wait "$wanda"
+    for spec in "${STRONG[@]}"; do IFS=: read -r b n w <<< "$spec"
+      scaling --gpus 1 2 --reuse --global-batch "$b" --steps "$n" --warmup "$w"; done
+    scaling --gpus 1 2 --reuse "${FP32[@]}"
+    mkdir -p "$OUT/scaling-results" && cp "$WORK"/scaling/results/*.json "$OUT/scaling-results/" 2>/dev/null
+    ;;
+  part5)
+    # Two GPUs against one at the batch one GPU runs best (48 x 1024; 64 does not fit):
+    # weak scaling with the reference curve of one GPU accumulating the same global batch,
+    # strong scaling of that batch (the one-GPU run reused), and the curves in float32.
+    B="${SCALING_BATCH:-48}"
+    scaling --weak --match-curves --reuse --global-batch "$B" --steps 20 --warmup 4
+    scaling --reuse --global-batch "$B" --steps 20 --warmup 4
+    scaling --weak --match-curves --reuse --precision fp32 --global-batch 16 --seq-len 512 --steps 16 --warmup 3
+    mkdir -p "$OUT/scaling-results" && cp "$WORK"/scaling/results/*.json "$OUT/scaling-results/" 2>/dev/null
+    ;;
+  *) echo "unknown part $part: check, part1 to part5"; exit 2 ;;
 esac
 [[ -f "$RANKINGS" ]] && cp "$RANKINGS" "$OUT/rankings.json"
 echo "[gpu_job] $part done in $(( $(date +%s) - START )) s; records:"

@@ -23,7 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ppn_bayes.io import atomic_write_text
-from ppn_bayes.records import BENCHMARKS, RECORDS_DIR, read_records
+from ppn_bayes.records import BENCHMARKS, RECORDS_DIR, curve_match, read_records
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTOCOL_SIZES = (0.9, 0.7, 0.5, 0.4, 0.3)
@@ -330,7 +330,8 @@ def generic_section(benchmark: str, records: list[dict]) -> list[str]:
                     if key not in BOOKKEEPING and key not in columns and not isinstance(value, (dict, list)):
                         columns.append(key)
             identity = [c for c in columns if c in ("method", "size_requested", "phase", "parallel", "world_size",
-                                                    "batch", "seq_len", "draft_length", "k")]
+                                                    "batch", "seq_len", "draft_length", "k", "processes",
+                                                    "global_batch", "scaling", "dtype")]
             chosen = latest(rows, lambda r: tuple(str(r.get(c)) for c in identity))
             ordered = sorted(chosen.values(), key=lambda r: (_order(r.get("method", "")),
                                                             -float(r.get("size_requested") or 0)))
@@ -345,6 +346,92 @@ def generic_section(benchmark: str, records: list[dict]) -> list[str]:
                                                                      for c in common) + "."]
             lines += provenance(rows)
             lines.append("")
+    return lines
+
+
+# -- fit scaling: speed-up and loss curves ------------------------------------------------------------------
+def _scaling_pairs(records: list[dict]) -> list[tuple[str, dict, dict, list]]:
+    """``(kind, one process, two processes, reference curve)`` of the latest records.
+
+    Strong scaling: one and two processes on the same global batch; the reference curve is
+    the one-process curve. Weak scaling with a reference: two processes of ``B`` sequences
+    each against one of ``B`` (throughput), and against one process that accumulated two
+    micro-batches of ``B`` (the same global batch: the reference curve)."""
+    runs = [r for r in records if r.get("scaling") in ("strong", "weak") and not _is_quick(r) and r.get("loss")]
+    key = ("scaling", "batch_per_gpu", "seq_len", "dtype", "steps", "device")
+
+    def settings(r):
+        return tuple(str(r.get(k) if k != "batch_per_gpu" or r.get("scaling") == "weak" else r.get("global_batch"))
+                     for k in key)
+
+    by = latest(runs, lambda r: (r.get("processes"), r.get("parallel"), *settings(r)))
+    pairs = []
+    for (n, parallel, *same), two in by.items():
+        # the one-process run of the same launch: the latest one not after the two-process run
+        ones = [r for r in runs if r.get("processes") == 1 and list(settings(r)) == same
+                and (r.get("date") or "") <= (two.get("date") or "")]
+        one = max(ones, key=lambda r: r.get("date") or "", default=None)
+        if n != 2 or one is None:
+            continue
+        if two["scaling"] == "strong":
+            pairs.append(("strong", one, two, one["loss"]))
+        elif two.get("reference_loss"):
+            pairs.append(("weak", one, two, two["reference_loss"]))
+    return sorted(pairs, key=lambda p: (p[0], p[2].get("dtype", ""), p[2].get("global_batch", 0) * p[2].get("seq_len", 0)))
+
+
+def scaling_section(records: list[dict], images: Path, image_prefix: str) -> list[str]:
+    """Two GPUs against one: the speed-up, and the loss curves of the same global batch."""
+    pairs = [p for p in _scaling_pairs(records) if _machine_kind(p[2]) != "cpu"]
+    if not pairs:
+        return []
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for kind, dtype in sorted({(p[0], p[2].get("dtype")) for p in pairs}):
+        points = sorted((two["global_batch"] * two["seq_len"], two.get("speedup_vs_1gpu"))
+                        for k, one, two, _ in pairs
+                        if k == kind and two.get("dtype") == dtype and two.get("speedup_vs_1gpu") is not None)
+        left.plot([p[0] for p in points], [p[1] for p in points], "-o", label=f"{kind}, {dtype.split(',')[0]}")
+    left.axhline(1.8, color="grey", linestyle=":", label="bar: 1.8")
+    left.axhline(2.0, color="black", linewidth=0.8)
+    left.set_xscale("log", base=2)
+    left.set_xlabel("global batch of the two GPUs (tokens per step)")
+    left.set_ylabel("tokens/s, 2 GPUs / 1 GPU")
+    left.set_title("scaling on two GPUs")
+    left.grid(True, alpha=0.3)
+    left.legend(fontsize=8)
+    for kind, one, two, reference in pairs:
+        name = f"{kind} {two['global_batch']} x {two['seq_len']}, {two.get('dtype', '').split(',')[0]}"
+        line, = right.plot(reference, "-", linewidth=1, label=f"{name}: 1 GPU")
+        right.plot(two["loss"], "--", color=line.get_color(), linewidth=1, label=f"{name}: 2 GPUs")
+    right.set_xlabel("step")
+    right.set_ylabel("negative ELBO per token (mean over sizes)")
+    right.set_title("loss curves of one global batch: 1 GPU (solid), 2 GPUs (dashed)")
+    right.grid(True, alpha=0.3)
+    right.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    images.mkdir(parents=True, exist_ok=True)
+    fig.savefig(images / "fit-scaling.png", dpi=120)
+    plt.close(fig)
+    lines = ["### Two GPUs against one", "", f"![scaling and loss curves]({image_prefix}/fit-scaling.png)", ""]
+    rows = []
+    for kind, one, two, reference in pairs:  # the curve figures from the curves themselves
+        match = curve_match(two["loss"], reference)
+        rows.append([kind, f"{two['global_batch']} x {two['seq_len']}", two.get("dtype", ""),
+                     _fmt(one["tokens_per_s"]), _fmt(two["tokens_per_s"]), _fmt(two.get("speedup_vs_1gpu")),
+                     "one GPU, same batch" if kind == "strong" else "one GPU accumulating 2 micro-batches",
+                     _fmt(match["steps_within_1e-3"]), _fmt(match["max_loss_diff_vs_1gpu"]),
+                     _fmt(match["mean_loss_diff_last_half"]), _fmt(match["loss_diff_se"]),
+                     "yes" if match["curves_agree_in_mean"] else "no"])
+    lines += _table(["scaling", "global batch (2 GPUs)", "precision", "1 GPU tokens/s", "2 GPUs tokens/s",
+                     "speed-up", "curve compared with", "steps within 1e-3", "max loss diff",
+                     "mean diff, 2nd half", "its s.e.", "agree in mean"], rows)
+    lines += ["", "Strong scaling splits one global batch over the GPUs; weak scaling gives each GPU the batch "
+              "one GPU runs alone (its throughput is the one-GPU figure), and its curve is compared with one GPU "
+              "that accumulates the same global batch in micro-batches (`FitConfig.accumulate`). Curves agree "
+              "in the mean when the mean difference over the second half of the steps is within two standard "
+              "errors; `steps within 1e-3` counts the leading steps that agree to 1e-3, until a straight-through "
+              "gate flips under a different summation order.", ""]
     return lines
 
 
@@ -379,6 +466,7 @@ def render(records_dir: Path, out: Path, images: Path) -> str:
     lines += speed_section(records["speed"], images, prefix)
     for benchmark in ("recipes", "speculative", "resize", "fit"):
         lines += generic_section(benchmark, records[benchmark])
+    lines += scaling_section(records["fit"], images, prefix)
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -61,12 +61,27 @@ def _bracket(log_lambda_layer, log_lambda_unit) -> torch.Tensor:
     return span + 25.0
 
 
-def solve_log_tau(size, log_lambda_layer, log_lambda_unit, layer_cost, unit_cost, *, steps: int = 64):
+def _search_bits(batch_numel: int, n_scales: int) -> int:
+    """Bits narrowed per round of the search: ``2**bits - 1`` points evaluated at once.
+
+    One round costs a handful of kernel launches, so 15 points a round (16 rounds instead of
+    64 bisection steps) cut the launches fourfold and the time on a CPU threefold (wider
+    grids cost more arithmetic than they save); batches of many roots (posterior draws) keep
+    a narrower grid so that the ``[*, points, L, U]`` intermediate stays small."""
+    for bits in (4, 2):
+        if batch_numel * n_scales * (2**bits - 1) <= 2**22:
+            return bits
+    return 1
+
+
+def solve_log_tau(size, log_lambda_layer, log_lambda_unit, layer_cost, unit_cost, *, bits: int | None = None):
     """``log τ`` solving the budget equation for ``size`` (a float or a tensor ``[*]``).
 
-    Bisection in float64 without gradients finds the root ``t₀``; the returned value is
-    ``t₀ + (F(t₀) - F(t₀).detach()) · (-1 / ∂F/∂t)``: equal to ``t₀`` and carrying the
-    implicit-function gradient to the scales and nothing else.
+    A search in float64 without gradients finds the root ``t₀``: each round evaluates
+    ``E[size | t]`` at ``2**bits - 1`` points of the bracket at once and keeps the
+    interval that holds the root, until 64 bits are narrowed (``bits=1`` is bisection).
+    The returned value is ``t₀ + (F(t₀) - F(t₀).detach()) · (-1 / ∂F/∂t)``: equal to ``t₀``
+    and carrying the implicit-function gradient to the scales and nothing else.
     """
     batch = log_lambda_layer.shape[:-1]
     device = log_lambda_layer.device
@@ -80,16 +95,22 @@ def solve_log_tau(size, log_lambda_layer, log_lambda_unit, layer_cost, unit_cost
             raise ValueError(f"size must lie in (0, 1], got {size.tolist()}")
         size = size.expand(batch) if size.dim() == 0 else size
     costs = (layer_cost.to(torch.float64), unit_cost.to(torch.float64))
+    if bits is None:
+        bits = _search_bits(size.numel(), log_lambda_unit.shape[-2:].numel())
     with torch.no_grad():
         ll, lu = log_lambda_layer.detach().double(), log_lambda_unit.detach().double()
         half = _bracket(ll, lu)
-        high = half.to(torch.float64).expand(size.shape).clone()
+        high = half.to(torch.float64).expand(size.shape).clone()  # [*]
         low = -high
-        for _ in range(steps):
-            mid = 0.5 * (low + high)
-            above = expected_size(mid, ll, lu, *costs) > size
-            high = torch.where(above, mid, high)
-            low = torch.where(above, low, mid)
+        fractions = torch.arange(1, 2**bits, dtype=torch.float64, device=device) / 2**bits  # [P]
+        ll_p, lu_p = ll[..., None, :], lu[..., None, :, :]  # [*, 1, L], [*, 1, L, U]
+        for _ in range(-(-64 // bits)):
+            points = low[..., None] + (high - low)[..., None] * fractions  # [*, P]
+            # E[size | t] rises with t: the points below the root come first.
+            below = (expected_size(points, ll_p, lu_p, *costs) <= size[..., None]).sum(-1, keepdim=True)  # [*, 1]
+            grid = torch.cat([low[..., None], points, high[..., None]], dim=-1)  # [*, P + 2]
+            low = grid.gather(-1, below)[..., 0]
+            high = grid.gather(-1, below + 1)[..., 0]
         root = 0.5 * (low + high)
     if not (log_lambda_layer.requires_grad or log_lambda_unit.requires_grad):
         return root.to(log_lambda_layer.dtype)

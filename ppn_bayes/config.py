@@ -21,6 +21,7 @@ class FitConfig:
 
     steps: int = 200
     batch_size: int = 8
+    accumulate: int = 1  # micro-batches of batch_size per process and step
     seq_len: int = 128
     lr_lm: float = 3e-5
     lr_guide: float = 5e-2
@@ -48,7 +49,7 @@ class FitConfig:
     parallel: str = "auto"  # auto | none | ddp | fsdp (several processes under torchrun)
 
     def __post_init__(self):
-        positive = ("steps", "batch_size", "lr_guide", "temperature", "mlp_group", "log_every")
+        positive = ("steps", "batch_size", "accumulate", "lr_guide", "temperature", "mlp_group", "log_every")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -89,7 +90,10 @@ class FitConfig:
 #: One line of documentation per :class:`FitConfig` field (used by ``ppn-bayes fit --help``).
 FIT_HELP: dict[str, str] = {
     "steps": "training steps",
-    "batch_size": "sequences per step (per process under torchrun)",
+    "batch_size": "sequences per step (per process under torchrun), or per micro-batch with accumulate",
+    "accumulate": "micro-batches per step: each process runs batch_size sequences this many times before the "
+                  "optimizer steps (global batch = batch_size x accumulate x processes; the same sizes and gate "
+                  "draws in every micro-batch, so the result equals one batch of that size, in less memory)",
     "seq_len": "tokens per training sequence",
     "lr_lm": "AdamW learning rate of the LM's weights",
     "lr_guide": "AdamW learning rate of the guide's parameters (loc and log-scale of log λ)",

@@ -75,7 +75,8 @@ class FitResult:
     ``history`` holds the losses every ``log_every`` steps, averaged over processes.
     ``train_tokens`` and ``tokens_per_s`` count the global batch (all processes);
     ``seconds`` is the wall time of the training loop of this call and ``step_times``
-    the time since that loop began at the end of each step it ran.
+    the time since that loop began at which each step it ran was finished (its losses
+    read back from the device).
     """
 
     config: dict
@@ -384,13 +385,15 @@ def _check_resumable(state: dict, checkpoint: Path, config: FitConfig, arch: Arc
     saved = FitConfig.from_dict(state["config"])
     # Any number of processes may resume a checkpoint, with the same global batch.
     saved_world = int(state.get("world_size", 1))
-    if saved.batch_size * saved_world != config.batch_size * world_size:
+    saved_global = saved.batch_size * saved.accumulate * saved_world
+    if saved_global != config.batch_size * config.accumulate * world_size:
         raise ValueError(
-            f"checkpoint {checkpoint} was fitted with a global batch of {saved.batch_size * saved_world} "
-            f"sequences (batch_size {saved.batch_size} x {saved_world} processes); here it would be "
-            f"{config.batch_size} x {world_size}: set batch_size so that the product stays"
+            f"checkpoint {checkpoint} was fitted with a global batch of {saved_global} sequences (batch_size "
+            f"{saved.batch_size} x accumulate {saved.accumulate} x {saved_world} processes); here it would be "
+            f"{config.batch_size} x {config.accumulate} x {world_size}: set batch_size or accumulate so that "
+            f"the product stays"
         )
-    ignore = ("steps", "checkpoint_every", "log_every", "parallel", "batch_size")
+    ignore = ("steps", "checkpoint_every", "log_every", "parallel", "batch_size", "accumulate")
     if saved.replace(**{k: getattr(config, k) for k in ignore}) != config:
         raise ValueError(f"checkpoint {checkpoint} was fitted with other settings: {saved}")
 
@@ -457,7 +460,7 @@ def _loop(lm, gated, model, guide, blocks, config, context, arch, lm_class, prio
                             **full)
         context.barrier()
 
-    tokens_per_step = config.batch_size * config.seq_len * context.world_size
+    tokens_per_step = config.batch_size * config.accumulate * config.seq_len * context.world_size
     step_times: list[float] = []
     lm.train()
     began = time.perf_counter()
@@ -465,37 +468,22 @@ def _loop(lm, gated, model, guide, blocks, config, context, arch, lm_class, prio
 
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps,
                disable=not (progress and context.is_main), desc="fit", unit="step")
-    for step in bar:
-        # Seeds are global: every process draws the same sizes and gates.
-        torch.manual_seed(config.seed * 7919 + step)
-        generator = torch.Generator().manual_seed(config.seed * 104_729 + step)
-        input_ids = blocks.batch(step, config.batch_size, rank=context.rank,
-                                 world_size=context.world_size).to(device)  # [B, T]
-        sizes = _step_sizes(config, generator)
-        if config.train_lm:  # the LM's weights wait for the first freeze_lm_steps steps
-            optimizer.param_groups[1]["lr"] = 0.0 if step < config.freeze_lm_steps else config.lr_lm
-        optimizer.zero_grad(set_to_none=True)
-        # Full size: the LM's own loss, and the teacher for self-distillation.
-        with torch.set_grad_enabled(config.train_lm), context.no_sync(runner):
-            teacher_logits, nll_full = runner(input_ids)  # [B, T, V], []
-            if config.train_lm:
-                nll_full.backward()
-        teacher_logits = teacher_logits.detach()
-        # Smallest and random sizes: the ELBO per token, averaged over sizes. Gradients
-        # are averaged across processes in the last backward pass only.
-        losses = []
-        for index, size in enumerate(sizes):
-            last = index == len(sizes) - 1
-            with contextlib.nullcontext() if last else context.no_sync(runner):
-                loss = runner(input_ids, size, teacher_logits) / len(sizes)
-                loss.backward()
-            losses.append(loss.detach())
-        parts = context.mean(torch.stack([nll_full.detach(), *losses]).float()).tolist()
+    cuda = torch.device(device).type == "cuda"
+    # The losses of a step are read one step later, from a copy the device made on its own
+    # (an event marks it done): the host queues step s + 1 while the device still runs step
+    # s, instead of waiting for it. A non-finite loss stops the fit one step late, naming
+    # the step it came from; a checkpoint waits for the step it saves.
+    pending: list = []
+
+    def read_losses() -> None:
+        """Check and log the pending step's losses (waits for that step only)."""
+        if not pending:
+            return
+        step, sizes, host, event = pending.pop()
+        if event is not None:
+            event.synchronize()
+        parts = host.tolist()
         _check_finite(parts, sizes, step)
-        if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                           config.grad_clip)
-        optimizer.step()
         step_times.append(time.perf_counter() - began)
         if step % config.log_every == 0 or step == config.steps - 1:
             elbo_total = 0.0
@@ -504,10 +492,63 @@ def _loop(lm, gated, model, guide, blocks, config, context, arch, lm_class, prio
             row = {"step": step, "loss": elbo_total, "nll_full": parts[0]}
             history.append(row)
             bar.set_postfix(loss=f"{elbo_total:.3f}", nll_full=f"{row['nll_full']:.3f}")
+
+    micro = config.accumulate
+    for step in bar:
+        generator = torch.Generator().manual_seed(config.seed * 104_729 + step)
+        sizes = _step_sizes(config, generator)
+        if config.train_lm:  # the LM's weights wait for the first freeze_lm_steps steps
+            optimizer.param_groups[1]["lr"] = 0.0 if step < config.freeze_lm_steps else config.lr_lm
+        optimizer.zero_grad(set_to_none=True)
+        summed = None
+        for k in range(micro):
+            # Seeds are global: every process and every micro-batch draws the same gates, and
+            # micro-batch k of rank r takes the rows that rank r * micro + k of micro times as
+            # many processes would: the step is the same for any split of its global batch.
+            torch.manual_seed(config.seed * 7919 + step)
+            input_ids = blocks.batch(step, config.batch_size, rank=context.rank * micro + k,
+                                     world_size=context.world_size * micro)
+            if cuda:  # from page-locked memory the copy does not hold the host up
+                input_ids = input_ids.pin_memory().to(device, non_blocking=True)  # [B, T]
+            else:
+                input_ids = input_ids.to(device)  # [B, T]
+            # Full size: the LM's own loss, and the teacher for self-distillation.
+            with torch.set_grad_enabled(config.train_lm), context.no_sync(runner):
+                teacher_logits, nll_full = runner(input_ids)  # [B, T, V], []
+                if config.train_lm:
+                    (nll_full / micro).backward()
+            teacher_logits = teacher_logits.detach()
+            # Smallest and random sizes: the ELBO per token, averaged over sizes (and
+            # micro-batches). Gradients are averaged across processes in the last backward only.
+            losses = []
+            for index, size in enumerate(sizes):
+                last = k == micro - 1 and index == len(sizes) - 1
+                with contextlib.nullcontext() if last else context.no_sync(runner):
+                    loss = runner(input_ids, size, teacher_logits) / len(sizes)
+                    (loss / micro).backward()
+                losses.append(loss.detach())
+            del teacher_logits
+            part = torch.stack([nll_full.detach(), *losses]).float() / micro  # [1 + sizes]
+            summed = part if summed is None else summed + part
+        parts = context.mean(summed)  # [1 + sizes]
+        if cuda:
+            host, event = torch.empty(parts.shape, pin_memory=True), torch.cuda.Event()
+            host.copy_(parts, non_blocking=True)
+            event.record()
+        else:
+            host, event = parts, None
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                           config.grad_clip)
+        optimizer.step()
+        read_losses()  # the previous step's
+        pending.append((step, sizes, host, event))
         done = step + 1
         if checkpoint is not None and config.checkpoint_every and done % config.checkpoint_every == 0 \
                 and done < config.steps:
+            read_losses()
             save(done)
+    read_losses()
     bar.close()
     seconds = time.perf_counter() - began
     lm.eval()

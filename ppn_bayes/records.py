@@ -16,7 +16,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-__all__ = ["append_record", "read_records", "machine", "RECORDS_DIR", "BENCHMARKS"]
+__all__ = ["append_record", "read_records", "machine", "curve_match", "RECORDS_DIR", "BENCHMARKS"]
 
 RECORDS_DIR = Path("docs/benchmarks/records")
 BENCHMARKS = ("quality", "speed", "speculative", "resize", "fit", "recipes")
@@ -80,3 +80,24 @@ def read_records(benchmark: str, records_dir: str | Path = RECORDS_DIR) -> list[
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def curve_match(loss: list[float], one: list[float], tol: float = 1e-3) -> dict:
+    """How closely the loss curve of ``N`` processes follows the one-process curve.
+
+    ``max_loss_diff_vs_1gpu``: the largest difference at any step. ``steps_within_1e-3``: the
+    leading steps that agree within ``tol`` (a straight-through gate that flips under a
+    different summation order ends the exact agreement; from there the single-draw ELBO
+    estimates differ step by step). ``mean_loss_diff_last_half``: the difference of the two
+    curves' means over the second half of the steps, and ``loss_diff_se``: its standard
+    error from the step-to-step scatter of the differences; the curves agree in the mean
+    when ``|mean_loss_diff_last_half| <= 2 loss_diff_se``."""
+    diffs = [a - b for a, b in zip(loss, one)]
+    leading = next((i for i, d in enumerate(diffs) if abs(d) > tol), len(diffs))
+    half = diffs[len(diffs) // 2:]
+    mean = sum(half) / len(half)
+    spread = (sum((d - mean) ** 2 for d in half) / max(len(half) - 1, 1)) ** 0.5
+    se = spread / len(half) ** 0.5
+    return {"max_loss_diff_vs_1gpu": max(abs(d) for d in diffs), "steps_within_1e-3": leading,
+            "mean_loss_diff_last_half": mean, "loss_diff_se": se,
+            "curves_agree_in_mean": abs(mean) <= 2 * se}

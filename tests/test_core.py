@@ -248,3 +248,12 @@ def test_masks_refuse_bad_sizes():
         ranking.masks_for_params(1)
     by_count = ranking.masks_for_params(ranking.total_params // 2)
     assert by_count.kept_params <= ranking.total_params // 2
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_the_grid_search_finds_the_bisection_root(bits):
+    ll, lu, cl, cu = _scales(spread=3.0)
+    for size in (0.02, 0.4, 0.93):
+        grid = solve_log_tau(size, ll, lu, cl, cu, bits=bits)
+        bisection = solve_log_tau(size, ll, lu, cl, cu, bits=1)
+        assert abs(float(grid - bisection)) < 1e-12

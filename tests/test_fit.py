@@ -232,3 +232,26 @@ def test_puppet_elbo_equals_pyros_trace_elbo_in_value_and_gradient(coupling, hie
         assert (ga is None) == (gb is None)
         if ga is not None:
             assert torch.allclose(ga, gb, rtol=1e-5, atol=1e-7)
+
+
+def test_accumulated_micro_batches_give_the_step_of_one_batch():
+    """accumulate=2 of 3 sequences is the step of one batch of 6: same data, sizes and gate
+    draws, the same losses and weights up to float rounding."""
+    def run(batch_size, accumulate):
+        lm = tiny_llama(TOKENIZER.vocab_size, layers=2, hidden=32, heads=2, kv_heads=1, intermediate=64)
+        config = FitConfig(steps=3, batch_size=batch_size, accumulate=accumulate, seq_len=16, lr_lm=1e-3,
+                           mlp_group=32, log_every=1, seed=3)
+        fitted = fit(lm, TOKENS, config, progress=False)
+        return fitted, dict(fitted.lm.named_parameters())
+
+    one, one_params = run(6, 1)
+    two, two_params = run(3, 2)
+    assert two.result.train_tokens == one.result.train_tokens == 3 * 6 * 16
+    for a, b in zip(one.result.history, two.result.history):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["nll_full"] == pytest.approx(b["nll_full"], abs=1e-5)
+    for name, value in one_params.items():
+        torch.testing.assert_close(two_params[name], value, atol=1e-5, rtol=1e-4)
+    loc = dict(one.guide.named_parameters())
+    for name, value in two.guide.named_parameters():
+        torch.testing.assert_close(value, loc[name], atol=1e-5, rtol=1e-4)

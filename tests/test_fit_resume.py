@@ -64,13 +64,18 @@ def checkpoint(uninterrupted, tmp_path):
     return path
 
 
-def test_interrupted_fit_resumes_to_exactly_the_uninterrupted_one(uninterrupted, tmp_path):
-    whole, whole_path = uninterrupted
-    path = tmp_path / "checkpoint"
+def _interrupted(path: Path) -> Path:
+    """The checkpoint of a fit that crashed at step 4 (its last checkpoint: step 3)."""
     blocks = StopsAt(TOKENS, CONFIG.seq_len, CONFIG.seed)
     object.__setattr__(blocks, "stop", 4)
     with pytest.raises(Interrupted):
         fit(tiny_lm("llama"), blocks, CONFIG, checkpoint=path, progress=False)
+    return path
+
+
+def test_interrupted_fit_resumes_to_exactly_the_uninterrupted_one(uninterrupted, tmp_path):
+    whole, whole_path = uninterrupted
+    path = _interrupted(tmp_path / "checkpoint")
     assert read_state(path)["step"] == 3  # the last checkpoint before the crash
     resumed = fit(tiny_lm("llama"), TOKENS, CONFIG, checkpoint=path, resume=True, progress=False)
     assert resumed.result.history == whole.result.history
@@ -172,3 +177,18 @@ def test_guide_cut_anywhere_is_refused(checkpoint, fraction):
     file.write_bytes(data[: int(len(data) * fraction)])
     with pytest.raises(FileFormatError, match="guide.safetensors"):
         load_fit(checkpoint)
+
+
+def test_a_resume_may_split_the_global_batch_into_micro_batches(uninterrupted, tmp_path):
+    """A checkpoint of batch 2 resumes as 1 sequence x accumulate 2: the same global batch,
+    so the same steps up to float rounding."""
+    whole, _ = uninterrupted
+    path = _interrupted(tmp_path / "checkpoint")
+    resumed = _resume(path, config=CONFIG.replace(batch_size=1, accumulate=2))
+    for a, b in zip(resumed.result.history, whole.result.history):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    want = _state(whole)
+    for key, value in _state(resumed).items():
+        torch.testing.assert_close(value, want[key], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="global batch of 2 sequences"):
+        _resume(path, config=CONFIG.replace(batch_size=2, accumulate=2))

@@ -212,7 +212,7 @@ def test_quality_rejects_unknown_methods_and_bad_fit_settings(tiny_setup, tmp_pa
 
 @pytest.mark.slow
 def test_gpu_job_rehearsal_on_cpu(tiny_setup, tmp_path):
-    """benchmarks/gpu_job.sh part1, part2 and part3 with a tiny LM on the CPU (minutes: slow)."""
+    """benchmarks/gpu_job.sh part1 to part5 with a tiny LM on the CPU (minutes: slow)."""
     texts = tmp_path / "texts"
     texts.mkdir()
     for name in ("wiki.test.raw", "wiki_summaries_en.txt"):
@@ -227,6 +227,10 @@ def test_gpu_job_rehearsal_on_cpu(tiny_setup, tmp_path):
                             "--calib-windows 2 --calib-seq-len 32 --sizes 0.7,0.5"}
     for part in ("part1", "part2", "part3"):
         subprocess.run(["bash", "benchmarks/gpu_job.sh", part], cwd=ROOT, env=env, check=True, timeout=900)
+    part4 = {**env, "SCALING_EXTRA": "--mlp-group 32 --seq-len 32", "SCALING_BATCHES": "2:3:1 4:3:1"}
+    subprocess.run(["bash", "benchmarks/gpu_job.sh", "part4"], cwd=ROOT, env=part4, check=True, timeout=900)
+    subprocess.run(["bash", "benchmarks/gpu_job.sh", "part5"], cwd=ROOT, env={**part4, "SCALING_BATCH": "3"},
+                   check=True, timeout=900)
     recipes = read_records("recipes", tmp_path / "out" / "records")
     assert {r["recipe"] for r in recipes} == {"default", "lr1e-5", "warm", "shared", "shared-warm", "shared-1e-4"}
     quality = read_records("quality", tmp_path / "out" / "records")
@@ -241,6 +245,17 @@ def test_gpu_job_rehearsal_on_cpu(tiny_setup, tmp_path):
     assert read_records("speculative", tmp_path / "out" / "records")
     scaling = read_records("fit", tmp_path / "out" / "records")
     assert {(r["scaling"], r["processes"]) for r in scaling} >= {("weak", 2), ("strong", 2)}
+    # part4: one process first, then two against it (its result reused, not recorded twice)
+    rows = [r for r in scaling if r["scaling"] == "strong" and r["global_batch"] == 4]
+    assert sorted(r["processes"] for r in rows) == [1, 2]
+    two = next(r for r in rows if r["processes"] == 2)
+    assert two["speedup_vs_1gpu"] > 0 and isinstance(two["curves_agree_in_mean"], bool)
+    assert "the result measured before" in (tmp_path / "out" / "scaling.log").read_text()
+    # part5: weak scaling with the curve of one process accumulating the same global batch
+    weak = next(r for r in read_records("fit", tmp_path / "out" / "records")
+                if r["scaling"] == "weak" and r["processes"] == 2 and r["batch_per_gpu"] == 3)
+    assert weak["reference_accumulate"] == 2 and len(weak["reference_loss"]) == len(weak["loss"])
+    assert weak["max_loss_diff_vs_1gpu"] < 1e-3  # float32 on the CPU: the same steps
 
 
 def test_no_prior_ablation_fits():
