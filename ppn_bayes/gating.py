@@ -115,7 +115,8 @@ class GatedLM(nn.Module):
             self._gates = previous
 
     def forward(self, input_ids: torch.Tensor, gates: Gates | None = None, **kwargs):
-        """Logits ``[B, T, V]`` of the LM under ``gates``."""
+        """Logits ``[B, T, V]`` of the LM under ``gates`` (no KV cache: only the logits come back)."""
+        kwargs.setdefault("use_cache", False)
         with self.gates_applied(gates):
             return self.lm(input_ids=input_ids, **kwargs).logits
 
