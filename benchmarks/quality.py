@@ -64,9 +64,12 @@ ABLATIONS = {
     "ppn_bayes-frozen": dict(train_lm=False),
     "ppn_bayes-nodistill": dict(distill_weight=0.0),
 }
+#: Not ablations: the fit of record's settings under another training budget (``--fit-steps``),
+#: recorded apart so that the table keeps the fit of record and its ablations side by side.
+VARIANTS = {"ppn_bayes-long": {}}
 STRUCTURED = ("shortgpt", "magnitude", "activation", "magnitude-uniform", "activation-uniform")
 SPARSE = ("sparsegpt", "wanda", "sparsegpt-2:4", "wanda-2:4")
-METHODS = ("dense", "ppn_bayes", *ABLATIONS, *STRUCTURED, *(f"{m}+distill" for m in STRUCTURED), *SPARSE)
+METHODS = ("dense", "ppn_bayes", *ABLATIONS, *VARIANTS, *STRUCTURED, *(f"{m}+distill" for m in STRUCTURED), *SPARSE)
 DEFAULT_METHODS = ("dense", "ppn_bayes", *ABLATIONS, *STRUCTURED, *SPARSE)
 #: The fit of record: 2048-token windows, the sandwich rule down to the smallest size.
 DEFAULT_FIT = FitConfig(steps=300, batch_size=8, seq_len=2048, size_min=0.3, checkpoint_every=100,
@@ -502,7 +505,7 @@ def _save_sparse(run: Run, method: str, size: float, lm) -> None:
     print(f"[quality] pruned weights of {method} at {size} written to {path}", flush=True)
 
 
-RUNNERS = {"dense": run_dense, "ppn_bayes": run_ppn, **{m: run_ppn for m in ABLATIONS},
+RUNNERS = {"dense": run_dense, "ppn_bayes": run_ppn, **{m: run_ppn for m in (*ABLATIONS, *VARIANTS)},
            **{m: run_structured for m in STRUCTURED}, **{f"{m}+distill": run_finetuned for m in STRUCTURED},
            **{m: run_sparse for m in SPARSE}}
 

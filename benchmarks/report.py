@@ -35,6 +35,7 @@ LABELS = {
     "ppn_bayes-point": "ppn_bayes, point estimates (no prior)",
     "ppn_bayes-frozen": "ppn_bayes, frozen LM (gates only)",
     "ppn_bayes-nodistill": "ppn_bayes, no self-distillation",
+    "ppn_bayes-long": "ppn_bayes, a longer fit (same settings, more steps)",
     "shortgpt": "ShortGPT (block influence), no training",
     "magnitude": "magnitude-ranked units, no training",
     "activation": "activation-ranked units, no training",
