@@ -46,10 +46,13 @@ class FitConfig:
     seed: int = 0
     checkpoint_every: int = 0  # 0: only at the end
     log_every: int = 10
+    eval_every: int = 0  # with held-out tokens: every this many steps (0: at the end only)
+    eval_windows: int = 16  # held-out windows of seq_len per evaluation
     parallel: str = "auto"  # auto | none | ddp | fsdp (several processes under torchrun)
 
     def __post_init__(self):
-        positive = ("steps", "batch_size", "accumulate", "lr_guide", "temperature", "mlp_group", "log_every")
+        positive = ("steps", "batch_size", "accumulate", "lr_guide", "temperature", "mlp_group", "log_every",
+                    "eval_windows")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -60,7 +63,7 @@ class FitConfig:
                 f"sizes must satisfy 0 < size_min <= size_max <= 1, got {self.size_min}, {self.size_max}"
             )
         for name in ("lr_lm", "weight_decay", "distill_weight", "prior_weight", "checkpoint_every",
-                     "n_random_sizes", "grad_clip", "init_jitter", "freeze_lm_steps"):
+                     "n_random_sizes", "grad_clip", "init_jitter", "freeze_lm_steps", "eval_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.posterior not in ("normal", "point"):
@@ -119,6 +122,9 @@ FIT_HELP: dict[str, str] = {
     "seed": "seed of data order, sizes and gate draws",
     "checkpoint_every": "write a checkpoint every this many steps (0: only at the end)",
     "log_every": "record the loss every this many steps",
+    "eval_every": "with held-out text (fit --eval-data): its NLL every this many steps and at the end "
+                  "(0: at the end only), for the full LM and the sub-network at size_min",
+    "eval_windows": "held-out windows of seq_len tokens per evaluation",
     "parallel": "under torchrun: 'auto' (DDP when there are several processes), 'ddp' (every process "
                 "holds the whole LM), 'fsdp' (FSDP2: every process holds a shard of each layer) or 'none'",
 }

@@ -27,6 +27,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import math
 import platform
 import time
 from dataclasses import dataclass, field
@@ -72,7 +73,8 @@ def versions() -> dict:
 class FitResult:
     """The record of a fit: settings, losses, cost, versions.
 
-    ``history`` holds the losses every ``log_every`` steps, averaged over processes.
+    ``history`` holds the losses every ``log_every`` steps, averaged over processes;
+    ``validation`` the held-out next-token NLL (see :func:`fit`'s ``eval_tokens``).
     ``train_tokens`` and ``tokens_per_s`` count the global batch (all processes);
     ``seconds`` is the wall time of the training loop of this call and ``step_times``
     the time since that loop began at which each step it ran was finished (its losses
@@ -82,6 +84,7 @@ class FitResult:
     config: dict
     architecture: dict
     history: list[dict] = field(default_factory=list)
+    validation: list[dict] = field(default_factory=list)
     steps_done: int = 0
     train_tokens: int = 0
     seconds: float = 0.0
@@ -185,7 +188,7 @@ def _write_lm(directory: Path, lm: nn.Module, state_dict: dict, lm_class: type) 
     save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
 
 
-def save_checkpoint(path, *, lm, guide, optimizer, step, config, arch, history, tokenizer=None,
+def save_checkpoint(path, *, lm, guide, optimizer, step, config, arch, history, validation=(), tokenizer=None,
                     overwrite: bool = True, world_size: int = 1, lm_state_dict: dict | None = None,
                     guide_state_dict: dict | None = None, optimizer_state: dict | None = None,
                     lm_class: type | None = None) -> Path:
@@ -193,7 +196,7 @@ def save_checkpoint(path, *, lm, guide, optimizer, step, config, arch, history, 
 
     Layout: ``lm/`` (a Hugging Face directory, one ``model.safetensors``),
     ``guide.safetensors``, ``optimizer.safetensors`` and ``state.json`` (format, version,
-    step, settings, architecture, loss history, optimizer groups, and the number of
+    step, settings, architecture, loss history, held-out NLL, optimizer groups, and the number of
     processes ``world_size`` whose batches of ``config.batch_size`` made a step).
 
     The ``*_state_dict`` / ``optimizer_state`` arguments replace the modules' own states
@@ -212,6 +215,7 @@ def save_checkpoint(path, *, lm, guide, optimizer, step, config, arch, history, 
         "config": config.to_dict(),
         "architecture": arch.to_dict(),
         "history": history,
+        "validation": list(validation),
         "optimizer_groups": opt["param_groups"],
         "versions": versions(),
     }
@@ -333,6 +337,33 @@ class StepLoss(nn.Module):
         return self.elbo(input_ids, size, teacher_logits)
 
 
+@torch.no_grad()
+def _validate(gated: GatedLM, guide: PuppetGuide, windows: torch.Tensor, config: FitConfig, step: int,
+              device) -> dict:
+    """Held-out mean next-token NLL of the full LM and of the sub-network at ``size_min``
+    (hard masks of the posterior now) on ``windows [W, T]``; the same on every process."""
+    from .ranking import Ranking
+
+    masks = Ranking.from_guide(guide).masks(config.size_min)
+    gates = masks.gates(device=device)
+    lm = gated.lm
+    was_training = lm.training
+    lm.eval()
+    totals = {"nll_full": 0.0, "nll_size_min": 0.0}
+    try:
+        for start in range(0, len(windows), config.batch_size):
+            batch = windows[start:start + config.batch_size].to(device)  # [b, T]
+            for key, g in (("nll_full", None), ("nll_size_min", gates)):
+                logits = gated(batch, gates=g)  # [b, T, V]
+                totals[key] += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(),
+                                                     reduction="sum"))
+    finally:
+        lm.train(was_training)
+    count = windows[:, 1:].numel()
+    return {"step": step, "size": config.size_min, "size_reached": masks.size_reached,
+            **{key: value / count for key, value in totals.items()}, "windows": len(windows)}
+
+
 def _check_finite(values: list[float], sizes: list[float], step: int) -> None:
     for value, what in zip(values, ["the full LM", *(f"size {size:.3f}" for size in sizes)]):
         if not torch.isfinite(torch.tensor(value)):
@@ -350,6 +381,7 @@ def fit(
     resume: bool = False,
     tokenizer=None,
     progress: bool = True,
+    eval_tokens: torch.Tensor | None = None,
 ) -> PuppetFit:
     """Fit the gate posterior and the LM's weights together.
 
@@ -357,6 +389,13 @@ def fit(
     :class:`~ppn_bayes.data.TokenBlocks`. With ``checkpoint``, the state is written there
     every ``config.checkpoint_every`` steps and at the end; with ``resume=True`` a fit
     continues from the checkpoint found there. Returns a :class:`PuppetFit`.
+
+    ``eval_tokens``, a held-out 1-D token tensor, is evaluated every ``config.eval_every``
+    steps (0: only at the end) on its first ``config.eval_windows`` windows of
+    ``config.seq_len``: the mean next-token NLL of the full LM and of the sub-network at
+    ``config.size_min`` under the hard masks of the posterior at that step
+    (``result.validation``; the progress bar shows the perplexities). Training text says
+    nothing of the LM drifting from other text; this does.
 
     Under ``torchrun`` (see :mod:`ppn_bayes.distributed` and ``config.parallel``) every
     process calls ``fit`` alike: ``config.batch_size`` is the batch of each process,
@@ -373,9 +412,15 @@ def fit(
         if checkpoint is None or not (checkpoint / "state.json").exists():
             raise FileNotFoundError(f"no checkpoint to resume from at {checkpoint}")
         state = read_state(checkpoint)
+    eval_windows = None
+    if eval_tokens is not None:
+        eval_windows = TokenBlocks(torch.as_tensor(eval_tokens), config.seq_len).windows(config.eval_windows)
     context = distributed.setup(config.parallel, next(lm.parameters()).device)
+    if eval_windows is not None and context.parallel == "fsdp":
+        raise ValueError("held-out evaluation during a fit (eval_tokens) is not available with parallel='fsdp' "
+                         "yet; evaluate the fitted sub-networks afterwards (ppn-bayes eval)")
     return _fit(lm, blocks, config, context, checkpoint=checkpoint, state=state, tokenizer=tokenizer,
-                progress=progress)
+                progress=progress, eval_windows=eval_windows)
 
 
 def _check_resumable(state: dict, checkpoint: Path, config: FitConfig, arch: Architecture, world_size: int):
@@ -393,13 +438,14 @@ def _check_resumable(state: dict, checkpoint: Path, config: FitConfig, arch: Arc
             f"{config.batch_size} x {config.accumulate} x {world_size}: set batch_size or accumulate so that "
             f"the product stays"
         )
-    ignore = ("steps", "checkpoint_every", "log_every", "parallel", "batch_size", "accumulate")
+    ignore = ("steps", "checkpoint_every", "log_every", "parallel", "batch_size", "accumulate", "eval_every",
+              "eval_windows")
     if saved.replace(**{k: getattr(config, k) for k in ignore}) != config:
         raise ValueError(f"checkpoint {checkpoint} was fitted with other settings: {saved}")
 
 
 def _fit(lm, blocks: TokenBlocks, config: FitConfig, context: distributed.Context, *, checkpoint, state,
-         tokenizer, progress: bool) -> PuppetFit:
+         tokenizer, progress: bool, eval_windows: torch.Tensor | None = None) -> PuppetFit:
     arch = describe(lm, mlp_group=config.mlp_group)
     opt_state = None
     if state is not None:  # every check and every read before the LM is touched
@@ -418,7 +464,7 @@ def _fit(lm, blocks: TokenBlocks, config: FitConfig, context: distributed.Contex
         with pyro.validation_enabled(False):
             return _loop(lm, gated, model, guide, blocks, config, context, arch, lm_class, prior_scale,
                          checkpoint=checkpoint, state=state, opt_state=opt_state, tokenizer=tokenizer,
-                         progress=progress)
+                         progress=progress, eval_windows=eval_windows)
     finally:  # also when the fit fails: the caller's LM gets no hooks left behind
         gated.unload()
         if not config.train_lm:
@@ -426,16 +472,17 @@ def _fit(lm, blocks: TokenBlocks, config: FitConfig, context: distributed.Contex
 
 
 def _loop(lm, gated, model, guide, blocks, config, context, arch, lm_class, prior_scale, *, checkpoint, state,
-          opt_state, tokenizer, progress) -> PuppetFit:
+          opt_state, tokenizer, progress, eval_windows=None) -> PuppetFit:
     sharded = context.parallel == "fsdp"
     device = context.device
     if not config.train_lm:
         lm.requires_grad_(False)
     history: list[dict] = []
+    validation: list[dict] = []
     start = 0
     if state is not None:
         _restore_modules(checkpoint, lm, guide)
-        start, history = state["step"], state["history"]
+        start, history, validation = state["step"], state["history"], list(state.get("validation", []))
 
     step_loss = StepLoss(model, guide)
     # Ablations leave some guide parameters without gradient (the layer scales without
@@ -456,7 +503,8 @@ def _loop(lm, gated, model, guide, blocks, config, context, arch, lm_class, prio
         context.barrier()
         if context.is_main:
             save_checkpoint(checkpoint, lm=lm, guide=guide, optimizer=optimizer, step=step, config=config,
-                            arch=arch, history=history, tokenizer=tokenizer, world_size=context.world_size,
+                            arch=arch, history=history, validation=validation, tokenizer=tokenizer,
+                            world_size=context.world_size,
                             **full)
         context.barrier()
 
@@ -544,6 +592,11 @@ def _loop(lm, gated, model, guide, blocks, config, context, arch, lm_class, prio
         read_losses()  # the previous step's
         pending.append((step, sizes, host, event))
         done = step + 1
+        if eval_windows is not None and (done == config.steps or (config.eval_every and done % config.eval_every == 0)):
+            read_losses()
+            validation.append(_validate(gated, guide, eval_windows, config, done, device))
+            bar.set_postfix(ppl_full=f"{math.exp(validation[-1]['nll_full']):.1f}",
+                            ppl_size_min=f"{math.exp(validation[-1]['nll_size_min']):.1f}")
         if checkpoint is not None and config.checkpoint_every and done % config.checkpoint_every == 0 \
                 and done < config.steps:
             read_losses()
@@ -562,6 +615,7 @@ def _loop(lm, gated, model, guide, blocks, config, context, arch, lm_class, prio
         config=config.to_dict(),
         architecture=arch.to_dict(),
         history=history,
+        validation=validation,
         steps_done=config.steps,
         train_tokens=config.steps * tokens_per_step,
         seconds=seconds,
@@ -615,5 +669,5 @@ def load_fit(path: str | Path, *, device: str | torch.device = "cpu", dtype=torc
         raise FileFormatError(f"checkpoint {path}: guide.safetensors does not fit ({err})") from None
     guide.to(device)
     result = FitResult(config=state["config"], architecture=state["architecture"], history=state["history"],
-                       steps_done=state["step"], checkpoint=str(path), versions=state.get("versions", {}))
+                       validation=state.get("validation", []), steps_done=state["step"], checkpoint=str(path), versions=state.get("versions", {}))
     return PuppetFit(lm=lm, guide=guide, config=config, result=result)

@@ -64,14 +64,17 @@ def test_fit_cli_on_a_local_model(tmp_path):
     lm = tiny_lm("llama", vocab_size=tokenizer.vocab_size)
     save_lm(lm, tokenizer, tmp_path / "model")
     (tmp_path / "train.txt").write_text(text)
+    (tmp_path / "held_out.txt").write_text(embedded_text()[20_000:24_000])
     out = subprocess.run(
         ["ppn-bayes", "fit", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "train.txt"),
          "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "2", "--seq-len", "32",
-         "--mlp-group", "32", "--quiet"],
+         "--mlp-group", "32", "--quiet", "--eval-data", str(tmp_path / "held_out.txt"), "--eval-windows", "2"],
         capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout.strip().splitlines()[-1])["steps"] == 2
-    assert json.loads((tmp_path / "run" / "result.json").read_text())["config"]["steps"] == 2
+    printed = json.loads(out.stdout.strip().splitlines()[-1])
+    assert printed["steps"] == 2 and printed["held_out"]["step"] == 2
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["config"]["steps"] == 2 and result["validation"][0]["windows"] == 2
     bad = subprocess.run(["ppn-bayes", "fit", "--model", str(tmp_path / "nothing"), "--data", "x", "--out",
                           str(tmp_path / "run2")], capture_output=True, text=True)
     assert bad.returncode == 2 and "neither a Hugging Face model directory" in bad.stderr

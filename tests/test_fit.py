@@ -255,3 +255,23 @@ def test_accumulated_micro_batches_give_the_step_of_one_batch():
     loc = dict(one.guide.named_parameters())
     for name, value in two.guide.named_parameters():
         torch.testing.assert_close(value, loc[name], atol=1e-5, rtol=1e-4)
+
+
+def test_held_out_text_is_evaluated_during_the_fit():
+    """result.validation: the held-out NLL every eval_every steps and at the end, equal to
+    the perplexity harness on the same windows (full LM, and the masks at size_min)."""
+    from ppn_bayes.evaluate import perplexity
+
+    lm = tiny_llama(TOKENIZER.vocab_size, layers=2, hidden=32, heads=2, kv_heads=1, intermediate=64)
+    held_out = tokenize(embedded_text()[60_000:64_000], TOKENIZER)
+    config = FitConfig(steps=5, batch_size=2, seq_len=32, mlp_group=32, lr_lm=1e-3, eval_every=2, eval_windows=3,
+                       size_min=0.5)
+    fitted = fit(lm, TOKENS, config, progress=False, eval_tokens=held_out)
+    rows = fitted.result.validation
+    assert [row["step"] for row in rows] == [2, 4, 5] and all(row["windows"] == 3 for row in rows)
+    full = perplexity(fitted.lm, held_out, seq_len=32, limit=3)
+    small = perplexity(fitted.lm, held_out, seq_len=32, limit=3, masks=fitted.masks(0.5))
+    assert rows[-1]["nll_full"] == pytest.approx(full.nll, abs=1e-5)
+    assert rows[-1]["nll_size_min"] == pytest.approx(small.nll, abs=1e-5)
+    assert rows[-1]["nll_size_min"] > rows[-1]["nll_full"]
+    assert rows[0]["nll_full"] != rows[-1]["nll_full"]  # evaluated as the LM trains, not once

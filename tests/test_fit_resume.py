@@ -192,3 +192,20 @@ def test_a_resume_may_split_the_global_batch_into_micro_batches(uninterrupted, t
         torch.testing.assert_close(value, want[key], atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="global batch of 2 sequences"):
         _resume(path, config=CONFIG.replace(batch_size=2, accumulate=2))
+
+
+def test_the_held_out_record_survives_a_resume(tmp_path):
+    held_out = torch.randint(0, 97, (200,), generator=torch.Generator().manual_seed(6))
+    config = CONFIG.replace(eval_every=2, eval_windows=2)
+    whole = fit(tiny_lm("llama"), TOKENS, config, checkpoint=tmp_path / "whole", progress=False,
+                eval_tokens=held_out)
+    blocks = StopsAt(TOKENS, CONFIG.seq_len, CONFIG.seed)
+    object.__setattr__(blocks, "stop", 4)
+    with pytest.raises(Interrupted):
+        fit(tiny_lm("llama"), blocks, config, checkpoint=tmp_path / "cut", progress=False, eval_tokens=held_out)
+    assert [row["step"] for row in read_state(tmp_path / "cut")["validation"]] == [2]
+    resumed = fit(tiny_lm("llama"), TOKENS, config, checkpoint=tmp_path / "cut", resume=True, progress=False,
+                  eval_tokens=held_out)
+    assert resumed.result.validation == whole.result.validation
+    assert [row["step"] for row in whole.result.validation] == [2, 4, 6]
+    assert load_fit(tmp_path / "cut").result.validation == whole.result.validation

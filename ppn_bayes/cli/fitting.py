@@ -40,6 +40,10 @@ def register(subparsers) -> None:
                      help="training text (.txt, tokenised with the model's tokenizer) or a .safetensors "
                           "file with a 1-D 'tokens' tensor")
     fit.add_argument("--out", required=True, help="output folder")
+    fit.add_argument("--eval-data", default=None,
+                     help="held-out text (as --data): its NLL for the full LM and the sub-network at --size-min, "
+                          "every --eval-every steps and at the end (result.json's 'validation'); not with "
+                          "--parallel fsdp")
     fit.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     fit.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu); under torchrun each process "
                           "uses cuda:LOCAL_RANK when CUDA is present")
@@ -81,12 +85,15 @@ def _fit(args: argparse.Namespace) -> int:
     device = "cpu" if distributed.launched() else args.device
     lm, tokenizer = load_lm(args.model, dtype=getattr(torch, args.dtype), device=device)
     tokens = load_tokens(args.data, tokenizer)
+    eval_tokens = load_tokens(args.eval_data, tokenizer) if args.eval_data else None
     fitted = fit(lm, tokens, config, checkpoint=out / "checkpoint", resume=args.resume, tokenizer=tokenizer,
-                 progress=not args.quiet)
+                 progress=not args.quiet, eval_tokens=eval_tokens)
     if not distributed.is_main_process():
         return 0
     atomic_write_text(out / "result.json", fitted.result.to_json())
     last = fitted.result.history[-1] if fitted.result.history else {}
+    held_out = fitted.result.validation[-1] if fitted.result.validation else None
     print(json.dumps({"steps": fitted.result.steps_done, "train_tokens": fitted.result.train_tokens,
-                      "last": last, "checkpoint": fitted.result.checkpoint}))
+                      "last": last, **({"held_out": held_out} if held_out else {}),
+                      "checkpoint": fitted.result.checkpoint}))
     return 0
