@@ -14,7 +14,8 @@ _BASE = FitConfig(steps=4, batch_size=4, seq_len=16, mlp_group=32, log_every=1, 
                   lr_lm=1e-3, checkpoint_every=2)
 
 CASES = {
-    "ddp": {"config": _BASE.replace(parallel="ddp"), "tied": True},
+    # With held-out text: every process evaluates the same windows.
+    "ddp": {"config": _BASE.replace(parallel="ddp", eval_every=2, eval_windows=2), "tied": True, "eval": True},
     # Stopped at step 2 and resumed: the sharded optimizer state goes through a checkpoint.
     "fsdp-resume": {"config": _BASE.replace(parallel="fsdp"), "tied": True},
     # Ablations leave guide parameters without gradient: DDP's find_unused_parameters.
@@ -30,6 +31,13 @@ def case_lm(name: str):
     from conftest import tiny_lm
 
     return tiny_lm("llama")
+
+
+def case_eval_tokens(name: str) -> torch.Tensor | None:
+    """Held-out tokens for the cases that evaluate during the fit, else ``None``."""
+    if not CASES[name].get("eval"):
+        return None
+    return torch.randint(0, 97, (80,), generator=torch.Generator().manual_seed(4))
 
 
 def case_tokens() -> torch.Tensor:

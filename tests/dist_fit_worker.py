@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dist_fit_cases import CASES, case_lm, case_tokens  # noqa: E402
+from dist_fit_cases import CASES, case_eval_tokens, case_lm, case_tokens  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from ppn_bayes.fit import fit  # noqa: E402
@@ -38,7 +38,8 @@ def run(name: str, out: Path) -> None:
         dist.barrier()
         fitted = fit(case_lm(name), case_tokens(), config, checkpoint=checkpoint, resume=True, progress=False)
     else:
-        fitted = fit(case_lm(name), case_tokens(), config, checkpoint=checkpoint, progress=False)
+        fitted = fit(case_lm(name), case_tokens(), config, checkpoint=checkpoint, progress=False,
+                     eval_tokens=case_eval_tokens(name))
     tensors = {f"guide.{k}": v.detach().cpu().contiguous() for k, v in fitted.guide.state_dict().items()}
     tensors.update({f"lm.{k}": v.detach().cpu().clone().contiguous() for k, v in fitted.lm.state_dict().items()})
     save_file(tensors, folder / f"rank{rank}.safetensors")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pyro
 import pytest
 import torch
-from dist_fit_cases import CASES, case_lm, case_tokens
+from dist_fit_cases import CASES, case_eval_tokens, case_lm, case_tokens
 from safetensors.torch import load_file
 
 from ppn_bayes import distributed
@@ -58,7 +58,8 @@ def two_processes(tmp_path_factory):
 def one_process():
     """Every case fitted in this process with the whole global batch."""
     torch.set_num_threads(1)
-    return {name: fit(case_lm(name), case_tokens(), CASES[name]["config"].replace(parallel="none"), progress=False)
+    return {name: fit(case_lm(name), case_tokens(), CASES[name]["config"].replace(parallel="none"), progress=False,
+                      eval_tokens=case_eval_tokens(name))
             for name in ("ddp", "ddp-flat-point")}
 
 
@@ -72,6 +73,11 @@ def test_two_processes_follow_one_process_on_the_same_global_batch(two_processes
     for got, want in zip(result["history"], reference.result.history):
         assert got["loss"] == pytest.approx(want["loss"], abs=ATOL)
         assert got["nll_full"] == pytest.approx(want["nll_full"], abs=ATOL)
+    if CASES[name].get("eval"):  # held-out NLL: the same rows as one process
+        assert [row["step"] for row in result["validation"]] == [2, 4]
+        for got, want in zip(result["validation"], reference.result.validation, strict=True):
+            assert got["nll_full"] == pytest.approx(want["nll_full"], abs=ATOL)
+            assert got["nll_size_min"] == pytest.approx(want["nll_size_min"], abs=ATOL)
     ranks = [load_file(two_processes / name / f"rank{r}.safetensors") for r in (0, 1)]
     want = _tensors(reference)
     assert set(ranks[0]) == set(want)
