@@ -47,12 +47,18 @@ def synchronize(device: torch.device | str) -> None:
         torch.mps.synchronize()
 
 
-def sample(logits: torch.Tensor, *, temperature: float = 0.0, generator: torch.Generator | None = None):
+def sample(logits: torch.Tensor, *, temperature: float = 0.0, generator: torch.Generator | None = None,
+           top_k: int | None = None):
     """Next tokens ``[B]`` from logits ``[B, V]``: the argmax at ``temperature == 0``, else a
-    draw from ``softmax(logits / temperature)``."""
+    draw from ``softmax(logits / temperature)``, restricted to the ``top_k`` most likely
+    tokens when given (``top_k=1`` is the argmax)."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
@@ -299,12 +305,14 @@ class Decoder:
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, top_k: int | None = None) -> torch.Tensor:
         """New tokens ``[B, max_new_tokens]`` after the prompt ``input_ids [B, T]``: greedy
-        at ``temperature == 0`` (the default), else sampled (with ``generator``)."""
-        return self._generate(input_ids, max_new_tokens, temperature=temperature, generator=generator)[0]
+        at ``temperature == 0`` (the default), else sampled (with ``generator``, from the
+        ``top_k`` most likely tokens when given)."""
+        return self._generate(input_ids, max_new_tokens, temperature=temperature, generator=generator,
+                              top_k=top_k)[0]
 
-    def _generate(self, input_ids, max_new_tokens, *, temperature=0.0, generator=None):
+    def _generate(self, input_ids, max_new_tokens, *, temperature=0.0, generator=None, top_k=None):
         """``(tokens [B, N], seconds of the prefill, seconds in all)``, synchronised clocks."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -316,12 +324,12 @@ class Decoder:
             )
         synchronize(self.device)
         start = time.perf_counter()
-        token = sample(self.prefill(input_ids), temperature=temperature, generator=generator)  # [B]
+        token = sample(self.prefill(input_ids), temperature=temperature, generator=generator, top_k=top_k)  # [B]
         synchronize(self.device)
         prefilled = time.perf_counter()
         tokens = [token]
         for _ in range(max_new_tokens - 1):
-            token = sample(self.step(token), temperature=temperature, generator=generator)
+            token = sample(self.step(token), temperature=temperature, generator=generator, top_k=top_k)
             tokens.append(token)
         tokens = torch.stack(tokens, dim=1)  # [B, N]
         synchronize(self.device)

@@ -52,6 +52,30 @@ def register(subparsers) -> None:
     add_fit_options(fit)
     fit.set_defaults(func=_fit)
 
+    teacher = subparsers.add_parser(
+        "teacher-text", help="training text the LM writes itself, continuing prompts from a corpus",
+        description="Continue prompts drawn from a corpus with the LM's own tempered top-k samples and write "
+                    "the sequences (prompt, then continuation) as a token file for `ppn-bayes fit --data`: "
+                    "more, and more varied, training text than a small corpus.",
+    )
+    teacher.add_argument("--model", required=True, help="a local Hugging Face directory or .gguf file")
+    teacher.add_argument("--data", required=True, help="the corpus the prompts come from (as fit --data)")
+    teacher.add_argument("--out", required=True, help="the token file to write (.safetensors)")
+    teacher.add_argument("--tokens", type=int, required=True, help="at least this many tokens (whole sequences)")
+    teacher.add_argument("--prompt-len", type=int, default=32, help="corpus tokens per prompt (default: 32)")
+    teacher.add_argument("--new-tokens", type=int, default=224, help="tokens generated per prompt (default: 224)")
+    teacher.add_argument("--batch-size", type=int, default=32, help="sequences generated together (default: 32)")
+    teacher.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default: 0.8)")
+    teacher.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens; 0: all "
+                                                              "(default: 50)")
+    teacher.add_argument("--seed", type=int, default=0, help="seed of the prompts and the samples (default: 0)")
+    teacher.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    teacher.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="LM weights' dtype")
+    teacher.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on a GPU)")
+    teacher.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    teacher.add_argument("--quiet", action="store_true", help="no progress bar")
+    teacher.set_defaults(func=_teacher_text)
+
 
 def _demo(args: argparse.Namespace) -> int:
     from ..demo import DemoConfig, run_demo
@@ -96,4 +120,29 @@ def _fit(args: argparse.Namespace) -> int:
     print(json.dumps({"steps": fitted.result.steps_done, "train_tokens": fitted.result.train_tokens,
                       "last": last, **({"held_out": held_out} if held_out else {}),
                       "checkpoint": fitted.result.checkpoint}))
+    return 0
+
+
+def _teacher_text(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..data import load_tokens, save_tokens
+    from ..lm import load_lm
+    from ..teacher import teacher_tokens
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {out}: token files end in .safetensors")
+    lm, tokenizer = load_lm(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    corpus = load_tokens(args.data, tokenizer)
+    settings = {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batch_size": args.batch_size,
+                "temperature": args.temperature, "top_k": args.top_k or None, "seed": args.seed}
+    tokens = teacher_tokens(lm, corpus, n_tokens=args.tokens, device=args.device, compile=args.compile,
+                            progress=not args.quiet, **settings)
+    save_tokens(out, tokens, metadata={"ppn_bayes": "teacher-text", "model": str(args.model),
+                                       "corpus": str(args.data), "settings": json.dumps(settings)})
+    print(json.dumps({"out": str(out), "tokens": int(tokens.numel()),
+                      "sequences": int(tokens.numel()) // (args.prompt_len + args.new_tokens), **settings}))
     return 0
