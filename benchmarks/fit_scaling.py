@@ -21,9 +21,9 @@ the other is busy, and two GPUs later against it.
 
 Throughput is measured after ``--warmup`` steps, from the fit's own step clock
 (``FitResult.step_times``: when each step's losses came back from the device; the loop
-reads them one step late, so the host queues the next step meanwhile). ``tokens_per_s`` counts each training token once (steps x global batch x
-seq_len), although a step runs three passes over it (the full LM, the smallest size, one
-random size). On CUDA the fit runs under bf16 autocast with fp32 weights and TF32
+reads them one step late, so the host queues the next step meanwhile). ``tokens_per_s``
+counts each training token once (steps x global batch x seq_len), although a step runs
+three passes over it (the full LM, the smallest size, one random size). On CUDA the fit runs under bf16 autocast with fp32 weights and TF32
 matmuls; on the CPU in float32.
 
 One record per ``N`` in ``fit.jsonl``, appended as soon as ``N`` is measured:

@@ -378,7 +378,8 @@ def _scaling_pairs(records: list[dict]) -> list[tuple[str, dict, dict, list]]:
             pairs.append(("strong", one, two, one["loss"]))
         elif two.get("reference_loss"):
             pairs.append(("weak", one, two, two["reference_loss"]))
-    return sorted(pairs, key=lambda p: (p[0], p[2].get("dtype", ""), p[2].get("global_batch", 0) * p[2].get("seq_len", 0)))
+    return sorted(pairs, key=lambda p: (p[0], p[2].get("dtype", ""),
+                                        p[2].get("global_batch", 0) * p[2].get("seq_len", 0)))
 
 
 def scaling_section(records: list[dict], images: Path, image_prefix: str) -> list[str]:

@@ -592,7 +592,8 @@ def _loop(lm, gated, model, guide, blocks, config, context, arch, lm_class, prio
         read_losses()  # the previous step's
         pending.append((step, sizes, host, event))
         done = step + 1
-        if eval_windows is not None and (done == config.steps or (config.eval_every and done % config.eval_every == 0)):
+        evaluate = done == config.steps or (config.eval_every and done % config.eval_every == 0)
+        if eval_windows is not None and evaluate:
             read_losses()
             validation.append(_validate(gated, guide, eval_windows, config, done, device))
             bar.set_postfix(ppl_full=f"{math.exp(validation[-1]['nll_full']):.1f}",
@@ -669,5 +670,6 @@ def load_fit(path: str | Path, *, device: str | torch.device = "cpu", dtype=torc
         raise FileFormatError(f"checkpoint {path}: guide.safetensors does not fit ({err})") from None
     guide.to(device)
     result = FitResult(config=state["config"], architecture=state["architecture"], history=state["history"],
-                       validation=state.get("validation", []), steps_done=state["step"], checkpoint=str(path), versions=state.get("versions", {}))
+                       validation=state.get("validation", []), steps_done=state["step"], checkpoint=str(path),
+                       versions=state.get("versions", {}))
     return PuppetFit(lm=lm, guide=guide, config=config, result=result)
