@@ -64,9 +64,7 @@ SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "N
 def prepare(*, model: str | None, train_text: str, work_dir: Path, name: str | None, quick: bool):
     """``(lm_dir, tokens_file, model_name)``: the LM as a plain HF directory and the training
     text as tokens, cached under ``work_dir`` (GGUF conversion takes about a minute)."""
-    from safetensors.torch import save_file
-
-    from ppn_bayes.data import CharTokenizer, embedded_text, load_tokens, tokenize
+    from ppn_bayes.data import CharTokenizer, embedded_text, load_tokens, save_tokens, tokenize
     from ppn_bayes.lm import load_lm, save_lm, tiny_llama
 
     if quick:
@@ -78,8 +76,7 @@ def prepare(*, model: str | None, train_text: str, work_dir: Path, name: str | N
                     tokenizer, lm_dir, overwrite=True)
         tokens_file = work_dir / "tokens" / "tiny-embedded.safetensors"
         if not tokens_file.is_file():
-            tokens_file.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"tokens": tokenize(text, tokenizer)}, tokens_file)
+            save_tokens(tokens_file, tokenize(text, tokenizer))
         return lm_dir, tokens_file, "tiny-llama (quick)"
     if model is None:
         raise SystemExit("--model is needed (a .gguf file or a Hugging Face directory), or --quick")
@@ -96,10 +93,7 @@ def prepare(*, model: str | None, train_text: str, work_dir: Path, name: str | N
             from ppn_bayes.lm import load_tokenizer
 
             tokenizer = load_tokenizer(lm_dir)
-        tokens_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tokens_file.with_name(f".{tokens_file.name}.{os.getpid()}.tmp")
-        save_file({"tokens": load_tokens(train_text, tokenizer)}, tmp)
-        os.replace(tmp, tokens_file)
+        save_tokens(tokens_file, load_tokens(train_text, tokenizer))
     return lm_dir, tokens_file, name
 
 

@@ -40,7 +40,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import os
 import sys
 import time
 import traceback
@@ -51,9 +50,9 @@ import torch
 
 from ppn_bayes.architecture import describe
 from ppn_bayes.config import FitConfig
-from ppn_bayes.data import TokenBlocks, load_tokens
+from ppn_bayes.data import TokenBlocks, load_tokens, save_tokens
 from ppn_bayes.evaluate import perplexity
-from ppn_bayes.io import atomic_write_text
+from ppn_bayes.io import atomic_file, atomic_write_text
 from ppn_bayes.records import RECORDS_DIR, append_record
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -129,8 +128,6 @@ class QualityConfig:
 def load_inputs(config: QualityConfig):
     """``(lm, tokenizer, eval_tokens, train_tokens)``; a GGUF model and its tokens are
     cached under ``work_dir`` (converting GGUF takes a minute; the cache loads in seconds)."""
-    from safetensors.torch import save_file
-
     from ppn_bayes.lm import load_lm, save_lm
 
     model = Path(config.model)
@@ -151,10 +148,7 @@ def load_inputs(config: QualityConfig):
             tokens.append(load_tokens(cached))
             continue
         ids = load_tokens(path, tokenizer)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
-        save_file({"tokens": ids}, tmp)
-        os.replace(tmp, cached)
+        save_tokens(cached, ids)
         tokens.append(ids)
     return lm.to(config.device).float().eval(), tokenizer, tokens[0], tokens[1]
 
@@ -498,10 +492,8 @@ def _save_sparse(run: Run, method: str, size: float, lm) -> None:
     from safetensors.torch import save_model
 
     path = Path(run.config.work_dir) / "sparse" / f"{method.replace(':', '')}-{size}.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_model(copy.deepcopy(lm).to(torch.bfloat16), str(tmp))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_model(copy.deepcopy(lm).to(torch.bfloat16), str(tmp))
     print(f"[quality] pruned weights of {method} at {size} written to {path}", flush=True)
 
 

@@ -84,30 +84,27 @@ def load_tokens(path: str | Path, tokenizer=None) -> torch.Tensor:
     return tokenize(path.read_text(encoding="utf-8"), tokenizer)
 
 
+def check_token_path(path: str | Path) -> Path:
+    """``path`` as a token file name (``.safetensors``), or a ValueError naming it."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: token files end in .safetensors")
+    return path
+
+
 def save_tokens(path: str | Path, tokens: torch.Tensor, metadata: dict[str, str] | None = None) -> Path:
     """Write ``tokens [N]`` as a safetensors file (key ``tokens``) that :func:`load_tokens`
     reads, through a temporary file and a rename; ``metadata`` goes into its header."""
-    import os
-    import tempfile
-
     from safetensors.torch import save_file
+
+    from .io import atomic_file
 
     tokens = torch.as_tensor(tokens)
     if tokens.dim() != 1:
         raise ValueError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: token files end in .safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    path = check_token_path(path)
+    with atomic_file(path) as tmp:
         save_file({"tokens": tokens.long().contiguous()}, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

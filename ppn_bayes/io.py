@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_directory", "atomic_write_text", "read_json", "FileFormatError"]
+__all__ = ["atomic_directory", "atomic_file", "atomic_write_text", "read_json", "FileFormatError"]
 
 
 class FileFormatError(ValueError):
@@ -55,20 +55,28 @@ def atomic_directory(path: str | Path, *, overwrite: bool = False):
         raise
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path):
+    """Yield a temporary path beside ``path`` to write a file to; on success it gets a plain
+    file's permissions and is renamed to ``path``, on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        _publish(Path(tmp))
+        yield tmp
+        _publish(tmp)
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def read_json(path: str | Path, what: str) -> dict:

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +40,7 @@ import torch
 
 from .architecture import Architecture
 from .budget import expected_size, keep_probs, solve_log_tau
+from .io import atomic_directory, atomic_file
 from .model import FLAT_LOG_LAMBDA
 
 __all__ = [
@@ -487,17 +486,8 @@ def ambiguous_units(data, *, size: float, low: float = 0.1, high: float = 0.9, h
 # -- plots -----------------------------------------------------------------------------------
 def _save_png(fig, path, dpi: int) -> None:
     """Write ``fig`` to ``path`` as PNG through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def plot_keep_curves(data, *, layers=None, units: bool = True, hdi_prob: float = 0.94, ncols: int = 5,
@@ -743,7 +733,6 @@ def write_summary(fit_or_guide, out, *, sizes=DEFAULT_SIZES, size: float = 0.5, 
 
     import matplotlib.pyplot as plt
 
-    from .io import atomic_directory
 
     table_sizes = check_sizes([size] if table_sizes is None else table_sizes)
     all_sizes = check_sizes([*np.atleast_1d(sizes).tolist(), size, *table_sizes.tolist()])

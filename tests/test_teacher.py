@@ -1,4 +1,4 @@
-"""Teacher text: corpus prompts continued by the LM's own samples, as a token file."""
+"""Teacher text: corpus prompts continued by the LM's own samples, as a token file; atomic files."""
 
 from __future__ import annotations
 
@@ -86,3 +86,20 @@ def test_the_cli_writes_text_a_fit_reads(tmp_path):
     fitted = fit(lm, tokens, FitConfig(steps=2, batch_size=2, seq_len=16, mlp_group=32, log_every=1),
                  progress=False)
     assert len(fitted.result.history) == 2
+
+
+def test_atomic_files_appear_whole_with_plain_permissions_or_not_at_all(tmp_path):
+    import os
+
+    from ppn_bayes.io import atomic_file, atomic_write_text
+
+    atomic_write_text(tmp_path / "a.json", "{}")
+    assert (tmp_path / "a.json").read_text() == "{}"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with atomic_file(tmp_path / "b.bin") as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]  # no b.bin, no temporary file

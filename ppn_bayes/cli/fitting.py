@@ -126,15 +126,13 @@ def _fit(args: argparse.Namespace) -> int:
 def _teacher_text(args: argparse.Namespace) -> int:
     import torch
 
-    from ..data import load_tokens, save_tokens
+    from ..data import check_token_path, load_tokens, save_tokens
     from ..lm import load_lm
     from ..teacher import teacher_tokens
 
-    out = Path(args.out)
+    out = check_token_path(args.out)  # before the generation, not after it
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    if out.suffix != ".safetensors":
-        raise ValueError(f"--out {out}: token files end in .safetensors")
     lm, tokenizer = load_lm(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     corpus = load_tokens(args.data, tokenizer)
     settings = {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batch_size": args.batch_size,
