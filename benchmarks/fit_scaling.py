@@ -276,18 +276,21 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(args.work_dir) if args.work_dir else Path(tmp)
         lm_dir, tokens_file, name = prepare(model=args.model, train_text=args.train_text, work_dir=work,
                                             name=args.model_name, quick=args.quick)
-        one = None
         results = work / "results"
         results.mkdir(parents=True, exist_ok=True)
-        for n in sorted(counts):
-            kept = result_path(n, args, results)
-            reused = args.reuse and kept.is_file()
-            if reused:
-                result = json.loads(kept.read_text())
+
+        def obtain(n: int, run_args: argparse.Namespace) -> tuple[dict | None, bool]:
+            """``(result, reused)``: read back with --reuse when measured before, else run."""
+            kept = result_path(n, run_args, results)
+            if run_args.reuse and kept.is_file():
                 print(f"[fit_scaling] {n} process(es): the result measured before, {kept}", file=sys.stderr)
-            else:
-                kept.unlink(missing_ok=True)
-                result = launch(n, args, lm_dir, tokens_file, kept)
+                return json.loads(kept.read_text()), True
+            kept.unlink(missing_ok=True)
+            return launch(n, run_args, lm_dir, tokens_file, kept), False
+
+        one = None
+        for n in sorted(counts):
+            result, reused = obtain(n, args)
             if result is None:
                 continue
             if n == 1:
@@ -296,10 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             reference = None
             if args.weak and args.match_curves and n > 1:
-                ref_args = argparse.Namespace(**{**vars(args), "accumulate": n})
-                kept = result_path(1, ref_args, results)
-                reference = json.loads(kept.read_text()) if args.reuse and kept.is_file() else \
-                    launch(1, ref_args, lm_dir, tokens_file, kept)
+                reference, _ = obtain(1, argparse.Namespace(**{**vars(args), "accumulate": n}))
             rec = record(n, result, one, args, name, reference)
             print(json.dumps({k: rec.get(k) for k in ("processes", "tokens_per_s", "scaling_efficiency",
                                                        "max_loss_diff_vs_1gpu")}))

@@ -22,7 +22,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from ppn_bayes.io import atomic_write_text
+from ppn_bayes.io import atomic_file, atomic_write_text
 from ppn_bayes.records import BENCHMARKS, RECORDS_DIR, curve_match, read_records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,8 +221,7 @@ def plot_quality(records: list[dict], path: Path, model) -> bool:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    _savefig(fig, path)
     plt.close(fig)
     return True
 
@@ -296,8 +295,7 @@ def plot_speed(records: list[dict], path: Path, title: str) -> bool:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    _savefig(fig, path)
     plt.close(fig)
     return True
 
@@ -412,8 +410,7 @@ def scaling_section(records: list[dict], images: Path, image_prefix: str) -> lis
     right.grid(True, alpha=0.3)
     right.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    images.mkdir(parents=True, exist_ok=True)
-    fig.savefig(images / "fit-scaling.png", dpi=120)
+    _savefig(fig, images / "fit-scaling.png")
     plt.close(fig)
     lines = ["### Two GPUs against one", "", f"![scaling and loss curves]({image_prefix}/fit-scaling.png)", ""]
     rows = []
@@ -435,6 +432,12 @@ def scaling_section(records: list[dict], images: Path, image_prefix: str) -> lis
               "errors; `steps within 1e-3` counts the leading steps that agree to 1e-3, until a straight-through "
               "gate flips under a different summation order.", ""]
     return lines
+
+
+def _savefig(fig, path: Path) -> None:
+    """``fig`` as a PNG at ``path``, whole or not at all (a temporary file and a rename)."""
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
 
 
 # -- the page -----------------------------------------------------------------------------------------------------

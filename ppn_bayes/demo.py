@@ -87,7 +87,7 @@ def pretrain(lm, blocks: TokenBlocks, *, steps: int, batch_size: int, lr: float 
     lm.train()
     for step in tqdm(range(steps), disable=not progress, desc="pretrain", unit="step"):
         x = blocks.batch(step, batch_size)  # [B, T]
-        logits = lm(input_ids=x).logits
+        logits = lm(input_ids=x, use_cache=False).logits  # training: no KV cache
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -65,7 +65,7 @@ def perplexity(
             if gated is not None:
                 logits = gated(batch, gates=gates)
             else:
-                logits = lm(input_ids=batch).logits
+                logits = lm(input_ids=batch, use_cache=False).logits  # only the logits: no KV cache
             nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
             total += nll.item()
             count += batch[:, 1:].numel()

@@ -337,31 +337,18 @@ class StepLoss(nn.Module):
         return self.elbo(input_ids, size, teacher_logits)
 
 
-@torch.no_grad()
-def _validate(gated: GatedLM, guide: PuppetGuide, windows: torch.Tensor, config: FitConfig, step: int,
-              device) -> dict:
+def _validate(lm: nn.Module, guide: PuppetGuide, tokens: torch.Tensor, config: FitConfig, step: int) -> dict:
     """Held-out mean next-token NLL of the full LM and of the sub-network at ``size_min``
-    (hard masks of the posterior now) on ``windows [W, T]``; the same on every process."""
+    (hard masks of the posterior now) on ``tokens`` (whole windows of ``seq_len``), by the
+    perplexity harness; the same on every process."""
+    from .evaluate import perplexity
     from .ranking import Ranking
 
     masks = Ranking.from_guide(guide).masks(config.size_min)
-    gates = masks.gates(device=device)
-    lm = gated.lm
-    was_training = lm.training
-    lm.eval()
-    totals = {"nll_full": 0.0, "nll_size_min": 0.0}
-    try:
-        for start in range(0, len(windows), config.batch_size):
-            batch = windows[start:start + config.batch_size].to(device)  # [b, T]
-            for key, g in (("nll_full", None), ("nll_size_min", gates)):
-                logits = gated(batch, gates=g)  # [b, T, V]
-                totals[key] += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(),
-                                                     reduction="sum"))
-    finally:
-        lm.train(was_training)
-    count = windows[:, 1:].numel()
-    return {"step": step, "size": config.size_min, "size_reached": masks.size_reached,
-            **{key: value / count for key, value in totals.items()}, "windows": len(windows)}
+    full = perplexity(lm, tokens, seq_len=config.seq_len, batch_size=config.batch_size)
+    small = perplexity(lm, tokens, seq_len=config.seq_len, batch_size=config.batch_size, masks=masks)
+    return {"step": step, "size": config.size_min, "size_reached": masks.size_reached, "nll_full": full.nll,
+            "nll_size_min": small.nll, "windows": full.windows}
 
 
 def _check_finite(values: list[float], sizes: list[float], step: int) -> None:
@@ -412,15 +399,15 @@ def fit(
         if checkpoint is None or not (checkpoint / "state.json").exists():
             raise FileNotFoundError(f"no checkpoint to resume from at {checkpoint}")
         state = read_state(checkpoint)
-    eval_windows = None
-    if eval_tokens is not None:
-        eval_windows = TokenBlocks(torch.as_tensor(eval_tokens), config.seq_len).windows(config.eval_windows)
+    if eval_tokens is not None:  # checked now, cut to the windows evaluated
+        windows = TokenBlocks(torch.as_tensor(eval_tokens), config.seq_len).windows(config.eval_windows)
+        eval_tokens = windows.flatten()
     context = distributed.setup(config.parallel, next(lm.parameters()).device)
-    if eval_windows is not None and context.parallel == "fsdp":
+    if eval_tokens is not None and context.parallel == "fsdp":
         raise ValueError("held-out evaluation during a fit (eval_tokens) is not available with parallel='fsdp' "
                          "yet; evaluate the fitted sub-networks afterwards (ppn-bayes eval)")
     return _fit(lm, blocks, config, context, checkpoint=checkpoint, state=state, tokenizer=tokenizer,
-                progress=progress, eval_windows=eval_windows)
+                progress=progress, eval_tokens=eval_tokens)
 
 
 def _check_resumable(state: dict, checkpoint: Path, config: FitConfig, arch: Architecture, world_size: int):
@@ -445,7 +432,7 @@ def _check_resumable(state: dict, checkpoint: Path, config: FitConfig, arch: Arc
 
 
 def _fit(lm, blocks: TokenBlocks, config: FitConfig, context: distributed.Context, *, checkpoint, state,
-         tokenizer, progress: bool, eval_windows: torch.Tensor | None = None) -> PuppetFit:
+         tokenizer, progress: bool, eval_tokens: torch.Tensor | None = None) -> PuppetFit:
     arch = describe(lm, mlp_group=config.mlp_group)
     opt_state = None
     if state is not None:  # every check and every read before the LM is touched
@@ -464,7 +451,7 @@ def _fit(lm, blocks: TokenBlocks, config: FitConfig, context: distributed.Contex
         with pyro.validation_enabled(False):
             return _loop(lm, gated, model, guide, blocks, config, context, arch, lm_class, prior_scale,
                          checkpoint=checkpoint, state=state, opt_state=opt_state, tokenizer=tokenizer,
-                         progress=progress, eval_windows=eval_windows)
+                         progress=progress, eval_tokens=eval_tokens)
     finally:  # also when the fit fails: the caller's LM gets no hooks left behind
         gated.unload()
         if not config.train_lm:
@@ -472,7 +459,7 @@ def _fit(lm, blocks: TokenBlocks, config: FitConfig, context: distributed.Contex
 
 
 def _loop(lm, gated, model, guide, blocks, config, context, arch, lm_class, prior_scale, *, checkpoint, state,
-          opt_state, tokenizer, progress, eval_windows=None) -> PuppetFit:
+          opt_state, tokenizer, progress, eval_tokens=None) -> PuppetFit:
     sharded = context.parallel == "fsdp"
     device = context.device
     if not config.train_lm:
@@ -593,9 +580,9 @@ def _loop(lm, gated, model, guide, blocks, config, context, arch, lm_class, prio
         pending.append((step, sizes, host, event))
         done = step + 1
         evaluate = done == config.steps or (config.eval_every and done % config.eval_every == 0)
-        if eval_windows is not None and evaluate:
+        if eval_tokens is not None and evaluate:
             read_losses()
-            validation.append(_validate(gated, guide, eval_windows, config, done, device))
+            validation.append(_validate(lm, guide, eval_tokens, config, done))
             bar.set_postfix(ppl_full=f"{math.exp(validation[-1]['nll_full']):.1f}",
                             ppl_size_min=f"{math.exp(validation[-1]['nll_size_min']):.1f}")
         if checkpoint is not None and config.checkpoint_every and done % config.checkpoint_every == 0 \
