@@ -119,7 +119,9 @@ class TokenBlocks:
     def __post_init__(self):
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be at least 2, got {self.seq_len}")
-        if self.tokens.dim() != 1 or self.tokens.numel() < self.seq_len:
+        if self.tokens.dim() != 1:
+            raise ValueError(f"tokens must be one 1-D stream, got shape {tuple(self.tokens.shape)}")
+        if self.tokens.numel() < self.seq_len:
             raise ValueError(
                 f"the text has {self.tokens.numel()} tokens, fewer than one window of {self.seq_len}"
             )

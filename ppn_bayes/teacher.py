@@ -23,7 +23,6 @@ import math
 import torch
 from torch import nn
 
-from .data import TokenBlocks
 from .generation import Decoder
 
 __all__ = ["teacher_tokens"]
@@ -81,14 +80,18 @@ def teacher_tokens(
     lm.eval()
     decoder = Decoder(lm, max_len=per_sequence, batch_size=batch_size, device=device, dtype=dtype,
                       compile=compile)
-    prompts_of = TokenBlocks(corpus, prompt_len, seed)  # random corpus windows, a pure function of the round
+    # Not TokenBlocks.batch: its windows are training windows (two tokens at least); a prompt
+    # may be a single token.
+    offsets = torch.Generator().manual_seed(seed)
     sampler = torch.Generator(device=decoder.device).manual_seed(seed)
+    window = torch.arange(prompt_len)
     sequences = []
     from tqdm.auto import tqdm
 
     try:
-        for round_ in tqdm(range(rounds), disable=not progress, desc="teacher text", unit="batch"):
-            prompts = prompts_of.batch(round_, batch_size)  # [B, P]
+        for _ in tqdm(range(rounds), disable=not progress, desc="teacher text", unit="batch"):
+            starts = torch.randint(0, corpus.numel() - prompt_len + 1, (batch_size,), generator=offsets)
+            prompts = corpus[starts[:, None] + window]  # [B, P]
             new = decoder.generate(prompts.to(decoder.device), new_tokens, temperature=temperature,
                                    generator=sampler, top_k=top_k)  # [B, N]
             sequences.append(torch.cat([prompts, new.cpu()], dim=1))  # [B, P + N]

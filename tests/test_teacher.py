@@ -103,3 +103,12 @@ def test_atomic_files_appear_whole_with_plain_permissions_or_not_at_all(tmp_path
             tmp.write_bytes(b"half")
             raise RuntimeError("interrupted")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]  # no b.bin, no temporary file
+
+
+def test_a_prompt_may_be_a_single_token_and_held_out_text_must_be_one_stream():
+    tokens = teacher_tokens(_lm(), CORPUS, n_tokens=4, prompt_len=1, new_tokens=3, batch_size=1, progress=False)
+    assert tokens.numel() == 4 and int(tokens[0]) in set(CORPUS.tolist())
+    lm = tiny_llama(97, layers=2, hidden=32, heads=2, kv_heads=1, intermediate=64)
+    with pytest.raises(ValueError, match=r"one 1-D stream, got shape \(4, 40\)"):
+        fit(lm, CORPUS, FitConfig(steps=1, batch_size=1, seq_len=16, mlp_group=32), progress=False,
+            eval_tokens=torch.randint(0, 97, (4, 40)))
