@@ -207,7 +207,7 @@ case "$part" in
     mkdir -p "$OUT/scaling-results" && cp "$WORK"/scaling/results/*.json "$OUT/scaling-results/" 2>/dev/null
     ;;
   part5)
-    # Two GPUs against one at the batch one GPU runs best (48 x 1024; 64 does not fit):
+    # Two GPUs against one at the batch one GPU runs best (48 x 1024; part4's run at 64 failed):
     # weak scaling with the reference curve of one GPU accumulating the same global batch,
     # strong scaling of that batch (the one-GPU run reused), and the curves in float32.
     B="${SCALING_BATCH:-48}"

@@ -65,9 +65,9 @@ def _search_bits(batch_numel: int, n_scales: int) -> int:
     """Bits narrowed per round of the search: ``2**bits - 1`` points evaluated at once.
 
     One round costs a handful of kernel launches, so 15 points a round (16 rounds instead of
-    64 bisection steps) cut the launches fourfold and the time on a CPU threefold (wider
-    grids cost more arithmetic than they save); batches of many roots (posterior draws) keep
-    a narrower grid so that the ``[*, points, L, U]`` intermediate stays small."""
+    64 bisection steps) cut the launches fourfold; wider grids cost more arithmetic on a CPU
+    than they save. Batches of many roots (posterior draws) keep a narrower grid so that the
+    ``[*, points, L, U]`` intermediate stays small."""
     for bits in (4, 2):
         if batch_numel * n_scales * (2**bits - 1) <= 2**22:
             return bits
