@@ -14,6 +14,12 @@ Methods (``--methods``)::
     ppn_bayes-point       ablation: posterior='point', prior_weight=0 (no Bayesian prior)
     ppn_bayes-frozen      ablation: train_lm=False (gates only)
     ppn_bayes-nodistill   ablation: distill_weight=0 (no self-distillation)
+    ppn_bayes-long        variant: the same settings, recorded apart (give it more --fit-steps)
+    ppn_bayes-prefix      variant: gate_coupling='prefix' (every training mask of the size asked)
+    ppn_bayes-prefix-frozen, ppn_bayes-prefix-lr
+                          variants: prefix gates with a frozen LM; prefix gates with lr_lm=1e-4
+    ppn_bayes-teacher     variant: the same settings, fitted on --fit-tokens (text the LM wrote
+                          itself from corpus prompts: ppn-bayes teacher-text)
     shortgpt              layer removal by block influence, no training
     magnitude             units by weight magnitude, no training
     activation            units by activation-weighted magnitude (Wanda-style), no training
@@ -65,7 +71,15 @@ ABLATIONS = {
 }
 #: Not ablations: the fit of record's settings under another training budget (``--fit-steps``),
 #: recorded apart so that the table keeps the fit of record and its ablations side by side.
-VARIANTS = {"ppn_bayes-long": {}}
+VARIANTS = {
+    "ppn_bayes-long": {},
+    # training masks of the requested size in every draw (gate_coupling='prefix')
+    "ppn_bayes-prefix": dict(gate_coupling="prefix"),
+    "ppn_bayes-prefix-frozen": dict(gate_coupling="prefix", train_lm=False),
+    "ppn_bayes-prefix-lr": dict(gate_coupling="prefix", lr_lm=1e-4),
+    # the fit of record's settings on the token file of --fit-tokens (ppn-bayes teacher-text)
+    "ppn_bayes-teacher": {},
+}
 STRUCTURED = ("shortgpt", "magnitude", "activation", "magnitude-uniform", "activation-uniform")
 SPARSE = ("sparsegpt", "wanda", "sparsegpt-2:4", "wanda-2:4")
 METHODS = ("dense", "ppn_bayes", *ABLATIONS, *VARIANTS, *STRUCTURED, *(f"{m}+distill" for m in STRUCTURED), *SPARSE)
@@ -105,6 +119,7 @@ class QualityConfig:
     fit_time_budget: float | None = None  # seconds: fewer fit steps than asked if they would not fit
     quick: bool = False
     save_sparse: str | None = None  # method@size whose pruned weights are kept for speed.py
+    fit_tokens: str | None = None  # the token file ppn_bayes-teacher fits on
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
@@ -115,6 +130,9 @@ class QualityConfig:
                 raise ValueError(f"sizes are fractions in (0, 1], got {size}")
         if self.autocast not in ("bf16", "none"):
             raise ValueError(f"autocast must be 'bf16' or 'none', got {self.autocast!r}")
+        if ("ppn_bayes-teacher" in self.methods) != (self.fit_tokens is not None):
+            raise ValueError("ppn_bayes-teacher fits on --fit-tokens, a token file from `ppn-bayes teacher-text`, "
+                             "and --fit-tokens is read by ppn_bayes-teacher only: give both or neither")
         if self.limit_windows is not None and self.limit_windows < 1:
             raise ValueError(f"limit_windows must be positive, got {self.limit_windows}")
 
@@ -278,7 +296,7 @@ def run_dense(run: Run, method: str) -> None:
 
 def fit_config_of(config: QualityConfig, method: str) -> FitConfig:
     """The fit of ``method``: the fit of record, with the ablation's one change."""
-    return config.fit.replace(**ABLATIONS.get(method, {}))
+    return config.fit.replace(**ABLATIONS.get(method, {}), **VARIANTS.get(method, {}))
 
 
 def run_ppn(run: Run, method: str) -> None:
@@ -286,6 +304,7 @@ def run_ppn(run: Run, method: str) -> None:
 
     c = run.config
     fit_config = fit_config_of(c, method)
+    tokens, train_text = _fit_tokens(run, method)
     checkpoint = Path(c.work_dir) / "fits" / method
     target = checkpoint.with_name(f"{method}.steps.json")  # the steps a time-boxed fit settled on
     if c.fit_time_budget is not None and target.is_file() and (checkpoint / "state.json").is_file():
@@ -301,11 +320,11 @@ def run_ppn(run: Run, method: str) -> None:
         probe_seconds, probe_tokens = 0.0, 0
         with _autocast(c):
             if c.fit_time_budget is not None and not resume:
-                fit_config, probe = _time_boxed_steps(run, lm, fit_config, checkpoint)
+                fit_config, probe = _time_boxed_steps(run, lm, fit_config, checkpoint, tokens)
                 probe_seconds, probe_tokens = probe.result.seconds, probe.result.train_tokens
                 atomic_write_text(target, json.dumps({"steps": fit_config.steps}))
                 resume = True
-            fitted = fit(lm, run.train_tokens, fit_config, checkpoint=checkpoint, resume=resume,
+            fitted = fit(lm, tokens, fit_config, checkpoint=checkpoint, resume=resume,
                          tokenizer=run.tokenizer, progress=False)
         # this process's training: the probe's and the (resumed) rest's, checkpoints excluded
         seconds = probe_seconds + fitted.result.seconds
@@ -319,7 +338,7 @@ def run_ppn(run: Run, method: str) -> None:
     history = fitted.result.history
     settings = {
         "training": "ppn_bayes fit (self-distillation, sandwich rule)", "fit": fit_config.to_dict(),
-        "ablation": ABLATIONS.get(method, {}), "autocast": _autocast_used(c), "train_text": Path(c.train_text).name,
+        "ablation": ABLATIONS.get(method, {}), "variant": VARIANTS.get(method, {}), "autocast": _autocast_used(c), **train_text,
         "passes_per_step": 2 + fit_config.n_random_sizes, "fit_seconds": seconds,
         "fit_tokens_per_s": tokens_per_s, "final_loss": history[-1] if history else None,
         "checkpoint": str(checkpoint),
@@ -331,7 +350,25 @@ def run_ppn(run: Run, method: str) -> None:
     evaluate_ranking(run, method, fitted.lm, ranking, sizes, train_tokens=train_tokens, settings=settings)
 
 
-def _time_boxed_steps(run: Run, lm, fit_config: FitConfig, checkpoint: Path):
+def _fit_tokens(run: Run, method: str) -> tuple[torch.Tensor, dict]:
+    """What a ppn_bayes fit reads, and how its records name it: the training text, or for
+    ppn_bayes-teacher the token file of ``--fit-tokens`` (its header's settings included)."""
+    c = run.config
+    if method != "ppn_bayes-teacher":
+        return run.train_tokens, {"train_text": Path(c.train_text).name}
+    from safetensors import safe_open
+
+    tokens = load_tokens(c.fit_tokens)
+    vocab = run.lm.get_input_embeddings().num_embeddings
+    if tokens.numel() and not 0 <= int(tokens.min()) <= int(tokens.max()) < vocab:
+        raise ValueError(f"{c.fit_tokens}: token ids outside the LM's vocabulary of {vocab}")
+    with safe_open(c.fit_tokens, framework="pt") as handle:
+        header = handle.metadata() or {}
+    return tokens, {"train_text": Path(c.fit_tokens).name, "fit_tokens_header": header,
+                    "fit_tokens_count": tokens.numel(), "prompts_from": Path(c.train_text).name}
+
+
+def _time_boxed_steps(run: Run, lm, fit_config: FitConfig, checkpoint: Path, tokens: torch.Tensor):
     """Fit ``PROBE_STEPS`` steps, measure the throughput, and return ``fit_config`` with as
     many steps as ``fit_time_budget`` allows (never more than asked), and the probe's fit. The fit then resumes
     from the probe's checkpoint: with a constant learning rate and data that are a pure
@@ -339,7 +376,7 @@ def _time_boxed_steps(run: Run, lm, fit_config: FitConfig, checkpoint: Path):
     from ppn_bayes.fit import fit
 
     probe = fit_config.replace(steps=min(PROBE_STEPS, fit_config.steps))
-    probed = fit(lm, run.train_tokens, probe, checkpoint=checkpoint, tokenizer=run.tokenizer, progress=False)
+    probed = fit(lm, tokens, probe, checkpoint=checkpoint, tokenizer=run.tokenizer, progress=False)
     seconds_per_step = probed.result.seconds / probe.steps  # the training loop, its warm-up included
     affordable = int(run.config.fit_time_budget / seconds_per_step)
     steps = max(probe.steps, min(fit_config.steps, affordable // 10 * 10))
@@ -615,6 +652,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "fit gets as many of its steps as fit (the records give the tokens it saw)")
     p.add_argument("--save-sparse", default=None, metavar="METHOD@SIZE",
                    help="keep the pruned weights of one sparse baseline for speed.py, e.g. sparsegpt@0.5")
+    p.add_argument("--fit-tokens", default=None,
+                   help="token file (.safetensors, from `ppn-bayes teacher-text`) that ppn_bayes-teacher fits on")
     p.add_argument("--quick", action="store_true",
                    help="a CPU smoke run: 2 windows, 2 fit steps of 1x128 tokens, 2 calibration windows of "
                         "128 tokens (explicit flags override)")
@@ -648,6 +687,7 @@ def config_from(args: argparse.Namespace) -> QualityConfig:
         device=args.device, work_dir=args.work_dir,
         rankings=args.rankings or str(Path(args.work_dir) / "rankings.json"), records_dir=args.records_dir,
         model_name=args.model_name, time_budget=args.time_budget, fit_time_budget=args.fit_time_budget, quick=quick, save_sparse=args.save_sparse,
+        fit_tokens=args.fit_tokens,
     )
 
 

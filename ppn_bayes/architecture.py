@@ -212,7 +212,7 @@ def describe(lm: nn.Module, *, mlp_group: int = 64) -> Architecture:
     layer_cost, unit_cost = [], []
     for index, layer in enumerate(layers):
         # Attention: a unit owns q rows of its heads, k/v rows of its group, o columns.
-        o = get_module(layer, family.o)
+        get_module(layer, family.o)  # o_proj must exist: its columns are the units'
         if family.fused_qkv:
             qkv = get_module(layer, family.q)
             if _out_features(qkv.weight, family) != 3 * n_heads * head_dim:

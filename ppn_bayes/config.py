@@ -30,7 +30,7 @@ class FitConfig:
     size_max: float = 1.0
     n_random_sizes: int = 1
     temperature: float = 0.5
-    gate_coupling: str = "independent"  # "independent" or "shared" (comonotone gates)
+    gate_coupling: str = "independent"  # "independent", "shared" (comonotone gates) or "prefix"
     distill_weight: float = 1.0
     prior_weight: float = 1.0
     prior_tokens: int | None = None
@@ -68,8 +68,8 @@ class FitConfig:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.posterior not in ("normal", "point"):
             raise ValueError(f"posterior must be 'normal' or 'point', got {self.posterior!r}")
-        if self.gate_coupling not in ("independent", "shared"):
-            raise ValueError(f"gate_coupling must be 'independent' or 'shared', got {self.gate_coupling!r}")
+        if self.gate_coupling not in ("independent", "shared", "prefix"):
+            raise ValueError(f"gate_coupling must be 'independent', 'shared' or 'prefix', got {self.gate_coupling!r}")
         if self.parallel not in ("auto", "none", "ddp", "fsdp"):
             raise ValueError(f"parallel must be 'auto', 'none', 'ddp' or 'fsdp', got {self.parallel!r}")
         if self.prior_tokens is not None and self.prior_tokens < 1:
@@ -106,7 +106,9 @@ FIT_HELP: dict[str, str] = {
     "n_random_sizes": "random sizes in [size_min, size_max] trained each step",
     "temperature": "temperature of the relaxed Bernoulli gates (straight-through)",
     "gate_coupling": "'independent' (every gate its own draw) or 'shared' (one noise draw for all gates: "
-                     "comonotone gates, so every training mask is a prefix of a ranking, like the deployed masks)",
+                     "comonotone gates, so every training mask is a prefix of a ranking, like the deployed masks) "
+                     "or 'prefix' (every training mask the longest prefix of the draw's ranking that fits the size: "
+                     "deployed-style masks of the requested size)",
     "distill_weight": "weight of KL(full LM || gated LM), the self-distillation term; 0 turns it off",
     "prior_weight": "weight of the prior KL against the per-token likelihood",
     "prior_tokens": "tokens the prior KL is spread over (default: the training text's length)",

@@ -35,7 +35,8 @@ from .architecture import Architecture
 from .budget import expected_size, keep_logits, solve_log_tau
 from .gating import GatedLM, Gates
 
-__all__ = ["PuppetModel", "PuppetGuide", "PuppetELBO", "plates", "sample_gates", "FLAT_LOG_LAMBDA"]
+__all__ = ["PuppetModel", "PuppetGuide", "PuppetELBO", "plates", "sample_gates", "prefix_gates", "COUPLINGS",
+           "FLAT_LOG_LAMBDA"]
 
 #: ``log λ_l`` of every layer without the hierarchy (flat units): ``π_l = σ(60 + ...) = 1``.
 FLAT_LOG_LAMBDA = 30.0
@@ -52,8 +53,51 @@ def _straight_through(logits: torch.Tensor, noise: torch.Tensor, temperature: fl
     return (soft > 0.5).to(soft.dtype) + (soft - soft.detach())
 
 
+COUPLINGS = ("independent", "shared", "prefix")
+
+
+def _marginal_unit_logits(layer_logits: torch.Tensor, unit_logits: torch.Tensor) -> torch.Tensor:
+    """``logit π_lu`` from the layer's logits and the unit's conditional logits, ``π_lu = π_l · σ(unit)``."""
+    log_pi_unit = F.logsigmoid(layer_logits)[..., None] + F.logsigmoid(unit_logits)  # [L, U]
+    return log_pi_unit - torch.log1p(-log_pi_unit.exp().clamp(max=1 - 1e-7))
+
+
+def prefix_gates(layer_logits: torch.Tensor, unit_logits: torch.Tensor, layer_cost: torch.Tensor,
+                 unit_cost: torch.Tensor, size, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gates ``(z_l [L], z_lu [L, U])`` that keep the longest prefix of the keep ranking
+    (layers and units by marginal keep logit, largest first) whose cost fits ``size``.
+
+    The rule of the deployed masks, applied to one draw of the scales: the realised size is
+    ``size`` less than one unit's cost, in every draw. Hard 0/1 forward; backward, the
+    gradient of ``σ((logit π - θ) / T)`` with the threshold ``θ`` (midway between the last
+    kept and the first dropped logit) held fixed. A layer ranks before its units (``π_lu ≤
+    π_l``, ties to the layer), so no unit outlives its layer. No host sync: the prefix
+    length stays a device tensor.
+    """
+    L, U = unit_logits.shape
+    marginal = _marginal_unit_logits(layer_logits, unit_logits)
+    scores = torch.cat([layer_logits, marginal.flatten()])  # [L + L·U], layers first for ties
+    costs = torch.cat([layer_cost, unit_cost.flatten()]).to(device=scores.device, dtype=torch.float64)
+    ranked = scores.detach()
+    order = torch.sort(ranked, descending=True, stable=True).indices  # [N]
+    cumulative = costs[order].cumsum(0)  # [N]
+    budget = costs.sum() * size  # a Python size multiplies on the device, without a host copy
+    n_kept = (cumulative <= budget * (1 + 1e-12)).sum()  # [] on the device
+    N = scores.numel()
+    in_prefix = (torch.arange(N, device=scores.device) < n_kept).to(scores.dtype)  # [N], ranked order
+    hard = torch.zeros_like(scores).scatter(0, order, in_prefix)  # [N]
+    sorted_scores = ranked[order]
+    padded = torch.cat([sorted_scores[:1] + 1, sorted_scores, sorted_scores[-1:] - 1])  # [N + 2]
+    around = padded.index_select(0, torch.stack([n_kept, n_kept + 1]))  # last kept, first dropped
+    threshold = around.mean()
+    soft = torch.sigmoid((scores - threshold) / temperature)
+    z = hard + (soft - soft.detach())
+    return z[:L], z[L:].reshape(L, U)
+
+
 def sample_gates(layer_plate, unit_plate, layer_logits, unit_logits, temperature: float,
-                 coupling: str = "independent") -> Gates:
+                 coupling: str = "independent", *, costs: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 size=None) -> Gates:
     """Sample sites ``gate_layer [L, 1]`` and ``gate_unit [L, U]`` (relaxed, hard forward).
 
     ``coupling='independent'``: every gate its own relaxed Bernoulli draw, the unit's given its
@@ -62,19 +106,31 @@ def sample_gates(layer_plate, unit_plate, layer_logits, unit_logits, temperature
     ``u`` read as ``ε = logit(u)``) drives every gate, ``z = 1[logit π + ε > 0]`` with the
     *marginal* ``π``: each gate is still ``Bernoulli(π)``, but the draws are comonotone, so
     the kept units are always the ``π``-largest (a prefix of a ranking), like the masks that
-    are deployed; ``π_lu ≤ π_l`` keeps the hierarchy.
+    are deployed; ``π_lu ≤ π_l`` keeps the hierarchy. But the realised size varies from
+    draw to draw: where the ``π`` are close, one ``ε`` keeps nearly all or nearly nothing.
+    ``coupling='prefix'``: no noise of its own; given the draw of the scales, the gates keep
+    the longest prefix of the keep ranking that fits ``size`` (:func:`prefix_gates`, which
+    needs ``costs = (layer_cost, unit_cost)`` and ``size``): every training mask is a
+    deployed-style mask of the requested size, the randomness is the posterior's.
 
     Their log-densities are masked: model and guide draw them from the same ``π``.
     """
     temperature_t = torch.full((), temperature, device=layer_logits.device)  # a fill, not a host copy
     with poutine.mask(mask=False):
+        if coupling == "prefix":
+            if costs is None or size is None:
+                raise ValueError("coupling='prefix' needs the costs and the size")
+            z_layer, z_unit = prefix_gates(layer_logits, unit_logits, *costs, size, temperature)
+            with layer_plate:
+                z_layer = pyro.sample("gate_layer", dist.Delta(z_layer[..., None]))
+                with unit_plate:
+                    z_unit = pyro.sample("gate_unit", dist.Delta(z_unit))
+            return Gates(layer=z_layer[..., 0], unit=z_unit)
         if coupling == "shared":
             u = pyro.sample("gate_noise", dist.Uniform(torch.zeros((), device=layer_logits.device),
                                                        torch.ones((), device=layer_logits.device)))
             eps = torch.logit(u.clamp(1e-6, 1 - 1e-6))
-            # marginal logit of π_lu = π_l · σ(unit): log π_lu - log(1 - π_lu)
-            log_pi_unit = F.logsigmoid(layer_logits)[..., None] + F.logsigmoid(unit_logits)
-            marginal_unit = log_pi_unit - torch.log1p(-log_pi_unit.exp().clamp(max=1 - 1e-7))
+            marginal_unit = _marginal_unit_logits(layer_logits, unit_logits)
             z_layer = _straight_through(layer_logits, eps, temperature)[..., None]  # [L, 1]
             z_unit = _straight_through(marginal_unit, eps, temperature)  # [L, U]
             with layer_plate:
@@ -101,8 +157,8 @@ class _Push(PyroModule):
     def __init__(self, arch: Architecture, *, hierarchy: bool, prior_scale: float, temperature: float,
                  gate_coupling: str = "independent"):
         super().__init__()
-        if gate_coupling not in ("independent", "shared"):
-            raise ValueError(f"gate_coupling must be 'independent' or 'shared', got {gate_coupling!r}")
+        if gate_coupling not in COUPLINGS:
+            raise ValueError(f"gate_coupling must be one of {', '.join(map(repr, COUPLINGS))}, got {gate_coupling!r}")
         self.arch = arch
         self.gate_coupling = gate_coupling
         self.hierarchy = hierarchy
@@ -183,7 +239,7 @@ class PuppetModel(_Push):
         )
         # 3. The gates, relaxed so that the likelihood is differentiable in π.
         gates = sample_gates(layer_plate, unit_plate, layer_logits, unit_logits, self.temperature,
-                             self.gate_coupling)
+                             self.gate_coupling, costs=(self.layer_cost, self.unit_cost), size=size)
         # 4. The likelihood: the LM's own next-token log-likelihood under the gates.
         logits = self.gated(input_ids, gates=gates)  # [B, T, V]
         log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)  # [B, T-1, V]
@@ -254,7 +310,7 @@ class PuppetGuide(_Push):
         )
         _, layer_logits, unit_logits = self.push(size, log_lambda_layer, log_lambda_unit)
         return sample_gates(layer_plate, unit_plate, layer_logits, unit_logits, self.temperature,
-                            self.gate_coupling)
+                            self.gate_coupling, costs=(self.layer_cost, self.unit_cost), size=size)
 
     # -- posterior summaries that need no sampling ----------------------------------------
     def median_log_lambda(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -485,7 +485,7 @@ def resize(ranked: str | Path | RankedCheckpoint, size: float | None = None, out
     Raises ``ValueError`` for a size outside (0, 1] or below the smallest sub-network, and
     :class:`~ppn_bayes.io.FileFormatError` for a damaged checkpoint.
     """
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
 
     began = time.perf_counter()
     checkpoint = ranked if isinstance(ranked, RankedCheckpoint) else open_ranked(ranked)

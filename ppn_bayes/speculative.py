@@ -31,12 +31,15 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .generation import Decoder, sample, synchronize
+
+if TYPE_CHECKING:
+    from .ranking import Ranking
 
 __all__ = [
     "Speculation", "speculative_generate", "accept_greedy", "accept_sampled", "check_draft",

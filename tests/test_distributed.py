@@ -15,7 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pyro
 import pytest
 import torch
 from dist_fit_cases import CASES, case_eval_tokens, case_lm, case_tokens

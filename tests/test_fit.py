@@ -12,7 +12,9 @@ from ppn_bayes import CharTokenizer, FitConfig, GatedLM, Ranking, TokenBlocks, d
 from ppn_bayes.architecture import decoder_layers
 from ppn_bayes.demo import pretrain
 from ppn_bayes.lm import tiny_llama
+from ppn_bayes.budget import solve_log_tau
 from ppn_bayes.model import PuppetGuide, PuppetModel
+from transformers import LlamaConfig, LlamaForCausalLM
 
 TEXT = embedded_text()[:60_000]
 TOKENIZER = CharTokenizer.for_text(embedded_text())
@@ -174,9 +176,100 @@ def test_shared_gates_pass_gradients_to_the_scales():
     assert lu.grad.abs().sum() > 0 and ll.grad.abs().sum() > 0
 
 
-def test_a_shared_coupling_fit_runs_and_its_masks_nest():
+def _prefix_reference(layer_logits, unit_logits, layer_cost, unit_cost, size):
+    """Slow reference: walk the items by marginal keep probability, largest first (a layer
+    before its units on a tie), and keep them while the running cost fits the budget."""
+    L, U = unit_logits.shape
+    pi_layer = torch.sigmoid(layer_logits)
+    items = [(float(pi_layer[l]), 0, l, -1, float(layer_cost[l])) for l in range(L)]
+    items += [(float(pi_layer[l] * torch.sigmoid(unit_logits[l, u])), 1, l, u, float(unit_cost[l, u]))
+              for l in range(L) for u in range(U)]
+    items.sort(key=lambda item: (-item[0], item[1]))
+    budget, spent = size * float(layer_cost.sum() + unit_cost.sum()), 0.0
+    z_layer, z_unit = torch.zeros(L), torch.zeros(L, U)
+    for _, is_unit, l, u, cost in items:
+        if spent + cost > budget * (1 + 1e-12):
+            break
+        spent += cost
+        if is_unit:
+            z_unit[l, u] = 1.0
+        else:
+            z_layer[l] = 1.0
+    return z_layer, z_unit, spent / float(layer_cost.sum() + unit_cost.sum())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_prefix_gates_keep_the_longest_prefix_of_the_ranking_that_fits_the_size(seed):
+    """``gate_coupling='prefix'``: every draw keeps exactly what the slow reference keeps, the
+    realised size is the size asked less than the next item's cost, and no unit outlives its layer."""
+    from ppn_bayes.budget import keep_logits
+    from ppn_bayes.model import prefix_gates
+
+    generator = torch.Generator().manual_seed(seed)
+    L, U = 4, 6
+    ll = torch.randn(L, generator=generator, dtype=torch.float64)
+    lu = torch.randn(L, U, generator=generator, dtype=torch.float64) * 2
+    layer_cost = torch.rand(L, generator=generator, dtype=torch.float64) * 0.1
+    unit_cost = torch.rand(L, U, generator=generator, dtype=torch.float64) + 0.5
+    total = float(layer_cost.sum() + unit_cost.sum())
+    for size in (0.05, 0.3, 0.5, 0.77, 1.0):
+        layer_logits, unit_logits = keep_logits(torch.tensor(0.1, dtype=torch.float64), ll, lu)
+        z_layer, z_unit = prefix_gates(layer_logits, unit_logits, layer_cost, unit_cost, size, 0.5)
+        ref_layer, ref_unit, realised = _prefix_reference(layer_logits, unit_logits, layer_cost, unit_cost, size)
+        assert torch.equal(z_layer.detach(), ref_layer) and torch.equal(z_unit.detach(), ref_unit), size
+        kept = float((z_layer * layer_cost).sum() + (z_unit * unit_cost).sum()) / total
+        assert kept == pytest.approx(realised) and kept <= size + 1e-12
+        assert size - kept < float(unit_cost.max()) / total
+        assert bool((z_unit <= z_layer[:, None]).all())
+
+
+def test_prefix_gates_meet_the_size_in_every_draw_where_shared_gates_do_not():
+    """On SmolLM2-135M's units at the start of a fit, one shared noise draw keeps nearly all
+    or nearly nothing; the prefix draw keeps the size asked."""
+    from ppn_bayes.budget import keep_logits
+    from ppn_bayes.model import plates, prefix_gates, sample_gates
+
+    config = LlamaConfig(vocab_size=64, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3)
+    with torch.device("meta"):
+        arch = describe(LlamaForCausalLM(config), mlp_group=64)
+    layer_cost, unit_cost = arch.costs()
+    total = float(layer_cost.sum() + unit_cost.sum())
+    guide = PuppetGuide(arch, init_jitter=0.5, gate_coupling="shared")
+    ll, lu = guide.median_log_lambda()
+    log_tau = solve_log_tau(0.5, ll.double(), lu.double(), layer_cost, unit_cost)
+    layer_logits, unit_logits = keep_logits(log_tau, ll.double(), lu.double())
+
+    def kept(z_layer, z_unit):
+        return float((z_layer * layer_cost).sum() + (z_unit * z_layer[:, None] * unit_cost).sum()) / total
+
+    pyro.set_rng_seed(0)
+    draws = [sample_gates(*plates(30, arch.n_units), layer_logits, unit_logits, 0.5, "shared") for _ in range(200)]
+    shared = [kept(gates.layer.detach(), gates.unit.detach()) for gates in draws]
+    assert min(shared) < 0.1 and max(shared) > 0.9
+    z_layer, z_unit = prefix_gates(layer_logits, unit_logits, layer_cost, unit_cost, 0.5, 0.5)
+    assert 0.5 - 1e-3 < kept(z_layer.detach(), z_unit.detach()) <= 0.5
+
+
+def test_prefix_gates_pass_gradients_to_the_scales():
+    from ppn_bayes.budget import keep_logits
+    from ppn_bayes.model import plates, sample_gates
+
+    ll = torch.zeros(3, requires_grad=True)
+    lu = torch.linspace(-1, 1, 15).reshape(3, 5).requires_grad_(True)
+    layer_logits, unit_logits = keep_logits(torch.tensor(0.0), ll, lu)
+    costs = (torch.full((3,), 0.1), torch.ones(3, 5))
+    gates = sample_gates(*plates(3, 5), layer_logits, unit_logits, 0.5, "prefix", costs=costs, size=0.6)
+    (gates.unit.sum() + gates.layer.sum()).backward()
+    assert lu.grad.abs().sum() > 0 and ll.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="needs the costs and the size"):
+        sample_gates(*plates(3, 5), layer_logits, unit_logits, 0.5, "prefix")
+
+
+@pytest.mark.parametrize("coupling", ["shared", "prefix"])
+def test_a_coupled_fit_runs_and_its_masks_nest(coupling):
     lm = tiny_llama(TOKENIZER.vocab_size, layers=2, hidden=32, heads=2, kv_heads=1, intermediate=64)
-    config = FitConfig(steps=30, batch_size=4, seq_len=32, lr_lm=3e-3, mlp_group=32, gate_coupling="shared",
+    config = FitConfig(steps=30, batch_size=4, seq_len=32, lr_lm=3e-3, mlp_group=32, gate_coupling=coupling,
                        init_jitter=0.5, log_every=1)
     fitted = fit(lm, TOKENS, config, progress=False)
     losses = [row["loss"] for row in fitted.result.history]
@@ -206,6 +299,7 @@ def test_guide_locations_start_jittered_when_asked():
 
 @pytest.mark.parametrize("coupling, hierarchy, posterior", [
     ("independent", True, "normal"), ("shared", True, "normal"), ("independent", False, "point"),
+    ("prefix", True, "normal"), ("prefix", False, "normal"),
 ])
 def test_puppet_elbo_equals_pyros_trace_elbo_in_value_and_gradient(coupling, hierarchy, posterior):
     """The device-only ELBO is Trace_ELBO: same loss, same gradients, on the same draws."""

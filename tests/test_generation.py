@@ -9,7 +9,7 @@ from conftest import tiny_lm
 
 from ppn_bayes.architecture import describe
 from ppn_bayes.generation import Decoder, StaticKVCache, timed_generate
-from ppn_bayes.ranking import Masks, Ranking
+from ppn_bayes.ranking import Masks
 
 
 @pytest.fixture(autouse=True)
