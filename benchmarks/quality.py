@@ -27,6 +27,8 @@ Methods (``--methods``)::
                           the same scores, every layer cut by the same fraction (Wanda-sp)
     shortgpt+distill      (also magnitude+distill, activation+distill) the baseline's
                           sub-network fine-tuned by self-distillation with the fit's budget
+    ppn_bayes+distill     the fit of record's sub-network fine-tuned the same way (twice the
+                          training tokens: the fit's and the fine-tune's)
     sparsegpt, wanda      llm-compressor, unstructured at sparsity 1 - size
     sparsegpt-2:4, wanda-2:4   llm-compressor, 2:4 at size 0.5
 
@@ -56,7 +58,7 @@ import torch
 
 from ppn_bayes.architecture import describe
 from ppn_bayes.config import FitConfig
-from ppn_bayes.data import TokenBlocks, load_tokens, save_tokens
+from ppn_bayes.data import load_tokens, save_tokens
 from ppn_bayes.evaluate import perplexity
 from ppn_bayes.io import atomic_file, atomic_write_text
 from ppn_bayes.records import RECORDS_DIR, append_record
@@ -82,7 +84,8 @@ VARIANTS = {
 }
 STRUCTURED = ("shortgpt", "magnitude", "activation", "magnitude-uniform", "activation-uniform")
 SPARSE = ("sparsegpt", "wanda", "sparsegpt-2:4", "wanda-2:4")
-METHODS = ("dense", "ppn_bayes", *ABLATIONS, *VARIANTS, *STRUCTURED, *(f"{m}+distill" for m in STRUCTURED), *SPARSE)
+METHODS = ("dense", "ppn_bayes", *ABLATIONS, *VARIANTS, *STRUCTURED, *(f"{m}+distill" for m in STRUCTURED),
+           "ppn_bayes+distill", *SPARSE)
 DEFAULT_METHODS = ("dense", "ppn_bayes", *ABLATIONS, *STRUCTURED, *SPARSE)
 #: The fit of record: 2048-token windows, the sandwich rule down to the smallest size.
 DEFAULT_FIT = FitConfig(steps=300, batch_size=8, seq_len=2048, size_min=0.3, checkpoint_every=100,
@@ -435,59 +438,71 @@ def run_structured(run: Run, method: str) -> None:
                      settings={"training": "none", **settings})
 
 
-def distill_finetune(student, teacher, tokens: torch.Tensor, fit_config: FitConfig, *, autocast) -> dict:
+def distill_finetune(student, teacher, tokens: torch.Tensor, fit_config: FitConfig, *, config: QualityConfig) -> dict:
     """Fine-tune ``student`` towards ``teacher`` on ``tokens`` with the fit's budget
-    (steps, batch, windows, AdamW at ``lr_lm``): next-token loss plus
-    ``distill_weight`` · KL(teacher ‖ student) per token, as the fit's likelihood."""
-    import torch.nn.functional as F
+    (steps, batch, windows, AdamW at ``lr_lm``): :func:`ppn_bayes.finetune.distill`, the
+    next-token loss plus ``distill_weight`` · KL(teacher ‖ student) per token."""
+    from ppn_bayes.finetune import DistillConfig, distill
 
-    blocks = TokenBlocks(tokens, fit_config.seq_len, fit_config.seed)
-    device = next(student.parameters()).device
-    optimizer = torch.optim.AdamW(student.parameters(), lr=fit_config.lr_lm, weight_decay=fit_config.weight_decay)
-    student.train()
-    began = time.perf_counter()
-    loss = None
-    for step in range(fit_config.steps):
-        input_ids = blocks.batch(step, fit_config.batch_size).to(device)  # [B, T]
-        with autocast:
-            with torch.no_grad():
-                teacher_logp = F.log_softmax(teacher(input_ids=input_ids).logits[:, :-1].float(), -1)
-            logp = F.log_softmax(student(input_ids=input_ids).logits[:, :-1].float(), -1)  # [B, T-1, V]
-            nll = -logp.gather(-1, input_ids[:, 1:, None]).mean()
-            kl = F.kl_div(logp, teacher_logp, log_target=True, reduction="none").sum(-1).mean()
-            loss = nll + fit_config.distill_weight * kl
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if fit_config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(student.parameters(), fit_config.grad_clip)
-        optimizer.step()
-    student.eval()
-    seconds = time.perf_counter() - began
-    return {"finetune_seconds": seconds, "final_loss": None if loss is None else loss.item()}
+    settings = DistillConfig(steps=fit_config.steps, batch_size=fit_config.batch_size, seq_len=fit_config.seq_len,
+                             lr=fit_config.lr_lm, weight_decay=fit_config.weight_decay,
+                             distill_weight=fit_config.distill_weight, grad_clip=fit_config.grad_clip,
+                             seed=fit_config.seed)
+    result = distill(student, teacher, tokens, settings, autocast=lambda: _autocast(config), progress=False)
+    return {"finetune_seconds": result.seconds, "final_loss": result.history[-1]["loss"]}
 
 
-def run_finetuned(run: Run, method: str) -> None:
+def _finetune_sizes(run: Run, method: str, lm, ranking, fit_config: FitConfig, *, train_tokens: int,
+                    settings: dict) -> None:
+    """Cut ``lm`` at every ``finetune_sizes`` of ``ranking``, fine-tune each sub-network
+    towards the dense LM (:func:`distill_finetune`) and record its perplexity."""
     c = run.config
-    ranking, settings = structured_ranking(run, method)
-    fit_config = c.fit
-    train_tokens = fit_config.steps * fit_config.batch_size * fit_config.seq_len
     for size in c.finetune_sizes:
         if run.out_of_time():
             print(f"[quality] out of time: {method} at {size} skipped", flush=True)
             run.skipped += 1
             return
         masks = ranking.masks(size)
-        sub, kept = _subnetwork(run.lm, masks)
+        sub, kept = _subnetwork(lm, masks)
         sub.float()
-        cost = distill_finetune(sub, run.lm, run.train_tokens, fit_config, autocast=_autocast(c))
+        cost = distill_finetune(sub, run.lm, run.train_tokens, fit_config, config=c)
         result = run.evaluate(sub)
         run.record(method, size_requested=size, size_reached=masks.size_reached, result=result,
                    train_tokens=train_tokens, params_kept=kept, layers_kept=int(masks.layer.sum()),
                    evaluated="subnetwork",
-                   settings={"training": "self-distillation fine-tune of the pruned sub-network (optional "
-                                         "baseline: the same budget as the ppn_bayes fit)",
-                             "fit": fit_config.to_dict(), "autocast": _autocast_used(c), **settings, **cost})
+                   settings={"fit": fit_config.to_dict(), "autocast": _autocast_used(c), **settings, **cost})
         del sub
+
+
+def run_finetuned(run: Run, method: str) -> None:
+    fit_config = run.config.fit
+    ranking, settings = structured_ranking(run, method)
+    _finetune_sizes(run, method, run.lm, ranking, fit_config,
+                    train_tokens=fit_config.steps * fit_config.batch_size * fit_config.seq_len,
+                    settings={"training": "self-distillation fine-tune of the pruned sub-network (optional "
+                                          "baseline: the same budget as the ppn_bayes fit)", **settings})
+
+
+def run_ppn_finetuned(run: Run, method: str) -> None:
+    """The fit of record's sub-network at each ``finetune_sizes``, fine-tuned like the
+    +distill baselines (self-distillation from the dense LM, the fit's budget once more):
+    what a fit plus a fine-tune of one chosen size reaches. Fits ppn_bayes first when
+    ``work_dir`` holds no finished fit of record (recording its rows as ``ppn_bayes`` does)."""
+    from ppn_bayes.fit import load_fit, read_state
+
+    c = run.config
+    fit_config = fit_config_of(c, "ppn_bayes")
+    checkpoint = Path(c.work_dir) / "fits" / "ppn_bayes"
+    if not ((checkpoint / "state.json").is_file() and read_state(checkpoint)["step"] >= fit_config.steps):
+        run_ppn(run, "ppn_bayes")
+    fitted = load_fit(checkpoint, device=c.device)
+    fitted.lm.float().eval()
+    fit_tokens = fit_config.steps * fit_config.batch_size * fit_config.seq_len
+    _finetune_sizes(run, method, fitted.lm, fitted.ranking(), fit_config, train_tokens=2 * fit_tokens,
+                    settings={"training": "the ppn_bayes fit of record, then a self-distillation fine-tune of "
+                                          "its sub-network at this size (the +distill baselines' recipe)",
+                              "fit_tokens": fit_tokens, "finetune_tokens": fit_tokens,
+                              "checkpoint": str(checkpoint)})
 
 
 def run_sparse(run: Run, method: str) -> None:
@@ -536,6 +551,7 @@ def _save_sparse(run: Run, method: str, size: float, lm) -> None:
 
 RUNNERS = {"dense": run_dense, "ppn_bayes": run_ppn, **{m: run_ppn for m in (*ABLATIONS, *VARIANTS)},
            **{m: run_structured for m in STRUCTURED}, **{f"{m}+distill": run_finetuned for m in STRUCTURED},
+           "ppn_bayes+distill": run_ppn_finetuned,
            **{m: run_sparse for m in SPARSE}}
 
 

@@ -48,6 +48,8 @@ LABELS = {
     "shortgpt+distill": "ShortGPT + self-distillation",
     "magnitude+distill": "magnitude-ranked + self-distillation",
     "activation+distill": "activation-ranked + self-distillation",
+    "activation-uniform+distill": "activation-ranked, uniform per layer + self-distillation",
+    "ppn_bayes+distill": "ppn_bayes + self-distillation of the chosen size",
     "sparsegpt": "SparseGPT, unstructured",
     "wanda": "Wanda, unstructured",
     "sparsegpt-2:4": "SparseGPT, 2:4",

@@ -611,8 +611,10 @@ def decoder_params(lm: nn.Module) -> int:
 
 
 # -- saving and loading -----------------------------------------------------------------------
-def save_subnetwork(sub: nn.Module, tokenizer, out: str | Path, *, overwrite: bool = False) -> Path:
-    """Save a sub-network (safetensors and JSON) and its tokenizer to ``out``, atomically.
+def save_subnetwork(sub: nn.Module, tokenizer, out: str | Path, *, overwrite: bool = False,
+                    extra_json: dict[str, dict] | None = None) -> Path:
+    """Save a sub-network (safetensors and JSON) and its tokenizer to ``out``, atomically;
+    ``extra_json`` maps file names to JSON data written into the same directory.
 
     An existing ``out`` is refused unless ``overwrite``. When every layer keeps the same
     widths (and the family's config can express them) the directory loads with plain
@@ -624,6 +626,8 @@ def save_subnetwork(sub: nn.Module, tokenizer, out: str | Path, *, overwrite: bo
         sub.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, data in (extra_json or {}).items():
+            (Path(tmp) / name).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return Path(out)
 
 

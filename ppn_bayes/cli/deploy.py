@@ -1,4 +1,4 @@
-"""``ppn-bayes masks``, ``export-ranked``, ``resize`` and ``eval``: from a fit to deployment."""
+"""``ppn-bayes masks``, ``export-ranked``, ``resize``, ``distill`` and ``eval``: from a fit to deployment."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def _size_options(parser: argparse.ArgumentParser, *, required: bool) -> None:
 
 
 def register(subparsers) -> None:
-    """Add ``masks``, ``export-ranked``, ``resize`` and ``eval`` to the ``ppn-bayes`` parser."""
+    """Add ``masks``, ``export-ranked``, ``resize``, ``distill`` and ``eval`` to the ``ppn-bayes`` parser."""
     masks = subparsers.add_parser(
         "masks", help="write the mask file of a fitted network for some sizes",
         description="Write a versioned, validated mask file (JSON): the base model's identity, the unit "
@@ -64,6 +64,50 @@ def register(subparsers) -> None:
     resize.add_argument("--dtype", default=None, choices=_DTYPES,
                         help="store the sub-network in this dtype (default: the checkpoint's)")
     resize.set_defaults(func=_resize)
+
+    distill = subparsers.add_parser(
+        "distill", help="fine-tune one sub-network towards the full LM (optional, after a fit)",
+        description="Cut the sub-network of --size (or --params) from CHECKPOINT (a fit or ranked checkpoint) "
+                    "and fine-tune it alone by self-distillation: its next-token loss plus --distill-weight times "
+                    "KL(teacher || sub-network) per token, AdamW, windows of --seq-len drawn from --data as the fit "
+                    "draws them. The teacher is the checkpoint's full LM, or --teacher. Writes the sub-network "
+                    "(as `ppn-bayes resize` does) with distill.json: the settings, the losses and, with "
+                    "--eval-data, the held-out perplexity before and after.",
+    )
+    distill.add_argument("checkpoint", metavar="CHECKPOINT", help="a fit checkpoint or a ranked checkpoint")
+    _size_options(distill, required=True)
+    distill.add_argument("--data", required=True,
+                         help="training text (.txt, tokenised with the model's tokenizer) or a .safetensors file "
+                              "with a 1-D 'tokens' tensor")
+    distill.add_argument("--out", required=True, help="the sub-network directory to write")
+    distill.add_argument("--teacher", default=None,
+                         help="the teacher: a model directory, .gguf file or checkpoint (default: CHECKPOINT's full LM)")
+    distill.add_argument("--eval-data", default=None, help="held-out text (as --data): perplexity before and after")
+    distill.add_argument("--eval-windows", type=int, default=16,
+                         help="held-out windows of --seq-len evaluated (default: 16)")
+    from ..finetune import DistillConfig
+
+    defaults = DistillConfig()
+    distill.add_argument("--steps", type=int, default=defaults.steps, help=f"steps (default: {defaults.steps})")
+    distill.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                         help=f"windows per step (default: {defaults.batch_size})")
+    distill.add_argument("--seq-len", type=int, default=defaults.seq_len,
+                         help=f"tokens per window (default: {defaults.seq_len})")
+    distill.add_argument("--lr", type=float, default=defaults.lr, help=f"AdamW learning rate (default: {defaults.lr})")
+    distill.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
+                         help=f"AdamW weight decay (default: {defaults.weight_decay})")
+    distill.add_argument("--distill-weight", type=float, default=defaults.distill_weight,
+                         help=f"weight of the KL term; 0: plain fine-tuning (default: {defaults.distill_weight})")
+    distill.add_argument("--grad-clip", type=float, default=defaults.grad_clip,
+                         help=f"gradient-norm clipping; 0: none (default: {defaults.grad_clip})")
+    distill.add_argument("--seed", type=int, default=defaults.seed, help=f"seed of the windows (default: {defaults.seed})")
+    distill.add_argument("--log-every", type=int, default=defaults.log_every,
+                         help=f"log the losses every this many steps (default: {defaults.log_every})")
+    distill.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    distill.add_argument("--bf16", action="store_true", help="bfloat16 autocast of the forward passes (CUDA only)")
+    distill.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    distill.add_argument("--quiet", action="store_true", help="no progress bar")
+    distill.set_defaults(func=_distill)
 
     evaluate = subparsers.add_parser(
         "eval", help="perplexity of a model or sub-network on a text file",
@@ -121,6 +165,24 @@ def _resize(args: argparse.Namespace) -> int:
     result = resize_checkpoint(args.checkpoint, args.out, size=args.size, n_params=args.params,
                                overwrite=args.overwrite, keep_ranked=args.keep_ranked, dtype=_dtype(args.dtype))
     print(json.dumps(result.to_dict()))
+    return 0
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from ..finetune import DistillConfig, distill_checkpoint
+
+    config = DistillConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                           weight_decay=args.weight_decay, distill_weight=args.distill_weight,
+                           grad_clip=args.grad_clip, seed=args.seed, log_every=args.log_every)
+    report = distill_checkpoint(args.checkpoint, args.data, args.out, size=args.size, n_params=args.params,
+                                teacher=args.teacher, config=config, eval_data=args.eval_data,
+                                eval_windows=args.eval_windows, device=args.device, bf16=args.bf16,
+                                overwrite=args.overwrite, progress=not args.quiet)
+    summary = {"out": args.out, "size_reached": report["size_reached"], "steps": report["result"]["steps"],
+               "train_tokens": report["result"]["train_tokens"], "final_loss": report["result"]["history"][-1]}
+    if "eval" in report:
+        summary.update(ppl_before=report["eval"]["ppl_before"], ppl_after=report["eval"]["ppl_after"])
+    print(json.dumps(summary))
     return 0
 
 

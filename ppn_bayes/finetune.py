@@ -1,0 +1,213 @@
+"""Self-distillation fine-tune of one chosen sub-network: the optional step after a fit.
+
+A fit yields every size at once, without further computation. When one size is chosen
+for deployment, a short fine-tune of that sub-network alone, towards the full LM, recovers
+much of what the cut lost: on SmolLM2-135M, the fit of record's sub-network at size 0.5
+went from perplexity 303 to 112 with as many tokens again as the fit
+(docs/benchmarks.md, "ppn_bayes + self-distillation of the chosen size").
+
+The objective is the fit's likelihood for one sub-network: the student's next-token loss
+plus ``distill_weight`` · KL(teacher ‖ student) per token, the teacher's distribution
+over the whole vocabulary, with AdamW. Windows are drawn as the fit draws them
+(:class:`~ppn_bayes.data.TokenBlocks`, a pure function of ``(seed, step)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import TokenBlocks
+
+__all__ = ["DistillConfig", "DistillResult", "distill", "distill_checkpoint"]
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Settings of :func:`distill`."""
+
+    steps: int = 200
+    batch_size: int = 8
+    seq_len: int = 512
+    lr: float = 3e-5
+    weight_decay: float = 0.0
+    distill_weight: float = 1.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "lr", "log_every"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be at least 2, got {self.seq_len}")
+        for name in ("weight_decay", "distill_weight", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+
+    def replace(self, **changes) -> "DistillConfig":
+        """A copy with ``changes`` (checked again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """The settings as plain JSON-ready data."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class DistillResult:
+    """What a fine-tune did: its steps and tokens, its time, and the logged losses
+    (``history`` rows ``{step, loss, nll, kl}``, per token)."""
+
+    steps: int
+    train_tokens: int
+    seconds: float
+    tokens_per_s: float
+    history: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """The result as plain JSON-ready data."""
+        return dataclasses.asdict(self)
+
+
+def _vocab(lm: nn.Module) -> int:
+    return lm.get_output_embeddings().weight.shape[0]
+
+
+def distill(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor | TokenBlocks,
+            config: DistillConfig = DistillConfig(), *, autocast=None, progress: bool = True) -> DistillResult:
+    """Fine-tune ``student`` (a sub-network, trained in place) towards ``teacher`` (left
+    unchanged) on ``tokens`` (1-D token tensor, or :class:`~ppn_bayes.data.TokenBlocks` of
+    ``config.seq_len``).
+
+    ``autocast``: a context manager factory wrapped around both forward passes (e.g.
+    ``lambda: torch.autocast("cuda", torch.bfloat16)``); ``None`` runs in the weights'
+    dtype. The student ends in eval mode. Raises ``ValueError`` when the two LMs do not
+    share a vocabulary or the tokens fall outside it.
+    """
+    if _vocab(student) != _vocab(teacher):
+        raise ValueError(f"the student's vocabulary has {_vocab(student)} tokens, the teacher's "
+                         f"{_vocab(teacher)}: distillation needs one vocabulary")
+    blocks = tokens if isinstance(tokens, TokenBlocks) else TokenBlocks(torch.as_tensor(tokens), config.seq_len,
+                                                                        config.seed)
+    if blocks.seq_len != config.seq_len:
+        raise ValueError(f"token blocks of {blocks.seq_len} tokens, but config.seq_len={config.seq_len}")
+    vocab = _vocab(student)
+    if blocks.tokens.numel() and not 0 <= int(blocks.tokens.min()) <= int(blocks.tokens.max()) < vocab:
+        raise ValueError(f"token ids outside the LM's vocabulary of {vocab}")
+    autocast = autocast or contextlib.nullcontext
+    device = next(student.parameters()).device
+    teacher_was_training = teacher.training
+    teacher.eval()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    from tqdm.auto import tqdm
+
+    history: list[dict] = []
+    student.train()
+    began = time.perf_counter()
+    bar = tqdm(range(config.steps), disable=not progress, desc="distill", unit="step")
+    try:
+        for step in bar:
+            input_ids = blocks.batch(step, config.batch_size).to(device)  # [B, T]
+            with autocast():
+                with torch.no_grad():
+                    teacher_logp = F.log_softmax(teacher(input_ids=input_ids).logits[:, :-1].float(), -1)
+                logp = F.log_softmax(student(input_ids=input_ids).logits[:, :-1].float(), -1)  # [B, T-1, V]
+                nll = -logp.gather(-1, input_ids[:, 1:, None]).mean()
+                kl = F.kl_div(logp, teacher_logp, log_target=True, reduction="none").sum(-1).mean()
+                loss = nll + config.distill_weight * kl
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
+            optimizer.step()
+            if step % config.log_every == 0 or step == config.steps - 1:  # one host sync per logged step
+                values = torch.stack([loss, nll, kl]).detach().float().tolist()
+                if not all(map(torch.isfinite, torch.tensor(values))):
+                    raise FloatingPointError(f"the loss became {values[0]} at step {step}; lower lr")
+                history.append({"step": step, "loss": values[0], "nll": values[1], "kl": values[2]})
+                bar.set_postfix(loss=f"{values[0]:.3f}", kl=f"{values[2]:.3f}")
+    finally:
+        bar.close()
+        student.eval()
+        teacher.train(teacher_was_training)
+    seconds = time.perf_counter() - began
+    train_tokens = config.steps * config.batch_size * config.seq_len
+    return DistillResult(steps=config.steps, train_tokens=train_tokens, seconds=seconds,
+                         tokens_per_s=train_tokens / seconds if seconds > 0 else 0.0, history=history)
+
+
+def distill_checkpoint(checkpoint, data, out, *, size: float | None = None, n_params: int | None = None,
+                       teacher=None, config: DistillConfig = DistillConfig(), eval_data=None,
+                       eval_windows: int = 16, device: str | torch.device = "cpu", bf16: bool = False,
+                       overwrite: bool = False, progress: bool = True) -> dict:
+    """Cut the sub-network of ``size`` (or ``n_params``) from a fit or ranked ``checkpoint``,
+    fine-tune it by :func:`distill` on ``data`` (text, or a ``.safetensors`` token file)
+    and save it to ``out`` (:func:`~ppn_bayes.subnetwork.save_subnetwork`, atomically, with
+    ``distill.json``: settings, losses, and with ``eval_data`` the held-out perplexity of
+    the sub-network before and after on its first ``eval_windows`` windows of ``seq_len``).
+
+    The teacher is the checkpoint's full LM unless ``teacher`` names another model (any
+    path :func:`~ppn_bayes.resize.open_model` opens, e.g. the original pretrained LM).
+    ``bf16`` runs the forward passes under bfloat16 autocast on CUDA. Returns the report
+    that ``distill.json`` holds.
+    """
+    from pathlib import Path
+
+    from .data import load_tokens
+    from .evaluate import perplexity
+    from .fit import versions
+    from .resize import checkpoint_kind, open_model
+    from .subnetwork import decoder_params, save_subnetwork
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    if (size is None) == (n_params is None):
+        raise ValueError("give exactly one of size and n_params")
+    if eval_windows < 1:
+        raise ValueError(f"eval_windows must be positive, got {eval_windows}")
+    kind = checkpoint_kind(checkpoint)
+    if kind not in ("fit", "ranked"):
+        raise ValueError(f"{checkpoint} is a {kind}, not a fit or ranked checkpoint: the sub-network is cut by "
+                         "the checkpoint's ranking")
+    device = torch.device(device)
+    if bf16 and device.type != "cuda":
+        raise ValueError("bf16 autocast is for CUDA devices; on the CPU the fine-tune runs in float32")
+    student = open_model(checkpoint, size=size, n_params=n_params, device=device)
+    if teacher is None:
+        full = open_model(checkpoint, size=1.0 if kind == "ranked" else None, device=device)
+    else:
+        full = open_model(teacher, device=device)
+    tokenizer = student.tokenizer or full.tokenizer
+    tokens = load_tokens(data, tokenizer)
+    held_out = load_tokens(eval_data, tokenizer) if eval_data is not None else None
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else None
+
+    def evaluate() -> float:
+        result = perplexity(student.lm, held_out, seq_len=config.seq_len, batch_size=config.batch_size,
+                            limit=eval_windows)
+        return result.ppl
+
+    before = evaluate() if held_out is not None else None
+    result = distill(student.lm, full.lm, tokens, config, autocast=autocast, progress=progress)
+    after = evaluate() if held_out is not None else None
+    report = {
+        "format": "ppn_bayes.distill", "version": 1, "checkpoint": str(checkpoint),
+        "teacher": str(teacher) if teacher is not None else f"{checkpoint} (full LM)",
+        "data": str(data), "size_requested": size, "n_params_requested": n_params,
+        "size_reached": student.masks.size_reached, "decoder_params": decoder_params(student.lm),
+        "config": config.to_dict(), "bf16": bf16, "result": result.to_dict(), "versions": versions(),
+    }
+    if held_out is not None:
+        report["eval"] = {"data": str(eval_data), "windows": eval_windows, "seq_len": config.seq_len,
+                          "ppl_before": before, "ppl_after": after}
+    save_subnetwork(student.lm, tokenizer, out, overwrite=overwrite, extra_json={"distill.json": report})
+    return report

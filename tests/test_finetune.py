@@ -1,0 +1,121 @@
+"""Self-distillation fine-tune of one sub-network: the objective, its effect, its files."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+
+import pytest
+import torch
+
+from ppn_bayes import CharTokenizer, FitConfig, TokenBlocks, embedded_text, fit, tokenize
+from ppn_bayes.finetune import DistillConfig, distill
+from ppn_bayes.lm import tiny_llama
+from ppn_bayes.subnetwork import build_subnetwork, load_subnetwork
+
+TOKENIZER = CharTokenizer.for_text(embedded_text())
+TOKENS = tokenize(embedded_text()[:30_000], TOKENIZER)
+
+
+def _fitted(checkpoint=None):
+    lm = tiny_llama(TOKENIZER.vocab_size, layers=2, hidden=32, heads=2, kv_heads=1, intermediate=64, seed=0)
+    config = FitConfig(steps=2, batch_size=2, seq_len=32, mlp_group=32)
+    return fit(lm, TOKENS, config, checkpoint=checkpoint, tokenizer=TOKENIZER, progress=False)
+
+
+def test_one_step_is_adamw_on_the_next_token_loss_plus_the_weighted_kl():
+    """Differential: one step of ``distill`` equals a hand-written step of AdamW on
+    NLL + w · Σ_v p_teacher (log p_teacher - log p_student), on the window the fit would draw."""
+    fitted = _fitted()
+    teacher = fitted.lm.eval()
+    student = build_subnetwork(teacher, fitted.masks(0.5))
+    reference = copy.deepcopy(student)
+    config = DistillConfig(steps=1, batch_size=3, seq_len=24, lr=1e-2, distill_weight=0.7, grad_clip=0.0, seed=5)
+    result = distill(student, teacher, TOKENS, config, progress=False)
+
+    x = TokenBlocks(TOKENS, 24, 5).batch(0, 3)  # [3, 24]
+    with torch.no_grad():
+        p_teacher = torch.softmax(teacher(input_ids=x).logits[:, :-1].double(), -1)
+    reference.train()
+    log_p = torch.log_softmax(reference(input_ids=x).logits[:, :-1].double(), -1)
+    nll = -log_p.gather(-1, x[:, 1:, None]).mean()
+    kl = (p_teacher * (p_teacher.log() - log_p)).sum(-1).mean()
+    (nll + 0.7 * kl).backward()
+    torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.0).step()
+
+    assert result.history[0]["nll"] == pytest.approx(float(nll.detach()), rel=1e-5)
+    assert result.history[0]["kl"] == pytest.approx(float(kl.detach()), rel=1e-4, abs=1e-6)
+    for (name, a), b in zip(student.named_parameters(), reference.parameters()):
+        assert torch.allclose(a, b.float(), atol=1e-6), name
+    assert result.train_tokens == 3 * 24 and not student.training
+
+
+def test_distillation_brings_the_sub_network_towards_the_teacher_and_leaves_the_teacher_alone():
+    from ppn_bayes.demo import pretrain
+
+    fitted = _fitted()
+    teacher = fitted.lm
+    pretrain(teacher, TokenBlocks(TOKENS, 64), steps=100, batch_size=8, progress=False)  # a teacher worth copying
+    teacher.train()
+    before = {name: p.detach().clone() for name, p in teacher.named_parameters()}
+    student = build_subnetwork(teacher, fitted.masks(0.3))
+    windows = TokenBlocks(TOKENS, 64).windows(16)  # [16, 64], fixed
+
+    def kl_to_teacher() -> float:
+        with torch.no_grad():
+            p = torch.log_softmax(teacher.eval()(input_ids=windows).logits.double(), -1)
+            q = torch.log_softmax(student.eval()(input_ids=windows).logits.double(), -1)
+        teacher.train()
+        return float((p.exp() * (p - q)).sum(-1).mean())
+
+    before_kl = kl_to_teacher()
+    config = DistillConfig(steps=60, batch_size=8, seq_len=64, lr=3e-3, distill_weight=4.0)
+    distill(student, teacher, TOKENS, config, progress=False)
+    after_kl = kl_to_teacher()
+    assert after_kl < 0.6 * before_kl
+    assert all(torch.equal(before[name], p) for name, p in teacher.named_parameters())
+    assert teacher.training  # left as it was found
+
+
+def test_distill_names_bad_input():
+    fitted = _fitted()
+    other = tiny_llama(TOKENIZER.vocab_size + 3, layers=1, hidden=32, heads=2, kv_heads=1, intermediate=64)
+    student = build_subnetwork(fitted.lm, fitted.masks(0.5))
+    with pytest.raises(ValueError, match="one vocabulary"):
+        distill(student, other, TOKENS, DistillConfig(steps=1, seq_len=16), progress=False)
+    with pytest.raises(ValueError, match="outside the LM's vocabulary"):
+        distill(student, fitted.lm, TOKENS + 1000, DistillConfig(steps=1, seq_len=16), progress=False)
+    for bad in (dict(steps=0), dict(lr=0.0), dict(seq_len=1), dict(distill_weight=-1.0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            DistillConfig(**bad)
+
+
+def test_distill_cli_writes_a_loadable_sub_network_with_its_report(tmp_path):
+    from ppn_bayes.resize import export_ranked
+
+    _fitted(checkpoint=tmp_path / "fit")
+    (tmp_path / "train.txt").write_text(embedded_text()[:20_000])
+    (tmp_path / "held_out.txt").write_text(embedded_text()[20_000:24_000])
+    export_ranked(tmp_path / "fit", tmp_path / "ranked")
+    for source in ("fit", "ranked"):
+        out = tmp_path / f"sub-{source}"
+        args = ["ppn-bayes", "distill", str(tmp_path / source), "--size", "0.5", "--data", str(tmp_path / "train.txt"),
+                "--out", str(out), "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--log-every", "1",
+                "--eval-data", str(tmp_path / "held_out.txt"), "--eval-windows", "2", "--quiet"]
+        done = subprocess.run(args, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        printed = json.loads(done.stdout.strip().splitlines()[-1])
+        assert printed["steps"] == 3 and printed["ppl_before"] > 0 and printed["ppl_after"] > 0
+        report = json.loads((out / "distill.json").read_text())
+        assert [row["step"] for row in report["result"]["history"]] == [0, 1, 2]
+        assert report["size_reached"] <= 0.5 and report["eval"]["windows"] == 2
+        sub = load_subnetwork(out)
+        assert sum(p.numel() for p in sub.model.layers.parameters()) == report["decoder_params"]
+    again = subprocess.run(args, capture_output=True, text=True)
+    assert again.returncode == 2 and "exists" in again.stderr
+    bad = subprocess.run(args[:-1] + ["--overwrite", "--bf16"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "CUDA" in bad.stderr
+    bad = subprocess.run(["ppn-bayes", "distill", str(out), "--size", "0.5", "--data", str(tmp_path / "train.txt"),
+                          "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "not a fit or ranked checkpoint" in bad.stderr
