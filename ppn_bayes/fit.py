@@ -73,7 +73,10 @@ def versions() -> dict:
 class FitResult:
     """The record of a fit: settings, losses, cost, versions.
 
-    ``history`` holds the losses every ``log_every`` steps, averaged over processes;
+    ``history`` holds the losses every ``log_every`` steps, averaged over processes, with
+    the sizes the step trained (``sizes``: the smallest, then the random ones) and the
+    sizes its gates actually kept (``realised``: one draw per size, averaged over
+    micro-batches);
     ``validation`` the held-out next-token NLL (see :func:`fit`'s ``eval_tokens``).
     ``train_tokens`` and ``tokens_per_s`` count the global batch (all processes);
     ``seconds`` is the wall time of the training loop of this call and ``step_times``
@@ -518,13 +521,15 @@ def _loop(lm, gated, model, guide, blocks, config, context, arch, lm_class, prio
         if event is not None:
             event.synchronize()
         parts = host.tolist()
-        _check_finite(parts, sizes, step)
+        n = len(sizes)
+        _check_finite(parts[:1 + n], sizes, step)
         step_times.append(time.perf_counter() - began)
         if step % config.log_every == 0 or step == config.steps - 1:
             elbo_total = 0.0
-            for value in parts[1:]:
+            for value in parts[1:1 + n]:
                 elbo_total += value
-            row = {"step": step, "loss": elbo_total, "nll_full": parts[0]}
+            row = {"step": step, "loss": elbo_total, "nll_full": parts[0], "sizes": sizes,
+                   "realised": parts[1 + n:]}
             history.append(row)
             bar.set_postfix(loss=f"{elbo_total:.3f}", nll_full=f"{row['nll_full']:.3f}")
 
@@ -555,15 +560,17 @@ def _loop(lm, gated, model, guide, blocks, config, context, arch, lm_class, prio
             teacher_logits = teacher_logits.detach()
             # Smallest and random sizes: the ELBO per token, averaged over sizes (and
             # micro-batches). Gradients are averaged across processes in the last backward only.
-            losses = []
+            losses, realised = [], []
             for index, size in enumerate(sizes):
                 last = k == micro - 1 and index == len(sizes) - 1
                 with contextlib.nullcontext() if last else context.no_sync(runner):
                     loss = runner(input_ids, size, teacher_logits) / len(sizes)
                     (loss / micro).backward()
                 losses.append(loss.detach())
+                realised.append(model.last_realised_size)
             del teacher_logits
-            part = torch.stack([nll_full.detach(), *losses]).float() / micro  # [1 + sizes]
+            part = torch.stack([nll_full.detach(), *losses, *(r.to(loss.dtype) for r in realised)]).float() / micro
+            # [1 + 2 · sizes]: the full LM's NLL, the ELBO per size, the size each pass kept
             summed = part if summed is None else summed + part
         parts = context.mean(summed)  # [1 + sizes]
         if cuda:

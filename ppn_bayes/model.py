@@ -175,6 +175,14 @@ class _Push(PyroModule):
             return poutine.mask(mask=False)
         return poutine.scale(scale=self.prior_scale)
 
+    def realised_size(self, gates: Gates) -> torch.Tensor:
+        """The size ``gates`` keep (hard part): ``(Σ z_l c_l + Σ z_l z_lu c_lu) / C``, a
+        detached 0-d device tensor (no host sync)."""
+        layer = gates.layer.detach().to(self.layer_cost.dtype)  # [L]
+        unit = gates.unit.detach().to(self.unit_cost.dtype)  # [L, U]
+        kept = (layer * self.layer_cost).sum() + (layer[:, None] * unit * self.unit_cost).sum()
+        return kept / (self.layer_cost.sum() + self.unit_cost.sum())
+
     def push(self, size, log_lambda_layer, log_lambda_unit):
         """``log τ`` for ``size``, and the gate logits it implies."""
         log_tau = solve_log_tau(size, log_lambda_layer, log_lambda_unit, self.layer_cost, self.unit_cost)
@@ -240,6 +248,7 @@ class PuppetModel(_Push):
         # 3. The gates, relaxed so that the likelihood is differentiable in π.
         gates = sample_gates(layer_plate, unit_plate, layer_logits, unit_logits, self.temperature,
                              self.gate_coupling, costs=(self.layer_cost, self.unit_cost), size=size)
+        self.last_realised_size = self.realised_size(gates)  # a device tensor, read by the fit's log
         # 4. The likelihood: the LM's own next-token log-likelihood under the gates.
         logits = self.gated(input_ids, gates=gates)  # [B, T, V]
         log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)  # [B, T-1, V]

@@ -369,3 +369,32 @@ def test_held_out_text_is_evaluated_during_the_fit():
     assert rows[-1]["nll_size_min"] == pytest.approx(small.nll, abs=1e-5)
     assert rows[-1]["nll_size_min"] > rows[-1]["nll_full"]
     assert rows[0]["nll_full"] != rows[-1]["nll_full"]  # evaluated as the LM trains, not once
+
+
+@pytest.mark.parametrize("coupling", ["prefix", "shared"])
+def test_the_fit_logs_the_sizes_its_gates_kept(coupling):
+    """Every history row names the sizes the step trained and the sizes its gates kept;
+    prefix gates keep the size asked, less than the dearest unit."""
+    lm = tiny_llama(TOKENIZER.vocab_size, layers=2, hidden=32, heads=2, kv_heads=1, intermediate=64)
+    config = FitConfig(steps=4, batch_size=2, seq_len=32, mlp_group=32, gate_coupling=coupling, init_jitter=0.5,
+                       n_random_sizes=2, log_every=1)
+    fitted = fit(lm, TOKENS, config, progress=False)
+    layer_cost, unit_cost = fitted.arch.costs()
+    dearest = float(torch.cat([layer_cost, unit_cost.flatten()]).max() / (layer_cost.sum() + unit_cost.sum()))
+    assert [row["step"] for row in fitted.result.history] == [0, 1, 2, 3]
+    for row in fitted.result.history:
+        assert len(row["sizes"]) == len(row["realised"]) == 3 and row["sizes"][0] == config.size_min
+        for size, kept in zip(row["sizes"], row["realised"]):
+            assert 0.0 <= kept <= 1.0 + 1e-6
+            if coupling == "prefix":
+                assert size - dearest - 1e-6 <= kept <= size + 1e-6
+
+
+def test_realised_size_of_hard_masks_is_their_size_reached():
+    lm = tiny_lm("llama")
+    arch = describe(lm, mlp_group=32)
+    model = PuppetModel(GatedLM(lm, arch))
+    guide = PuppetGuide(arch, init_jitter=1.0)
+    for size in (0.3, 0.6, 0.9):
+        masks = Ranking.from_guide(guide).masks(size)
+        assert float(model.realised_size(masks.gates(dtype=torch.float64))) == pytest.approx(masks.size_reached, abs=1e-12)
