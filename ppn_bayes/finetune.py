@@ -41,6 +41,7 @@ class DistillConfig:
     grad_clip: float = 1.0
     seed: int = 0
     log_every: int = 10
+    checkpoint_every: int = 0  # with a checkpoint directory: every this many steps (0: never)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "lr", "log_every"):
@@ -48,7 +49,7 @@ class DistillConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be at least 2, got {self.seq_len}")
-        for name in ("weight_decay", "distill_weight", "grad_clip"):
+        for name in ("weight_decay", "distill_weight", "grad_clip", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
 
@@ -63,14 +64,15 @@ class DistillConfig:
 
 @dataclass
 class DistillResult:
-    """What a fine-tune did: its steps and tokens, its time, and the logged losses
-    (``history`` rows ``{step, loss, nll, kl}``, per token)."""
+    """What a fine-tune did: its steps and the tokens the student saw, the time of this
+    call, and the logged losses (``history`` rows ``{step, loss, nll, kl}``, per token)."""
 
     steps: int
     train_tokens: int
     seconds: float
     tokens_per_s: float
     history: list[dict] = field(default_factory=list)
+    resumed_from: int = 0
 
     def to_dict(self) -> dict:
         """The result as plain JSON-ready data."""
@@ -81,8 +83,66 @@ def _vocab(lm: nn.Module) -> int:
     return lm.get_output_embeddings().weight.shape[0]
 
 
+CHECKPOINT_FORMAT = "ppn_bayes.distill-checkpoint"
+#: Settings a resumed fine-tune may change: they do not alter the steps it takes.
+_RESUMABLE_CHANGES = ("steps", "log_every", "checkpoint_every")
+
+
+def _save_checkpoint(path, student: nn.Module, optimizer, step: int, config: DistillConfig,
+                     history: list[dict]) -> None:
+    """Student weights and AdamW state (safetensors) and the rest (JSON), as one directory
+    replaced atomically."""
+    import json
+
+    from safetensors.torch import save_file, save_model
+
+    from .fit import _optimizer_tensors
+    from .io import atomic_directory
+
+    opt_state = optimizer.state_dict()
+    with atomic_directory(path, overwrite=True) as tmp:
+        save_model(student, str(tmp / "student.safetensors"))  # tied weights stored once
+        save_file(_optimizer_tensors(opt_state), str(tmp / "optimizer.safetensors"))
+        state = {"format": CHECKPOINT_FORMAT, "version": 1, "step": step, "config": config.to_dict(),
+                 "history": history, "optimizer_groups": opt_state["param_groups"]}
+        (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+
+
+def _resume(path, student: nn.Module, optimizer, config: DistillConfig) -> tuple[int, list[dict]]:
+    """Load a checkpoint of :func:`_save_checkpoint` into ``student`` and ``optimizer``;
+    refuse one of other settings or another sub-network."""
+    from pathlib import Path
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    from .fit import _read_optimizer, _restore_optimizer
+    from .io import FileFormatError, read_json
+
+    path = Path(path)
+    state = read_json(path / "state.json", "distill checkpoint")
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise FileFormatError(f"{path} is not a distill checkpoint (format {state.get('format')!r})")
+    try:
+        saved = DistillConfig(**state["config"])
+    except (TypeError, ValueError) as err:
+        raise FileFormatError(f"{path}/state.json: unreadable settings ({err})") from None
+    if saved.replace(**{k: getattr(config, k) for k in _RESUMABLE_CHANGES}) != config:
+        raise ValueError(f"distill checkpoint {path} was made with other settings: {saved}")
+    try:
+        missing, unexpected = load_model(student, str(path / "student.safetensors"), strict=False)
+    except (SafetensorError, RuntimeError, OSError) as err:
+        raise FileFormatError(f"{path}/student.safetensors does not fit this sub-network ({err})") from None
+    if missing or unexpected:
+        raise FileFormatError(f"{path}/student.safetensors does not fit this sub-network "
+                              f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    _restore_optimizer(optimizer, _read_optimizer(path, state), path)
+    return int(state["step"]), list(state["history"])
+
+
 def distill(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor | TokenBlocks,
-            config: DistillConfig = DistillConfig(), *, autocast=None, progress: bool = True) -> DistillResult:
+            config: DistillConfig = DistillConfig(), *, autocast=None, progress: bool = True,
+            checkpoint=None, resume: bool = False) -> DistillResult:
     """Fine-tune ``student`` (a sub-network, trained in place) towards ``teacher`` (left
     unchanged) on ``tokens`` (1-D token tensor, or :class:`~ppn_bayes.data.TokenBlocks` of
     ``config.seq_len``).
@@ -91,6 +151,12 @@ def distill(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor | Token
     ``lambda: torch.autocast("cuda", torch.bfloat16)``); ``None`` runs in the weights'
     dtype. The student ends in eval mode. Raises ``ValueError`` when the two LMs do not
     share a vocabulary or the tokens fall outside it.
+
+    With ``checkpoint`` (a directory) the student's weights, AdamW's state and the losses
+    are written there every ``config.checkpoint_every`` steps (replaced atomically);
+    ``resume=True`` continues from it. Windows are a pure function of the step, so a
+    resumed fine-tune ends where an uninterrupted one does (``result.resumed_from`` names
+    the step it started at; ``seconds`` and ``tokens_per_s`` are this call's).
     """
     if _vocab(student) != _vocab(teacher):
         raise ValueError(f"the student's vocabulary has {_vocab(student)} tokens, the teacher's "
@@ -110,9 +176,15 @@ def distill(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor | Token
     from tqdm.auto import tqdm
 
     history: list[dict] = []
+    start = 0
+    if resume:
+        if checkpoint is None:
+            raise ValueError("resume=True needs the checkpoint directory")
+        start, history = _resume(checkpoint, student, optimizer, config)
     student.train()
     began = time.perf_counter()
-    bar = tqdm(range(config.steps), disable=not progress, desc="distill", unit="step")
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not progress,
+               desc="distill", unit="step")
     try:
         for step in bar:
             input_ids = blocks.batch(step, config.batch_size).to(device)  # [B, T]
@@ -134,20 +206,25 @@ def distill(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor | Token
                     raise FloatingPointError(f"the loss became {values[0]} at step {step}; lower lr")
                 history.append({"step": step, "loss": values[0], "nll": values[1], "kl": values[2]})
                 bar.set_postfix(loss=f"{values[0]:.3f}", kl=f"{values[2]:.3f}")
+            done = step + 1
+            if checkpoint is not None and config.checkpoint_every and done % config.checkpoint_every == 0 \
+                    and done < config.steps:
+                _save_checkpoint(checkpoint, student, optimizer, done, config, history)
     finally:
         bar.close()
         student.eval()
         teacher.train(teacher_was_training)
     seconds = time.perf_counter() - began
-    train_tokens = config.steps * config.batch_size * config.seq_len
-    return DistillResult(steps=config.steps, train_tokens=train_tokens, seconds=seconds,
-                         tokens_per_s=train_tokens / seconds if seconds > 0 else 0.0, history=history)
+    tokens_here = (config.steps - start) * config.batch_size * config.seq_len
+    return DistillResult(steps=config.steps, train_tokens=config.steps * config.batch_size * config.seq_len,
+                         seconds=seconds, tokens_per_s=tokens_here / seconds if seconds > 0 else 0.0,
+                         history=history, resumed_from=start)
 
 
 def distill_checkpoint(checkpoint, data, out, *, size: float | None = None, n_params: int | None = None,
                        teacher=None, config: DistillConfig = DistillConfig(), eval_data=None,
                        eval_windows: int = 16, device: str | torch.device = "cpu", bf16: bool = False,
-                       overwrite: bool = False, progress: bool = True) -> dict:
+                       overwrite: bool = False, progress: bool = True, resume: bool = False) -> dict:
     """Cut the sub-network of ``size`` (or ``n_params``) from a fit or ranked ``checkpoint``,
     fine-tune it by :func:`distill` on ``data`` (text, or a ``.safetensors`` token file)
     and save it to ``out`` (:func:`~ppn_bayes.subnetwork.save_subnetwork`, atomically, with
@@ -158,7 +235,11 @@ def distill_checkpoint(checkpoint, data, out, *, size: float | None = None, n_pa
     path :func:`~ppn_bayes.resize.open_model` opens, e.g. the original pretrained LM).
     ``bf16`` runs the forward passes under bfloat16 autocast on CUDA. Returns the report
     that ``distill.json`` holds.
+
+    With ``config.checkpoint_every`` the fine-tune checkpoints to ``<out>.distill-checkpoint``
+    beside ``out`` (removed once ``out`` is written); ``resume=True`` continues from there.
     """
+    import shutil
     from pathlib import Path
 
     from .data import load_tokens
@@ -174,6 +255,12 @@ def distill_checkpoint(checkpoint, data, out, *, size: float | None = None, n_pa
         raise ValueError("give exactly one of size and n_params")
     if eval_windows < 1:
         raise ValueError(f"eval_windows must be positive, got {eval_windows}")
+    work = out.with_name(out.name + ".distill-checkpoint")
+    if resume and not (work / "state.json").is_file():
+        raise FileNotFoundError(f"no distill checkpoint to resume at {work}")
+    if not resume and config.checkpoint_every and work.exists():
+        raise FileExistsError(f"a distill checkpoint of an earlier run is at {work}: pass resume=True (--resume) "
+                              "to continue it, or remove it")
     kind = checkpoint_kind(checkpoint)
     if kind not in ("fit", "ranked"):
         raise ValueError(f"{checkpoint} is a {kind}, not a fit or ranked checkpoint: the sub-network is cut by "
@@ -197,7 +284,8 @@ def distill_checkpoint(checkpoint, data, out, *, size: float | None = None, n_pa
         return result.ppl
 
     before = evaluate() if held_out is not None else None
-    result = distill(student.lm, full.lm, tokens, config, autocast=autocast, progress=progress)
+    result = distill(student.lm, full.lm, tokens, config, autocast=autocast, progress=progress,
+                     checkpoint=work if (config.checkpoint_every or resume) else None, resume=resume)
     after = evaluate() if held_out is not None else None
     report = {
         "format": "ppn_bayes.distill", "version": 1, "checkpoint": str(checkpoint),
@@ -210,4 +298,5 @@ def distill_checkpoint(checkpoint, data, out, *, size: float | None = None, n_pa
         report["eval"] = {"data": str(eval_data), "windows": eval_windows, "seq_len": config.seq_len,
                           "ppl_before": before, "ppl_after": after}
     save_subnetwork(student.lm, tokenizer, out, overwrite=overwrite, extra_json={"distill.json": report})
+    shutil.rmtree(work, ignore_errors=True)  # its work is in out now
     return report

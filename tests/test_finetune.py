@@ -119,3 +119,64 @@ def test_distill_cli_writes_a_loadable_sub_network_with_its_report(tmp_path):
     bad = subprocess.run(["ppn-bayes", "distill", str(out), "--size", "0.5", "--data", str(tmp_path / "train.txt"),
                           "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert bad.returncode == 2 and "not a fit or ranked checkpoint" in bad.stderr
+
+
+def test_a_resumed_fine_tune_ends_where_an_uninterrupted_one_does(tmp_path):
+    fitted = _fitted()
+    teacher = fitted.lm.eval()
+    config = DistillConfig(steps=6, batch_size=2, seq_len=24, lr=1e-2, log_every=1, checkpoint_every=3)
+    whole = build_subnetwork(teacher, fitted.masks(0.5))
+    uninterrupted = distill(whole, teacher, TOKENS, config, progress=False)
+
+    first = build_subnetwork(teacher, fitted.masks(0.5))
+    distill(first, teacher, TOKENS, config.replace(steps=4), checkpoint=tmp_path / "ckpt", progress=False)
+    state = json.loads((tmp_path / "ckpt" / "state.json").read_text())
+    assert state["step"] == 3  # the checkpoint of step 3; step 4 was lost with the "crash"
+    again = build_subnetwork(teacher, fitted.masks(0.5))
+    resumed = distill(again, teacher, TOKENS, config, checkpoint=tmp_path / "ckpt", resume=True, progress=False)
+    assert resumed.resumed_from == 3 and resumed.history == uninterrupted.history
+    for (name, a), b in zip(whole.named_parameters(), again.parameters()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="other settings"):
+        distill(build_subnetwork(teacher, fitted.masks(0.5)), teacher, TOKENS, config.replace(lr=1e-3),
+                checkpoint=tmp_path / "ckpt", resume=True, progress=False)
+    from ppn_bayes.io import FileFormatError
+
+    with pytest.raises(FileFormatError, match="does not fit this sub-network"):
+        distill(build_subnetwork(teacher, fitted.masks(0.3)), teacher, TOKENS, config,
+                checkpoint=tmp_path / "ckpt", resume=True, progress=False)
+
+
+def test_distill_cli_resumes_and_cleans_up(tmp_path):
+    from ppn_bayes.data import load_tokens
+    from ppn_bayes.resize import open_model
+
+    _fitted(checkpoint=tmp_path / "fit")
+    (tmp_path / "train.txt").write_text(embedded_text()[:20_000])
+
+    def args(out):
+        return ["ppn-bayes", "distill", str(tmp_path / "fit"), "--size", "0.5", "--data", str(tmp_path / "train.txt"),
+                "--out", str(out), "--steps", "4", "--batch-size", "2", "--seq-len", "32", "--checkpoint-every", "2",
+                "--log-every", "1", "--quiet"]
+
+    out = tmp_path / "sub"
+    missing = subprocess.run(args(out) + ["--resume"], capture_output=True, text=True)
+    assert missing.returncode == 2 and "no distill checkpoint to resume" in missing.stderr
+    # an interrupted run: 3 of its 4 steps, checkpointed at step 2
+    student, full = open_model(tmp_path / "fit", size=0.5), open_model(tmp_path / "fit")
+    tokens = load_tokens(tmp_path / "train.txt", full.tokenizer)
+    distill(student.lm, full.lm, tokens, DistillConfig(steps=3, batch_size=2, seq_len=32, checkpoint_every=2,
+                                                       log_every=1),
+            checkpoint=tmp_path / "sub.distill-checkpoint", progress=False)
+    fresh = subprocess.run(args(out), capture_output=True, text=True)
+    assert fresh.returncode == 2 and "--resume" in fresh.stderr
+    resumed = subprocess.run(args(out) + ["--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    report = json.loads((out / "distill.json").read_text())
+    assert report["result"]["resumed_from"] == 2 and [r["step"] for r in report["result"]["history"]] == [0, 1, 2, 3]
+    assert not (tmp_path / "sub.distill-checkpoint").exists()
+    whole = subprocess.run(args(tmp_path / "whole"), capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr
+    a, b = load_subnetwork(out), load_subnetwork(tmp_path / "whole")
+    for (name, x), y in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(x, y), name

@@ -103,6 +103,9 @@ def register(subparsers) -> None:
     distill.add_argument("--seed", type=int, default=defaults.seed, help=f"seed of the windows (default: {defaults.seed})")
     distill.add_argument("--log-every", type=int, default=defaults.log_every,
                          help=f"log the losses every this many steps (default: {defaults.log_every})")
+    distill.add_argument("--checkpoint-every", type=int, default=0,
+                         help="checkpoint to OUT.distill-checkpoint every this many steps (0: never; default: 0)")
+    distill.add_argument("--resume", action="store_true", help="continue from OUT.distill-checkpoint")
     distill.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     distill.add_argument("--bf16", action="store_true", help="bfloat16 autocast of the forward passes (CUDA only)")
     distill.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -173,11 +176,12 @@ def _distill(args: argparse.Namespace) -> int:
 
     config = DistillConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                            weight_decay=args.weight_decay, distill_weight=args.distill_weight,
-                           grad_clip=args.grad_clip, seed=args.seed, log_every=args.log_every)
+                           grad_clip=args.grad_clip, seed=args.seed, log_every=args.log_every,
+                           checkpoint_every=args.checkpoint_every)
     report = distill_checkpoint(args.checkpoint, args.data, args.out, size=args.size, n_params=args.params,
                                 teacher=args.teacher, config=config, eval_data=args.eval_data,
                                 eval_windows=args.eval_windows, device=args.device, bf16=args.bf16,
-                                overwrite=args.overwrite, progress=not args.quiet)
+                                overwrite=args.overwrite, progress=not args.quiet, resume=args.resume)
     summary = {"out": args.out, "size_reached": report["size_reached"], "steps": report["result"]["steps"],
                "train_tokens": report["result"]["train_tokens"], "final_loss": report["result"]["history"][-1]}
     if "eval" in report:
