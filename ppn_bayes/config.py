@@ -8,6 +8,10 @@ from dataclasses import dataclass
 __all__ = ["FitConfig"]
 
 
+#: How the gates of one training draw depend on each other (``FitConfig.gate_coupling``).
+COUPLINGS = ("independent", "shared", "prefix")
+
+
 @dataclass(frozen=True)
 class FitConfig:
     """How a push puppet network is fitted.
@@ -68,8 +72,9 @@ class FitConfig:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.posterior not in ("normal", "point"):
             raise ValueError(f"posterior must be 'normal' or 'point', got {self.posterior!r}")
-        if self.gate_coupling not in ("independent", "shared", "prefix"):
-            raise ValueError(f"gate_coupling must be 'independent', 'shared' or 'prefix', got {self.gate_coupling!r}")
+        if self.gate_coupling not in COUPLINGS:
+            raise ValueError(f"gate_coupling must be one of {', '.join(map(repr, COUPLINGS))}, "
+                             f"got {self.gate_coupling!r}")
         if self.parallel not in ("auto", "none", "ddp", "fsdp"):
             raise ValueError(f"parallel must be 'auto', 'none', 'ddp' or 'fsdp', got {self.parallel!r}")
         if self.prior_tokens is not None and self.prior_tokens < 1:

@@ -572,7 +572,7 @@ def _loop(lm, gated, model, guide, blocks, config, context, arch, lm_class, prio
             part = torch.stack([nll_full.detach(), *losses, *(r.to(loss.dtype) for r in realised)]).float() / micro
             # [1 + 2 · sizes]: the full LM's NLL, the ELBO per size, the size each pass kept
             summed = part if summed is None else summed + part
-        parts = context.mean(summed)  # [1 + sizes]
+        parts = context.mean(summed)  # [1 + 2 · sizes]
         if cuda:
             host, event = torch.empty(parts.shape, pin_memory=True), torch.cuda.Event()
             host.copy_(parts, non_blocking=True)

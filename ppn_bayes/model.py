@@ -33,6 +33,7 @@ from torch import nn
 
 from .architecture import Architecture
 from .budget import expected_size, keep_logits, solve_log_tau
+from .config import COUPLINGS
 from .gating import GatedLM, Gates
 
 __all__ = ["PuppetModel", "PuppetGuide", "PuppetELBO", "plates", "sample_gates", "prefix_gates", "COUPLINGS",
@@ -51,9 +52,6 @@ def _straight_through(logits: torch.Tensor, noise: torch.Tensor, temperature: fl
     """``1[logits + noise > 0]`` forward, the gradient of ``σ((logits + noise) / T)`` backward."""
     soft = torch.sigmoid((logits + noise) / temperature)
     return (soft > 0.5).to(soft.dtype) + (soft - soft.detach())
-
-
-COUPLINGS = ("independent", "shared", "prefix")
 
 
 def _marginal_unit_logits(layer_logits: torch.Tensor, unit_logits: torch.Tensor) -> torch.Tensor:
