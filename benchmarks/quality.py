@@ -58,7 +58,8 @@ import torch
 
 from ppn_bayes.architecture import describe
 from ppn_bayes.config import FitConfig
-from ppn_bayes.data import load_tokens, save_tokens
+from ppn_bayes.data import check_token_ids, load_tokens, save_tokens
+from ppn_bayes.lm import vocab_rows
 from ppn_bayes.evaluate import perplexity
 from ppn_bayes.io import atomic_file, atomic_write_text
 from ppn_bayes.records import RECORDS_DIR, append_record
@@ -362,9 +363,7 @@ def _fit_tokens(run: Run, method: str) -> tuple[torch.Tensor, dict]:
     from safetensors import safe_open
 
     tokens = load_tokens(c.fit_tokens)
-    vocab = run.lm.get_input_embeddings().num_embeddings
-    if tokens.numel() and not 0 <= int(tokens.min()) <= int(tokens.max()) < vocab:
-        raise ValueError(f"{c.fit_tokens}: token ids outside the LM's vocabulary of {vocab}")
+    check_token_ids(tokens, vocab_rows(run.lm), str(c.fit_tokens))
     with safe_open(c.fit_tokens, framework="pt") as handle:
         header = handle.metadata() or {}
     return tokens, {"train_text": Path(c.fit_tokens).name, "fit_tokens_header": header,

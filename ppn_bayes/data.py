@@ -84,6 +84,12 @@ def load_tokens(path: str | Path, tokenizer=None) -> torch.Tensor:
     return tokenize(path.read_text(encoding="utf-8"), tokenizer)
 
 
+def check_token_ids(tokens: torch.Tensor, vocab: int, what: str = "the tokens") -> None:
+    """Raise ``ValueError`` naming ``what`` when a token id falls outside ``[0, vocab)``."""
+    if tokens.numel() and not 0 <= int(tokens.min()) <= int(tokens.max()) < vocab:
+        raise ValueError(f"{what}: token ids outside the LM's vocabulary of {vocab}")
+
+
 def check_token_path(path: str | Path) -> Path:
     """``path`` as a token file name (``.safetensors``), or a ValueError naming it."""
     path = Path(path)

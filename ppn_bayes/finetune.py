@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import TokenBlocks
+from .data import TokenBlocks, check_token_ids
+from .lm import check_same_vocabulary, vocab_rows
 
 __all__ = ["DistillConfig", "DistillResult", "distill", "distill_checkpoint"]
 
@@ -77,10 +78,6 @@ class DistillResult:
     def to_dict(self) -> dict:
         """The result as plain JSON-ready data."""
         return dataclasses.asdict(self)
-
-
-def _vocab(lm: nn.Module) -> int:
-    return lm.get_output_embeddings().weight.shape[0]
 
 
 CHECKPOINT_FORMAT = "ppn_bayes.distill-checkpoint"
@@ -158,16 +155,12 @@ def distill(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor | Token
     resumed fine-tune ends where an uninterrupted one does (``result.resumed_from`` names
     the step it started at; ``seconds`` and ``tokens_per_s`` are this call's).
     """
-    if _vocab(student) != _vocab(teacher):
-        raise ValueError(f"the student's vocabulary has {_vocab(student)} tokens, the teacher's "
-                         f"{_vocab(teacher)}: distillation needs one vocabulary")
+    check_same_vocabulary(teacher, student, names=("teacher", "student"), why="distillation needs one vocabulary")
     blocks = tokens if isinstance(tokens, TokenBlocks) else TokenBlocks(torch.as_tensor(tokens), config.seq_len,
                                                                         config.seed)
     if blocks.seq_len != config.seq_len:
         raise ValueError(f"token blocks of {blocks.seq_len} tokens, but config.seq_len={config.seq_len}")
-    vocab = _vocab(student)
-    if blocks.tokens.numel() and not 0 <= int(blocks.tokens.min()) <= int(blocks.tokens.max()) < vocab:
-        raise ValueError(f"token ids outside the LM's vocabulary of {vocab}")
+    check_token_ids(blocks.tokens, vocab_rows(student), "the training tokens")
     autocast = autocast or contextlib.nullcontext
     device = next(student.parameters()).device
     teacher_was_training = teacher.training

@@ -13,8 +13,29 @@ from torch import nn
 from .data import CharTokenizer
 from .io import atomic_directory
 
-__all__ = ["load_lm", "save_lm", "tiny_llama", "load_tokenizer"]
+__all__ = ["load_lm", "save_lm", "tiny_llama", "load_tokenizer", "vocab_rows", "check_same_vocabulary"]
 
+
+
+def vocab_rows(lm: nn.Module) -> int | None:
+    """Rows of ``lm``'s output embedding (its vocabulary as the logits see it), or None."""
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    return None if weight is None else int(weight.shape[0])
+
+
+def check_same_vocabulary(reference: nn.Module, other: nn.Module, *, names: tuple[str, str], why: str) -> None:
+    """Raise ``ValueError`` unless the two LMs have the same vocabulary size (config
+    ``vocab_size`` and output rows); ``names`` say what the two are, ``why`` why it matters."""
+    sizes = []
+    for name, lm in zip(names, (reference, other)):
+        config = getattr(lm, "config", None)
+        if config is None:
+            raise TypeError(f"the {name} ({type(lm).__name__}) has no config: pass a Hugging Face causal LM")
+        sizes.append((getattr(config, "vocab_size", None), vocab_rows(lm)))
+    if sizes[0] != sizes[1]:
+        raise ValueError(f"the {names[1]}'s vocabulary (vocab_size, output rows) {sizes[1]} differs from the "
+                         f"{names[0]}'s {sizes[0]}: {why}")
 
 def tiny_llama(vocab_size: int, *, layers: int = 4, hidden: int = 64, heads: int = 4,
                kv_heads: int = 2, intermediate: int = 256, seed: int = 0, **overrides) -> nn.Module:

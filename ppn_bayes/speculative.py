@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .generation import Decoder, sample, synchronize
+from .lm import check_same_vocabulary
 
 if TYPE_CHECKING:
     from .ranking import Ranking
@@ -49,12 +50,6 @@ __all__ = [
 
 
 # -- compatibility ---------------------------------------------------------------------------
-def _vocab_rows(lm: nn.Module) -> int | None:
-    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
-    weight = getattr(head, "weight", None)
-    return None if weight is None else int(weight.shape[0])
-
-
 def _tokenizer_vocab(tokenizer) -> dict:
     if hasattr(tokenizer, "get_vocab"):
         return dict(tokenizer.get_vocab())
@@ -67,17 +62,7 @@ def check_draft(target: nn.Module, draft: nn.Module, *, target_tokenizer=None, d
     """Raise ``ValueError`` unless ``draft`` can draft for ``target``: the same vocabulary
     size (config and output rows) and, when both tokenizers are given, the same vocabulary
     (token to id)."""
-    sizes = {}
-    for name, lm in (("target", target), ("draft", draft)):
-        config = getattr(lm, "config", None)
-        if config is None:
-            raise TypeError(f"the {name} ({type(lm).__name__}) has no config: pass a Hugging Face causal LM")
-        sizes[name] = (getattr(config, "vocab_size", None), _vocab_rows(lm))
-    if sizes["target"] != sizes["draft"]:
-        raise ValueError(
-            f"the draft's vocabulary (vocab_size, output rows) {sizes['draft']} differs from the "
-            f"target's {sizes['target']}: a draft must use the target's tokenizer"
-        )
+    check_same_vocabulary(target, draft, names=("target", "draft"), why="a draft must use the target's tokenizer")
     if (target_tokenizer is None) != (draft_tokenizer is None):
         raise ValueError("give both tokenizers (target_tokenizer and draft_tokenizer) or neither")
     if target_tokenizer is not None and target_tokenizer is not draft_tokenizer:
