@@ -389,7 +389,8 @@ def _scaling_pairs(records: list[dict]) -> list[tuple[str, dict, dict, list]]:
     pairs = []
     for (n, parallel, *same), two in by.items():
         # the one-process run of the same launch: the latest one not after the two-process run
-        ones = [r for r in runs if r.get("processes") == 1 and list(settings(r)) == same
+        # (on one process, weak and strong are the same run: fit_scaling.py --reuse shares it)
+        ones = [r for r in runs if r.get("processes") == 1 and list(settings(r))[1:] == same[1:]
                 and (r.get("date") or "") <= (two.get("date") or "")]
         one = max(ones, key=lambda r: r.get("date") or "", default=None)
         if n != 2 or one is None:

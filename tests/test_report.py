@@ -126,6 +126,23 @@ def _tiny_quality_args(root: Path, records: Path, *extra: str) -> list[str]:
             "--work-dir", str(root / "work"), "--records-dir", str(records), *extra]
 
 
+def test_scaling_pairs_take_the_one_process_run_of_the_same_launch():
+    """A strong two-process run is compared with the one-process run its launch reused,
+    even where that run was recorded as the weak-scaling baseline of the same batch."""
+    def run(processes, scaling, date, tokens, loss, global_batch=48):
+        return {"benchmark": "fit", "scaling": scaling, "processes": processes, "parallel": "ddp" if processes > 1
+                else "none", "batch_per_gpu": global_batch // processes if scaling == "strong" else 48,
+                "global_batch": global_batch, "seq_len": 1024, "dtype": "bf16", "steps": 20, "device": "cuda",
+                "date": date, "tokens_per_s": tokens, "loss": loss, "machine": "h200: NVIDIA H200 x2"}
+
+    older = run(1, "strong", "2026-11-28T10:00", 45_000.0, [3.0, 2.0])
+    baseline = run(1, "weak", "2026-11-29T04:54", 46_000.0, [3.0, 2.5])
+    strong = run(2, "strong", "2026-11-29T04:56", 81_000.0, [3.0, 2.4])
+    later = run(1, "weak", "2026-11-30T00:00", 47_000.0, [9.0, 9.0])  # after the two-process run: not its own
+    pairs = report._scaling_pairs([older, baseline, strong, later])
+    assert pairs == [("strong", baseline, strong, baseline["loss"])]
+
+
 def test_quality_and_speed_end_to_end(tiny_setup, tmp_path):
     quality, speed = _load("quality"), _load("speed")
     records = tmp_path / "records"
