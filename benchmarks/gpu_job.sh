@@ -13,6 +13,9 @@
 #                                 # 32, 48 and 64 x 1024 and fp32 curves at 32 x 512, one GPU first (~8 min)
 #   benchmarks/gpu_job.sh part5   # weak scaling at 48 x 1024 per GPU against one GPU, its loss curve against
 #                                 # one GPU accumulating the same global batch; strong at 48; fp32 curves (~6 min)
+#   benchmarks/gpu_job.sh part6   # the fit's teacher: GPU 0 fits with the frozen original LM as teacher
+#                                 # (ppn_bayes-original) and fine-tunes its sizes 0.5, 0.4, 0.3; GPU 1 the
+#                                 # same from the frozen-LM fit (ppn_bayes-frozen+distill) (~7 min)
 #
 # (Structured baselines without training, shortgpt, magnitude, activation, run as before:
 # benchmarks/quality.py --methods shortgpt,magnitude,...; their records do not depend on the fit.)
@@ -32,10 +35,12 @@
 #   SCALING_BATCHES ("32:30:5 48:30:5 64:24:4": global batch:steps:warmup) for part4;
 #   SCALING_BATCH (48: sequences per GPU) for part5.
 #   RANKINGS: a rankings file for part2 when $WORK/rankings.json is gone (carry it in).
+#   RECORD_RECIPE: the fit of record's recipe flags for part6 when $WORK/best-recipe.txt is gone
+#     (default: the recipe part1 chose on 28 Nov 2026).
 #   LIMIT (560 s per part); MODEL, MODEL_NAME, TEXTS, WORK, OUT; for a CPU rehearsal with a
 #   tiny LM: DEVICE=cpu, QUALITY_EXTRA and SPEED_EXTRA (extra flags), as tests/test_report.py does.
 set -uo pipefail
-part="${1:?usage: gpu_job.sh check|part1|part2|part3|part4|part5}"
+part="${1:?usage: gpu_job.sh check|part1|part2|part3|part4|part5|part6}"
 OUT="${OUT:-/tmp/gpu-job-out}"
 MODEL="${MODEL:-/root/SmolLM2-135M-Instruct.Q4_1.gguf}"
 MODEL_NAME="${MODEL_NAME:-SmolLM2-135M-Instruct}"
@@ -50,6 +55,7 @@ FIT_SEQ="${FIT_SEQ:-2048}"
 LIMIT="${LIMIT:-560}"
 ABLATION_SIZES="${ABLATION_SIZES:-0.5,0.3,0.4,0.7,0.9}"
 RANKINGS="${RANKINGS:-$WORK/rankings.json}"
+RECORD_RECIPE="${RECORD_RECIPE:---fit-set gate_coupling=shared --fit-set init_jitter=0.5 --fit-set lr_lm=3e-05 --freeze-fraction 0.5}"
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 LLM_COMPRESSOR_LOG_LEVEL=WARNING TOKENIZERS_PARALLELISM=false
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -216,7 +222,24 @@ case "$part" in
     scaling --weak --match-curves --reuse --precision fp32 --global-batch 16 --seq-len 512 --steps 16 --warmup 3
     mkdir -p "$OUT/scaling-results" && cp "$WORK"/scaling/results/*.json "$OUT/scaling-results/" 2>/dev/null
     ;;
-  *) echo "unknown part $part: check, part1 to part5"; exit 2 ;;
+  part6)
+    prepare
+    recipe=$(cat "$WORK/best-recipe.txt" 2>/dev/null || echo "$RECORD_RECIPE")
+    second=1; [[ "$DEVICE" == cuda ]] && (( $(nvidia-smi -L | wc -l) < 2 )) && second=0
+    # shellcheck disable=SC2086
+    ( export CUDA_VISIBLE_DEVICES=0
+      run 10 "$OUT/gpu0.log" benchmarks/quality.py "${COMMON[@]}" --fit-steps "$FIT_STEPS" \
+        --methods ppn_bayes-original,ppn_bayes-original+distill --finetune-sizes 0.5,0.4,0.3 \
+        --rankings "$WORK/rankings-original.json" $recipe ) &
+    first=$!
+    (( second == 0 )) && wait "$first"
+    # shellcheck disable=SC2086
+    ( export CUDA_VISIBLE_DEVICES=$second
+      run 10 "$OUT/gpu1.log" benchmarks/quality.py "${COMMON[@]}" --fit-steps "$FIT_STEPS" \
+        --methods ppn_bayes-frozen+distill --finetune-sizes 0.5,0.4,0.3 --ablation-sizes "$ABLATION_SIZES" \
+        --rankings "$WORK/rankings-frozen.json" $recipe ) &
+    wait ;;
+  *) echo "unknown part $part: check, part1 to part6"; exit 2 ;;
 esac
 [[ -f "$RANKINGS" ]] && cp "$RANKINGS" "$OUT/rankings.json"
 echo "[gpu_job] $part done in $(( $(date +%s) - START )) s; records:"

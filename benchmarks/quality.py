@@ -20,6 +20,8 @@ Methods (``--methods``)::
                           variants: prefix gates with a frozen LM; prefix gates with lr_lm=1e-4
     ppn_bayes-teacher     variant: the same settings, fitted on --fit-tokens (text the LM wrote
                           itself from corpus prompts: ppn-bayes teacher-text)
+    ppn_bayes-original    variant: teacher='original' (a frozen copy of the LM teaches every
+                          size, the full LM included, instead of the full LM as it trains)
     shortgpt              layer removal by block influence, no training
     magnitude             units by weight magnitude, no training
     activation            units by activation-weighted magnitude (Wanda-style), no training
@@ -28,7 +30,8 @@ Methods (``--methods``)::
     shortgpt+distill      (also magnitude+distill, activation+distill) the baseline's
                           sub-network fine-tuned by self-distillation with the fit's budget
     ppn_bayes+distill     the fit of record's sub-network fine-tuned the same way (twice the
-                          training tokens: the fit's and the fine-tune's)
+                          training tokens: the fit's and the fine-tune's); also
+                          ppn_bayes-frozen+distill and ppn_bayes-original+distill from those fits
     sparsegpt, wanda      llm-compressor, unstructured at sparsity 1 - size
     sparsegpt-2:4, wanda-2:4   llm-compressor, 2:4 at size 0.5
 
@@ -82,11 +85,15 @@ VARIANTS = {
     "ppn_bayes-prefix-lr": dict(gate_coupling="prefix", lr_lm=1e-4),
     # the fit of record's settings on the token file of --fit-tokens (ppn-bayes teacher-text)
     "ppn_bayes-teacher": {},
+    # a frozen copy of the LM as the teacher of every size, the full LM included
+    "ppn_bayes-original": dict(teacher="original"),
 }
+#: Fits whose sub-networks the +distill methods fine-tune (``<fit>+distill``).
+FINETUNED_FITS = ("ppn_bayes", "ppn_bayes-frozen", "ppn_bayes-original")
 STRUCTURED = ("shortgpt", "magnitude", "activation", "magnitude-uniform", "activation-uniform")
 SPARSE = ("sparsegpt", "wanda", "sparsegpt-2:4", "wanda-2:4")
 METHODS = ("dense", "ppn_bayes", *ABLATIONS, *VARIANTS, *STRUCTURED, *(f"{m}+distill" for m in STRUCTURED),
-           "ppn_bayes+distill", *SPARSE)
+           *(f"{m}+distill" for m in FINETUNED_FITS), *SPARSE)
 DEFAULT_METHODS = ("dense", "ppn_bayes", *ABLATIONS, *STRUCTURED, *SPARSE)
 #: The fit of record: 2048-token windows, the sandwich rule down to the smallest size.
 DEFAULT_FIT = FitConfig(steps=300, batch_size=8, seq_len=2048, size_min=0.3, checkpoint_every=100,
@@ -483,22 +490,24 @@ def run_finetuned(run: Run, method: str) -> None:
 
 
 def run_ppn_finetuned(run: Run, method: str) -> None:
-    """The fit of record's sub-network at each ``finetune_sizes``, fine-tuned like the
-    +distill baselines (self-distillation from the dense LM, the fit's budget once more):
-    what a fit plus a fine-tune of one chosen size reaches. Fits ppn_bayes first when
-    ``work_dir`` holds no finished fit of record (recording its rows as ``ppn_bayes`` does)."""
+    """The sub-network of the fit ``<fit>`` of ``<fit>+distill`` (the fit of record for
+    ppn_bayes+distill) at each ``finetune_sizes``, fine-tuned like the +distill baselines
+    (self-distillation from the dense LM, the fit's budget once more): what a fit plus a
+    fine-tune of one chosen size reaches. Fits ``<fit>`` first when ``work_dir`` holds no
+    finished fit of it (recording its rows as that method does)."""
     from ppn_bayes.fit import load_fit, read_state
 
     c = run.config
-    fit_config = fit_config_of(c, "ppn_bayes")
-    checkpoint = Path(c.work_dir) / "fits" / "ppn_bayes"
+    base = method.removesuffix("+distill")
+    fit_config = fit_config_of(c, base)
+    checkpoint = Path(c.work_dir) / "fits" / base
     if not ((checkpoint / "state.json").is_file() and read_state(checkpoint)["step"] >= fit_config.steps):
-        run_ppn(run, "ppn_bayes")
+        run_ppn(run, base)
     fitted = load_fit(checkpoint, device=c.device)
     fitted.lm.float().eval()
     fit_tokens = fit_config.steps * fit_config.batch_size * fit_config.seq_len
     _finetune_sizes(run, method, fitted.lm, fitted.ranking(), fit_config, train_tokens=2 * fit_tokens,
-                    settings={"training": "the ppn_bayes fit of record, then a self-distillation fine-tune of "
+                    settings={"training": f"the {base} fit, then a self-distillation fine-tune of "
                                           "its sub-network at this size (the +distill baselines' recipe)",
                               "fit_tokens": fit_tokens, "finetune_tokens": fit_tokens,
                               "checkpoint": str(checkpoint)})
@@ -550,7 +559,7 @@ def _save_sparse(run: Run, method: str, size: float, lm) -> None:
 
 RUNNERS = {"dense": run_dense, "ppn_bayes": run_ppn, **{m: run_ppn for m in (*ABLATIONS, *VARIANTS)},
            **{m: run_structured for m in STRUCTURED}, **{f"{m}+distill": run_finetuned for m in STRUCTURED},
-           "ppn_bayes+distill": run_ppn_finetuned,
+           **{f"{m}+distill": run_ppn_finetuned for m in FINETUNED_FITS},
            **{m: run_sparse for m in SPARSE}}
 
 

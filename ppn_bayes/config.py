@@ -10,6 +10,8 @@ __all__ = ["FitConfig"]
 
 #: How the gates of one training draw depend on each other (``FitConfig.gate_coupling``).
 COUPLINGS = ("independent", "shared", "prefix")
+#: What the gated LM is distilled towards (``FitConfig.teacher``).
+TEACHERS = ("self", "original")
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class FitConfig:
     temperature: float = 0.5
     gate_coupling: str = "independent"  # "independent", "shared" (comonotone gates) or "prefix"
     distill_weight: float = 1.0
+    teacher: str = "self"  # "self": the full LM as it trains; "original": a frozen copy of the LM given to fit
     prior_weight: float = 1.0
     prior_tokens: int | None = None
     posterior: str = "normal"  # "normal" (mean-field) or "point" (ablation)
@@ -75,6 +78,8 @@ class FitConfig:
         if self.gate_coupling not in COUPLINGS:
             raise ValueError(f"gate_coupling must be one of {', '.join(map(repr, COUPLINGS))}, "
                              f"got {self.gate_coupling!r}")
+        if self.teacher not in TEACHERS:
+            raise ValueError(f"teacher must be one of {', '.join(map(repr, TEACHERS))}, got {self.teacher!r}")
         if self.parallel not in ("auto", "none", "ddp", "fsdp"):
             raise ValueError(f"parallel must be 'auto', 'none', 'ddp' or 'fsdp', got {self.parallel!r}")
         if self.prior_tokens is not None and self.prior_tokens < 1:
@@ -115,6 +120,9 @@ FIT_HELP: dict[str, str] = {
                      "or 'prefix' (every training mask the longest prefix of the draw's ranking that fits the size: "
                      "deployed-style masks of the requested size)",
     "distill_weight": "weight of KL(full LM || gated LM), the self-distillation term; 0 turns it off",
+    "teacher": "'self' (the distillation teacher is the full LM, all gates on, as it trains) or 'original' (a "
+               "frozen copy of the LM the fit started from; the full LM then trains towards it too, so that the "
+               "LM does not drift to the training text)",
     "prior_weight": "weight of the prior KL against the per-token likelihood",
     "prior_tokens": "tokens the prior KL is spread over (default: the training text's length)",
     "posterior": "'normal' (mean-field normal on log λ) or 'point' (point estimates; ablation)",

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import platform
@@ -48,7 +49,7 @@ from .config import FitConfig
 from .data import TokenBlocks
 from .gating import GatedLM
 from .io import FileFormatError, atomic_directory, atomic_write_text, read_json
-from .model import PuppetELBO, PuppetGuide, PuppetModel
+from .model import PuppetELBO, PuppetGuide, PuppetModel, distillation_kl
 
 __all__ = ["fit", "FitResult", "PuppetFit", "StepLoss", "load_fit", "save_checkpoint", "read_state", "versions"]
 
@@ -194,13 +195,15 @@ def _write_lm(directory: Path, lm: nn.Module, state_dict: dict, lm_class: type) 
 def save_checkpoint(path, *, lm, guide, optimizer, step, config, arch, history, validation=(), tokenizer=None,
                     overwrite: bool = True, world_size: int = 1, lm_state_dict: dict | None = None,
                     guide_state_dict: dict | None = None, optimizer_state: dict | None = None,
-                    lm_class: type | None = None) -> Path:
+                    lm_class: type | None = None, teacher_fingerprint: str | None = None) -> Path:
     """Write a fit's checkpoint directory atomically.
 
     Layout: ``lm/`` (a Hugging Face directory, one ``model.safetensors``),
     ``guide.safetensors``, ``optimizer.safetensors`` and ``state.json`` (format, version,
     step, settings, architecture, loss history, held-out NLL, optimizer groups, and the number of
-    processes ``world_size`` whose batches of ``config.batch_size`` made a step).
+    processes ``world_size`` whose batches of ``config.batch_size`` made a step; with
+    ``FitConfig.teacher='original'``, the ``teacher_fingerprint`` of the LM the fit started
+    from, which a resumed fit checks its LM against).
 
     The ``*_state_dict`` / ``optimizer_state`` arguments replace the modules' own states
     with full tensors gathered from a sharded fit (see
@@ -222,6 +225,8 @@ def save_checkpoint(path, *, lm, guide, optimizer, step, config, arch, history, 
         "optimizer_groups": opt["param_groups"],
         "versions": versions(),
     }
+    if teacher_fingerprint is not None:
+        state["teacher_fingerprint"] = teacher_fingerprint
     with atomic_directory(path, overwrite=overwrite) as tmp:
         if lm_state_dict is None:
             lm.save_pretrained(tmp / "lm", max_shard_size="100000GB")
@@ -321,9 +326,11 @@ def _step_sizes(config: FitConfig, generator: torch.Generator) -> list[float]:
 class StepLoss(nn.Module):
     """One pass of a training step, as the single module that DDP or FSDP wraps.
 
-    ``step_loss(input_ids)`` is the teacher pass: the LM with all gates on, returning its
-    logits ``[B, T, V]`` and next-token loss. ``step_loss(input_ids, size,
-    teacher_logits)`` is the ELBO pass at ``size``: the negative ELBO per token of
+    ``step_loss(input_ids)`` is the full pass: the LM with all gates on, returning its
+    logits ``[B, T, V]``, its next-token loss, and the loss it trains on: the next-token
+    loss, plus ``distill_weight`` · KL(teacher ‖ full LM) when ``teacher_logits`` (of a
+    frozen original, ``FitConfig.teacher='original'``) are given. ``step_loss(input_ids,
+    size, teacher_logits)`` is the ELBO pass at ``size``: the negative ELBO per token of
     ``PuppetELBO()(model, guide)`` (Pyro's ``Trace_ELBO``, its value kept on the device).
     Its parameters are the LM's and the guide's.
     """
@@ -336,7 +343,12 @@ class StepLoss(nn.Module):
                 teacher_logits: torch.Tensor | None = None):
         if size is None:
             logits = self.elbo.model.gated(input_ids)  # [B, T, V]
-            return logits, _next_token_loss(logits, input_ids)
+            nll = _next_token_loss(logits, input_ids)
+            weight = self.elbo.model.distill_weight
+            if teacher_logits is None or weight == 0:
+                return logits, nll, nll
+            log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)  # [B, T-1, V]
+            return logits, nll, nll + weight * distillation_kl(log_probs, teacher_logits)
         return self.elbo(input_ids, size, teacher_logits)
 
 
@@ -405,6 +417,9 @@ def fit(
     if eval_tokens is not None:  # checked now, cut to the windows evaluated
         windows = TokenBlocks(torch.as_tensor(eval_tokens), config.seq_len).windows(config.eval_windows)
         eval_tokens = windows.flatten()
+    if config.teacher == "original" and config.train_lm and config.parallel == "fsdp":
+        raise ValueError("teacher='original' keeps a whole frozen copy of the LM in every process and is not "
+                         "available with parallel='fsdp'; use teacher='self' or parallel='ddp'")
     context = distributed.setup(config.parallel, next(lm.parameters()).device)
     if eval_tokens is not None and context.parallel == "fsdp":
         raise ValueError("held-out evaluation during a fit (eval_tokens) is not available with parallel='fsdp' "
@@ -434,6 +449,31 @@ def _check_resumable(state: dict, checkpoint: Path, config: FitConfig, arch: Arc
         raise ValueError(f"checkpoint {checkpoint} was fitted with other settings: {saved}")
 
 
+def weights_fingerprint(lm: nn.Module) -> str:
+    """SHA-256 of the LM's named tensors (names, dtypes, shapes and bytes): which LM a
+    fit with ``teacher='original'`` started from."""
+    digest = hashlib.sha256()
+    for name, tensor in lm.state_dict().items():
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _original_teacher(lm: nn.Module, config: FitConfig, state: dict | None, checkpoint, device):
+    """A frozen copy of ``lm`` as the fit receives it, and its fingerprint, for
+    ``teacher='original'`` (``(None, None)`` otherwise: the full LM is the teacher). A
+    resumed fit must be given the LM its checkpoint started from."""
+    if config.teacher != "original" or not config.train_lm:
+        return None, None
+    fingerprint = weights_fingerprint(lm)
+    if state is not None and state.get("teacher_fingerprint") != fingerprint:
+        raise ValueError(f"checkpoint {checkpoint} was fitted with teacher='original' from other weights than "
+                         f"this LM's: resume with the LM the fit started from")
+    teacher = copy.deepcopy(lm).requires_grad_(False).eval()
+    return (teacher.to(device) if device is not None else teacher), fingerprint
+
+
 def _fit(lm, blocks: TokenBlocks, config: FitConfig, context: distributed.Context, *, checkpoint, state,
          tokenizer, progress: bool, eval_tokens: torch.Tensor | None = None) -> PuppetFit:
     arch = describe(lm, mlp_group=config.mlp_group)
@@ -444,6 +484,7 @@ def _fit(lm, blocks: TokenBlocks, config: FitConfig, context: distributed.Contex
     lm_class = type(lm)
     sharded = context.parallel == "fsdp"
     device = context.device
+    teacher, fingerprint = _original_teacher(lm, config, state, checkpoint, device)
     if context.parallel == "ddp":
         lm.to(device)
     gated, model, guide, prior_scale = _build(lm, config, arch, prior_tokens=blocks.tokens.numel(),
@@ -454,7 +495,7 @@ def _fit(lm, blocks: TokenBlocks, config: FitConfig, context: distributed.Contex
         with pyro.validation_enabled(False):
             return _loop(lm, gated, model, guide, blocks, config, context, arch, lm_class, prior_scale,
                          checkpoint=checkpoint, state=state, opt_state=opt_state, tokenizer=tokenizer,
-                         progress=progress, eval_tokens=eval_tokens)
+                         progress=progress, eval_tokens=eval_tokens, teacher=teacher, fingerprint=fingerprint)
     finally:  # also when the fit fails: the caller's LM gets no hooks left behind
         gated.unload()
         if not config.train_lm:
@@ -462,7 +503,7 @@ def _fit(lm, blocks: TokenBlocks, config: FitConfig, context: distributed.Contex
 
 
 def _loop(lm, gated, model, guide, blocks, config, context, arch, lm_class, prior_scale, *, checkpoint, state,
-          opt_state, tokenizer, progress, eval_tokens=None) -> PuppetFit:
+          opt_state, tokenizer, progress, eval_tokens=None, teacher=None, fingerprint=None) -> PuppetFit:
     sharded = context.parallel == "fsdp"
     device = context.device
     if not config.train_lm:
@@ -494,7 +535,7 @@ def _loop(lm, gated, model, guide, blocks, config, context, arch, lm_class, prio
         if context.is_main:
             save_checkpoint(checkpoint, lm=lm, guide=guide, optimizer=optimizer, step=step, config=config,
                             arch=arch, history=history, validation=validation, tokenizer=tokenizer,
-                            world_size=context.world_size,
+                            world_size=context.world_size, teacher_fingerprint=fingerprint,
                             **full)
         context.barrier()
 
@@ -552,12 +593,18 @@ def _loop(lm, gated, model, guide, blocks, config, context, arch, lm_class, prio
                 input_ids = input_ids.pin_memory().to(device, non_blocking=True)  # [B, T]
             else:
                 input_ids = input_ids.to(device)  # [B, T]
-            # Full size: the LM's own loss, and the teacher for self-distillation.
+            # Full size: the LM's own loss, and the teacher for self-distillation: the full
+            # LM itself, or the frozen original that the full LM then trains towards too.
+            original = None
+            if teacher is not None:
+                with torch.no_grad():
+                    original = teacher(input_ids=input_ids, use_cache=False).logits  # [B, T, V]
             with torch.set_grad_enabled(config.train_lm), context.no_sync(runner):
-                teacher_logits, nll_full = runner(input_ids)  # [B, T, V], []
+                full_logits, nll_full, full_loss = runner(input_ids, None, original)  # [B, T, V], [], []
                 if config.train_lm:
-                    (nll_full / micro).backward()
-            teacher_logits = teacher_logits.detach()
+                    (full_loss / micro).backward()
+            teacher_logits = (full_logits if original is None else original).detach()
+            del full_logits, original
             # Smallest and random sizes: the ELBO per token, averaged over sizes (and
             # micro-batches). Gradients are averaged across processes in the last backward only.
             losses, realised = [], []

@@ -37,10 +37,17 @@ from .config import COUPLINGS
 from .gating import GatedLM, Gates
 
 __all__ = ["PuppetModel", "PuppetGuide", "PuppetELBO", "plates", "sample_gates", "prefix_gates", "COUPLINGS",
-           "FLAT_LOG_LAMBDA"]
+           "FLAT_LOG_LAMBDA", "distillation_kl"]
 
 #: ``log λ_l`` of every layer without the hierarchy (flat units): ``π_l = σ(60 + ...) = 1``.
 FLAT_LOG_LAMBDA = 30.0
+
+
+def distillation_kl(log_probs: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher ‖ student) per token, mean over tokens: ``log_probs [B, T-1, V]`` the
+    student's next-token log-probabilities, ``teacher_logits [B, T, V]`` the teacher's logits."""
+    teacher = F.log_softmax(teacher_logits[:, :-1].float(), dim=-1)  # [B, T-1, V]
+    return F.kl_div(log_probs, teacher, log_target=True, reduction="none").sum(-1).mean()
 
 
 def plates(L: int, U: int):
@@ -254,10 +261,9 @@ class PuppetModel(_Push):
         nll = -log_probs.gather(-1, targets[..., None]).mean()
         pyro.factor("log_likelihood", -nll)
         if teacher_logits is not None and self.distill_weight > 0:
-            # Self-distillation: KL(full LM ‖ gated LM), per token.
-            teacher = F.log_softmax(teacher_logits[:, :-1].float(), dim=-1)
-            kl = F.kl_div(log_probs, teacher, log_target=True, reduction="none").sum(-1).mean()
-            pyro.factor("distillation", -self.distill_weight * kl)
+            # Self-distillation: KL(teacher ‖ gated LM), per token; the teacher is the full
+            # LM, or a frozen copy of the LM the fit started from (FitConfig.teacher).
+            pyro.factor("distillation", -self.distill_weight * distillation_kl(log_probs, teacher_logits))
         return nll
 
 

@@ -18,8 +18,10 @@ CASES = {
     "ddp": {"config": _BASE.replace(parallel="ddp", eval_every=2, eval_windows=2), "tied": True, "eval": True},
     # Stopped at step 2 and resumed: the sharded optimizer state goes through a checkpoint.
     "fsdp-resume": {"config": _BASE.replace(parallel="fsdp"), "tied": True},
-    # Ablations leave guide parameters without gradient: DDP's find_unused_parameters.
-    "ddp-flat-point": {"config": _BASE.replace(parallel="ddp", hierarchy=False, posterior="point"), "tied": False},
+    # Ablations leave guide parameters without gradient: DDP's find_unused_parameters; and
+    # the frozen original LM as the teacher, a copy in every process.
+    "ddp-flat-point": {"config": _BASE.replace(parallel="ddp", hierarchy=False, posterior="point",
+                                               teacher="original"), "tied": False},
 }
 
 

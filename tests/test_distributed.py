@@ -8,6 +8,7 @@ draws, so the losses and the final guide and LM agree to float rounding.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ from safetensors.torch import load_file
 from ppn_bayes import distributed
 from ppn_bayes.config import FitConfig
 from ppn_bayes.data import TokenBlocks
-from ppn_bayes.model import PuppetELBO
+from ppn_bayes.model import PuppetELBO, distillation_kl
 from ppn_bayes.evaluate import perplexity
 from ppn_bayes.fit import _build, _next_token_loss, _optimizer, _step_sizes, fit, load_fit
 from ppn_bayes.gating import GatedLM
@@ -149,6 +150,7 @@ def _reference_fit(lm, tokens, config: FitConfig):
     from ppn_bayes.architecture import describe
 
     arch = describe(lm, mlp_group=config.mlp_group)
+    original = copy.deepcopy(lm).requires_grad_(False) if config.teacher == "original" else None
     gated, model, guide, _ = _build(lm, config, arch, prior_tokens=tokens.numel(), device=torch.device("cpu"))
     optimizer = _optimizer(lm, guide, config)
     elbo = PuppetELBO()(model, guide)  # Trace_ELBO, its value on the device (tests/test_fit.py)
@@ -159,9 +161,16 @@ def _reference_fit(lm, tokens, config: FitConfig):
         sizes = _step_sizes(config, torch.Generator().manual_seed(config.seed * 104_729 + step))
         input_ids = blocks.batch(step, config.batch_size)
         optimizer.zero_grad(set_to_none=True)
-        teacher_logits = gated(input_ids)
-        nll_full = _next_token_loss(teacher_logits, input_ids)
-        nll_full.backward()
+        full_logits = gated(input_ids)
+        nll_full = _next_token_loss(full_logits, input_ids)
+        teacher_logits = full_logits
+        if original is None:
+            nll_full.backward()
+        else:  # the full LM trains towards the frozen original too, and the original teaches every size
+            with torch.no_grad():
+                teacher_logits = original(input_ids).logits
+            log_probs = torch.log_softmax(full_logits[:, :-1].float(), dim=-1)
+            (nll_full + config.distill_weight * distillation_kl(log_probs, teacher_logits)).backward()
         total = 0.0
         for size in sizes:
             loss = elbo(input_ids, size, teacher_logits.detach()) / len(sizes)
@@ -174,8 +183,10 @@ def _reference_fit(lm, tokens, config: FitConfig):
     return history, guide
 
 
-def test_single_process_fit_equals_the_plain_loop_bit_for_bit():
-    config = FitConfig(steps=3, batch_size=3, seq_len=12, mlp_group=32, log_every=1, n_random_sizes=2)
+@pytest.mark.parametrize("teacher", ["self", "original"])
+def test_single_process_fit_equals_the_plain_loop_bit_for_bit(teacher):
+    config = FitConfig(steps=3, batch_size=3, seq_len=12, mlp_group=32, log_every=1, n_random_sizes=2,
+                       teacher=teacher, lr_lm=1e-3)
     tokens = case_tokens()
     history, guide = _reference_fit(case_lm("ddp"), tokens, config)
     fitted = fit(case_lm("ddp"), tokens, config, progress=False)

@@ -209,3 +209,41 @@ def test_the_held_out_record_survives_a_resume(tmp_path):
     assert resumed.result.validation == whole.result.validation
     assert [row["step"] for row in whole.result.validation] == [2, 4, 6]
     assert load_fit(tmp_path / "cut").result.validation == whole.result.validation
+
+
+def test_a_fit_taught_by_the_original_resumes_from_the_original_only(tmp_path):
+    """teacher='original': the checkpoint names the weights the fit started from; a resume
+    given those weights ends where the uninterrupted fit ends, other weights are refused."""
+    config = CONFIG.replace(teacher="original")
+    whole = fit(tiny_lm("llama"), TOKENS, config, checkpoint=tmp_path / "whole", progress=False)
+    blocks = StopsAt(TOKENS, config.seq_len, config.seed)
+    object.__setattr__(blocks, "stop", 4)
+    path = tmp_path / "checkpoint"
+    with pytest.raises(Interrupted):
+        fit(tiny_lm("llama"), blocks, config, checkpoint=path, progress=False)
+    state = read_state(path)
+    assert state["step"] == 3 and len(state["teacher_fingerprint"]) == 64
+    before = _snapshot(path)
+    other = tiny_lm("llama")
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    with pytest.raises(ValueError, match="teacher='original' from other weights"):
+        _resume(path, other, config)
+    assert _snapshot(path) == before
+    resumed = _resume(path, config=config)
+    assert resumed.result.history == whole.result.history
+    want = _state(whole)
+    for key, value in _state(resumed).items():
+        assert torch.equal(value, want[key]), key
+
+
+def test_the_original_teacher_differs_from_self_distillation_and_is_refused_with_fsdp():
+    config = CONFIG.replace(steps=3, checkpoint_every=0)
+    self_taught = fit(tiny_lm("llama"), TOKENS, config, progress=False)
+    original = fit(tiny_lm("llama"), TOKENS, config.replace(teacher="original"), progress=False)
+    assert self_taught.result.history[0] == original.result.history[0]  # the first step's teachers agree
+    assert self_taught.result.history[-1]["loss"] != original.result.history[-1]["loss"]
+    with pytest.raises(ValueError, match="parallel='fsdp'"):
+        fit(tiny_lm("llama"), TOKENS, config.replace(teacher="original", parallel="fsdp"), progress=False)
+    with pytest.raises(ValueError, match="teacher must be one of"):
+        FitConfig(teacher="dense")

@@ -187,6 +187,23 @@ def test_quality_and_speed_end_to_end(tiny_setup, tmp_path):
     assert by[("decode", "magnitude-zeros", 0.5)]["size_reached"] == pytest.approx(0.5, abs=0.02)
 
 
+def test_a_fit_variant_then_a_fine_tune_of_its_chosen_size(tiny_setup, tmp_path):
+    """ppn_bayes-original+distill fits ppn_bayes-original first (teacher='original'),
+    records its sizes, then fine-tunes its sub-network at the chosen size."""
+    quality = _load("quality")
+    records = tmp_path / "records"
+    quality.main(_tiny_quality_args(tiny_setup, records, "--methods", "ppn_bayes-original+distill",
+                                    "--finetune-sizes", "0.5"))
+    rows = read_records("quality", records)
+    assert [(r["method"], r["size_requested"]) for r in rows] == [
+        ("ppn_bayes-original", 0.7), ("ppn_bayes-original", 0.5), ("ppn_bayes-original+distill", 0.5)]
+    assert all(r["settings"]["fit"]["teacher"] == "original" for r in rows)
+    tuned = rows[-1]
+    assert tuned["train_tokens"] == 2 * rows[0]["train_tokens"] == 2 * 2 * 2 * 32
+    assert tuned["settings"]["training"].startswith("the ppn_bayes-original fit, then")
+    assert tuned["settings"]["checkpoint"].endswith("ppn_bayes-original")
+
+
 def test_time_boxed_fit_settles_its_steps_once(tiny_setup, tmp_path):
     quality = _load("quality")
     args = _tiny_quality_args(tiny_setup, tmp_path / "r", "--methods", "ppn_bayes", "--sizes", "0.5",
@@ -229,7 +246,7 @@ def test_quality_rejects_unknown_methods_and_bad_fit_settings(tiny_setup, tmp_pa
 
 @pytest.mark.slow
 def test_gpu_job_rehearsal_on_cpu(tiny_setup, tmp_path):
-    """benchmarks/gpu_job.sh part1 to part5 with a tiny LM on the CPU (minutes: slow)."""
+    """benchmarks/gpu_job.sh part1 to part6 with a tiny LM on the CPU (minutes: slow)."""
     texts = tmp_path / "texts"
     texts.mkdir()
     for name in ("wiki.test.raw", "wiki_summaries_en.txt"):
@@ -248,6 +265,7 @@ def test_gpu_job_rehearsal_on_cpu(tiny_setup, tmp_path):
     subprocess.run(["bash", "benchmarks/gpu_job.sh", "part4"], cwd=ROOT, env=part4, check=True, timeout=900)
     subprocess.run(["bash", "benchmarks/gpu_job.sh", "part5"], cwd=ROOT, env={**part4, "SCALING_BATCH": "3"},
                    check=True, timeout=900)
+    subprocess.run(["bash", "benchmarks/gpu_job.sh", "part6"], cwd=ROOT, env=env, check=True, timeout=900)
     recipes = read_records("recipes", tmp_path / "out" / "records")
     assert {r["recipe"] for r in recipes} == {"default", "lr1e-5", "warm", "shared", "shared-warm", "shared-1e-4"}
     quality = read_records("quality", tmp_path / "out" / "records")
@@ -257,6 +275,12 @@ def test_gpu_job_rehearsal_on_cpu(tiny_setup, tmp_path):
     main_steps = {r["settings"]["fit"]["steps"] for r in quality if r["method"] == "ppn_bayes"}
     ablation_steps = {r["settings"]["fit"]["steps"] for r in quality if r["method"].startswith("ppn_bayes-")}
     assert len(main_steps) == 1 and ablation_steps == main_steps
+    # part6: the original teacher's fit and its fine-tunes, and the frozen fit's fine-tunes
+    tuned = {(r["method"], r["size_requested"]) for r in quality if r["method"].endswith("+distill")}
+    assert tuned == {(m, s) for m in ("ppn_bayes-original+distill", "ppn_bayes-frozen+distill")
+                     for s in (0.5, 0.4, 0.3)}
+    assert {r["settings"]["fit"]["teacher"] for r in quality if r["method"].startswith("ppn_bayes-original")} == {
+        "original"}
     speed = read_records("speed", tmp_path / "out" / "records")
     assert {r["method"] for r in speed} >= {"dense", "ppn_bayes"}
     assert read_records("speculative", tmp_path / "out" / "records")
