@@ -16,6 +16,9 @@
 #   benchmarks/gpu_job.sh part6   # the fit's teacher: GPU 0 fits with the frozen original LM as teacher
 #                                 # (ppn_bayes-original) and fine-tunes its sizes 0.5, 0.4, 0.3; GPU 1 the
 #                                 # same from the frozen-LM fit (ppn_bayes-frozen+distill) (~7 min)
+#   benchmarks/gpu_job.sh part7   # GPU 0: the original teacher over a longer fit (ppn_bayes-original-long,
+#                                 # LONG_STEPS (500) steps, as ppn_bayes-long); GPU 1: ppn_bayes-original, then
+#                                 # fine-tunes of 4 x its tokens at 0.4, 0.3, 0.5 (+distill-long) (~9 min)
 #
 # (Structured baselines without training, shortgpt, magnitude, activation, run as before:
 # benchmarks/quality.py --methods shortgpt,magnitude,...; their records do not depend on the fit.)
@@ -40,7 +43,7 @@
 #   LIMIT (560 s per part); MODEL, MODEL_NAME, TEXTS, WORK, OUT; for a CPU rehearsal with a
 #   tiny LM: DEVICE=cpu, QUALITY_EXTRA and SPEED_EXTRA (extra flags), as tests/test_report.py does.
 set -uo pipefail
-part="${1:?usage: gpu_job.sh check|part1|part2|part3|part4|part5|part6}"
+part="${1:?usage: gpu_job.sh check|part1|part2|part3|part4|part5|part6|part7}"
 OUT="${OUT:-/tmp/gpu-job-out}"
 MODEL="${MODEL:-/root/SmolLM2-135M-Instruct.Q4_1.gguf}"
 MODEL_NAME="${MODEL_NAME:-SmolLM2-135M-Instruct}"
@@ -239,7 +242,23 @@ case "$part" in
         --methods ppn_bayes-frozen+distill --finetune-sizes 0.5,0.4,0.3 --ablation-sizes "$ABLATION_SIZES" \
         --rankings "$WORK/rankings-frozen.json" $recipe ) &
     wait ;;
-  *) echo "unknown part $part: check, part1 to part6"; exit 2 ;;
+  part7)
+    prepare
+    recipe=$(cat "$WORK/best-recipe.txt" 2>/dev/null || echo "$RECORD_RECIPE")
+    second=1; [[ "$DEVICE" == cuda ]] && (( $(nvidia-smi -L | wc -l) < 2 )) && second=0
+    # shellcheck disable=SC2086
+    ( export CUDA_VISIBLE_DEVICES=0
+      run 10 "$OUT/gpu0.log" benchmarks/quality.py "${COMMON[@]}" --fit-steps "${LONG_STEPS:-500}" \
+        --methods ppn_bayes-original-long --rankings "$WORK/rankings-original-long.json" $recipe ) &
+    first=$!
+    (( second == 0 )) && wait "$first"
+    # shellcheck disable=SC2086
+    ( export CUDA_VISIBLE_DEVICES=$second
+      run 10 "$OUT/gpu1.log" benchmarks/quality.py "${COMMON[@]}" --fit-steps "$FIT_STEPS" \
+        --methods ppn_bayes-original+distill-long --finetune-sizes 0.4,0.3,0.5 \
+        --rankings "$WORK/rankings-original.json" $recipe ) &
+    wait ;;
+  *) echo "unknown part $part: check, part1 to part7"; exit 2 ;;
 esac
 [[ -f "$RANKINGS" ]] && cp "$RANKINGS" "$OUT/rankings.json"
 echo "[gpu_job] $part done in $(( $(date +%s) - START )) s; records:"

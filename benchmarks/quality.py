@@ -22,6 +22,7 @@ Methods (``--methods``)::
                           itself from corpus prompts: ppn-bayes teacher-text)
     ppn_bayes-original    variant: teacher='original' (a frozen copy of the LM teaches every
                           size, the full LM included, instead of the full LM as it trains)
+    ppn_bayes-original-long  the same, recorded apart (give it more --fit-steps)
     shortgpt              layer removal by block influence, no training
     magnitude             units by weight magnitude, no training
     activation            units by activation-weighted magnitude (Wanda-style), no training
@@ -31,7 +32,8 @@ Methods (``--methods``)::
                           sub-network fine-tuned by self-distillation with the fit's budget
     ppn_bayes+distill     the fit of record's sub-network fine-tuned the same way (twice the
                           training tokens: the fit's and the fine-tune's); also
-                          ppn_bayes-frozen+distill and ppn_bayes-original+distill from those fits
+                          ppn_bayes-frozen+distill and ppn_bayes-original+distill from those fits;
+                          <fit>+distill-long: the fine-tune with 4 x the fit's tokens
     sparsegpt, wanda      llm-compressor, unstructured at sparsity 1 - size
     sparsegpt-2:4, wanda-2:4   llm-compressor, 2:4 at size 0.5
 
@@ -87,13 +89,16 @@ VARIANTS = {
     "ppn_bayes-teacher": {},
     # a frozen copy of the LM as the teacher of every size, the full LM included
     "ppn_bayes-original": dict(teacher="original"),
+    "ppn_bayes-original-long": dict(teacher="original"),  # recorded apart: give it more --fit-steps
 }
-#: Fits whose sub-networks the +distill methods fine-tune (``<fit>+distill``).
+#: Fits whose sub-networks the +distill methods fine-tune (``<fit>+distill``), and with
+#: ``LONG_FINETUNE`` times the fit's steps (``<fit>+distill-long``).
 FINETUNED_FITS = ("ppn_bayes", "ppn_bayes-frozen", "ppn_bayes-original")
+LONG_FINETUNE = 4
 STRUCTURED = ("shortgpt", "magnitude", "activation", "magnitude-uniform", "activation-uniform")
 SPARSE = ("sparsegpt", "wanda", "sparsegpt-2:4", "wanda-2:4")
 METHODS = ("dense", "ppn_bayes", *ABLATIONS, *VARIANTS, *STRUCTURED, *(f"{m}+distill" for m in STRUCTURED),
-           *(f"{m}+distill" for m in FINETUNED_FITS), *SPARSE)
+           *(f"{m}+distill" for m in FINETUNED_FITS), *(f"{m}+distill-long" for m in FINETUNED_FITS), *SPARSE)
 DEFAULT_METHODS = ("dense", "ppn_bayes", *ABLATIONS, *STRUCTURED, *SPARSE)
 #: The fit of record: 2048-token windows, the sandwich rule down to the smallest size.
 DEFAULT_FIT = FitConfig(steps=300, batch_size=8, seq_len=2048, size_min=0.3, checkpoint_every=100,
@@ -444,13 +449,15 @@ def run_structured(run: Run, method: str) -> None:
                      settings={"training": "none", **settings})
 
 
-def distill_finetune(student, teacher, tokens: torch.Tensor, fit_config: FitConfig, *, config: QualityConfig) -> dict:
-    """Fine-tune ``student`` towards ``teacher`` on ``tokens`` with the fit's budget
+def distill_finetune(student, teacher, tokens: torch.Tensor, fit_config: FitConfig, *, config: QualityConfig,
+                     repeat: int = 1) -> dict:
+    """Fine-tune ``student`` towards ``teacher`` on ``tokens`` with ``repeat`` times the fit's budget
     (steps, batch, windows, AdamW at ``lr_lm``): :func:`ppn_bayes.finetune.distill`, the
     next-token loss plus ``distill_weight`` · KL(teacher ‖ student) per token."""
     from ppn_bayes.finetune import DistillConfig, distill
 
-    settings = DistillConfig(steps=fit_config.steps, batch_size=fit_config.batch_size, seq_len=fit_config.seq_len,
+    settings = DistillConfig(steps=fit_config.steps * repeat, batch_size=fit_config.batch_size,
+                             seq_len=fit_config.seq_len,
                              lr=fit_config.lr_lm, weight_decay=fit_config.weight_decay,
                              distill_weight=fit_config.distill_weight, grad_clip=fit_config.grad_clip,
                              seed=fit_config.seed)
@@ -459,7 +466,7 @@ def distill_finetune(student, teacher, tokens: torch.Tensor, fit_config: FitConf
 
 
 def _finetune_sizes(run: Run, method: str, lm, ranking, fit_config: FitConfig, *, train_tokens: int,
-                    settings: dict) -> None:
+                    settings: dict, repeat: int = 1) -> None:
     """Cut ``lm`` at every ``finetune_sizes`` of ``ranking``, fine-tune each sub-network
     towards the dense LM (:func:`distill_finetune`) and record its perplexity."""
     c = run.config
@@ -471,7 +478,7 @@ def _finetune_sizes(run: Run, method: str, lm, ranking, fit_config: FitConfig, *
         masks = ranking.masks(size)
         sub, kept = _subnetwork(lm, masks)
         sub.float()
-        cost = distill_finetune(sub, run.lm, run.train_tokens, fit_config, config=c)
+        cost = distill_finetune(sub, run.lm, run.train_tokens, fit_config, config=c, repeat=repeat)
         result = run.evaluate(sub)
         run.record(method, size_requested=size, size_reached=masks.size_reached, result=result,
                    train_tokens=train_tokens, params_kept=kept, layers_kept=int(masks.layer.sum()),
@@ -492,13 +499,15 @@ def run_finetuned(run: Run, method: str) -> None:
 def run_ppn_finetuned(run: Run, method: str) -> None:
     """The sub-network of the fit ``<fit>`` of ``<fit>+distill`` (the fit of record for
     ppn_bayes+distill) at each ``finetune_sizes``, fine-tuned like the +distill baselines
-    (self-distillation from the dense LM, the fit's budget once more): what a fit plus a
+    (self-distillation from the dense LM, the fit's budget once more; ``LONG_FINETUNE``
+    times that for ``<fit>+distill-long``): what a fit plus a
     fine-tune of one chosen size reaches. Fits ``<fit>`` first when ``work_dir`` holds no
     finished fit of it (recording its rows as that method does)."""
     from ppn_bayes.fit import load_fit, read_state
 
     c = run.config
-    base = method.removesuffix("+distill")
+    base, _, kind = method.partition("+")
+    repeat = LONG_FINETUNE if kind == "distill-long" else 1
     fit_config = fit_config_of(c, base)
     checkpoint = Path(c.work_dir) / "fits" / base
     if not ((checkpoint / "state.json").is_file() and read_state(checkpoint)["step"] >= fit_config.steps):
@@ -506,10 +515,11 @@ def run_ppn_finetuned(run: Run, method: str) -> None:
     fitted = load_fit(checkpoint, device=c.device)
     fitted.lm.float().eval()
     fit_tokens = fit_config.steps * fit_config.batch_size * fit_config.seq_len
-    _finetune_sizes(run, method, fitted.lm, fitted.ranking(), fit_config, train_tokens=2 * fit_tokens,
+    _finetune_sizes(run, method, fitted.lm, fitted.ranking(), fit_config, train_tokens=(1 + repeat) * fit_tokens,
+                    repeat=repeat,
                     settings={"training": f"the {base} fit, then a self-distillation fine-tune of "
                                           "its sub-network at this size (the +distill baselines' recipe)",
-                              "fit_tokens": fit_tokens, "finetune_tokens": fit_tokens,
+                              "fit_tokens": fit_tokens, "finetune_tokens": repeat * fit_tokens,
                               "checkpoint": str(checkpoint)})
 
 
@@ -559,7 +569,7 @@ def _save_sparse(run: Run, method: str, size: float, lm) -> None:
 
 RUNNERS = {"dense": run_dense, "ppn_bayes": run_ppn, **{m: run_ppn for m in (*ABLATIONS, *VARIANTS)},
            **{m: run_structured for m in STRUCTURED}, **{f"{m}+distill": run_finetuned for m in STRUCTURED},
-           **{f"{m}+distill": run_ppn_finetuned for m in FINETUNED_FITS},
+           **{f"{m}+{k}": run_ppn_finetuned for m in FINETUNED_FITS for k in ("distill", "distill-long")},
            **{m: run_sparse for m in SPARSE}}
 
 

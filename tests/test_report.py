@@ -202,6 +202,13 @@ def test_a_fit_variant_then_a_fine_tune_of_its_chosen_size(tiny_setup, tmp_path)
     assert tuned["train_tokens"] == 2 * rows[0]["train_tokens"] == 2 * 2 * 2 * 32
     assert tuned["settings"]["training"].startswith("the ppn_bayes-original fit, then")
     assert tuned["settings"]["checkpoint"].endswith("ppn_bayes-original")
+    # four times the fine-tune from the same fit (reused, not fitted again)
+    quality.main(_tiny_quality_args(tiny_setup, records, "--methods", "ppn_bayes-original+distill-long",
+                                    "--finetune-sizes", "0.5"))
+    longer = read_records("quality", records)[3:]
+    assert [(r["method"], r["size_requested"]) for r in longer] == [("ppn_bayes-original+distill-long", 0.5)]
+    assert longer[0]["settings"]["finetune_tokens"] == 4 * rows[0]["train_tokens"]
+    assert longer[0]["train_tokens"] == 5 * rows[0]["train_tokens"]
 
 
 def test_time_boxed_fit_settles_its_steps_once(tiny_setup, tmp_path):
