@@ -9,7 +9,8 @@ against size per method (log scale) and speed-up against size with the ``0.9 / s
 target. Nothing in the page is typed by hand: a benchmark not yet run shows as "not yet
 measured". Each table ends with the machines, dates and commands that produced it.
 
-Where a configuration was measured more than once, the latest record counts. Quick
+Where a configuration was measured more than once, the latest record counts, and a table
+of the run-to-run spread shows every run of it. Quick
 checks (``quick: true``: a subset of the evaluation windows, or a smoke run) never mix
 with protocol records: they get their own table.
 """
@@ -17,11 +18,13 @@ with protocol records: they get their own table.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from collections import defaultdict
 from pathlib import Path
 
+from ppn_bayes.config import FitConfig
 from ppn_bayes.io import atomic_file, atomic_write_text
 from ppn_bayes.records import BENCHMARKS, RECORDS_DIR, curve_match, read_records
 
@@ -148,6 +151,7 @@ def quality_section(records: list[dict], images: Path, image_prefix: str) -> lis
             lines += quality_table(rows)
             lines += provenance(rows)
             lines.append("")
+            lines += spread_table(rows)
             if title == "Protocol runs":
                 lines += targets(rows)
                 name = f"quality-{_slug(model)}.png"
@@ -158,6 +162,46 @@ def quality_section(records: list[dict], images: Path, image_prefix: str) -> lis
 
 def _slug(text) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in str(text))
+
+
+#: Fit settings that do not change what a fit computes.
+_BOOKKEEPING_FIT = ("checkpoint_every", "log_every", "parallel", "eval_every", "eval_windows")
+
+
+def _same_settings(record: dict) -> tuple:
+    """What two runs must share to be repeats: the fit's settings (defaults filled in for
+    records written before a field existed), the training tokens and the windows."""
+    fit = (record.get("settings") or {}).get("fit") or {}
+    try:
+        fit = FitConfig.from_dict(fit).to_dict() if fit else {}
+    except (TypeError, ValueError):
+        pass
+    fit = {k: v for k, v in fit.items() if k not in _BOOKKEEPING_FIT}
+    return json.dumps(fit, sort_keys=True), record.get("train_tokens"), record.get("windows")
+
+
+def spread_table(records: list[dict]) -> list[str]:
+    """Every configuration measured more than once with the same settings: the lowest and
+    highest perplexity of its runs (the table above shows the latest)."""
+    groups = defaultdict(list)
+    for r in records:
+        if r.get("ppl") is not None:
+            groups[(r["method"], _same_settings(r), round(float(r.get("size_requested", 1.0)), 4))].append(r["ppl"])
+    repeated = {k: v for k, v in groups.items() if len(v) > 1}
+    if not repeated:
+        return []
+    sizes = sorted({k[2] for k in repeated}, reverse=True)
+    rows = []
+    for method, same in sorted({k[:2] for k in repeated}, key=lambda k: (_order(k[0]), k[1])):
+        cells = []
+        for size in sizes:
+            ppl = groups.get((method, same, size), [])
+            cells.append(f"{_fmt(min(ppl))} to {_fmt(max(ppl))} ({len(ppl)})" if len(ppl) > 1 else "–")
+        rows.append([label(method), *cells])
+    return ["Run-to-run spread: configurations measured more than once with the same settings (the fit's "
+            "settings, training tokens, windows). Each cell: lowest to highest perplexity (runs). Fits on the "
+            "GPU are not bit-reproducible (bf16 autocast, atomic adds), and a fit amplifies the difference.",
+            "", *_table(["method", *(f"{s:g}" for s in sizes)], rows), ""]
 
 
 def quality_table(records: list[dict]) -> list[str]:
@@ -202,21 +246,23 @@ def targets(records: list[dict]) -> list[str]:
         rows.append(["ppn_bayes within 1.3 x dense at 0.5", f"{_fmt(ours['ppl'])} vs {_fmt(dense['ppl'])}",
                      ("met" if ratio <= 1.3 else "missed") + f" ({ratio:.2f} x dense)"])
     lines += _table(["target", "perplexity", "result"], rows) + [""]
-    tuned = [(size, chosen[("ppn_bayes+distill", size)]) for size in TARGET_SIZES
-             if ("ppn_bayes+distill", size) in chosen]
-    if tuned:  # not the claim (one fit, no further computation): the optional fine-tune, beside it
+    # not the claim (one fit, no further computation): the optional fine-tunes, beside it
+    tuned = [(method, size, chosen[(method, size)]) for method in sorted({m for m, _ in chosen}, key=_order)
+             if method.startswith("ppn_bayes") and "+distill" in method
+             for size in TARGET_SIZES if (method, size) in chosen]
+    if tuned:
         rows = []
-        for size, ours in tuned:
+        for method, size, ours in tuned:
             for rival in ("sparsegpt", "wanda"):
                 theirs = chosen.get((rival, size))
                 if theirs is not None:
                     met = ours["ppl"] < theirs["ppl"]
-                    rows.append([f"{label('ppn_bayes+distill')} below {label(rival)} at {size:g}",
-                                 f"{_fmt(ours['ppl'])} vs {_fmt(theirs['ppl'])}",
+                    rows.append([f"{label(method)} below {label(rival)} at {size:g}",
+                                 f"{_fmt(ours['ppl'])} vs {_fmt(theirs['ppl'])}", _fmt(ours.get("train_tokens")),
                                  ("met" if met else "missed") + f" (ratio {ours['ppl'] / theirs['ppl']:.2f})"])
         lines += ["The same comparison after the optional fine-tune of the chosen size (`ppn-bayes distill`; "
-                  "twice the fit's training tokens, so not the one-fit claim):", ""]
-        lines += _table(["comparison", "perplexity", "result"], rows) + [""]
+                  "its tokens on top of the fit's, so not the one-fit claim):", ""]
+        lines += _table(["comparison", "perplexity", "training tokens", "result"], rows) + [""]
     return lines
 
 

@@ -222,3 +222,12 @@ def test_every_public_name_has_a_docstring():
     missing = undocumented()
     new = sorted(missing - KNOWN_UNDOCUMENTED)
     assert not new, f"public names without a docstring (the API page renders docstrings): {new}"
+
+
+def test_pages_hold_no_control_characters():
+    """A backslash lost in an edit turns ``\\theta`` into a tab and ``heta``: LaTeX that no
+    longer renders. Pages are plain text: no tabs, no other control characters."""
+    for page in sorted([*DOCS.glob("*.md"), ROOT / "README.md"]):
+        for number, line in enumerate(page.read_text().splitlines(), 1):
+            bad = [c for c in line if ord(c) < 32]
+            assert not bad, f"{page.name}:{number} holds control characters {bad!r}: {line[:80]!r}"

@@ -81,7 +81,10 @@ def test_report_tables_targets_and_plots(tmp_path):
 
     # the latest record counts; cells give perplexity (size reached)
     assert "| ppn_bayes | – | 21 (0.898) | 22.5 (0.698) | 25 (0.498) | 31 (0.398) | 60 (0.298) | 147 | 0 |" in text
-    assert "99" not in text.split("### Quick")[0]
+    assert "99" not in text.split("Run-to-run spread")[0]
+    # the superseded run is in the spread of the runs with the same settings, with its size only
+    spread = text.split("Run-to-run spread")[1].split("Targets")[0]
+    assert "| method | 0.5 |" in spread and "| ppn_bayes | 25 to 99 (2) |" in spread
     # targets: 25 < 30 and 33; 31 < 45 and 50; 60 > 50 (missed by ratio 1.20), 60 < 140; 25/20 = 1.25 <= 1.3
     assert "| ppn_bayes below SparseGPT, unstructured at 0.3 | 60 vs 50 | missed (ratio 1.20) |" in text
     assert "| ppn_bayes below Wanda, unstructured at 0.3 | 60 vs 140 | met (ratio 0.43) |" in text
