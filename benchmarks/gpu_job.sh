@@ -141,6 +141,17 @@ scaling() {  # fit_scaling.py on 1 and 2 GPUs (a later --gpus overrides), stoppe
     --records-dir "$REC" "$@" ${SCALING_EXTRA:-} >> "$OUT/scaling.log" 2>&1
 }
 
+second_gpu() {  # the GPU of a part's second half: 1, or 0 (after the first half) on a one-GPU machine
+  if [[ "$DEVICE" == cuda ]] && (( $(nvidia-smi -L | wc -l) < 2 )); then echo 0; else echo 1; fi
+}
+
+quality_on() {  # quality_on GPU LOG ARGS...: quality.py on GPU with the fit of record's recipe
+  local gpu="$1" log="$2" recipe; shift 2
+  recipe=$(cat "$WORK/best-recipe.txt" 2>/dev/null || echo "$RECORD_RECIPE")
+  # shellcheck disable=SC2086
+  ( export CUDA_VISIBLE_DEVICES=$gpu; run 10 "$log" benchmarks/quality.py "${COMMON[@]}" "$@" $recipe )
+}
+
 case "$part" in
   check) check ;;
   part1)
@@ -197,7 +208,7 @@ case "$part" in
     # throughput at larger global batches (strong scaling needs a step that the GPU, not
     # the host, bounds); then both GPUs against those one-GPU results (--reuse).
     # On a one-GPU machine Wanda runs first and the two-GPU step is skipped (fit_scaling says so).
-    second=1; [[ "$DEVICE" == cuda ]] && (( $(nvidia-smi -L | wc -l) < 2 )) && second=0
+    second=$(second_gpu)
     ( export CUDA_VISIBLE_DEVICES=$second
       run 10 "$OUT/gpu1.log" benchmarks/quality.py "${COMMON[@]}" --methods wanda --sizes 0.9,0.7 \
         --rankings "$WORK/rankings-baselines.json" ) &
@@ -227,36 +238,23 @@ case "$part" in
     ;;
   part6)
     prepare
-    recipe=$(cat "$WORK/best-recipe.txt" 2>/dev/null || echo "$RECORD_RECIPE")
-    second=1; [[ "$DEVICE" == cuda ]] && (( $(nvidia-smi -L | wc -l) < 2 )) && second=0
-    # shellcheck disable=SC2086
-    ( export CUDA_VISIBLE_DEVICES=0
-      run 10 "$OUT/gpu0.log" benchmarks/quality.py "${COMMON[@]}" --fit-steps "$FIT_STEPS" \
-        --methods ppn_bayes-original,ppn_bayes-original+distill --finetune-sizes 0.5,0.4,0.3 \
-        --rankings "$WORK/rankings-original.json" $recipe ) &
+    second=$(second_gpu)
+    quality_on 0 "$OUT/gpu0.log" --fit-steps "$FIT_STEPS" --methods ppn_bayes-original,ppn_bayes-original+distill \
+      --finetune-sizes 0.5,0.4,0.3 --rankings "$WORK/rankings-original.json" &
     first=$!
     (( second == 0 )) && wait "$first"
-    # shellcheck disable=SC2086
-    ( export CUDA_VISIBLE_DEVICES=$second
-      run 10 "$OUT/gpu1.log" benchmarks/quality.py "${COMMON[@]}" --fit-steps "$FIT_STEPS" \
-        --methods ppn_bayes-frozen+distill --finetune-sizes 0.5,0.4,0.3 --ablation-sizes "$ABLATION_SIZES" \
-        --rankings "$WORK/rankings-frozen.json" $recipe ) &
+    quality_on "$second" "$OUT/gpu1.log" --fit-steps "$FIT_STEPS" --methods ppn_bayes-frozen+distill \
+      --finetune-sizes 0.5,0.4,0.3 --ablation-sizes "$ABLATION_SIZES" --rankings "$WORK/rankings-frozen.json" &
     wait ;;
   part7)
     prepare
-    recipe=$(cat "$WORK/best-recipe.txt" 2>/dev/null || echo "$RECORD_RECIPE")
-    second=1; [[ "$DEVICE" == cuda ]] && (( $(nvidia-smi -L | wc -l) < 2 )) && second=0
-    # shellcheck disable=SC2086
-    ( export CUDA_VISIBLE_DEVICES=0
-      run 10 "$OUT/gpu0.log" benchmarks/quality.py "${COMMON[@]}" --fit-steps "${LONG_STEPS:-500}" \
-        --methods ppn_bayes-original-long --rankings "$WORK/rankings-original-long.json" $recipe ) &
+    second=$(second_gpu)
+    quality_on 0 "$OUT/gpu0.log" --fit-steps "${LONG_STEPS:-500}" --methods ppn_bayes-original-long \
+      --rankings "$WORK/rankings-original-long.json" &
     first=$!
     (( second == 0 )) && wait "$first"
-    # shellcheck disable=SC2086
-    ( export CUDA_VISIBLE_DEVICES=$second
-      run 10 "$OUT/gpu1.log" benchmarks/quality.py "${COMMON[@]}" --fit-steps "$FIT_STEPS" \
-        --methods ppn_bayes-original+distill-long --finetune-sizes 0.4,0.3,0.5 \
-        --rankings "$WORK/rankings-original.json" $recipe ) &
+    quality_on "$second" "$OUT/gpu1.log" --fit-steps "$FIT_STEPS" --methods ppn_bayes-original+distill-long \
+      --finetune-sizes 0.4,0.3,0.5 --rankings "$WORK/rankings-original.json" &
     wait ;;
   *) echo "unknown part $part: check, part1 to part7"; exit 2 ;;
 esac
