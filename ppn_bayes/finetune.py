@@ -25,6 +25,7 @@ from torch import nn
 
 from .data import TokenBlocks, check_token_ids
 from .lm import check_same_vocabulary, vocab_rows
+from .model import distillation_kl
 
 __all__ = ["DistillConfig", "DistillResult", "distill", "distill_checkpoint"]
 
@@ -183,10 +184,10 @@ def distill(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor | Token
             input_ids = blocks.batch(step, config.batch_size).to(device)  # [B, T]
             with autocast():
                 with torch.no_grad():
-                    teacher_logp = F.log_softmax(teacher(input_ids=input_ids).logits[:, :-1].float(), -1)
+                    teacher_logits = teacher(input_ids=input_ids).logits  # [B, T, V]
                 logp = F.log_softmax(student(input_ids=input_ids).logits[:, :-1].float(), -1)  # [B, T-1, V]
                 nll = -logp.gather(-1, input_ids[:, 1:, None]).mean()
-                kl = F.kl_div(logp, teacher_logp, log_target=True, reduction="none").sum(-1).mean()
+                kl = distillation_kl(logp, teacher_logits)
                 loss = nll + config.distill_weight * kl
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
