@@ -1,20 +1,25 @@
-"""Fit cost: training tokens/s of the ppn_bayes fit against plain fine-tuning, on one GPU.
+"""Fit cost: training tokens/s of the ppn_bayes fit against a plain distillation step, on one GPU.
 
 Both train the same LM on the same batches (``TokenBlocks.batch(step, batch)`` of the
-same text, seed 0) with AdamW at the fit's ``lr_lm``, gradient clipping at 1, and the same
-precision: bf16 autocast with fp32 weights and TF32 matmuls on CUDA, float32 on the CPU.
+same text, seed 0) with AdamW at the fit's ``lr_lm``, gradient clipping at 1, towards a
+frozen copy of the LM as teacher, in the same precision: bf16 autocast with fp32 weights
+and TF32 matmuls on CUDA, float32 on the CPU.
 
-* ``finetune``: the next-token loss only, one forward and backward a step;
-* ``ppn_bayes``: :func:`ppn_bayes.fit.fit` (``n_random_sizes=1``): the full LM, the
-  smallest size and one random size a step (three forward and backward passes), the guide
-  and the budget equation.
+* ``kd``: the plain distillation step a practitioner writes (shared/experiments'
+  ``width_kd.py``): the teacher's logits without gradients, the student's logits, the
+  full-logit KL in float32 from whole ``[B, T, V]`` log-softmaxes, one backward;
+* ``ppn_bayes``: :func:`ppn_bayes.fit.fit` with the distillation objective
+  (``teacher='original'``, ``nll_weight=0``, ``n_random_sizes=1``): the full LM, the
+  smallest size and one random size in one pass (each on its third of the rows), the
+  guide and the budget equation, the objective in chunks, the gated LM compiled
+  (``--compile``, default ``inductor`` on CUDA).
 
-Each loop reads its loss every step (one device sync a step, as the fit does), and
+Each loop reads its loss once a step (the fit one step late, without waiting), and
 throughput counts the steps after ``--warmup``, each training token once (steps x batch x
-seq_len). Records in ``fit.jsonl``: ``method`` ``finetune`` and ``ppn_bayes``, with
-``tokens_per_s``, ``train_tokens``, ``seconds``; the ppn_bayes record also has
-``ratio_vs_finetune`` (its tokens/s over fine-tuning's). Fine-tuning is measured first
-and its record written at once.
+seq_len). Records in ``fit.jsonl``: ``method`` ``kd`` and ``ppn_bayes``, with
+``tokens_per_s``, ``train_tokens``, ``seconds``, ``peak_memory_gb``; the ppn_bayes record
+also has ``ratio_vs_kd`` (its tokens/s over the KD step's) and ``step_cost_vs_kd`` (its
+step time over the KD step's). The KD step is measured first and its record written at once.
 
 Examples::
 
@@ -45,9 +50,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def finetune(lm, blocks, *, steps: int, batch_size: int, lr: float, device: str) -> list[float]:
-    """Plain fine-tuning: next-token loss, AdamW, clipping at 1. Returns the step clock
-    (seconds since the loop began, at the end of each step)."""
+def distill_step_loop(lm, teacher, blocks, *, steps: int, batch_size: int, lr: float, device: str) -> list[float]:
+    """Plain distillation: KL(teacher ‖ student) from whole logits, AdamW, clipping at 1.
+    Returns the step clock (seconds since the loop began, at the end of each step)."""
     optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     lm.train()
     times = []
@@ -56,13 +61,17 @@ def finetune(lm, blocks, *, steps: int, batch_size: int, lr: float, device: str)
     for step in range(steps):
         input_ids = blocks.batch(step, batch_size).to(device)  # [B, T]
         optimizer.zero_grad(set_to_none=True)
-        logits = lm(input_ids=input_ids).logits  # [B, T, V]
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=input_ids, use_cache=False).logits  # [B, T, V]
+        logits = lm(input_ids=input_ids, use_cache=False).logits  # [B, T, V]
+        loss = F.kl_div(F.log_softmax(logits[:, :-1].float(), -1), F.log_softmax(teacher_logits[:, :-1].float(), -1),
+                        log_target=True, reduction="none").sum(-1).mean()
+        del teacher_logits
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
         optimizer.step()
         if not torch.isfinite(torch.tensor(loss.item())):  # the read syncs the device, as the fit's does
-            raise FloatingPointError(f"fine-tuning loss became non-finite at step {step}")
+            raise FloatingPointError(f"distillation loss became non-finite at step {step}")
         times.append(time.perf_counter() - began)
     lm.eval()
     return times
@@ -77,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=30, help="steps of each method (default: 30)")
     p.add_argument("--warmup", type=int, default=5, help="first steps left out of the throughput (default: 5)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step (default: 16)")
-    p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default: 1024)")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default: 2048)")
+    p.add_argument("--compile", default=None, choices=["none", "inductor", "aot_eager", "eager"],
+                   help="the fit's torch.compile backend (default: inductor on CUDA, none on the CPU)")
     p.add_argument("--mlp-group", type=int, default=64, help="intermediate channels per MLP unit (default: 64)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="where to train (default: cuda)")
     p.add_argument("--work-dir", default=None,
@@ -104,8 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    compile_backend = args.compile or ("inductor" if cuda else "none")
     config = FitConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, mlp_group=args.mlp_group,
-                       log_every=1, n_random_sizes=1, parallel="none")
+                       log_every=1, n_random_sizes=1, parallel="none", teacher="original", nll_weight=0.0,
+                       distill_weight=1.0, autocast="bfloat16" if cuda else "none", compile=compile_backend)
     tokens_per_step = args.batch_size * args.seq_len
     common = dict(steps=args.steps, warmup_steps=args.warmup, batch_size=args.batch_size, seq_len=args.seq_len,
                   train_tokens=args.steps * tokens_per_step, gpus=1 if cuda else 0, device=args.device,
@@ -119,29 +132,31 @@ def main(argv: list[str] | None = None) -> int:
         blocks = TokenBlocks(load_tokens(tokens_file), args.seq_len, config.seed)
 
         lm, _ = load_lm(lm_dir, device=args.device)
+        teacher, _ = load_lm(lm_dir, device=args.device)
+        teacher.requires_grad_(False).eval()
         with autocast():
-            times = finetune(lm, blocks, steps=args.steps, batch_size=args.batch_size, lr=config.lr_lm,
-                             device=args.device)
+            times = distill_step_loop(lm, teacher, blocks, steps=args.steps, batch_size=args.batch_size,
+                                      lr=config.lr_lm, device=args.device)
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
         base, seconds = steady_tokens_per_s(times, args.warmup, tokens_per_step)
-        append_record("fit", method="finetune", model=name, records_dir=args.records_dir, tokens_per_s=base,
+        append_record("fit", method="kd", model=name, records_dir=args.records_dir, tokens_per_s=base,
                       seconds=times[-1], timed_seconds=seconds, passes_per_step=1, peak_memory_gb=peak, **common)
-        print(f"[fit_cost] finetune: {base:,.0f} tokens/s")
-        del lm
+        print(f"[fit_cost] kd: {base:,.0f} tokens/s, peak {peak} GB", flush=True)
+        del lm, teacher
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
 
         lm, _ = load_lm(lm_dir, device=args.device)
-        with autocast():
-            fitted = fit(lm, blocks, config, progress=False)
+        fitted = fit(lm, blocks, config, progress=False)
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
         ours, seconds = steady_tokens_per_s(fitted.result.step_times, args.warmup, tokens_per_step)
         append_record("fit", method="ppn_bayes", model=name, records_dir=args.records_dir, tokens_per_s=ours,
-                      ratio_vs_finetune=ours / base, seconds=fitted.result.seconds, timed_seconds=seconds,
-                      passes_per_step=2 + config.n_random_sizes, peak_memory_gb=peak,
+                      ratio_vs_kd=ours / base, step_cost_vs_kd=base / ours, seconds=fitted.result.seconds,
+                      timed_seconds=seconds, passes_per_step=1, peak_memory_gb=peak,
                       loss=[row["loss"] for row in fitted.result.history], fit_config=config.to_dict(), **common)
-        print(f"[fit_cost] ppn_bayes: {ours:,.0f} tokens/s, {ours / base:.2f} x fine-tuning")
+        print(f"[fit_cost] ppn_bayes: {ours:,.0f} tokens/s, step {base / ours:.2f} x the KD step's, "
+              f"peak {peak} GB", flush=True)
     return 0
 
 

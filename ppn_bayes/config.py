@@ -12,17 +12,23 @@ __all__ = ["FitConfig"]
 COUPLINGS = ("independent", "shared", "prefix")
 #: What the gated LM is distilled towards (``FitConfig.teacher``).
 TEACHERS = ("self", "original")
+#: Mixed precision of a fit's forward passes (``FitConfig.autocast``).
+AUTOCASTS = ("none", "bfloat16", "float16")
+#: ``torch.compile`` backends for the gated LM's forward (``FitConfig.compile``; ``none``: eager).
+COMPILERS = ("none", "inductor", "aot_eager", "eager")
 
 
 @dataclass(frozen=True)
 class FitConfig:
     """How a push puppet network is fitted.
 
-    Sizes: every step trains the full LM (the teacher), the smallest size ``size_min``
-    and ``n_random_sizes`` sizes drawn uniformly from ``[size_min, size_max]`` (the
-    sandwich rule). Weighting: the likelihood is the mean next-token log-likelihood per
-    token; the prior KL is scaled by ``prior_weight / prior_tokens`` (``prior_tokens``
-    defaults to the number of training tokens, which makes the loss the ELBO per token).
+    Sizes: every step trains the full LM, the smallest size ``size_min`` and
+    ``n_random_sizes`` sizes drawn uniformly from ``[size_min, size_max]`` (the sandwich
+    rule), each on its share of the batch's rows, in one pass. Weighting: each row's loss is
+    ``nll_weight`` · its next-token NLL + ``distill_weight`` · KL(teacher ‖ LM), per token;
+    each size weighs alike; the prior KL is scaled by ``prior_weight / prior_tokens``
+    (``prior_tokens`` defaults to the number of training tokens, which makes the loss the
+    ELBO per token).
     """
 
     steps: int = 200
@@ -38,6 +44,7 @@ class FitConfig:
     temperature: float = 0.5
     gate_coupling: str = "independent"  # "independent", "shared" (comonotone gates) or "prefix"
     distill_weight: float = 1.0
+    nll_weight: float = 1.0
     teacher: str = "self"  # "self": the full LM as it trains; "original": a frozen copy of the LM given to fit
     prior_weight: float = 1.0
     prior_tokens: int | None = None
@@ -56,6 +63,8 @@ class FitConfig:
     eval_every: int = 0  # with held-out tokens: every this many steps (0: at the end only)
     eval_windows: int = 16  # held-out windows of seq_len per evaluation
     parallel: str = "auto"  # auto | none | ddp | fsdp (several processes under torchrun)
+    autocast: str = "none"  # none | bfloat16 | float16
+    compile: str = "none"  # none | inductor | aot_eager | eager
 
     def __post_init__(self):
         positive = ("steps", "batch_size", "accumulate", "lr_guide", "temperature", "mlp_group", "log_every",
@@ -69,7 +78,7 @@ class FitConfig:
             raise ValueError(
                 f"sizes must satisfy 0 < size_min <= size_max <= 1, got {self.size_min}, {self.size_max}"
             )
-        for name in ("lr_lm", "weight_decay", "distill_weight", "prior_weight", "checkpoint_every",
+        for name in ("lr_lm", "weight_decay", "distill_weight", "nll_weight", "prior_weight", "checkpoint_every",
                      "n_random_sizes", "grad_clip", "init_jitter", "freeze_lm_steps", "eval_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
@@ -82,6 +91,12 @@ class FitConfig:
             raise ValueError(f"teacher must be one of {', '.join(map(repr, TEACHERS))}, got {self.teacher!r}")
         if self.parallel not in ("auto", "none", "ddp", "fsdp"):
             raise ValueError(f"parallel must be 'auto', 'none', 'ddp' or 'fsdp', got {self.parallel!r}")
+        if self.autocast not in AUTOCASTS:
+            raise ValueError(f"autocast must be one of {', '.join(map(repr, AUTOCASTS))}, got {self.autocast!r}")
+        if self.compile not in COMPILERS:
+            raise ValueError(f"compile must be one of {', '.join(map(repr, COMPILERS))}, got {self.compile!r}")
+        if self.distill_weight == 0 and self.nll_weight == 0:
+            raise ValueError("nll_weight and distill_weight are both 0: the likelihood would be empty")
         if self.prior_tokens is not None and self.prior_tokens < 1:
             raise ValueError(f"prior_tokens must be positive, got {self.prior_tokens}")
 
@@ -119,7 +134,10 @@ FIT_HELP: dict[str, str] = {
                      "comonotone gates, so every training mask is a prefix of a ranking, like the deployed masks) "
                      "or 'prefix' (every training mask the longest prefix of the draw's ranking that fits the size: "
                      "deployed-style masks of the requested size)",
-    "distill_weight": "weight of KL(full LM || gated LM), the self-distillation term; 0 turns it off",
+    "distill_weight": "weight of KL(teacher || LM) per token in every row's loss (the full LM's and the "
+                      "sub-networks'); 0 turns the distillation off",
+    "nll_weight": "weight of the next-token NLL per token in every row's loss; 0 trains on the distillation "
+                  "term alone",
     "teacher": "'self' (the distillation teacher is the full LM, all gates on, as it trains) or 'original' (a "
                "frozen copy of the LM the fit started from; the full LM then trains towards it too, so that the "
                "LM does not drift to the training text)",
@@ -140,6 +158,9 @@ FIT_HELP: dict[str, str] = {
     "eval_every": "with held-out text (fit --eval-data): its NLL every this many steps and at the end "
                   "(0: at the end only), for the full LM and the sub-network at size_min",
     "eval_windows": "held-out windows of seq_len tokens per evaluation",
+    "autocast": "mixed precision of the forward passes: 'none', 'bfloat16' or 'float16' (GPU)",
+    "compile": "torch.compile backend of the gated LM's forward ('inductor' on a GPU; 'aot_eager' or 'eager' "
+               "to check the graph; 'none': eager): one graph serves every step and size",
     "parallel": "under torchrun: 'auto' (DDP when there are several processes), 'ddp' (every process "
                 "holds the whole LM), 'fsdp' (FSDP2: every process holds a shard of each layer) or 'none'",
 }

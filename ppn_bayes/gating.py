@@ -56,6 +56,7 @@ class GatedLM(nn.Module):
         self.lm = lm
         self.arch = arch if arch is not None else describe(lm, mlp_group=mlp_group)
         self._gates: Gates | None = None
+        self._compiled_hidden = None
         self._handles: list = []
         family = family_of(lm)
         A = self.arch.n_attention_units
@@ -113,6 +114,41 @@ class GatedLM(nn.Module):
             yield self
         finally:
             self._gates = previous
+
+    # -- the decoder's final hidden states, for the fit's objective ----------------------
+    @property
+    def base(self) -> nn.Module:
+        """The LM without its head (``lm.model`` for Llama, ``lm.transformer`` for GPT-2)."""
+        return getattr(self.lm, self.lm.base_model_prefix)
+
+    @property
+    def head(self) -> torch.Tensor:
+        """The LM head's weight ``[V, d]``: logits are ``hidden · headᵀ``."""
+        return self.lm.get_output_embeddings().weight
+
+    def _gated_hidden(self, input_ids: torch.Tensor, layer: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+        # The gates are plain tensor arguments, so one compiled graph serves every step and
+        # size; the hooks read them from the module while the call runs.
+        self._gates = Gates(layer, unit)
+        try:
+            return self.base(input_ids=input_ids, use_cache=False).last_hidden_state  # [B, T, d]
+        finally:
+            self._gates = None
+
+    def compile(self, **options) -> None:
+        """Compile :meth:`hidden` (``torch.compile(..., dynamic=False, **options)``): one graph
+        for every gate value of a batch shape."""
+        self._compiled_hidden = torch.compile(self._gated_hidden, dynamic=False, **options)
+
+    def hidden(self, input_ids: torch.Tensor, gates: Gates) -> torch.Tensor:
+        """Final hidden states ``[B, T, d]`` of the LM under ``gates`` (per-row gates ``layer
+        [B, L]``, ``unit [B, L, U]``, or shared ``[L]``, ``[L, U]``); compiled after :meth:`compile`."""
+        L, U = self.arch.n_layers, self.arch.n_units
+        if gates.layer.shape[-1] != L or gates.unit.shape[-2:] != (L, U):
+            raise ValueError(f"gates of shape layer {tuple(gates.layer.shape)}, unit {tuple(gates.unit.shape)} "
+                             f"do not fit {L} layers x {U} units")
+        run = self._compiled_hidden or self._gated_hidden
+        return run(input_ids, gates.layer, gates.unit)
 
     def forward(self, input_ids: torch.Tensor, gates: Gates | None = None, **kwargs):
         """Logits ``[B, T, V]`` of the LM under ``gates`` (no KV cache: only the logits come back)."""

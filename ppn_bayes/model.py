@@ -6,10 +6,12 @@ Read top to bottom, :class:`PuppetModel` is the story of docs/method.md:
    HalfCauchy(1)`` for every unit of every layer (plates ``layer`` and ``unit``);
 2. the push: the global scale ``τ`` is the root of the budget equation for the
    requested ``size`` (a ``deterministic`` site, with the expected size it reaches);
-3. the gates: ``gate_layer ~ Bernoulli(π_l)`` and, given its layer is on, ``gate_unit ~
-   Bernoulli(π_lu / π_l)``, relaxed with straight-through so gradients pass;
-4. the likelihood: the LM's own next-token log-likelihood under the gates, plus an
-   optional self-distillation term towards the same LM with all gates on.
+3. the gates: for every size of the step (plate ``size``), ``gate_layer ~ Bernoulli(π_l)``
+   and, given its layer is on, ``gate_unit ~ Bernoulli(π_lu / π_l)``, relaxed with
+   straight-through so gradients pass;
+4. the likelihood: every row of the batch is read by the LM under the gates of its own
+   size (or with every gate on: the full LM), scored by its next-token log-likelihood and a
+   distillation term towards a teacher (:mod:`ppn_bayes.objective`), in one pass.
 
 :class:`PuppetGuide` is mean-field normal on the log-scales, ``q(log λ)``, amortised over
 sizes: it solves ``τ(s)`` for whatever size it is handed and draws gates from the same
@@ -20,7 +22,10 @@ straight-through sample. What remains is ``E_q[log-likelihood] - KL(q(log λ) �
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+from dataclasses import dataclass
 
 import pyro
 import pyro.distributions as dist
@@ -35,9 +40,10 @@ from .architecture import Architecture
 from .budget import expected_size, keep_logits, solve_log_tau
 from .config import COUPLINGS
 from .gating import GatedLM, Gates
+from .objective import Teacher, fused_objective
 
 __all__ = ["PuppetModel", "PuppetGuide", "PuppetELBO", "plates", "sample_gates", "prefix_gates", "COUPLINGS",
-           "FLAT_LOG_LAMBDA", "distillation_kl"]
+           "FLAT_LOG_LAMBDA", "distillation_kl", "StepPlan"]
 
 #: ``log λ_l`` of every layer without the hierarchy (flat units): ``π_l = σ(60 + ...) = 1``.
 FLAT_LOG_LAMBDA = 30.0
@@ -53,6 +59,33 @@ def distillation_kl(log_probs: torch.Tensor, teacher_logits: torch.Tensor) -> to
 def plates(L: int, U: int):
     """The plates ``layer`` (dim -2) and ``unit`` (dim -1), built once a trace and reused."""
     return pyro.plate("layer", L, dim=-2), pyro.plate("unit", U, dim=-1)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Which rows of a batch train which size, and how much each row weighs.
+
+    ``sizes``: the ``K`` sizes whose gates are drawn; ``groups [B]``: each row's group, 0
+    for the full LM (every gate on) and ``k`` for ``sizes[k - 1]``; ``row_weights [B]``:
+    each row's weight in the likelihood (its per-token loss is a mean over positions).
+    :meth:`single` puts every row at one size with equal weights.
+    """
+
+    sizes: tuple[float, ...]
+    groups: torch.Tensor
+    row_weights: torch.Tensor
+
+    def __post_init__(self):
+        if not self.sizes:
+            raise ValueError("a step plan needs one size at least")
+        for size in self.sizes:
+            if not 0 < size <= 1:
+                raise ValueError(f"size must lie in (0, 1], got {size}")
+
+    @classmethod
+    def single(cls, size: float, batch_size: int, device=None) -> "StepPlan":
+        return cls((float(size),), torch.ones(batch_size, dtype=torch.long, device=device),
+                   torch.full((batch_size,), 1.0 / batch_size, device=device))
 
 
 def _straight_through(logits: torch.Tensor, noise: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -102,14 +135,16 @@ def prefix_gates(layer_logits: torch.Tensor, unit_logits: torch.Tensor, layer_co
 
 def sample_gates(layer_plate, unit_plate, layer_logits, unit_logits, temperature: float,
                  coupling: str = "independent", *, costs: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 size=None) -> Gates:
-    """Sample sites ``gate_layer [L, 1]`` and ``gate_unit [L, U]`` (relaxed, hard forward).
+                 size=None, size_plate=None) -> Gates:
+    """Sample sites ``gate_layer [L, 1]`` and ``gate_unit [L, U]`` (relaxed, hard forward);
+    inside ``size_plate`` (dim -3), one draw per size: ``[K, L, 1]`` and ``[K, L, U]`` from
+    logits ``[K, L]`` and ``[K, L, U]``, and ``size`` is then the sequence of the ``K`` sizes.
 
     ``coupling='independent'``: every gate its own relaxed Bernoulli draw, the unit's given its
     layer (``unit_logits`` are the conditional logits of :func:`~ppn_bayes.budget.keep_logits`).
-    ``coupling='shared'``: one logistic draw ``ε`` (sample site ``gate_noise``, a uniform
-    ``u`` read as ``ε = logit(u)``) drives every gate, ``z = 1[logit π + ε > 0]`` with the
-    *marginal* ``π``: each gate is still ``Bernoulli(π)``, but the draws are comonotone, so
+    ``coupling='shared'``: one logistic draw ``ε`` per size (sample site ``gate_noise``, a
+    uniform ``u`` read as ``ε = logit(u)``) drives every gate, ``z = 1[logit π + ε > 0]`` with
+    the *marginal* ``π``: each gate is still ``Bernoulli(π)``, but the draws are comonotone, so
     the kept units are always the ``π``-largest (a prefix of a ranking), like the masks that
     are deployed; ``π_lu ≤ π_l`` keeps the hierarchy. But the realised size varies from
     draw to draw: where the ``π`` are close, one ``ε`` keeps nearly all or nearly nothing.
@@ -121,11 +156,17 @@ def sample_gates(layer_plate, unit_plate, layer_logits, unit_logits, temperature
     Their log-densities are masked: model and guide draw them from the same ``π``.
     """
     temperature_t = torch.full((), temperature, device=layer_logits.device)  # a fill, not a host copy
-    with poutine.mask(mask=False):
+    per_size = size_plate is not None
+    with poutine.mask(mask=False), (size_plate if per_size else contextlib.nullcontext()):
         if coupling == "prefix":
             if costs is None or size is None:
                 raise ValueError("coupling='prefix' needs the costs and the size")
-            z_layer, z_unit = prefix_gates(layer_logits, unit_logits, *costs, size, temperature)
+            if per_size:
+                drawn = [prefix_gates(layer_logits[k], unit_logits[k], *costs, s, temperature)
+                         for k, s in enumerate(size)]
+                z_layer, z_unit = torch.stack([d[0] for d in drawn]), torch.stack([d[1] for d in drawn])
+            else:
+                z_layer, z_unit = prefix_gates(layer_logits, unit_logits, *costs, size, temperature)
             with layer_plate:
                 z_layer = pyro.sample("gate_layer", dist.Delta(z_layer[..., None]))
                 with unit_plate:
@@ -134,10 +175,10 @@ def sample_gates(layer_plate, unit_plate, layer_logits, unit_logits, temperature
         if coupling == "shared":
             u = pyro.sample("gate_noise", dist.Uniform(torch.zeros((), device=layer_logits.device),
                                                        torch.ones((), device=layer_logits.device)))
-            eps = torch.logit(u.clamp(1e-6, 1 - 1e-6))
+            eps = torch.logit(u.clamp(1e-6, 1 - 1e-6))  # [K, 1, 1] per size, else []
             marginal_unit = _marginal_unit_logits(layer_logits, unit_logits)
-            z_layer = _straight_through(layer_logits, eps, temperature)[..., None]  # [L, 1]
-            z_unit = _straight_through(marginal_unit, eps, temperature)  # [L, U]
+            z_layer = _straight_through(layer_logits, eps[..., 0] if per_size else eps, temperature)[..., None]
+            z_unit = _straight_through(marginal_unit, eps, temperature)  # [K, L, U] or [L, U]
             with layer_plate:
                 z_layer = pyro.sample("gate_layer", dist.Delta(z_layer))
                 with unit_plate:
@@ -147,12 +188,12 @@ def sample_gates(layer_plate, unit_plate, layer_logits, unit_logits, temperature
             z_layer = pyro.sample(
                 "gate_layer",
                 dist.RelaxedBernoulliStraightThrough(temperature_t, logits=layer_logits[..., None]),
-            )  # [L, 1]
+            )  # [K, L, 1] or [L, 1]
             with unit_plate:
                 z_unit = pyro.sample(
                     "gate_unit",
                     dist.RelaxedBernoulliStraightThrough(temperature_t, logits=unit_logits),
-                )  # [L, U]
+                )  # [K, L, U] or [L, U]
     return Gates(layer=z_layer[..., 0], unit=z_unit)
 
 
@@ -182,16 +223,31 @@ class _Push(PyroModule):
 
     def realised_size(self, gates: Gates) -> torch.Tensor:
         """The size ``gates`` keep (hard part): ``(Σ z_l c_l + Σ z_l z_lu c_lu) / C``, a
-        detached 0-d device tensor (no host sync)."""
-        layer = gates.layer.detach().to(self.layer_cost.dtype)  # [L]
-        unit = gates.unit.detach().to(self.unit_cost.dtype)  # [L, U]
-        kept = (layer * self.layer_cost).sum() + (layer[:, None] * unit * self.unit_cost).sum()
+        detached device tensor (no host sync): 0-d, or ``[K]`` for gates of ``K`` sizes."""
+        layer = gates.layer.detach().to(self.layer_cost.dtype)  # [*K, L]
+        unit = gates.unit.detach().to(self.unit_cost.dtype)  # [*K, L, U]
+        kept = (layer * self.layer_cost).sum(-1) + (layer[..., None] * unit * self.unit_cost).sum((-2, -1))
         return kept / (self.layer_cost.sum() + self.unit_cost.sum())
 
     def push(self, size, log_lambda_layer, log_lambda_unit):
         """``log τ`` for ``size``, and the gate logits it implies."""
         log_tau = solve_log_tau(size, log_lambda_layer, log_lambda_unit, self.layer_cost, self.unit_cost)
         return (log_tau, *keep_logits(log_tau, log_lambda_layer, log_lambda_unit))
+
+    def push_sizes(self, sizes: tuple[float, ...], log_lambda_layer, log_lambda_unit):
+        """:meth:`push` for each of ``K`` sizes at once: ``log τ [K]``, logits ``[K, L]``, ``[K, L, U]``.
+        The sizes are filled on the device (no host copy, no sync)."""
+        K = len(sizes)
+        size = torch.stack([torch.full((), float(s), dtype=torch.float64, device=log_lambda_unit.device)
+                            for s in sizes])  # [K]
+        layer, unit = log_lambda_layer.expand(K, *log_lambda_layer.shape), log_lambda_unit.expand(K, *log_lambda_unit.shape)
+        log_tau = solve_log_tau(size, layer, unit, self.layer_cost, self.unit_cost, validate=False)
+        return (log_tau, *keep_logits(log_tau, layer, unit))
+
+    @staticmethod
+    def plan_of(plan, input_ids: torch.Tensor) -> StepPlan:
+        """A :class:`StepPlan`, or one size for every row of ``input_ids``."""
+        return plan if isinstance(plan, StepPlan) else StepPlan.single(plan, input_ids.shape[0], input_ids.device)
 
     def effective(self, log_lambda_layer, log_lambda_unit):
         """``(log λ_l, log λ_lu)`` as the budget equation reads them.
@@ -208,9 +264,13 @@ class _Push(PyroModule):
 
 
 class PuppetModel(_Push):
-    """``p(λ, gates, tokens | size)`` for a :class:`GatedLM` whose weights train with it.
+    """``p(λ, gates, tokens | sizes)`` for a :class:`GatedLM` whose weights train with it.
 
-    Call as ``model(input_ids, size, teacher_logits=None)``; ``input_ids [B, T]``.
+    Call as ``model(input_ids, plan, teacher=None)``: ``input_ids [B, T]``; ``plan`` a
+    :class:`StepPlan` (which row trains which size) or one size for every row; ``teacher`` a
+    :class:`~ppn_bayes.objective.Teacher` (or its logits ``[B, T, V]``) for the distillation
+    term, ``None`` for the next-token likelihood alone. Each row's loss is ``nll_weight`` ·
+    its next-token NLL + ``distill_weight`` · KL(teacher ‖ LM), per token.
     """
 
     def __init__(
@@ -221,15 +281,24 @@ class PuppetModel(_Push):
         prior_scale: float = 1.0,
         temperature: float = 0.5,
         distill_weight: float = 1.0,
+        nll_weight: float = 1.0,
         gate_coupling: str = "independent",
+        chunk: int = 4096,
     ):
         super().__init__(gated.arch, hierarchy=hierarchy, prior_scale=prior_scale, temperature=temperature,
                          gate_coupling=gate_coupling)
         self.gated = gated
         self.distill_weight = distill_weight
+        self.nll_weight = nll_weight
+        #: ``objective(hidden, head, input_ids, row_weights, teacher, nll_weight=, kl_weight=)``:
+        #: the fused, chunked objective; a test may put the plain reference in its place.
+        self.objective = functools.partial(fused_objective, chunk=chunk)
 
-    def forward(self, input_ids: torch.Tensor, size: float, teacher_logits: torch.Tensor | None = None):
-        L, U = self.arch.n_layers, self.arch.n_units
+    def forward(self, input_ids: torch.Tensor, plan, teacher=None):
+        plan = self.plan_of(plan, input_ids)
+        if isinstance(teacher, torch.Tensor):
+            teacher = Teacher(logits=teacher)
+        L, U, K = self.arch.n_layers, self.arch.n_units, len(plan.sizes)
         device = input_ids.device
         one = torch.ones((), device=device)
         layer_plate, unit_plate = plates(L, U)
@@ -243,28 +312,28 @@ class PuppetModel(_Push):
         log_lambda_layer, log_lambda_unit = self.effective(
             lambda_layer.log()[..., 0] if self.hierarchy else None, lambda_unit.log()
         )
-        # 2. The push: τ is the root of E[size | τ] = size.
-        log_tau, layer_logits, unit_logits = self.push(size, log_lambda_layer, log_lambda_unit)
+        # 2. The push: for each size s of the step, τ is the root of E[size | τ] = s.
+        log_tau, layer_logits, unit_logits = self.push_sizes(plan.sizes, log_lambda_layer, log_lambda_unit)  # [K], ...
         pyro.deterministic("tau", log_tau.exp())
         pyro.deterministic(
             "expected_size",
             expected_size(log_tau, log_lambda_layer, log_lambda_unit, self.layer_cost, self.unit_cost),
         )
-        # 3. The gates, relaxed so that the likelihood is differentiable in π.
+        # 3. The gates of each size, relaxed so that the likelihood is differentiable in π.
         gates = sample_gates(layer_plate, unit_plate, layer_logits, unit_logits, self.temperature,
-                             self.gate_coupling, costs=(self.layer_cost, self.unit_cost), size=size)
-        self.last_realised_size = self.realised_size(gates)  # a device tensor, read by the fit's log
-        # 4. The likelihood: the LM's own next-token log-likelihood under the gates.
-        logits = self.gated(input_ids, gates=gates)  # [B, T, V]
-        log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)  # [B, T-1, V]
-        targets = input_ids[:, 1:]  # [B, T-1]
-        nll = -log_probs.gather(-1, targets[..., None]).mean()
-        pyro.factor("log_likelihood", -nll)
-        if teacher_logits is not None and self.distill_weight > 0:
-            # Self-distillation: KL(teacher ‖ gated LM), per token; the teacher is the full
-            # LM, or a frozen copy of the LM the fit started from (FitConfig.teacher).
-            pyro.factor("distillation", -self.distill_weight * distillation_kl(log_probs, teacher_logits))
-        return nll
+                             self.gate_coupling, costs=(self.layer_cost, self.unit_cost), size=plan.sizes,
+                             size_plate=pyro.plate("size", K, dim=-3))  # [K, L], [K, L, U]
+        self.last_realised_size = self.realised_size(gates)  # [K] on the device, read by the fit's log
+        # 4. The likelihood: every row under the gates of its group (group 0: every gate on).
+        ones = Gates.ones(self.arch, device=device, dtype=gates.unit.dtype)
+        row_gates = Gates(torch.cat([ones.layer[None], gates.layer]).index_select(0, plan.groups),  # [B, L]
+                          torch.cat([ones.unit[None], gates.unit]).index_select(0, plan.groups))  # [B, L, U]
+        hidden = self.gated.hidden(input_ids, row_gates)  # [B, T, d]
+        total, rows = self.objective(hidden, self.gated.head, input_ids, plan.row_weights, teacher,
+                                     nll_weight=self.nll_weight, kl_weight=self.distill_weight)
+        self.last_rows = rows  # per-row NLL and KL, detached, read by the fit's log
+        pyro.factor("log_likelihood", -total)
+        return total
 
 
 class PuppetGuide(_Push):
@@ -307,7 +376,8 @@ class PuppetGuide(_Push):
             return dist.Delta(loc.exp())
         return dist.LogNormal(loc, log_scale.exp())
 
-    def forward(self, input_ids: torch.Tensor, size: float, teacher_logits: torch.Tensor | None = None):
+    def forward(self, input_ids: torch.Tensor, plan, teacher=None):
+        plan = self.plan_of(plan, input_ids)
         L, U = self.arch.n_layers, self.arch.n_units
         layer_plate, unit_plate = plates(L, U)
         with self.prior_weighting():
@@ -321,9 +391,10 @@ class PuppetGuide(_Push):
         log_lambda_layer, log_lambda_unit = self.effective(
             lambda_layer.log()[..., 0] if self.hierarchy else None, lambda_unit.log()
         )
-        _, layer_logits, unit_logits = self.push(size, log_lambda_layer, log_lambda_unit)
+        _, layer_logits, unit_logits = self.push_sizes(plan.sizes, log_lambda_layer, log_lambda_unit)
         return sample_gates(layer_plate, unit_plate, layer_logits, unit_logits, self.temperature,
-                            self.gate_coupling, costs=(self.layer_cost, self.unit_cost), size=size)
+                            self.gate_coupling, costs=(self.layer_cost, self.unit_cost), size=plan.sizes,
+                            size_plate=pyro.plate("size", len(plan.sizes), dim=-3))
 
     # -- posterior summaries that need no sampling ----------------------------------------
     def median_log_lambda(self) -> tuple[torch.Tensor, torch.Tensor]:

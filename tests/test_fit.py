@@ -13,7 +13,7 @@ from ppn_bayes.architecture import decoder_layers
 from ppn_bayes.demo import pretrain
 from ppn_bayes.lm import tiny_llama
 from ppn_bayes.budget import solve_log_tau
-from ppn_bayes.model import PuppetGuide, PuppetModel
+from ppn_bayes.model import PuppetGuide, PuppetModel, StepPlan
 from transformers import LlamaConfig, LlamaForCausalLM
 
 TEXT = embedded_text()[:60_000]
@@ -27,17 +27,19 @@ def test_sample_sites_are_named_after_the_symbols():
     pyro.settings.set(module_local_params=True)
     model = PuppetModel(GatedLM(lm, arch))
     guide = PuppetGuide(arch)
-    x = torch.randint(0, 97, (2, 8))
-    guide_trace = poutine.trace(guide).get_trace(x, 0.5)
-    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, 0.5, None)
+    plan = StepPlan((0.5, 0.8), torch.tensor([0, 1, 2]), torch.full((3,), 1 / 3))
+    x = torch.randint(0, 97, (3, 8))
+    guide_trace = poutine.trace(guide).get_trace(x, plan)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, plan, None)
     sites = {name: site for name, site in model_trace.nodes.items() if site["type"] == "sample"}
-    for name, shape in [("lambda_layer", (3, 1)), ("lambda_unit", (3, 6)), ("gate_layer", (3, 1)),
-                        ("gate_unit", (3, 6))]:
+    for name, shape in [("lambda_layer", (3, 1)), ("lambda_unit", (3, 6)), ("gate_layer", (2, 3, 1)),
+                        ("gate_unit", (2, 3, 6))]:
         assert sites[name]["value"].shape == shape
     assert {"tau", "expected_size", "log_likelihood"} <= set(sites)
-    assert abs(float(sites["expected_size"]["value"].detach()) - 0.5) < 1e-6
+    assert torch.allclose(sites["expected_size"]["value"].detach().float(), torch.tensor([0.5, 0.8]), atol=1e-6)
     frames = {f.name for f in sites["lambda_unit"]["cond_indep_stack"]}
     assert frames == {"layer", "unit"}
+    assert {f.name for f in sites["gate_unit"]["cond_indep_stack"]} == {"size", "layer", "unit"}
     # Gates are hard in the forward pass (straight-through).
     gates = sites["gate_unit"]["value"]
     assert set(gates.unique().tolist()) <= {0.0, 1.0}

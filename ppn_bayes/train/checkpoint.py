@@ -1,0 +1,247 @@
+"""A fit's checkpoint: a folder written atomically, safetensors for tensors, JSON for the rest.
+
+Layout: ``lm/`` (a Hugging Face directory, one ``model.safetensors``), ``guide.safetensors``,
+``optimizer.safetensors`` and ``state.json``. :func:`check_resumable` is the resume
+contract: a checkpoint continues only with the same model, the same settings, the same
+global batch, the same training data and more steps than it has done.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import platform
+from pathlib import Path
+
+import pyro
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .. import __version__, distributed
+from ..architecture import Architecture
+from ..config import FitConfig
+from ..io import FileFormatError, atomic_directory, atomic_write_text, read_json
+from ..model import PuppetGuide
+
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "save_checkpoint", "read_state", "read_optimizer",
+           "restore_modules", "restore_optimizer", "recorded_architecture", "load_tensors", "check_resumable",
+           "weights_fingerprint", "versions"]
+
+CHECKPOINT_FORMAT = "ppn_bayes.checkpoint"
+CHECKPOINT_VERSION = 1
+
+#: Settings that may change between a checkpoint and its resume: they do not change what a
+#: step computes (``steps`` may grow; the global batch is checked on its own).
+RESUMABLE_SETTINGS = ("steps", "checkpoint_every", "log_every", "parallel", "batch_size", "accumulate",
+                      "eval_every", "eval_windows", "compile")
+
+
+def versions() -> dict:
+    """Versions of what a result depends on."""
+    import transformers
+
+    return {
+        "ppn_bayes": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "pyro": pyro.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _optimizer_tensors(opt_state: dict) -> dict:
+    return {
+        f"state.{index}.{key}": value.detach().cpu().contiguous()
+        for index, state in opt_state["state"].items()
+        for key, value in state.items()
+    }
+
+
+def _write_lm(directory: Path, lm: nn.Module, state_dict: dict, lm_class: type) -> None:
+    """A Hugging Face directory from full tensors, for an LM whose own module is sharded
+    (its class is FSDP's, so ``save_pretrained`` would record the wrong architecture)."""
+    directory.mkdir(parents=True)
+    config = copy.deepcopy(lm.config)
+    config.architectures = [lm_class.__name__]
+    config.save_pretrained(directory)
+    generation = getattr(lm, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(directory)
+    seen, tensors = set(), {}
+    for name, tensor in state_dict.items():  # tied names share one tensor: keep the first
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            tensors[name] = tensor.contiguous()
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+
+
+def save_checkpoint(path, *, lm, guide, optimizer, step, config, arch, history, validation=(), tokenizer=None,
+                    overwrite: bool = True, world_size: int = 1, lm_state_dict: dict | None = None,
+                    guide_state_dict: dict | None = None, optimizer_state: dict | None = None,
+                    lm_class: type | None = None, teacher_fingerprint: str | None = None,
+                    data: dict | None = None) -> Path:
+    """Write a fit's checkpoint directory atomically.
+
+    Layout: ``lm/`` (a Hugging Face directory, one ``model.safetensors``),
+    ``guide.safetensors``, ``optimizer.safetensors`` and ``state.json`` (format, version,
+    step, settings, architecture, loss history, held-out NLL, optimizer groups, and the number of
+    processes ``world_size`` whose batches of ``config.batch_size`` made a step, the identity of
+    the training ``data`` (:func:`check_resumable` compares it); with
+    ``FitConfig.teacher='original'``, the ``teacher_fingerprint`` of the LM the fit started
+    from, which a resumed fit checks its LM against).
+
+    The ``*_state_dict`` / ``optimizer_state`` arguments replace the modules' own states
+    with full tensors gathered from a sharded fit (see
+    :func:`ppn_bayes.distributed.full_state_dict`); ``lm_class`` is then the LM's class
+    before sharding. Every tensor is written whole, so the checkpoint loads in any
+    number of processes.
+    """
+    opt = optimizer_state if optimizer_state is not None else optimizer.state_dict()
+    guide_tensors = guide_state_dict if guide_state_dict is not None else guide.state_dict()
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_VERSION,
+        "step": step,
+        "world_size": world_size,
+        "config": config.to_dict(),
+        "architecture": arch.to_dict(),
+        "history": history,
+        "validation": list(validation),
+        "optimizer_groups": opt["param_groups"],
+        "versions": versions(),
+    }
+    if teacher_fingerprint is not None:
+        state["teacher_fingerprint"] = teacher_fingerprint
+    if data is not None:
+        state["data"] = data
+    with atomic_directory(path, overwrite=overwrite) as tmp:
+        if lm_state_dict is None:
+            lm.save_pretrained(tmp / "lm", max_shard_size="100000GB")
+        else:
+            _write_lm(tmp / "lm", lm, lm_state_dict, lm_class or type(lm))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp / "lm")
+        save_file({k: v.detach().cpu().contiguous() for k, v in guide_tensors.items()}, tmp / "guide.safetensors")
+        save_file(_optimizer_tensors(opt), tmp / "optimizer.safetensors")
+        atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
+    return Path(path)
+
+
+def read_state(path) -> dict:
+    """``state.json`` of a checkpoint, checked for format and version."""
+    state = read_json(Path(path) / "state.json", "checkpoint")
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise FileFormatError(f"{path} is not a ppn_bayes checkpoint")
+    if state.get("format_version") != CHECKPOINT_VERSION:
+        raise FileFormatError(
+            f"{path} is checkpoint format version {state.get('format_version')}; this ppn_bayes "
+            f"({__version__}) reads version {CHECKPOINT_VERSION}"
+        )
+    for key in ("step", "config", "architecture", "history", "optimizer_groups"):
+        if key not in state:
+            raise FileFormatError(f"checkpoint {path}: state.json lacks '{key}'")
+    return state
+
+
+def recorded_architecture(state: dict, path) -> Architecture:
+    """The architecture a checkpoint records (JSON turned its tuples into lists)."""
+    try:
+        return Architecture.from_dict(state["architecture"])
+    except (ValueError, TypeError, KeyError) as err:
+        raise FileFormatError(f"checkpoint {path}: state.json has a malformed architecture ({err})") from None
+
+
+def load_tensors(file: Path) -> dict:
+    if not file.is_file():
+        raise FileFormatError(f"checkpoint: {file} is missing")
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise FileFormatError(f"checkpoint: {file} is corrupt ({err})") from None
+
+
+def read_optimizer(path: Path, state: dict) -> dict:
+    """The optimizer state of a checkpoint, index-keyed as ``Optimizer.state_dict`` has it."""
+    opt_state: dict = {}
+    for name, value in load_tensors(path / "optimizer.safetensors").items():
+        try:
+            _, index, key = name.split(".", 2)
+            opt_state.setdefault(int(index), {})[key] = value
+        except ValueError:
+            raise FileFormatError(f"checkpoint {path}: optimizer.safetensors holds an unknown entry {name!r}") from None
+    return {"state": opt_state, "param_groups": state["optimizer_groups"]}
+
+
+def restore_modules(path: Path, lm: nn.Module, guide: PuppetGuide) -> None:
+    """Load the LM's and the guide's tensors; every file is read and checked first."""
+    from safetensors.torch import load_model
+
+    guide_tensors = load_tensors(path / "guide.safetensors")
+    lm_file = path / "lm" / "model.safetensors"
+    if not lm_file.is_file():
+        raise FileFormatError(f"checkpoint: {lm_file} is missing")
+    try:
+        missing, unexpected = load_model(lm, lm_file, strict=False, device=str(next(lm.parameters()).device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise FileFormatError(f"checkpoint: {lm_file} does not fit this LM ({err})") from None
+    if missing or unexpected:
+        raise FileFormatError(f"checkpoint: {lm_file} lacks {missing} / has extra {unexpected}")
+    try:
+        guide.load_state_dict(guide_tensors)
+    except RuntimeError as err:
+        raise FileFormatError(f"checkpoint: guide.safetensors does not fit ({err})") from None
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, opt_state: dict, path: Path) -> None:
+    try:
+        optimizer.load_state_dict(distributed.shard_optimizer_state(optimizer, opt_state))
+    except (ValueError, KeyError, IndexError, RuntimeError) as err:
+        raise FileFormatError(f"checkpoint {path}: optimizer.safetensors does not fit ({err})") from None
+
+
+def check_resumable(state: dict, checkpoint: Path, config: FitConfig, arch: Architecture, world_size: int,
+                    data: dict | None = None):
+    """Refuse a checkpoint of another model, other settings, another global batch, other
+    training data (``data``: the identity of what this fit reads, compared with the one the
+    checkpoint recorded) or at least as many steps as this fit asks for."""
+    if recorded_architecture(state, checkpoint) != arch:
+        raise FileFormatError(f"checkpoint {checkpoint} is from another model (its architecture differs)")
+    saved = FitConfig.from_dict(state["config"])
+    # Any number of processes may resume a checkpoint, with the same global batch.
+    saved_world = int(state.get("world_size", 1))
+    saved_global = saved.batch_size * saved.accumulate * saved_world
+    if saved_global != config.batch_size * config.accumulate * world_size:
+        raise ValueError(
+            f"checkpoint {checkpoint} was fitted with a global batch of {saved_global} sequences (batch_size "
+            f"{saved.batch_size} x accumulate {saved.accumulate} x {saved_world} processes); here it would be "
+            f"{config.batch_size} x {config.accumulate} x {world_size}: set batch_size or accumulate so that "
+            f"the product stays"
+        )
+    if saved.replace(**{k: getattr(config, k) for k in RESUMABLE_SETTINGS}) != config:
+        changed = {k: (getattr(saved, k), getattr(config, k)) for k in saved.to_dict()
+                   if k not in RESUMABLE_SETTINGS and getattr(saved, k) != getattr(config, k)}
+        raise ValueError(f"checkpoint {checkpoint} was fitted with other settings: "
+                         + ", ".join(f"{k} {a!r} there, {b!r} here" for k, (a, b) in changed.items()))
+    if config.steps < state["step"]:
+        raise ValueError(f"checkpoint {checkpoint} has done {state['step']} steps; a resume cannot go back to "
+                         f"steps={config.steps} (ask for {state['step']} steps or more)")
+    saved_data = state.get("data")
+    if data is not None and saved_data is not None and saved_data != data:
+        raise ValueError(f"checkpoint {checkpoint} was fitted on other data: {json.dumps(saved_data)} there, "
+                         f"{json.dumps(data)} here")
+
+
+def weights_fingerprint(lm: nn.Module) -> str:
+    """SHA-256 of the LM's named tensors (names, dtypes, shapes and bytes): which LM a
+    fit with ``teacher='original'`` started from."""
+    digest = hashlib.sha256()
+    for name, tensor in lm.state_dict().items():
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+

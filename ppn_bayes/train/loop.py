@@ -1,0 +1,389 @@
+"""Fitting: the guide and the LM's weights in one torch training loop.
+
+``Trace_ELBO()(model, guide)`` is a torch module (Pyro's module-local parameters; here
+:class:`~ppn_bayes.model.PuppetELBO`, the same ELBO without host syncs), trained with a
+stock torch optimizer, as in Pyro's ``examples/svi_torch.py``. :func:`fit` reads as the
+story of a fit: build, resume, then for each step train (:func:`~ppn_bayes.train.step.train_step`),
+log, evaluate, save.
+
+Data and sampling are pure functions of ``(seed, step)`` (:mod:`ppn_bayes.train.seeds`), so
+a run resumed from a checkpoint gives the same result as one that never stopped.
+
+The same loop runs as one process or under ``torchrun --nproc-per-node N``
+(:mod:`ppn_bayes.distributed`): each process takes its own rows of one global batch and
+draws the same sizes and gates, so ``N`` processes of batch ``B`` follow the
+single-process fit of batch ``N·B``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import time
+import warnings
+from pathlib import Path
+
+import pyro
+import torch
+from torch import nn
+
+from .. import distributed
+from ..architecture import Architecture, decoder_layers, describe
+from ..config import FitConfig
+from ..data import TokenBlocks
+from ..io import FileFormatError
+from . import checkpoint as ckpt
+from .state import FitResult, FitState, PuppetFit, build_guide, build_model, build_optimizer, copy_frozen
+from .step import StepLoss, step_sizes, train_step
+
+__all__ = ["fit", "load_fit", "data_identity", "TOKENS_PER_PARAMETER", "TrainingBudgetWarning"]
+
+
+class TrainingBudgetWarning(UserWarning):
+    """A fit trains on far fewer tokens than sub-networks of its LM need to recover."""
+
+#: A fit that trains on fewer tokens than this many per parameter of the LM is warned about:
+#: the reference distillation of SmolLM2-135M cut to half its decoder (shared/experiments,
+#: 2026-12-01) needed 12M tokens, about 0.09 per parameter, to reach 2.8 times the dense
+#: perplexity, and 36M to reach 2.4 times.
+TOKENS_PER_PARAMETER = 0.05
+
+
+def data_identity(blocks) -> dict:
+    """What identifies the training text: the source's own identity when it has one (a
+    token store or a mixture), else the token count and the SHA-256 of the tokens."""
+    if hasattr(blocks, "identity"):
+        return blocks.identity()
+    tokens = blocks.tokens.detach().cpu().contiguous().to(torch.int64)
+    return {"kind": "tokens", "tokens": int(tokens.numel()),
+            "sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest()}
+
+
+def fit(
+    lm: nn.Module,
+    tokens,
+    config: FitConfig = FitConfig(),
+    *,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    tokenizer=None,
+    progress: bool = True,
+    eval_tokens: torch.Tensor | None = None,
+) -> PuppetFit:
+    """Fit the gate posterior and the LM's weights together.
+
+    ``tokens`` is a 1-D token tensor (cut into random windows of ``config.seq_len``),
+    :class:`~ppn_bayes.data.TokenBlocks`, or any source of batches with the same
+    ``batch(step, batch_size, rank=, world_size=)`` (a mixture of token stores,
+    :mod:`ppn_bayes.store`). With ``checkpoint``, the state is written there every
+    ``config.checkpoint_every`` steps and at the end; with ``resume=True`` a fit continues
+    from the checkpoint found there (the same settings, batch and data; see
+    :func:`~ppn_bayes.train.checkpoint.check_resumable`). Returns a :class:`PuppetFit`.
+
+    ``eval_tokens``, a held-out 1-D token tensor, is evaluated every ``config.eval_every``
+    steps (0: only at the end) on its first ``config.eval_windows`` windows of
+    ``config.seq_len``: the mean next-token NLL of the full LM and of the sub-network at
+    ``config.size_min`` under the hard masks of the posterior at that step
+    (``result.validation``; the progress bar shows the perplexities).
+
+    Under ``torchrun`` (see :mod:`ppn_bayes.distributed` and ``config.parallel``) every
+    process calls ``fit`` alike: ``config.batch_size`` is the batch of each process,
+    the LM moves to ``cuda:LOCAL_RANK`` (when CUDA is present), rank 0 alone writes the
+    checkpoint and shows progress, and every process returns the same fit. After an
+    FSDP fit the returned LM is a new, whole module on the CPU.
+    """
+    blocks = tokens if hasattr(tokens, "batch") else TokenBlocks(tokens, config.seq_len, config.seed)
+    if getattr(blocks, "seq_len", config.seq_len) != config.seq_len:
+        raise ValueError(f"token blocks of {blocks.seq_len} tokens, but config.seq_len={config.seq_len}")
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
+    state = None
+    if resume:
+        if checkpoint is None or not (checkpoint / "state.json").exists():
+            raise FileNotFoundError(f"no checkpoint to resume from at {checkpoint}")
+        state = ckpt.read_state(checkpoint)
+    if eval_tokens is not None:  # checked now, cut to the windows evaluated
+        windows = TokenBlocks(torch.as_tensor(eval_tokens), config.seq_len).windows(config.eval_windows)
+        eval_tokens = windows.flatten()
+    if config.teacher == "original" and config.train_lm and config.parallel == "fsdp":
+        raise ValueError("teacher='original' keeps a whole frozen copy of the LM in every process and is not "
+                         "available with parallel='fsdp'; use teacher='self' or parallel='ddp'")
+    if config.compile != "none" and config.parallel == "fsdp":
+        raise ValueError("compile is not available with parallel='fsdp'; use compile='none' or parallel='ddp'")
+    context = distributed.setup(config.parallel, next(lm.parameters()).device)
+    if eval_tokens is not None and context.parallel == "fsdp":
+        raise ValueError("held-out evaluation during a fit (eval_tokens) is not available with parallel='fsdp' "
+                         "yet; evaluate the fitted sub-networks afterwards (ppn-bayes eval)")
+    data = data_identity(blocks)
+    arch = describe(lm, mlp_group=config.mlp_group)
+    opt_state = None
+    if state is not None:  # every check and every read before the LM is touched
+        ckpt.check_resumable(state, checkpoint, config, arch, context.world_size, data)
+        opt_state = ckpt.read_optimizer(checkpoint, state)
+    _warn_if_too_few_tokens(lm, config, context.world_size)
+    run = _build(lm, config, arch, context, blocks, checkpoint, state, opt_state)
+    try:
+        # Distribution argument checks would sync the host with the device several times a
+        # pass; the loop checks the losses once a step instead (_check_finite).
+        with pyro.validation_enabled(False):
+            return _loop(run, blocks, context, checkpoint=checkpoint, tokenizer=tokenizer, progress=progress,
+                         eval_tokens=eval_tokens, data=data, lm_class=type(lm))
+    finally:  # also when the fit fails: the caller's LM gets no hooks left behind
+        run.gated.unload()
+        if not config.train_lm:
+            lm.requires_grad_(True)
+
+
+def _warn_if_too_few_tokens(lm: nn.Module, config: FitConfig, world_size: int) -> None:
+    n_params = sum(p.numel() for p in lm.parameters())
+    tokens = config.steps * config.batch_size * config.accumulate * world_size * config.seq_len
+    if tokens < TOKENS_PER_PARAMETER * n_params:
+        warnings.warn(
+            f"this fit trains on {tokens:,} tokens, {tokens / n_params:.3g} per parameter of the LM "
+            f"({n_params:,}); sub-networks of a pretrained LM recover only with far more (the reference "
+            f"distillation of SmolLM2-135M to half size needed 12M tokens, 0.09 per parameter, to reach 2.8 times "
+            f"the dense perplexity): expect poor sub-networks, or raise steps or batch_size",
+            TrainingBudgetWarning, stacklevel=3)
+
+
+def _build(lm, config: FitConfig, arch: Architecture, context, blocks, checkpoint, state, opt_state) -> FitState:
+    """The modules, the optimizer and the teacher, restored from ``checkpoint`` when resuming."""
+    device = context.device
+    sharded = context.parallel == "fsdp"
+    teacher, fingerprint = None, None
+    if config.teacher == "original" and config.train_lm:  # a frozen copy of the LM as given
+        fingerprint = ckpt.weights_fingerprint(lm)
+        if state is not None and state.get("teacher_fingerprint") != fingerprint:
+            raise ValueError(f"checkpoint {checkpoint} was fitted with teacher='original' from other weights than "
+                             f"this LM's: resume with the LM the fit started from")
+        teacher = copy_frozen(lm).to(device)
+    if context.parallel == "ddp":
+        lm.to(device)
+    gated, model, guide, _ = build_model(lm, config, arch, prior_tokens=blocks_numel(blocks),
+                                         device=None if sharded else device)
+    try:
+        return _restore_and_wrap(lm, config, arch, context, gated, model, guide, teacher, fingerprint, checkpoint,
+                                 state, opt_state)
+    except BaseException:  # a refused checkpoint leaves the caller's LM as it was
+        gated.unload()
+        if not config.train_lm:
+            lm.requires_grad_(True)
+        raise
+
+
+def _restore_and_wrap(lm, config, arch, context, gated, model, guide, teacher, fingerprint, checkpoint, state,
+                      opt_state) -> FitState:
+    if not config.train_lm:
+        lm.requires_grad_(False)
+    run = FitState(config=config, arch=arch, lm=lm, gated=gated, model=model, guide=guide, optimizer=None,
+                   runner=None, teacher=teacher, teacher_fingerprint=fingerprint)
+    if state is not None:
+        ckpt.restore_modules(checkpoint, lm, guide)
+        run.step, run.history, run.validation = state["step"], state["history"], list(state.get("validation", []))
+    if config.compile != "none":
+        gated.compile(backend=config.compile)
+    # Ablations leave some guide parameters without gradient (the layer scales without
+    # the hierarchy, the log-scales of a point posterior): DDP must be told.
+    unused = not (config.hierarchy and config.posterior == "normal")
+    run.runner = distributed.wrap(StepLoss(model, guide), decoder_layers(lm), context, find_unused_parameters=unused)
+    run.optimizer = build_optimizer(lm, guide, config)
+    if opt_state is not None:
+        ckpt.restore_optimizer(run.optimizer, opt_state, checkpoint)
+    return run
+
+
+def blocks_numel(blocks) -> int:
+    """Tokens in the training text (the prior's default ``prior_tokens``)."""
+    return int(blocks.numel()) if hasattr(blocks, "numel") else int(blocks.tokens.numel())
+
+
+def _batches(blocks, config: FitConfig, step: int, context, device: torch.device) -> list[torch.Tensor]:
+    """This process's ``accumulate`` micro-batches of ``step``: micro-batch ``k`` of rank ``r``
+    takes the rows that rank ``r · accumulate + k`` of ``accumulate`` times as many processes
+    would, so any split of the global batch gives the same step."""
+    micro = config.accumulate
+    out = []
+    for k in range(micro):
+        input_ids = blocks.batch(step, config.batch_size, rank=context.rank * micro + k,
+                                 world_size=context.world_size * micro)
+        if device.type == "cuda":  # from page-locked memory the copy does not hold the host up
+            input_ids = input_ids.pin_memory().to(device, non_blocking=True)
+        out.append(input_ids.to(device))  # [B, T]
+    return out
+
+
+def _loop(run: FitState, blocks, context, *, checkpoint, tokenizer, progress, eval_tokens, data,
+          lm_class) -> PuppetFit:
+    config, lm = run.config, run.lm
+    device = torch.device(context.device)
+    tokens_per_step = config.batch_size * config.accumulate * config.seq_len * context.world_size
+    start = run.step
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps,
+               disable=not (progress and context.is_main), desc="fit", unit="step")
+    log = _Log(run, config, bar)
+    lm.train()
+    began = time.perf_counter()
+    for step in bar:
+        run.step = step
+        figures = train_step(run, _batches(blocks, config, step, context, device), context=context, device=device)
+        log.push(step, figures, began)  # read one step late: the host queues the next step meanwhile
+        done = step + 1
+        if eval_tokens is not None and (done == config.steps or (config.eval_every and done % config.eval_every == 0)):
+            log.flush(began)
+            run.validation.append(_validate(lm, run.guide, eval_tokens, config, done))
+            bar.set_postfix(ppl_full=f"{math.exp(run.validation[-1]['nll_full']):.1f}",
+                            ppl_size_min=f"{math.exp(run.validation[-1]['nll_size_min']):.1f}")
+        if checkpoint is not None and config.checkpoint_every and done % config.checkpoint_every == 0 \
+                and done < config.steps:
+            log.flush(began)
+            _save(run, context, checkpoint, done, tokenizer, data, lm_class)
+    log.flush(began)
+    bar.close()
+    seconds = time.perf_counter() - began
+    run.step = config.steps
+    lm.eval()
+    run.gated.unload()
+    if checkpoint is not None:
+        _save(run, context, checkpoint, config.steps, tokenizer, data, lm_class)
+    guide = run.guide
+    if context.parallel == "fsdp":
+        lm, guide = _gather_plain(lm, guide, lm_class, config, run.arch)
+    steps_run = config.steps - start
+    result = FitResult(
+        config=config.to_dict(), architecture=run.arch.to_dict(), history=run.history, validation=run.validation,
+        steps_done=config.steps, train_tokens=config.steps * tokens_per_step, seconds=seconds,
+        tokens_per_s=steps_run * tokens_per_step / seconds if seconds > 0 else 0.0, device=str(device),
+        checkpoint=str(checkpoint) if checkpoint is not None else None, world_size=context.world_size,
+        parallel=context.parallel, step_times=run.step_times, data=data,
+        peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+    )
+    return PuppetFit(lm=lm, guide=guide, config=config, result=result)
+
+
+class _Log:
+    """The step's figures, read back one step late from a copy the device makes on its own
+    (an event marks it done): the host queues step ``s + 1`` while the device still runs step
+    ``s``. A non-finite loss stops the fit one step late, naming the step it came from."""
+
+    def __init__(self, run: FitState, config: FitConfig, bar):
+        self.run, self.config, self.bar = run, config, bar
+        self.pending: list = []
+
+    def push(self, step: int, figures: torch.Tensor, began: float) -> None:
+        if figures.is_cuda:
+            host, event = torch.empty(figures.shape, pin_memory=True), torch.cuda.Event()
+            host.copy_(figures, non_blocking=True)
+            event.record()
+        else:
+            host, event = figures, None
+        self.flush(began)
+        self.pending.append((step, step_sizes(self.config, step), host, event))
+
+    def flush(self, began: float) -> None:
+        if not self.pending:
+            return
+        step, sizes, host, event = self.pending.pop()
+        if event is not None:
+            event.synchronize()
+        values = host.tolist()
+        n = len(sizes) + 1  # group 0 (the full LM), then one per gated size
+        loss, realised = values[0], values[1 + 3 * n:]
+        weight = values[1 + 2 * n:1 + 3 * n]
+        nll = [x / w if w > 0 else None for x, w in zip(values[1:1 + n], weight)]  # group means
+        kl = [x / w if w > 0 else None for x, w in zip(values[1 + n:1 + 2 * n], weight)]
+        nll_full = nll[0]
+        _check_finite([loss, *([nll_full] if nll_full is not None else [])], step)
+        self.run.step_times.append(time.perf_counter() - began)
+        if step % self.config.log_every == 0 or step == self.config.steps - 1:
+            row = {"step": step, "loss": loss, "nll_full": nll_full, "sizes": sizes, "realised": realised,
+                   "nll": nll[1:], "kl": kl[1:], "kl_full": kl[0]}
+            self.run.history.append(row)
+            self.bar.set_postfix(loss=f"{loss:.3f}", **({"nll_full": f"{nll_full:.3f}"} if nll_full is not None else {}))
+
+
+def _check_finite(values: list[float], step: int) -> None:
+    for value, what in zip(values, ["the loss", "the full LM's NLL"]):
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"{what} became {value} at step {step}; lower lr_lm / lr_guide or check the data"
+            )
+
+
+def _save(run: FitState, context, checkpoint: Path, step: int, tokenizer, data: dict, lm_class: type) -> None:
+    full = {}
+    if context.parallel == "fsdp":  # every process takes part in gathering the shards; rank 0 keeps them
+        keep = context.is_main
+        full = dict(lm_state_dict=distributed.full_state_dict(run.lm, keep=keep),
+                    guide_state_dict=distributed.full_state_dict(run.guide, keep=keep),
+                    optimizer_state=distributed.full_optimizer_state(run.optimizer, keep=keep), lm_class=lm_class)
+    context.barrier()
+    if context.is_main:
+        ckpt.save_checkpoint(checkpoint, lm=run.lm, guide=run.guide, optimizer=run.optimizer, step=step,
+                             config=run.config, arch=run.arch, history=run.history, validation=run.validation,
+                             tokenizer=tokenizer, world_size=context.world_size,
+                             teacher_fingerprint=run.teacher_fingerprint, data=data, **full)
+    context.barrier()
+
+
+def _validate(lm: nn.Module, guide, tokens: torch.Tensor, config: FitConfig, step: int) -> dict:
+    """Held-out mean next-token NLL of the full LM and of the sub-network at ``size_min``
+    (hard masks of the posterior now) on ``tokens`` (whole windows of ``seq_len``), by the
+    perplexity harness; the same on every process."""
+    from ..evaluate import perplexity
+    from ..ranking import Ranking
+
+    masks = Ranking.from_guide(guide).masks(config.size_min)
+    full = perplexity(lm, tokens, seq_len=config.seq_len, batch_size=config.batch_size)
+    small = perplexity(lm, tokens, seq_len=config.seq_len, batch_size=config.batch_size, masks=masks)
+    return {"step": step, "size": config.size_min, "size_reached": masks.size_reached, "nll_full": full.nll,
+            "nll_size_min": small.nll, "windows": full.windows}
+
+
+def _gather_plain(lm, guide, lm_class: type, config: FitConfig, arch: Architecture):
+    """Whole CPU copies of a sharded LM and guide (every process takes part)."""
+    lm_state = distributed.full_state_dict(lm)
+    guide_state = distributed.full_state_dict(guide)
+    dtype = next(iter(lm_state.values())).dtype
+    plain = lm_class(copy.deepcopy(lm.config)).to(dtype)
+    plain.load_state_dict(lm_state)
+    plain_guide = build_guide(config, arch, prior_scale=1.0)
+    plain_guide.load_state_dict(guide_state)
+    return plain.eval(), plain_guide
+
+
+def load_fit(path: str | Path, *, device: str | torch.device = "cpu", dtype=torch.float32) -> PuppetFit:
+    """A :class:`PuppetFit` from a checkpoint directory written by :func:`fit`.
+
+    Checkpoints hold whole tensors, whatever number of processes wrote them.
+    """
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    state = ckpt.read_state(path)
+    config = FitConfig.from_dict(state["config"])
+    if not (path / "lm" / "config.json").is_file():
+        raise FileFormatError(f"checkpoint {path}: lm/config.json is missing")
+    if not (path / "lm" / "model.safetensors").is_file():
+        raise FileFormatError(f"checkpoint {path}: lm/model.safetensors is missing")
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(str(path / "lm"), dtype=dtype).to(device).eval()
+    except (OSError, ValueError, SafetensorError) as err:
+        raise FileFormatError(f"checkpoint {path}: the LM does not load ({err})") from None
+    arch = describe(lm, mlp_group=config.mlp_group)
+    if ckpt.recorded_architecture(state, path) != arch:
+        raise FileFormatError(f"checkpoint {path}: the LM does not match the recorded architecture")
+    guide = build_guide(config, arch, prior_scale=1.0)
+    try:
+        guide.load_state_dict(ckpt.load_tensors(path / "guide.safetensors"))
+    except RuntimeError as err:
+        raise FileFormatError(f"checkpoint {path}: guide.safetensors does not fit ({err})") from None
+    guide.to(device)
+    result = FitResult(config=state["config"], architecture=state["architecture"], history=state["history"],
+                       validation=state.get("validation", []), steps_done=state["step"], checkpoint=str(path),
+                       versions=state.get("versions", {}), data=state.get("data"))
+    return PuppetFit(lm=lm, guide=guide, config=config, result=result)

@@ -1,0 +1,167 @@
+"""What a fit holds while it runs (:class:`FitState`) and what it returns (:class:`PuppetFit`,
+:class:`FitResult`)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import pyro
+import torch
+from torch import nn
+
+from ..architecture import Architecture
+from ..config import FitConfig
+from ..gating import GatedLM
+from ..model import PuppetGuide, PuppetModel
+from .checkpoint import versions
+
+__all__ = ["FitResult", "PuppetFit", "FitState", "build_guide", "build_model", "build_optimizer", "lm_parameters"]
+
+
+@dataclass
+class FitResult:
+    """The record of a fit: settings, losses, cost, versions.
+
+    ``history`` holds the losses every ``log_every`` steps, averaged over processes: ``loss``
+    (the negative ELBO per token), ``nll_full`` (the next-token NLL of the rows the full LM
+    read; ``None`` when the LM is frozen or no row was the full LM's that step), the sizes the step trained (``sizes``: the
+    smallest, then the random ones), the sizes their gates kept (``realised``), and per size
+    the rows' next-token NLL (``nll``) and KL to the teacher (``kl``).
+    ``validation`` holds the held-out NLL (see :func:`~ppn_bayes.train.fit`'s ``eval_tokens``).
+    ``train_tokens`` and ``tokens_per_s`` count the global batch (all processes);
+    ``seconds`` is the wall time of the training loop of this call and ``step_times``
+    the time since that loop began at which each step it ran was finished (its losses
+    read back from the device). ``data`` is the identity of the training text.
+    """
+
+    config: dict
+    architecture: dict
+    history: list[dict] = field(default_factory=list)
+    validation: list[dict] = field(default_factory=list)
+    steps_done: int = 0
+    train_tokens: int = 0
+    seconds: float = 0.0
+    tokens_per_s: float = 0.0
+    device: str = "cpu"
+    checkpoint: str | None = None
+    world_size: int = 1
+    parallel: str = "none"
+    step_times: list[float] = field(default_factory=list)
+    data: dict | None = None
+    peak_memory_bytes: int | None = None
+    versions: dict = field(default_factory=versions)
+    date: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    def to_dict(self) -> dict:
+        """The result as plain JSON-ready data."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        """The result as indented JSON text."""
+        return json.dumps(self.to_dict(), indent=2)
+
+
+@dataclass
+class PuppetFit:
+    """A fitted push puppet network: the LM (point estimate) and the guide ``q(log λ)``."""
+
+    lm: nn.Module
+    guide: PuppetGuide
+    config: FitConfig
+    result: FitResult
+
+    @property
+    def arch(self) -> Architecture:
+        """The units and costs of the LM (see :mod:`ppn_bayes.architecture`)."""
+        return self.guide.arch
+
+    def ranking(self):
+        """The deterministic ranking of layers and units (see :mod:`ppn_bayes.ranking`)."""
+        from ..ranking import Ranking
+
+        return Ranking.from_guide(self.guide)
+
+    def masks(self, size: float):
+        """Hard masks for ``size``: the longest prefix of the ranking within budget."""
+        return self.ranking().masks(size)
+
+
+def build_guide(config: FitConfig, arch: Architecture, prior_scale: float) -> PuppetGuide:
+    """The guide ``q(log λ)`` a fit with ``config`` starts from."""
+    return PuppetGuide(
+        arch, hierarchy=config.hierarchy, prior_scale=prior_scale, temperature=config.temperature,
+        posterior=config.posterior, init_scale=config.init_scale, layer_init=config.layer_init,
+        gate_coupling=config.gate_coupling, init_jitter=config.init_jitter, seed=config.seed,
+    )
+
+
+def build_model(lm: nn.Module, config: FitConfig, arch: Architecture, prior_tokens: int,
+                device: torch.device | None):
+    """Gated LM, model and guide; ``device=None`` leaves them where they are (FSDP moves shards).
+
+    The prior KL is scaled by ``prior_weight / prior_tokens`` (per token, like the likelihood)."""
+    pyro.settings.set(module_local_params=True)
+    gated = GatedLM(lm, arch)
+    prior_scale = config.prior_weight / (config.prior_tokens or prior_tokens)
+    model = PuppetModel(gated, hierarchy=config.hierarchy, prior_scale=prior_scale,
+                        temperature=config.temperature, distill_weight=config.distill_weight,
+                        nll_weight=config.nll_weight, gate_coupling=config.gate_coupling)
+    guide = build_guide(config, arch, prior_scale)
+    if device is not None:
+        model, guide = model.to(device), guide.to(device)
+    return gated, model, guide, prior_scale
+
+
+def lm_parameters(lm: nn.Module) -> list[nn.Parameter]:
+    """The LM's trainable weights."""
+    return [p for p in lm.parameters() if p.requires_grad]
+
+
+def build_optimizer(lm: nn.Module, guide: PuppetGuide, config: FitConfig) -> torch.optim.Optimizer:
+    """AdamW with two groups, named ``guide`` and ``lm`` (the LM's only when it trains)."""
+    groups = [{"name": "guide", "params": list(guide.parameters()), "lr": config.lr_guide, "weight_decay": 0.0}]
+    if config.train_lm:
+        groups.append({"name": "lm", "params": lm_parameters(lm), "lr": config.lr_lm,
+                       "weight_decay": config.weight_decay})
+    return torch.optim.AdamW(groups)
+
+
+def group(optimizer: torch.optim.Optimizer, name: str) -> dict:
+    """The optimizer's parameter group called ``name``."""
+    for g in optimizer.param_groups:
+        if g.get("name") == name:
+            return g
+    raise KeyError(f"the optimizer has no parameter group {name!r}")
+
+
+@dataclass
+class FitState:
+    """Everything a running fit holds: the modules, the optimizer, where it is, what it logged.
+
+    ``runner`` is the step module as the parallel engine wraps it (DDP, FSDP2 or itself);
+    ``teacher`` the frozen original LM for ``teacher='original'`` (else ``None``).
+    """
+
+    config: FitConfig
+    arch: Architecture
+    lm: nn.Module
+    gated: GatedLM
+    model: PuppetModel
+    guide: PuppetGuide
+    optimizer: torch.optim.Optimizer
+    runner: nn.Module
+    teacher: nn.Module | None = None
+    teacher_fingerprint: str | None = None
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    validation: list[dict] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+
+
+def copy_frozen(lm: nn.Module) -> nn.Module:
+    """A frozen copy of ``lm`` in eval mode: the original teacher."""
+    return copy.deepcopy(lm).requires_grad_(False).eval()
