@@ -20,20 +20,52 @@ Any LM that ``ppn_bayes`` supports (Llama, Mistral, Qwen2/3, GPT-2 families), wi
 ``sdpa`` or ``eager`` attention implementation, and any sub-network built from one, runs
 here. :func:`timed_generate` measures tokens per second with a device sync before every
 clock read.
+
+Batched sampling (teacher text) is where speed matters most, and two things make it fast:
+
+* **Grouped attention in place** (:func:`grouped_attention`, registered with transformers'
+  ``AttentionInterface`` as ``"ppn_grouped"``). With a mask, transformers' SDPA path (and
+  its eager path) expands the key/value groups to one per query head (``repeat_kv``) over
+  the whole static cache, in every layer at every step: for SmolLM2 (3 groups, 9 heads)
+  three times the cache in copies, which bounded sampling at about 45k tokens/s on an
+  H200 whatever the batch. ``torch``'s own ``scaled_dot_product_attention(...,
+  enable_gqa=True)`` is no way out: with an ``attn_mask`` it runs on the math backend,
+  which repeats the groups itself (only the flash backend takes grouped heads, and it takes
+  no mask). :func:`grouped_attention` views the query heads of a group as rows of one
+  matrix, ``[B, KV, G * q, D]``, and multiplies it with the unexpanded cache ``[B, KV, D,
+  S]``: the keys and values are read once, where they lie. The :class:`Decoder` switches
+  the LM to it around its own calls (``grouped_attention=True``, the default) and restores
+  the LM's implementation after each.
+* **The whole decode step, sampling included, in one compiled function**
+  (:meth:`Decoder.generate`): the step reads the last token from a preallocated sequence
+  buffer, computes the last position's logits, draws the next token by Gumbel-max
+  (:func:`sample_tokens`: temperature, top-k, top-p on the top-k set) from uniform noise
+  that the caller's seeded generator writes into a fixed buffer before the step, and
+  writes the token into the sequence buffer. The step has no outputs and reads nothing
+  back to the host, so with ``torch.compile(mode="reduce-overhead")`` every step is one
+  CUDA graph replay and the loop never waits for the device; a seeded run repeats exactly.
+
+:func:`distinct_ngram_fraction` is the cheap guard against degenerate samples (repeated
+n-grams), computed on the device.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-__all__ = ["StaticKVCache", "Decoder", "GenerationTiming", "timed_generate", "synchronize", "sample"]
+__all__ = ["StaticKVCache", "Decoder", "GenerationTiming", "timed_generate", "synchronize", "sample",
+           "sample_tokens", "check_sampling", "noise_width", "grouped_attention", "GROUPED_ATTENTION", "distinct_ngram_fraction"]
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
+GROUPED_ATTENTION = "ppn_grouped"
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -47,19 +79,150 @@ def synchronize(device: torch.device | str) -> None:
         torch.mps.synchronize()
 
 
-def sample(logits: torch.Tensor, *, temperature: float = 0.0, generator: torch.Generator | None = None,
-           top_k: int | None = None):
-    """Next tokens ``[B]`` from logits ``[B, V]``: the argmax at ``temperature == 0``, else a
-    draw from ``softmax(logits / temperature)``, restricted to the ``top_k`` most likely
-    tokens when given (``top_k=1`` is the argmax)."""
+# -- sampling ----------------------------------------------------------------------------------
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise ``ValueError`` naming a sampling setting out of range."""
+    if not temperature >= 0:  # also refuses NaN
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be at least 1 (None: every token), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (None: no nucleus cut), got {top_p}")
+
+
+def noise_width(vocab: int, *, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None) -> int:
+    """Uniform draws per row that :func:`sample_tokens` needs: ``top_k`` (the candidates),
+    ``vocab`` without a top-k cut, 0 when greedy."""
+    if temperature == 0:
+        return 0
+    return top_k if top_k is not None and top_k < vocab else vocab
+
+
+def sample_tokens(logits: torch.Tensor, noise: torch.Tensor | None = None, *, temperature: float = 0.0,
+                  top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Next tokens ``[B]`` from logits ``[B, V]`` and uniform noise ``[B, W]`` in [0, 1)
+    (``W`` = :func:`noise_width`), by Gumbel-max; a pure function, so it compiles into the
+    decode step and the noise can come from a seeded generator outside the graph.
+
+    At ``temperature == 0`` the argmax (``noise`` unused). Else the candidates are the
+    ``top_k`` most likely tokens (all tokens when ``top_k`` is None or at least ``V``); with
+    ``top_p``, only the most likely candidates whose probability mass, renormalised over the
+    candidates at ``temperature``, before them is below ``top_p`` (the smallest prefix of
+    mass at least ``top_p``; the most likely is always kept). The token is the candidate
+    maximising ``logit / temperature - log(-log(u))``: a draw from the softmax over the
+    kept candidates at ``temperature`` (Gumbel-max), ``u`` the candidate's noise in order of
+    decreasing probability (noise column ``j`` goes with the ``j``-th most likely candidate;
+    without a top-k or top-p cut, with token ``j``).
+    """
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # [B, 1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    vocab = logits.shape[-1]
+    gumbel = -torch.log(-torch.log(noise))  # [B, W]; u = 0 gives -inf: never chosen
+    if (top_k is None or top_k >= vocab) and top_p is None:
+        return (logits.float() / temperature + gumbel).argmax(-1)
+    values, indices = logits.topk(min(top_k or vocab, vocab), dim=-1)  # [B, K], most likely first
+    scores = values.float() / temperature
+    if top_p is not None:
+        probs = torch.softmax(scores, dim=-1)
+        before = probs.cumsum(-1) - probs  # [B, K]: the mass of the more likely candidates
+        scores = scores.masked_fill(before >= top_p, float("-inf"))
+    choice = (scores + gumbel).argmax(-1, keepdim=True)  # [B, 1]
+    return indices.gather(-1, choice)[:, 0]
+
+
+def sample(logits: torch.Tensor, *, temperature: float = 0.0, generator: torch.Generator | None = None,
+           top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Next tokens ``[B]`` from logits ``[B, V]``: the argmax at ``temperature == 0``, else a
+    draw from ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely
+    tokens and the ``top_p`` nucleus among them (``top_k=1`` is the argmax), with noise
+    drawn from ``generator``: :func:`sample_tokens` with fresh noise."""
+    check_sampling(temperature, top_k, top_p)
+    width = noise_width(logits.shape[-1], temperature=temperature, top_k=top_k, top_p=top_p)
+    noise = None
+    if width:
+        noise = torch.rand(logits.shape[0], width, generator=generator, device=logits.device)  # [B, W]
+    return sample_tokens(logits, noise, temperature=temperature, top_k=top_k, top_p=top_p)
+
+
+def distinct_ngram_fraction(tokens: torch.Tensor, n: int = 4) -> torch.Tensor:
+    """The fraction of distinct ``n``-grams among the ``N - n + 1`` of each row of
+    ``tokens [B, N]``: ``[B]`` float32, on ``tokens``' device (1 for a row that never
+    repeats an ``n``-gram; near 0 for a row stuck in a loop). Exact for any vocabulary:
+    the ``n``-grams of each row are sorted lexicographically (``n`` stable sorts, last
+    position first) and the changes between neighbours counted."""
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must be [B, N], got shape {tuple(tokens.shape)}")
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    if tokens.shape[1] < n:
+        raise ValueError(f"rows of {tokens.shape[1]} tokens hold no {n}-gram")
+    grams = tokens.unfold(1, n, 1)  # [B, M, n]
+    order = torch.arange(grams.shape[1], device=tokens.device).expand(grams.shape[:2])  # [B, M]
+    for j in reversed(range(n)):  # least significant position first: stable sorts make it lexicographic
+        keys = grams[:, :, j].gather(1, order)
+        order = order.gather(1, keys.sort(dim=1, stable=True).indices)
+    ordered = grams.gather(1, order[:, :, None].expand(grams.shape))  # [B, M, n]
+    changes = (ordered[:, 1:] != ordered[:, :-1]).any(-1).sum(1)  # [B]
+    return (changes + 1).float() / grams.shape[1]
+
+
+# -- attention -------------------------------------------------------------------------------
+def grouped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                      **kwargs) -> tuple[torch.Tensor, None]:
+    """Grouped-query attention that reads keys and values where they lie.
+
+    ``query [B, H, q, D]``, ``key [B, KV, S, D]``, ``value [B, KV, S, Dv]`` with ``H = KV *
+    G``; query head ``h`` attends with key/value group ``h // G`` (transformers'
+    ``repeat_kv`` order). Returns ``(output [B, q, H, Dv], None)``, transformers' attention
+    function signature (registered as :data:`GROUPED_ATTENTION`). ``attention_mask`` is
+    additive ``[B or 1, 1, q, >= S]`` (as transformers' eager masks and the
+    :class:`Decoder`'s) or boolean (True: attend).
+
+    The ``G`` heads of a group become ``G * q`` rows of one matrix, ``[B, KV, G * q, D]``
+    (a view when ``q == 1``), multiplied with the keys as they lie, ``[B, KV, D, S]``, and
+    the weights with the values ``[B, KV, S, Dv]``: two batched matrix products that read
+    the cache once, where transformers' paths first copy it ``G`` times (and
+    ``scaled_dot_product_attention(..., enable_gqa=True)`` with a mask does the same on its
+    math backend). The arithmetic is the eager path's: scores in the inputs' dtype, scaled,
+    the mask added, softmax in float32, cast back, times the values.
+    """
+    if dropout and module.training:
+        raise ValueError("grouped_attention has no dropout: use it in eval mode")
+    batch, heads, q, dim = query.shape
+    groups = key.shape[1]
+    dv = value.shape[-1]
+    if groups == 0 or heads == 0:  # a sub-network layer that kept no attention unit
+        return query.new_zeros(batch, q, heads, dv), None
+    if heads % groups:
+        raise ValueError(f"{heads} query heads do not split into {groups} key/value groups")
+    per_group = heads // groups
+    length = key.shape[2]
+    if scaling is None:
+        scaling = dim ** -0.5
+    rows = query.reshape(batch, groups, per_group * q, dim)  # [B, KV, G*q, D]
+    scores = torch.matmul(rows, key.transpose(2, 3)) * scaling  # [B, KV, G*q, S]
+    if attention_mask is not None:
+        mask = attention_mask[..., :length]  # [B|1, 1|H, q, S]
+        if mask.shape[1] == 1:
+            mask = mask[:, :, None]  # [B|1, 1, 1, q, S]
+        else:
+            mask = mask.reshape(mask.shape[0], groups, per_group, q, length)
+        scores = scores.view(batch, groups, per_group, q, length)
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask
+        scores = scores.view(batch, groups, per_group * q, length)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(weights, value)  # [B, KV, G*q, Dv]
+    return out.view(batch, heads, q, dv).transpose(1, 2), None  # [B, q, H, Dv]
+
+
+AttentionInterface.register(GROUPED_ATTENTION, grouped_attention)
+# An LM switched to it builds, from 2-D or absent masks, the eager path's additive 4-D masks.
+AttentionMaskInterface.register(GROUPED_ATTENTION, eager_mask)
 
 
 # -- the cache -------------------------------------------------------------------------------
@@ -172,18 +335,22 @@ class Decoder:
     compile_mode, compile_backend
         ``torch.compile``'s mode and backend (``backend="eager"`` only traces: a quick
         check that the graph captures whole).
+    grouped_attention
+        Run the LM's attention with :func:`grouped_attention` (keys and values read in
+        place, no per-head copies of the cache) during the decoder's calls; the LM's own
+        implementation is restored after each. ``False``: the LM's own attention.
 
     Notes
     -----
-    Use :meth:`generate` for whole generations, or :meth:`prefill`, :meth:`step`,
-    :meth:`forward` and :meth:`rollback` to drive the cache yourself (as speculative
-    decoding does).
+    Use :meth:`generate` for whole generations (its decode step samples inside the
+    compiled function), or :meth:`prefill`, :meth:`step`, :meth:`forward` and
+    :meth:`rollback` to drive the cache yourself (as speculative decoding does).
     """
 
     def __init__(self, lm: nn.Module, *, max_len: int, batch_size: int = 1,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                  compile: bool = False, compile_mode: str | None = "reduce-overhead",
-                 compile_backend: str = "inductor"):
+                 compile_backend: str = "inductor", grouped_attention: bool = True):
         config = getattr(lm, "config", None)
         if config is None:
             raise TypeError(f"{type(lm).__name__} has no config: pass a Hugging Face causal LM")
@@ -213,13 +380,18 @@ class Decoder:
         self.batch_size = int(batch_size)
         self.max_len = int(max_len)
         self.cache = StaticKVCache(max_len)
+        self.grouped_attention = bool(grouped_attention)
         self._slots = torch.arange(self.max_len, device=self.device)  # [S]: every cache position
+        self._sequence: torch.Tensor | None = None  # [B, max_len + 1]: prompt and new tokens
+        self._noise: dict[int, torch.Tensor] = {}  # width -> [B, width] uniform noise
         self._compiled = None
+        self._compiled_step = None
         if compile:
             _raise_recompile_limit()
             mode = compile_mode if compile_backend == "inductor" else None
-            self._compiled = torch.compile(self._forward, mode=mode, backend=compile_backend, fullgraph=True,
-                                           dynamic=False)
+            options = dict(mode=mode, backend=compile_backend, fullgraph=True, dynamic=False)
+            self._compiled = torch.compile(self._forward, **options)
+            self._compiled_step = torch.compile(self._sample_step, **options)
 
     # -- state ---------------------------------------------------------------------------
     @property
@@ -237,6 +409,25 @@ class Decoder:
     def reset(self) -> None:
         """Start over (the cache tensors stay allocated, at the same addresses)."""
         self.cache.length = 0
+
+    @contextlib.contextmanager
+    def _attention(self):
+        """The LM runs :func:`grouped_attention` inside, its own implementation after."""
+        if not self.grouped_attention:
+            yield
+            return
+        config = self.lm.config
+        own = config._attn_implementation
+        config._attn_implementation = GROUPED_ATTENTION
+        try:
+            yield
+        finally:
+            config._attn_implementation = own
+
+    def _static_buffer(self, *shape: int, dtype: torch.dtype) -> torch.Tensor:
+        buffer = torch.zeros(shape, dtype=dtype, device=self.device)
+        torch._dynamo.mark_static_address(buffer)  # CUDA graphs read and write it in place
+        return buffer
 
     # -- forwards ------------------------------------------------------------------------
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, last_only: bool = False):
@@ -279,7 +470,8 @@ class Decoder:
         self.reset()
         input_ids = self._check(input_ids)
         T = input_ids.shape[1]
-        logits = self._forward(input_ids, self._slots[:T], last_only=True)
+        with self._attention():
+            logits = self._forward(input_ids, self._slots[:T], last_only=True)
         self.cache.length = T
         return logits[:, -1]
 
@@ -291,11 +483,12 @@ class Decoder:
         input_ids = self._check(input_ids)
         start, q = self.length, input_ids.shape[1]
         positions = self._slots[start:start + q]  # [q]
-        if self._compiled is None:
-            logits = self._forward(input_ids, positions)
-        else:
-            # Clone out of the CUDA graph's memory: the next replay overwrites its outputs.
-            logits = self._compiled(input_ids, positions).clone()
+        with self._attention():
+            if self._compiled is None:
+                logits = self._forward(input_ids, positions)
+            else:
+                # Clone out of the CUDA graph's memory: the next replay overwrites its outputs.
+                logits = self._compiled(input_ids, positions).clone()
         self.cache.length = start + q
         return logits
 
@@ -303,35 +496,78 @@ class Decoder:
         """One decode step: logits ``[B, V]`` after ``tokens [B]`` (or ``[B, 1]``)."""
         return self.forward(tokens.reshape(self.batch_size, 1))[:, -1]
 
+    def _sample_step(self, sequence: torch.Tensor, positions: torch.Tensor, noise: torch.Tensor | None,
+                     temperature: float, top_k: int | None, top_p: float | None) -> None:
+        """One decode step in place: the token at ``sequence[:, p]`` (``positions == [p]``)
+        goes through the LM at cache position ``p``, and the token drawn from its logits
+        (:func:`sample_tokens` with ``noise [B, W]``) is written to ``sequence[:, p + 1]``.
+        Nothing is returned: a CUDA graph of it has no outputs to copy out."""
+        ids = sequence.index_select(1, positions)  # [B, 1]
+        logits = self._forward(ids, positions, last_only=True)[:, -1]  # [B, V]
+        token = sample_tokens(logits, noise, temperature=temperature, top_k=top_k, top_p=top_p)  # [B]
+        sequence.index_copy_(1, positions + 1, token[:, None])
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
-                 generator: torch.Generator | None = None, top_k: int | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, top_k: int | None = None,
+                 top_p: float | None = None) -> torch.Tensor:
         """New tokens ``[B, max_new_tokens]`` after the prompt ``input_ids [B, T]``: greedy
-        at ``temperature == 0`` (the default), else sampled (with ``generator``, from the
-        ``top_k`` most likely tokens when given)."""
-        return self._generate(input_ids, max_new_tokens, temperature=temperature, generator=generator,
-                              top_k=top_k)[0]
+        at ``temperature == 0`` (the default), else sampled at ``temperature`` from the
+        ``top_k`` most likely tokens (all when None) and, with ``top_p``, the nucleus among
+        them (:func:`sample_tokens`), with uniform noise drawn from ``generator`` (on the
+        decoder's device; the default generator when None): one ``[B, W]`` draw a token,
+        so a seeded generator repeats a generation exactly.
 
-    def _generate(self, input_ids, max_new_tokens, *, temperature=0.0, generator=None, top_k=None):
+        The prefill runs eagerly; every later token is one call of the decode step (the
+        compiled one when the decoder compiles), which samples inside and writes into a
+        preallocated buffer: the loop never reads from the device.
+        """
+        return self._generate(input_ids, max_new_tokens, temperature=temperature, generator=generator,
+                              top_k=top_k, top_p=top_p)[0]
+
+    def _generate(self, input_ids, max_new_tokens, *, temperature=0.0, generator=None, top_k=None, top_p=None):
         """``(tokens [B, N], seconds of the prefill, seconds in all)``, synchronised clocks."""
+        check_sampling(temperature, top_k, top_p)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        needed = input_ids.shape[-1] + max_new_tokens - 1  # the last new token is never cached
+        T = input_ids.shape[-1]
+        needed = T + max_new_tokens - 1  # the last new token is never cached
         if needed > self.max_len:
             raise ValueError(
                 f"a prompt of {input_ids.shape[-1]} tokens and {max_new_tokens} new tokens need "
                 f"{needed} positions; the cache holds {self.max_len}"
             )
+        if generator is not None and generator.device.type != self.device.type:
+            raise ValueError(f"the generator is on {generator.device}, the decoder on {self.device}: "
+                             "draw the noise on the decoder's device")
+        if self._sequence is None:
+            self._sequence = self._static_buffer(self.batch_size, self.max_len + 1, dtype=torch.long)
+        sequence = self._sequence
+        step = self._compiled_step or self._sample_step
         synchronize(self.device)
         start = time.perf_counter()
-        token = sample(self.prefill(input_ids), temperature=temperature, generator=generator, top_k=top_k)  # [B]
+        logits = self.prefill(input_ids)  # [B, V]
+        vocab = logits.shape[-1]
+        if top_k is not None and top_k >= vocab:
+            top_k = None  # every token is a candidate
+        settings = dict(temperature=float(temperature), top_k=top_k, top_p=top_p)
+        width = noise_width(vocab, **settings)
+        if width and width not in self._noise:
+            self._noise[width] = self._static_buffer(self.batch_size, width, dtype=torch.float32)
+        noise = self._noise.get(width)
+        sequence[:, :T] = input_ids
+        if noise is not None:
+            noise.uniform_(generator=generator)
+        sequence[:, T] = sample_tokens(logits, noise, **settings)
         synchronize(self.device)
         prefilled = time.perf_counter()
-        tokens = [token]
-        for _ in range(max_new_tokens - 1):
-            token = sample(self.step(token), temperature=temperature, generator=generator, top_k=top_k)
-            tokens.append(token)
-        tokens = torch.stack(tokens, dim=1)  # [B, N]
+        with self._attention():
+            for position in range(T, needed):
+                if noise is not None:
+                    noise.uniform_(generator=generator)
+                step(sequence, self._slots[position:position + 1], noise, settings["temperature"], top_k, top_p)
+        self.cache.length = needed
+        tokens = sequence[:, T:T + max_new_tokens].clone()  # [B, N]
         synchronize(self.device)
         return tokens, prefilled - start, time.perf_counter() - start
 
