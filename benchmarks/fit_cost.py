@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", default=None,
                    help="cache of the converted model and tokens (default: a temporary folder)")
     p.add_argument("--records-dir", default="docs/benchmarks/records", help="where fit.jsonl is appended")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="accepted for gpu_job.sh's runner; the step counts bound the time")
     p.add_argument("--quick", action="store_true",
                    help="a tiny Llama on the embedded text, 4 steps of 4 x 32 tokens: a rehearsal")
     return p

@@ -19,6 +19,10 @@
 #   benchmarks/gpu_job.sh part7   # GPU 0: the original teacher over a longer fit (ppn_bayes-original-long,
 #                                 # LONG_STEPS (500) steps, as ppn_bayes-long); GPU 1: ppn_bayes-original, then
 #                                 # fine-tunes of 4 x its tokens at 0.4, 0.3, 0.5 (+distill-long) (~9 min)
+#   benchmarks/gpu_job.sh part8   # one GPU: the one-pass fit's cost against a plain KD step at 16 x 2048
+#                                 # (fit_cost.py), teacher-text speed (teacher_speed.py), then the
+#                                 # distillation-only fit (ppn_bayes-kd, -kd-prefix) at the fit of
+#                                 # record's 2.6M tokens, 16 x 2048 a step, compiled, bf16 (~9 min)
 #
 # (Structured baselines without training, shortgpt, magnitude, activation, run as before:
 # benchmarks/quality.py --methods shortgpt,magnitude,...; their records do not depend on the fit.)
@@ -43,7 +47,7 @@
 #   LIMIT (560 s per part); MODEL, MODEL_NAME, TEXTS, WORK, OUT; for a CPU rehearsal with a
 #   tiny LM: DEVICE=cpu, QUALITY_EXTRA and SPEED_EXTRA (extra flags), as tests/test_report.py does.
 set -uo pipefail
-part="${1:?usage: gpu_job.sh check|part1|part2|part3|part4|part5|part6|part7}"
+part="${1:?usage: gpu_job.sh check|part1|part2|part3|part4|part5|part6|part7|part8}"
 OUT="${OUT:-/tmp/gpu-job-out}"
 MODEL="${MODEL:-/root/SmolLM2-135M-Instruct.Q4_1.gguf}"
 MODEL_NAME="${MODEL_NAME:-SmolLM2-135M-Instruct}"
@@ -256,7 +260,22 @@ case "$part" in
     quality_on "$second" "$OUT/gpu1.log" --fit-steps "$FIT_STEPS" --methods ppn_bayes-original+distill-long \
       --finetune-sizes 0.4,0.3,0.5 --rankings "$WORK/rankings-original.json" &
     wait ;;
-  *) echo "unknown part $part: check, part1 to part7"; exit 2 ;;
+  part8)
+    prepare
+    lm="$WORK/model"; [[ -f "$lm/config.json" ]] || lm="$MODEL"
+    run 420 "$OUT/fit_cost.log" benchmarks/fit_cost.py --model "$lm" --model-name "$MODEL_NAME" \
+      --train-text "$TEXTS/wiki_summaries_en.txt" --device "$DEVICE" --records-dir "$REC" \
+      --work-dir "$WORK/fit-cost" --steps "${COST_STEPS:-24}" --warmup 6 ${COST_EXTRA:-}
+    if [[ -f benchmarks/teacher_speed.py ]]; then
+      run 240 "$OUT/teacher_speed.log" benchmarks/teacher_speed.py --gguf "$MODEL" \
+        --corpus "$TEXTS/wiki_summaries_en.txt" --records-dir "$REC" --device "$DEVICE" ${TEACHER_EXTRA:-}
+    fi
+    run 10 "$OUT/gpu0.log" benchmarks/quality.py "${COMMON[@]}" --fit-batch 16 --fit-steps "${KD_STEPS:-80}" \
+      --methods "${KD_METHODS:-ppn_bayes-kd,ppn_bayes-kd-prefix}" --fit-set lr_lm=1e-4 \
+      --fit-set compile="${KD_COMPILE:-inductor}" --fit-set autocast=bfloat16 --rankings "$WORK/rankings-kd.json" \
+      ${KD_EXTRA:-}
+    ;;
+  *) echo "unknown part $part: check, part1 to part8"; exit 2 ;;
 esac
 [[ -f "$RANKINGS" ]] && cp "$RANKINGS" "$OUT/rankings.json"
 echo "[gpu_job] $part done in $(( $(date +%s) - START )) s; records:"

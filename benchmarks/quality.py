@@ -90,6 +90,10 @@ VARIANTS = {
     # a frozen copy of the LM as the teacher of every size, the full LM included
     "ppn_bayes-original": dict(teacher="original"),
     "ppn_bayes-original-long": dict(teacher="original"),  # recorded apart: give it more --fit-steps
+    # the one-pass fit trained by distillation alone: the frozen original teaches every size
+    # and the full LM, no next-token loss (the LM does not drift to the training text)
+    "ppn_bayes-kd": dict(teacher="original", nll_weight=0.0),
+    "ppn_bayes-kd-prefix": dict(teacher="original", nll_weight=0.0, gate_coupling="prefix"),
 }
 #: Fits whose sub-networks the +distill methods fine-tune (``<fit>+distill``), and with
 #: ``LONG_FINETUNE`` times the fit's steps (``<fit>+distill-long``).
