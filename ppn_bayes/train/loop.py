@@ -157,6 +157,11 @@ def _build(lm, config: FitConfig, arch: Architecture, context, blocks, checkpoin
             raise ValueError(f"checkpoint {checkpoint} was fitted with teacher='original' from other weights than "
                              f"this LM's: resume with the LM the fit started from")
         teacher = copy_frozen(lm).to(device)
+        if config.autocast != "none":  # the teacher runs in the forward passes' precision, weights included
+            teacher.to(getattr(torch, config.autocast))
+        if config.compile != "none":
+            base = getattr(teacher, teacher.base_model_prefix)
+            base.forward = torch.compile(base.forward, dynamic=False, backend=config.compile)
     if context.parallel == "ddp":
         lm.to(device)
     gated, model, guide, _ = build_model(lm, config, arch, prior_tokens=blocks_numel(blocks),
