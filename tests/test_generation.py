@@ -4,11 +4,15 @@ and plain-Python samplers and n-gram counts."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import tiny_lm
+from conftest import ROOT, tiny_lm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AttentionInterface
@@ -386,3 +390,38 @@ def test_a_looping_row_scores_low_and_bad_shapes_are_refused():
         distinct_ngram_fraction(torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match=r"\[B, N\]"):
         distinct_ngram_fraction(torch.zeros(5, dtype=torch.long))
+
+
+# -- the teacher-speed benchmark, rehearsed on a tiny LM ------------------------------------------
+def test_teacher_speed_benchmark_runs_without_pyro_and_writes_its_records(tmp_path):
+    """benchmarks/teacher_speed.py on the CPU with a tiny LM, in a process where pyro and
+    arviz cannot be imported (as on the GPU machine): one record per plan entry."""
+    from ppn_bayes import CharTokenizer, embedded_text
+    from ppn_bayes.lm import save_lm, tiny_llama
+
+    text = embedded_text()[:20_000]
+    (tmp_path / "text.txt").write_text(text)
+    tokenizer = CharTokenizer.for_text(text)
+    save_lm(tiny_llama(tokenizer.vocab_size, layers=2, hidden=32, heads=4, kv_heads=2, intermediate=64),
+            tokenizer, tmp_path / "lm")
+    records = tmp_path / "records"
+    plan = "grouped-eager@3,own-eager@2"  # the compiled step: test_the_compiled_decode_step_...
+    args = ["--gguf", str(tmp_path / "lm"), "--corpus", str(tmp_path / "text.txt"), "--device", "cpu", "--quick",
+            "--plan", plan, "--records-dir", str(records), "--model-name", "tiny"]
+    script = ("import runpy, sys; sys.modules['pyro'] = sys.modules['arviz'] = None; "
+              "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script, str(ROOT / "benchmarks" / "teacher_speed.py"), *args],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (records / "teacher.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["batch"]) for r in rows] == [("grouped-eager", 3), ("own-eager", 2)]
+    for r in rows:
+        assert r["benchmark"] == "teacher" and r["model"] == "tiny" and r["quick"] is True
+        assert r["versions"]["pyro"] is None  # it ran without pyro
+        assert r["tokens_per_s"] == pytest.approx(r["rounds"] * r["batch"] * r["new_tokens"] / r["seconds"])
+        assert r["prompt_len"] == r["new_tokens"] == 8 and r["top_k"] == 50 and r["temperature"] == 0.8
+        assert 0 < r["distinct_4gram_mean"] <= 1 and len(r["sample_text"]) == 16  # one char a token
+        assert r["machine"].startswith("cpu") and r["command"] and r["date"]
+    assert [r["attention"] for r in rows] == [GROUPED_ATTENTION, "sdpa"]
+    assert not rows[0]["compiled"] and rows[0]["compile_backend"] is None
