@@ -152,6 +152,7 @@ def _free(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+@torch.no_grad()
 def measure(lm, corpus: torch.Tensor, entry: Entry, config: TeacherSpeedConfig, generation) -> dict:
     """Build the decoder of ``entry``, warm it up, time its rounds; the figures."""
     device = torch.device(config.device)
