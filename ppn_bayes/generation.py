@@ -525,6 +525,7 @@ class Decoder:
         return self._generate(input_ids, max_new_tokens, temperature=temperature, generator=generator,
                               top_k=top_k, top_p=top_p)[0]
 
+    @torch.no_grad()
     def _generate(self, input_ids, max_new_tokens, *, temperature=0.0, generator=None, top_k=None, top_p=None):
         """``(tokens [B, N], seconds of the prefill, seconds in all)``, synchronised clocks."""
         check_sampling(temperature, top_k, top_p)
