@@ -319,6 +319,14 @@ def test_bad_mixing_weights_are_named(weights, message):
         Mixture([STREAM, STREAM], weights, seq_len=16)
 
 
+def test_sources_of_different_tokenizers_do_not_mix(tmp_path):
+    write_store(tmp_path / "s", STREAM, vocab_size=97, tokenizer=TOKENIZER)
+    other = TokenSource.from_tensor(STREAM, tokenizer=tokenizer_identity(CharTokenizer("xyz")))
+    with pytest.raises(ValueError, match="tokenised with CharTokenizer sha256:.*must share one tokenizer"):
+        Mixture([TokenStore(tmp_path / "s"), STREAM, other], seq_len=16)
+    Mixture([TokenStore(tmp_path / "s"), STREAM, TokenSource.from_tensor(STREAM, tokenizer=TOKENIZER)], seq_len=16)
+
+
 def test_open_mixture_refuses_bad_input_before_reading_sources(tmp_path):
     tokenizer = CharTokenizer("abcdefghij")
     (tmp_path / "a.txt").write_text("abcdefghij" * 5)
