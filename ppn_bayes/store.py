@@ -646,7 +646,7 @@ def parse_sources(specs: Sequence[str]) -> tuple[list[str], list[float] | None]:
 
 
 class Mixture:
-    """Training batches drawn from several :class:`TokenSource` s with mixing weights.
+    """Training batches drawn from several sources (:class:`TokenSource`) with mixing weights.
 
     Each row of a batch picks its source with probability ``weight / sum(weights)`` and a
     uniform window of ``seq_len`` tokens within it. ``sources`` may also be 1-D token

@@ -160,7 +160,7 @@ def _teacher_text(args: argparse.Namespace) -> int:
     check_generation_settings(n_tokens=args.tokens, shard_tokens=shard_tokens, **settings)
     if single:
         check_token_path(out)
-    if out.exists() and not (args.overwrite or args.resume):
+    if out.exists() and not (args.overwrite or args.resume) and not (out.is_dir() and not any(out.iterdir())):
         again = "" if single else "--resume to continue it or "
         raise FileExistsError(f"{out} exists; pass {again}--overwrite to replace it")
     lm, tokenizer = load_lm(args.model, dtype=getattr(torch, args.dtype), device=args.device)
