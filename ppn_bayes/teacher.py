@@ -66,6 +66,9 @@ def check_generation_settings(*, n_tokens: int, prompt_len: int, new_tokens: int
         raise ValueError("top_p: this ppn_bayes's Decoder.generate has no top_p sampling")
     if not 0 <= min_distinct <= 1:
         raise ValueError(f"min_distinct must be in [0, 1] (a fraction of distinct 4-grams), got {min_distinct}")
+    if min_distinct > 0 and new_tokens < 4:
+        raise ValueError(f"min_distinct judges a continuation's 4-grams: new_tokens={new_tokens} has none; "
+                         "give new_tokens >= 4 or min_distinct=0")
 
 
 def _check(lm: nn.Module, corpus: torch.Tensor, settings: dict) -> None:
@@ -87,12 +90,9 @@ def _check(lm: nn.Module, corpus: torch.Tensor, settings: dict) -> None:
 
 
 def _distinct_ngram_fraction(tokens: torch.Tensor, n: int = 4) -> torch.Tensor:
-    """Distinct ``n``-grams over all ``n``-grams of each row of ``tokens [B, N]``, ``[B]``
-    (1 for rows shorter than ``n``). Each ``n``-gram is encoded as one integer (exactly,
+    """Distinct ``n``-grams over all ``n``-grams of each row of ``tokens [B, N]`` (``N >= n``),
+    ``[B]``. Each ``n``-gram is encoded as one integer (exactly,
     base ``max id + 1``, when that fits in int64), sorted, and changes counted."""
-    batch, length = tokens.shape
-    if length < n:
-        return torch.ones(batch, device=tokens.device)
     grams = tokens.long().unfold(1, n, 1)  # [B, G, n]
     base = int(tokens.max()) + 1
     if base ** n < 2**63:

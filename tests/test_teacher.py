@@ -205,6 +205,7 @@ def test_the_degenerate_guard_drops_exactly_the_sequences_with_few_distinct_4_gr
     (dict(min_distinct=1.5), r"min_distinct must be in \[0, 1\]"),
     (dict(batch_size=0), "batch_size must be at least 1"),
     (dict(shard_tokens=0), "shard_tokens must be at least 1"),
+    (dict(new_tokens=3, min_distinct=0.5), "new_tokens=3 has none"),
     (dict(new_tokens=2100), "exceeds the LM's 2048 positions"),
     (dict(prompt_len=600), "fewer than one prompt"),
     (dict(resume=True, overwrite=True), "exclude each other"),
