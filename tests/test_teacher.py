@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from unittest import mock
 
 import pytest
 import torch
@@ -112,3 +113,144 @@ def test_a_prompt_may_be_a_single_token_and_held_out_text_must_be_one_stream():
     with pytest.raises(ValueError, match=r"one 1-D stream, got shape \(4, 40\)"):
         fit(lm, CORPUS, FitConfig(steps=1, batch_size=1, seq_len=16, mlp_group=32), progress=False,
             eval_tokens=torch.randint(0, 97, (4, 40)))
+
+
+# -- the token store ----------------------------------------------------------------------------
+
+STORE_SETTINGS = dict(n_tokens=200, prompt_len=4, new_tokens=12, batch_size=2, shard_tokens=40, temperature=0.5,
+                      top_k=2, min_distinct=0.0, progress=False)
+
+
+class Killed(Exception):
+    """The process dies here (a simulated kill)."""
+
+
+def _store(out, **changes):
+    from ppn_bayes.store import tokenizer_identity
+    from ppn_bayes.teacher import write_teacher_store
+
+    return write_teacher_store(_lm(), CORPUS, out, tokenizer=tokenizer_identity(CharTokenizer(ALPHABET)),
+                               **(STORE_SETTINGS | changes))
+
+
+ALPHABET = "".join(chr(33 + i) for i in range(97))
+
+
+def _frac_distinct(row: torch.Tensor, n: int = 4) -> float:
+    """The slow reference: distinct n-grams over n-grams, with Python tuples."""
+    grams = [tuple(row[i:i + n].tolist()) for i in range(len(row) - n + 1)]
+    return len(set(grams)) / len(grams)
+
+
+@pytest.mark.parametrize("kill_at", [1, 2, 5])
+def test_a_resumed_teacher_store_equals_an_uninterrupted_one(tmp_path, kill_at):
+    """Rounds of 2 x 16 tokens, a shard every 2 rounds (40 tokens or more), 7 rounds: killed
+    while appending round ``kill_at`` then resumed, the store's files are the same."""
+    from ppn_bayes.store import TokenStoreWriter, read_manifest
+
+    whole = _store(tmp_path / "whole")
+    assert whole.numel() == 7 * 32 and [s["tokens"] for s in whole.manifest["shards"]] == [64, 64, 64, 32]
+    assert whole.source["stats"] == {"rounds": 7, "sequences": 14, "dropped": 0}
+    real, calls = TokenStoreWriter.append, {"n": 0}
+
+    def append_then_kill(self, *args, **kwargs):
+        if calls["n"] == kill_at:
+            raise Killed
+        calls["n"] += 1
+        real(self, *args, **kwargs)
+
+    with mock.patch.object(TokenStoreWriter, "append", append_then_kill), pytest.raises(Killed):
+        _store(tmp_path / "resumed")
+    if kill_at < 2:  # killed before its first shard: nothing on disk
+        assert not (tmp_path / "resumed").exists()
+    else:
+        assert read_manifest(tmp_path / "resumed")["total_tokens"] == 64 * (kill_at // 2)  # the whole shards
+        with pytest.raises(ValueError, match=r"settings\.temperature: stored 0\.5, given 0\.6"):
+            _store(tmp_path / "resumed", resume=True, temperature=0.6)
+        with pytest.raises(FileExistsError, match="resume"):
+            _store(tmp_path / "resumed")
+    resumed = _store(tmp_path / "resumed", resume=True)
+    files = {p.name: p.read_bytes() for p in (tmp_path / "whole").iterdir()}
+    assert {p.name: p.read_bytes() for p in (tmp_path / "resumed").iterdir()} == files
+    assert torch.equal(resumed.tokens(), whole.tokens())
+    assert torch.equal(_store(tmp_path / "resumed", resume=True).tokens(), whole.tokens())  # complete: as it is
+    for sequence in whole.tokens().view(-1, 16):
+        assert tuple(sequence[:4].tolist()) in {tuple(CORPUS[i:i + 4].tolist()) for i in range(497)}
+
+
+def test_the_degenerate_guard_drops_exactly_the_sequences_with_few_distinct_4_grams(tmp_path):
+    """Round r's sequences do not depend on min_distinct, so the guarded store is the
+    unguarded one's sequences whose continuation keeps at least min_distinct distinct 4-grams
+    (by a slow reference). 0.6 is no multiple of 1/9 (9 4-grams a continuation): no rounding decides."""
+    everything = _store(tmp_path / "all", n_tokens=800).tokens().view(-1, 16)  # 25 rounds
+    guarded = _store(tmp_path / "guarded", min_distinct=0.6)
+    kept = guarded.tokens().view(-1, 16)
+    rounds = guarded.source["stats"]["rounds"]
+    expected = [s for s in everything[:2 * rounds] if _frac_distinct(s[4:]) >= 0.6]
+    assert len(expected) == len(kept) and all(torch.equal(a, b) for a, b in zip(expected, kept))
+    assert guarded.source["stats"] == {"rounds": rounds, "sequences": len(kept), "dropped": 2 * rounds - len(kept)}
+    assert 0 < guarded.source["stats"]["dropped"] < 2 * rounds  # the guard had something to do
+    assert guarded.source["settings"]["min_distinct"] == 0.6 and guarded.source["kind"] == "teacher-text"
+    with pytest.raises(ValueError, match="min_distinct=0.5 dropped 16 of 16 sequences as degenerate"):
+        _store(tmp_path / "greedy", top_k=1, min_distinct=0.5)  # this LM's greedy text repeats one token
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(temperature=0.0), "temperature must be positive and finite"),
+    (dict(temperature=float("nan")), "temperature must be positive and finite"),
+    (dict(temperature=float("inf")), "temperature must be positive and finite"),
+    (dict(top_k=0), "top_k must be at least 1"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(min_distinct=1.5), r"min_distinct must be in \[0, 1\]"),
+    (dict(batch_size=0), "batch_size must be at least 1"),
+    (dict(shard_tokens=0), "shard_tokens must be at least 1"),
+    (dict(new_tokens=3, min_distinct=0.5), "new_tokens=3 has none"),
+    (dict(new_tokens=2100), "exceeds the LM's 2048 positions"),
+    (dict(prompt_len=600), "fewer than one prompt"),
+    (dict(resume=True, overwrite=True), "exclude each other"),
+])
+def test_bad_generation_settings_are_named_before_anything_is_written(tmp_path, changes, message):
+    with pytest.raises(ValueError, match=message):
+        _store(tmp_path / "out", **changes)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_corpus_outside_the_vocabulary_is_refused(tmp_path):
+    from ppn_bayes.store import tokenizer_identity
+    from ppn_bayes.teacher import write_teacher_store
+
+    with pytest.raises(ValueError, match="the corpus: token ids outside the LM's vocabulary of 97"):
+        write_teacher_store(_lm(), CORPUS + 50, tmp_path / "out", tokenizer=tokenizer_identity(CharTokenizer("ab")),
+                            **STORE_SETTINGS)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_cli_writes_and_resumes_a_store_a_mixture_reads(tmp_path, capsys):
+    from ppn_bayes.cli import main
+    from ppn_bayes.store import open_mixture
+
+    tokenizer = CharTokenizer.for_text(embedded_text())
+    save_lm(tiny_llama(tokenizer.vocab_size, layers=2, hidden=32, heads=2, kv_heads=1, intermediate=64),
+            tokenizer, tmp_path / "model")
+    (tmp_path / "corpus.txt").write_text(embedded_text()[:5000])
+    out = tmp_path / "teacher"
+    command = ["teacher-text", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "corpus.txt"),
+               "--out", str(out), "--tokens", "200", "--prompt-len", "8", "--new-tokens", "24", "--batch-size",
+               "4", "--shard-tokens", "100", "--min-distinct", "0.2", "--quiet"]
+    assert main(command) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["tokens"] == 2 * 4 * 32 and printed["rounds"] == 2 and printed["dropped"] == 0
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(command) == 2 and "exists; pass --resume" in capsys.readouterr().err
+    assert main(command + ["--resume"]) == 0  # complete: nothing to do
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+    assert main(command + ["--temperature", "0.9", "--resume"]) == 2
+    assert "settings.temperature: stored 0.8, given 0.9" in capsys.readouterr().err
+    assert main(command + ["--top-p", "0", "--overwrite"]) == 2 and "top_p must be in (0, 1]" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files  # refused before anything was replaced
+    command[command.index(str(out))] = str(tmp_path / "one.safetensors")
+    assert main(command) == 2 and "--resume and --shard-tokens need a token store" in capsys.readouterr().err
+    mixture = open_mixture([f"{out}:1", f"{tmp_path / 'corpus.txt'}:1"], tokenizer, seq_len=16,
+                           vocab_size=tokenizer.vocab_size)
+    assert mixture.batch(0, 4).shape == (4, 16)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ..config import FitConfig
+from ..store import DEFAULT_SHARD_TOKENS
 from .options import add_fit_options, fit_config_from
 
 
@@ -54,13 +55,16 @@ def register(subparsers) -> None:
 
     teacher = subparsers.add_parser(
         "teacher-text", help="training text the LM writes itself, continuing prompts from a corpus",
-        description="Continue prompts drawn from a corpus with the LM's own tempered top-k samples and write "
-                    "the sequences (prompt, then continuation) as a token file for `ppn-bayes fit --data`: "
-                    "more, and more varied, training text than a small corpus.",
+        description="Continue prompts drawn from a corpus with the LM's own tempered top-k (top-p) samples and "
+                    "write the sequences (prompt, then continuation) for `ppn-bayes fit --data`: more, and more "
+                    "varied, training text than a small corpus. A folder --out is a token store (sharded, "
+                    "memory-mapped, resumable with --resume; docs/formats.md); a .safetensors --out one token "
+                    "file, as before the store existed (one generator for all rounds; no --resume).",
     )
     teacher.add_argument("--model", required=True, help="a local Hugging Face directory or .gguf file")
     teacher.add_argument("--data", required=True, help="the corpus the prompts come from (as fit --data)")
-    teacher.add_argument("--out", required=True, help="the token file to write (.safetensors)")
+    teacher.add_argument("--out", required=True,
+                         help="a token store folder to write, or a token file (.safetensors)")
     teacher.add_argument("--tokens", type=int, required=True, help="at least this many tokens (whole sequences)")
     teacher.add_argument("--prompt-len", type=int, default=32, help="corpus tokens per prompt (default: 32)")
     teacher.add_argument("--new-tokens", type=int, default=224, help="tokens generated per prompt (default: 224)")
@@ -68,10 +72,21 @@ def register(subparsers) -> None:
     teacher.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default: 0.8)")
     teacher.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens; 0: all "
                                                               "(default: 50)")
+    teacher.add_argument("--top-p", type=float, default=None,
+                         help="sample from the smallest set of the top-k tokens holding this probability "
+                              "(nucleus sampling; default: off)")
+    teacher.add_argument("--min-distinct", type=float, default=None,
+                         help="drop a sequence whose continuation has fewer distinct 4-grams than this fraction "
+                              "of its 4-grams (degenerate loops; default: 0.5 for a store, off for a .safetensors "
+                              "file)")
+    teacher.add_argument("--shard-tokens", type=int, default=None,
+                         help=f"tokens per shard of a store, whole sequences (default: {DEFAULT_SHARD_TOKENS})")
     teacher.add_argument("--seed", type=int, default=0, help="seed of the prompts and the samples (default: 0)")
     teacher.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     teacher.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="LM weights' dtype")
     teacher.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on a GPU)")
+    teacher.add_argument("--resume", action="store_true",
+                         help="continue an interrupted store at --out after its last whole shard (same settings)")
     teacher.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     teacher.add_argument("--quiet", action="store_true", help="no progress bar")
     teacher.set_defaults(func=_teacher_text)
@@ -128,19 +143,40 @@ def _teacher_text(args: argparse.Namespace) -> int:
 
     from ..data import check_token_path, load_tokens, save_tokens
     from ..lm import load_lm
-    from ..teacher import teacher_tokens
+    from ..teacher import check_generation_settings, teacher_tokens, write_teacher_store
 
-    out = check_token_path(args.out)  # before the generation, not after it
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    out = Path(args.out)
+    single = out.suffix == ".safetensors"  # one token file, as before the store existed
+    if single and (args.resume or args.shard_tokens is not None):
+        raise ValueError("--resume and --shard-tokens need a token store: give --out a folder, not a .safetensors file")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    min_distinct = args.min_distinct if args.min_distinct is not None else (0.0 if single else 0.5)
+    shard_tokens = args.shard_tokens or DEFAULT_SHARD_TOKENS
+    settings = {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batch_size": args.batch_size,
+                "temperature": args.temperature, "top_k": args.top_k or None, "top_p": args.top_p,
+                "min_distinct": min_distinct}
+    # Everything that can be refused is refused before the LM is read and the generation starts.
+    check_generation_settings(n_tokens=args.tokens, shard_tokens=shard_tokens, **settings)
+    if single:
+        check_token_path(out)
+    if out.exists() and not (args.overwrite or args.resume) and not (out.is_dir() and not any(out.iterdir())):
+        again = "" if single else "--resume to continue it or "
+        raise FileExistsError(f"{out} exists; pass {again}--overwrite to replace it")
     lm, tokenizer = load_lm(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     corpus = load_tokens(args.data, tokenizer)
-    settings = {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batch_size": args.batch_size,
-                "temperature": args.temperature, "top_k": args.top_k or None, "seed": args.seed}
-    tokens = teacher_tokens(lm, corpus, n_tokens=args.tokens, device=args.device, compile=args.compile,
-                            progress=not args.quiet, **settings)
-    save_tokens(out, tokens, metadata={"ppn_bayes": "teacher-text", "model": str(args.model),
-                                       "corpus": str(args.data), "settings": json.dumps(settings)})
-    print(json.dumps({"out": str(out), "tokens": int(tokens.numel()),
-                      "sequences": int(tokens.numel()) // (args.prompt_len + args.new_tokens), **settings}))
+    common = dict(n_tokens=args.tokens, seed=args.seed, device=args.device, compile=args.compile,
+                  progress=not args.quiet, **settings)
+    if single:
+        tokens = teacher_tokens(lm, corpus, **common)
+        save_tokens(out, tokens, metadata={"ppn_bayes": "teacher-text", "model": str(args.model),
+                                           "corpus": str(args.data),
+                                           "settings": json.dumps(settings | {"seed": args.seed})})
+        written, stats = int(tokens.numel()), {}
+    else:
+        store = write_teacher_store(lm, corpus, out, tokenizer=tokenizer, shard_tokens=shard_tokens,
+                                    source={"model": str(args.model), "data": str(args.data)},
+                                    resume=args.resume, overwrite=args.overwrite, **common)
+        written, stats = store.numel(), store.source.get("stats", {})
+    print(json.dumps({"out": str(out), "tokens": written, **stats, **settings, "seed": args.seed}))
     return 0
