@@ -50,7 +50,8 @@ def test_a_fit_lowers_its_loss():
     result = fit(lm, TOKENS, config, progress=False).result
     losses = [row["loss"] for row in result.history]
     assert len(losses) == 40
-    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5
+    # The mean of the last 5 steps over that of the first 5 was 0.80-0.86 over seeds 0-4.
+    assert sum(losses[-5:]) / 5 < 0.95 * sum(losses[:5]) / 5
     assert result.train_tokens == 40 * 4 * 32
     assert {"torch", "transformers", "pyro", "ppn_bayes"} <= set(result.versions)
 
@@ -285,8 +286,12 @@ def test_a_coupled_fit_runs_and_its_masks_nest(coupling):
     config = FitConfig(steps=30, batch_size=4, seq_len=32, lr_lm=3e-3, mlp_group=32, gate_coupling=coupling,
                        init_jitter=0.5, log_every=1)
     fitted = fit(lm, TOKENS, config, progress=False)
+    # The last 5 steps' mean over the first 5's, over seeds 0-4: the full LM's NLL 0.82-0.86,
+    # the ELBO (noisier: it trains random sizes) 0.83-0.91.
     losses = [row["loss"] for row in fitted.result.history]
-    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5
+    assert sum(losses[-5:]) / 5 < 0.97 * sum(losses[:5]) / 5
+    nll_full = [row["nll_full"] for row in fitted.result.history]
+    assert sum(nll_full[-5:]) / 5 < 0.95 * sum(nll_full[:5]) / 5
     assert fitted.ranking().masks(0.4) <= fitted.ranking().masks(0.8)
 
 
@@ -372,14 +377,16 @@ def test_held_out_text_is_evaluated_during_the_fit():
     lm = tiny_llama(TOKENIZER.vocab_size, layers=2, hidden=32, heads=2, kv_heads=1, intermediate=64)
     held_out = tokenize(embedded_text()[60_000:64_000], TOKENIZER)
     config = FitConfig(steps=5, batch_size=2, seq_len=32, mlp_group=32, lr_lm=1e-3, eval_every=2, eval_windows=3,
-                       size_min=0.5)
+                       size_min=0.3)
     fitted = fit(lm, TOKENS, config, progress=False, eval_tokens=held_out)
     rows = fitted.result.validation
     assert [row["step"] for row in rows] == [2, 4, 5] and all(row["windows"] == 3 for row in rows)
     full = perplexity(fitted.lm, held_out, seq_len=32, limit=3)
-    small = perplexity(fitted.lm, held_out, seq_len=32, limit=3, masks=fitted.masks(0.5))
+    small = perplexity(fitted.lm, held_out, seq_len=32, limit=3, masks=fitted.masks(0.3))
     assert rows[-1]["nll_full"] == pytest.approx(full.nll, abs=1e-5)
     assert rows[-1]["nll_size_min"] == pytest.approx(small.nll, abs=1e-5)
+    # Size 0.3 after 5 steps: 0.046-0.060 nats above the full LM over seeds 0-4 (size 0.5 was
+    # as little as 0.007 above it).
     assert rows[-1]["nll_size_min"] > rows[-1]["nll_full"]
     assert rows[0]["nll_full"] != rows[-1]["nll_full"]  # evaluated as the LM trains, not once
 
