@@ -344,7 +344,8 @@ class DraftTrial:
 class DraftChoice:
     """All trials of :func:`choose_draft`, the target's own speed, and the recommendation:
     the fastest trial whose output equals plain greedy decoding (the fastest of all if
-    none does)."""
+    none does) is ``best``; it is recommended only when it beats plain greedy decoding
+    (``beats_plain``), and otherwise ``warning`` says that no draft does."""
 
     trials: tuple[DraftTrial, ...]
     baseline_tokens_per_s: float
@@ -360,30 +361,57 @@ class DraftChoice:
         best = max(identical, key=lambda t: (t.tokens_per_s, -t.size_requested, -t.k), default=None)
         object.__setattr__(self, "best", best)
 
+    @property
+    def beats_plain(self) -> bool:
+        """Whether the best trial is faster than plain greedy decoding of the target."""
+        return self.best is not None and self.best.speedup > 1.0
+
+    @property
+    def warning(self) -> str | None:
+        """``None`` when a draft beats plain greedy decoding; otherwise the sentence that says
+        none does, with the fastest trial's speed."""
+        if self.beats_plain:
+            return None
+        if self.best is None:
+            return "no draft was measured: decode without one"
+        return (f"no draft beats plain greedy decoding here: the fastest, size {self.best.size_requested:g} with "
+                f"k {self.best.k}, runs at {self.best.speedup:.2f}x; decode without a draft")
+
     def to_dict(self) -> dict:
-        """A JSON-ready dict: settings, baseline, every trial and the recommendation."""
+        """A JSON-ready dict: settings, baseline, every trial, the best trial (with
+        ``beats_plain``: whether it is faster than plain greedy decoding, i.e. recommended)
+        and the warning (``None`` when a draft beats plain greedy decoding)."""
         return {
             "baseline_tokens_per_s": self.baseline_tokens_per_s, "baseline_seconds": self.baseline_seconds,
             "new_tokens": self.new_tokens, "prompts": self.prompts, "device": self.device,
             "compiled": self.compiled, "trials": [t.to_dict() for t in self.trials],
             "best": None if self.best is None else {"size": self.best.size_requested, "k": self.best.k,
-                                                    "speedup": self.best.speedup},
+                                                    "speedup": self.best.speedup, "beats_plain": self.beats_plain},
+            "warning": self.warning,
         }
 
     def table(self) -> str:
-        """A plain-text table of the trials, the recommended one marked ``*``."""
+        """A plain-text table of the trials with a legend; the recommended one is marked
+        ``*``; when no draft beats plain greedy decoding, the last line recommends none."""
         lines = [f"target: {self.baseline_tokens_per_s:.1f} tokens/s (plain greedy, {self.new_tokens} tokens "
                  f"after {self.prompts} prompts, {self.device}{', compiled' if self.compiled else ''})",
                  f"{'size':>6} {'reached':>8} {'k':>3} {'accept':>7} {'tok/step':>8} {'tok/s':>9} "
                  f"{'speedup':>8} {'same':>5}"]
         for t in self.trials:
-            mark = "*" if t is self.best else " "
+            mark = "*" if t is self.best and self.beats_plain else " "
             lines.append(f"{t.size_requested:>6.2f} {t.size_reached:>8.3f} {t.k:>3d} {t.acceptance_rate:>7.3f} "
                          f"{t.tokens_per_step:>8.2f} {t.tokens_per_s:>9.1f} {t.speedup:>7.2f}x "
                          f"{'yes' if t.identical else 'NO':>5}{mark}")
-        if self.best is not None:
+        lines.append("size: requested fraction of the decoder, reached: kept; k: tokens drafted per target pass; "
+                     "accept: drafted tokens accepted; tok/step: tokens per target pass; speedup: tok/s over plain "
+                     "greedy decoding; same: output equal to plain greedy decoding token for token"
+                     + ("; *: recommended (the fastest of those)" if self.beats_plain else ""))
+        if self.beats_plain:
             lines.append(f"recommended: size {self.best.size_requested:g}, k {self.best.k} "
                          f"({self.best.speedup:.2f}x plain greedy decoding)")
+        elif self.best is not None:
+            lines.append(f"recommended: no draft, plain greedy decoding (the fastest draft, size "
+                         f"{self.best.size_requested:g} with k {self.best.k}, runs at {self.best.speedup:.2f}x)")
         return "\n".join(lines)
 
 
@@ -440,7 +468,8 @@ def choose_draft(target: nn.Module, source, *, sizes: Sequence[float], ks: Seque
                  prompts: Sequence[torch.Tensor], max_new_tokens: int = 64, compile: bool = False,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                  warmup: bool = True, repeats: int = 1, shared: bool = False, pad_verify: bool | None = None,
-                 on_trial: Callable[[DraftTrial], None] | None = None, **decoder_options) -> DraftChoice:
+                 on_trial: Callable[[DraftTrial], None] | None = None, progress: bool = False,
+                 **decoder_options) -> DraftChoice:
     """Measure greedy speculative decoding of ``target`` for every draft size and draft
     length ``k``, on this machine, and recommend the fastest pair.
 
@@ -474,6 +503,9 @@ def choose_draft(target: nn.Module, source, *, sizes: Sequence[float], ks: Seque
     on_trial
         Called with each :class:`DraftTrial` as soon as it is measured (to write records
         incrementally).
+    progress
+        Show the sweep as a progress bar (tqdm, on stderr): the target's plain decoding,
+        then one step per size and ``k``, each with its speed-up.
 
     Returns
     -------
@@ -498,56 +530,62 @@ def choose_draft(target: nn.Module, source, *, sizes: Sequence[float], ks: Seque
     verify_len = max(ks) + 1 if (compile if pad_verify is None else pad_verify) else None
     options = dict(compile=compile, **decoder_options)
     target_decoder = Decoder(target, max_len=max_len, device=device, dtype=dtype, **options)
+    from tqdm.auto import tqdm
 
-    # Plain greedy decoding of the target: the baseline and the reference output.
-    if warmup:
-        target_decoder.generate(prompts[0], max_new_tokens)
-    reference, baseline_seconds = [], 0.0
-    for prompt in prompts:
-        for _ in range(repeats):
-            tokens, _, seconds = target_decoder._generate(prompt, max_new_tokens)
-            baseline_seconds += seconds
-        reference.append(tokens.cpu())
-    total_tokens = max_new_tokens * len(prompts) * repeats
-    baseline = total_tokens / baseline_seconds
-
-    trials = []
-    for size in sizes:
-        draft, reached = make_draft(size)
-        check_draft(target, draft)
-        draft_decoder = Decoder(draft, max_len=max_len, device=target_decoder.device, dtype=target_decoder.dtype,
-                                **options)
+    with tqdm(total=1 + len(sizes) * len(ks), disable=not progress, desc="speculate", unit="run") as bar:
+        bar.set_postfix_str("plain greedy decoding of the target")
+        # Plain greedy decoding of the target: the baseline and the reference output.
         if warmup:
-            draft_decoder.generate(prompts[0], max_new_tokens)
-        draft_seconds = sum(draft_decoder._generate(prompts[0], max_new_tokens)[2] for _ in range(repeats))
-        draft_speed = max_new_tokens * repeats / draft_seconds
-        for k in ks:
+            target_decoder.generate(prompts[0], max_new_tokens)
+        reference, baseline_seconds = [], 0.0
+        for prompt in prompts:
+            for _ in range(repeats):
+                tokens, _, seconds = target_decoder._generate(prompt, max_new_tokens)
+                baseline_seconds += seconds
+            reference.append(tokens.cpu())
+        total_tokens = max_new_tokens * len(prompts) * repeats
+        baseline = total_tokens / baseline_seconds
+        bar.update()
+
+        trials = []
+        for size in sizes:
+            draft, reached = make_draft(size)
+            check_draft(target, draft)
+            draft_decoder = Decoder(draft, max_len=max_len, device=target_decoder.device, dtype=target_decoder.dtype,
+                                    **options)
             if warmup:
-                speculative_generate(target_decoder, draft_decoder, prompts[0], max_new_tokens, k=k,
-                                     verify_len=verify_len)
-            histogram = [0] * (k + 1)
-            seconds, identical = 0.0, True
-            for prompt, expected in zip(prompts, reference):
-                for _ in range(repeats):
-                    run = speculative_generate(target_decoder, draft_decoder, prompt, max_new_tokens, k=k,
-                                               verify_len=verify_len)
-                    histogram = [a + b for a, b in zip(histogram, run.histogram)]
-                    seconds += run.seconds
-                    identical &= torch.equal(run.tokens, expected)
-            summary = Speculation(tokens=torch.empty(1, total_tokens, dtype=torch.long), k=k,
-                                  steps=sum(histogram), histogram=tuple(histogram), seconds=seconds)
-            trial = DraftTrial(
-                size_requested=size, size_reached=reached, k=k, acceptance_rate=summary.acceptance_rate,
-                mean_accepted=summary.mean_accepted, tokens_per_step=summary.tokens_per_step,
-                tokens_per_s=summary.tokens_per_s, speedup=summary.tokens_per_s / baseline,
-                identical=bool(identical), steps=summary.steps, histogram=tuple(histogram),
-                new_tokens=total_tokens, seconds=seconds, draft_params=_decoder_params(draft),
-                draft_tokens_per_s=draft_speed,
-            )
-            trials.append(trial)
-            if on_trial is not None:
-                on_trial(trial)
-        del draft_decoder, draft
+                draft_decoder.generate(prompts[0], max_new_tokens)
+            draft_seconds = sum(draft_decoder._generate(prompts[0], max_new_tokens)[2] for _ in range(repeats))
+            draft_speed = max_new_tokens * repeats / draft_seconds
+            for k in ks:
+                if warmup:
+                    speculative_generate(target_decoder, draft_decoder, prompts[0], max_new_tokens, k=k,
+                                         verify_len=verify_len)
+                histogram = [0] * (k + 1)
+                seconds, identical = 0.0, True
+                for prompt, expected in zip(prompts, reference):
+                    for _ in range(repeats):
+                        run = speculative_generate(target_decoder, draft_decoder, prompt, max_new_tokens, k=k,
+                                                   verify_len=verify_len)
+                        histogram = [a + b for a, b in zip(histogram, run.histogram)]
+                        seconds += run.seconds
+                        identical &= torch.equal(run.tokens, expected)
+                summary = Speculation(tokens=torch.empty(1, total_tokens, dtype=torch.long), k=k,
+                                      steps=sum(histogram), histogram=tuple(histogram), seconds=seconds)
+                trial = DraftTrial(
+                    size_requested=size, size_reached=reached, k=k, acceptance_rate=summary.acceptance_rate,
+                    mean_accepted=summary.mean_accepted, tokens_per_step=summary.tokens_per_step,
+                    tokens_per_s=summary.tokens_per_s, speedup=summary.tokens_per_s / baseline,
+                    identical=bool(identical), steps=summary.steps, histogram=tuple(histogram),
+                    new_tokens=total_tokens, seconds=seconds, draft_params=_decoder_params(draft),
+                    draft_tokens_per_s=draft_speed,
+                )
+                trials.append(trial)
+                bar.set_postfix_str(f"size {size:g} k {k}: {trial.speedup:.2f}x")
+                bar.update()
+                if on_trial is not None:
+                    on_trial(trial)
+            del draft_decoder, draft
     return DraftChoice(trials=tuple(trials), baseline_tokens_per_s=baseline, baseline_seconds=baseline_seconds,
                        new_tokens=total_tokens, prompts=len(prompts), device=str(target_decoder.device),
                        compiled=bool(compile))

@@ -52,7 +52,8 @@ def test_a_fit_lowers_its_loss():
     result = fit(lm, TOKENS, config, progress=False).result
     losses = [row["loss"] for row in result.history]
     assert len(losses) == 40
-    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5
+    # The mean of the last 5 steps over that of the first 5 was 0.80-0.86 over seeds 0-4.
+    assert sum(losses[-5:]) / 5 < 0.95 * sum(losses[:5]) / 5
     assert result.train_tokens == 40 * 4 * 32
     assert {"torch", "transformers", "pyro", "ppn_bayes"} <= set(result.versions)
 
@@ -71,18 +72,31 @@ def planted():
 
 
 def test_the_fit_ranks_planted_no_op_layers_last(planted):
+    """The no-op layers come last among the layers, and their units last among the units.
+
+    Not asserted: that a no-op layer's own gate (its norms, 128 parameters) comes after
+    every useful unit. The likelihood is flat in the gate of a layer whose units do
+    nothing, and over data seeds 0-5 its crossing lay 0.15 above to 0.69 below the last
+    useful unit's, so rounding decided it (docs/method.md, "From the posterior to masks").
+    The orders asserted held with margins of 1.3 (layers) and 1.2 (units) in log τ."""
     config = FitConfig(steps=60, batch_size=8, seq_len=64, train_lm=False, mlp_group=32, size_min=0.3,
                        lr_guide=0.1, log_every=10)
     fitted = fit(planted, TOKENS, config, progress=False)
     ranking = fitted.ranking()
-    layer_order = [layer for layer, unit in ranking.items.tolist() if unit < 0]
+    items = ranking.items.tolist()
+    layer_order = [layer for layer, unit in items if unit < 0]
     assert set(layer_order[-2:]) == {1, 3}, layer_order
-    # At the size the useful layers need, the no-op layers are the ones dropped.
     arch = fitted.arch
+    unit_layers = [layer for layer, unit in items if unit >= 0]
+    assert set(unit_layers[-2 * arch.n_units:]) == {1, 3}, unit_layers
+    # At the size the useful layers need, both are kept and the no-op layers keep no unit:
+    # at most their gates, which compute the identity.
     useful = sum(arch.layer_cost[i] + sum(arch.unit_cost[i]) for i in (0, 2))
     masks = ranking.masks_for_params(useful)
-    assert not masks.layer[1] and not masks.layer[3]
-    # And the posterior knows: the fitted ranking beats a random cut at half size.
+    assert masks.layer[0] and masks.layer[2]
+    assert not masks.unit[1].any() and not masks.unit[3].any()
+    # And the posterior knows: the fitted ranking beats a random cut at half size (by 8x
+    # in perplexity over data seeds 0-5).
     from ppn_bayes import perplexity
 
     held = TOKENS[-8_000:]
@@ -274,8 +288,12 @@ def test_a_coupled_fit_runs_and_its_masks_nest(coupling):
     config = FitConfig(steps=30, batch_size=4, seq_len=32, lr_lm=3e-3, mlp_group=32, gate_coupling=coupling,
                        init_jitter=0.5, log_every=1)
     fitted = fit(lm, TOKENS, config, progress=False)
+    # The last 5 steps' mean over the first 5's, over seeds 0-4: the full LM's NLL 0.82-0.86,
+    # the ELBO (noisier: it trains random sizes) 0.83-0.91.
     losses = [row["loss"] for row in fitted.result.history]
-    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5
+    assert sum(losses[-5:]) / 5 < 0.97 * sum(losses[:5]) / 5
+    nll_full = [row["nll_full"] for row in fitted.result.history]
+    assert sum(nll_full[-5:]) / 5 < 0.95 * sum(nll_full[:5]) / 5
     assert fitted.ranking().masks(0.4) <= fitted.ranking().masks(0.8)
 
 
@@ -361,14 +379,16 @@ def test_held_out_text_is_evaluated_during_the_fit():
     lm = tiny_llama(TOKENIZER.vocab_size, layers=2, hidden=32, heads=2, kv_heads=1, intermediate=64)
     held_out = tokenize(embedded_text()[60_000:64_000], TOKENIZER)
     config = FitConfig(steps=5, batch_size=2, seq_len=32, mlp_group=32, lr_lm=1e-3, eval_every=2, eval_windows=3,
-                       size_min=0.5)
+                       size_min=0.3)
     fitted = fit(lm, TOKENS, config, progress=False, eval_tokens=held_out)
     rows = fitted.result.validation
     assert [row["step"] for row in rows] == [2, 4, 5] and all(row["windows"] == 3 for row in rows)
     full = perplexity(fitted.lm, held_out, seq_len=32, limit=3)
-    small = perplexity(fitted.lm, held_out, seq_len=32, limit=3, masks=fitted.masks(0.5))
+    small = perplexity(fitted.lm, held_out, seq_len=32, limit=3, masks=fitted.masks(0.3))
     assert rows[-1]["nll_full"] == pytest.approx(full.nll, abs=1e-5)
     assert rows[-1]["nll_size_min"] == pytest.approx(small.nll, abs=1e-5)
+    # Size 0.3 after 5 steps: 0.046-0.060 nats above the full LM over seeds 0-4 (size 0.5 was
+    # as little as 0.007 above it).
     assert rows[-1]["nll_size_min"] > rows[-1]["nll_full"]
     assert rows[0]["nll_full"] != rows[-1]["nll_full"]  # evaluated as the LM trains, not once
 

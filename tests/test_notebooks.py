@@ -102,3 +102,30 @@ def test_a_failing_cell_fails_the_run(tmp_path):
                                      resources={"metadata": {"path": str(tmp_path)}})
     with pytest.raises(nbclient.exceptions.CellExecutionError, match="this cell is broken"):
         client.execute()
+
+
+def test_the_documented_headless_commands_run_a_notebook(tmp_path):
+    """docs/getting-started.md runs the notebooks with ``jupytext --to ipynb`` and then
+    ``jupyter-execute --inplace``: both commands exist here, write the outputs in place and
+    fail with a cell that raises."""
+    import subprocess
+    import sys
+
+    bin_dir = Path(sys.executable).parent
+    (tmp_path / "good.py").write_text("# %%\nprint('ran', 6 * 7)\n")
+    (tmp_path / "bad.py").write_text("# %%\nraise RuntimeError('this cell is broken')\n")
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+    def run(*args):
+        return subprocess.run([str(bin_dir / args[0]), *args[1:]], capture_output=True, text=True, cwd=tmp_path,
+                              env=env, timeout=300)
+
+    converted = run("jupytext", "--to", "ipynb", "good.py", "bad.py")
+    assert converted.returncode == 0, converted.stderr
+    good = run("jupyter-execute", "--inplace", "--kernel_name=python3", "good.ipynb")
+    assert good.returncode == 0, good.stderr
+    text = "".join(out.get("text", "") for out in outputs(nbformat.read(tmp_path / "good.ipynb", as_version=4),
+                                                        "stream"))
+    assert text == "ran 42\n"
+    bad = run("jupyter-execute", "--kernel_name=python3", "bad.ipynb")
+    assert bad.returncode == 1 and "this cell is broken" in bad.stderr

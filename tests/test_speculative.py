@@ -16,8 +16,8 @@ from ppn_bayes.data import CharTokenizer
 from ppn_bayes.generation import Decoder
 from ppn_bayes.ranking import Ranking
 from ppn_bayes.speculative import (
-    accept_greedy, accept_sampled, assisted_generate, check_draft, choose_draft, new_parameter_bytes, rank_sorted,
-    shared_draft, speculative_generate,
+    DraftChoice, DraftTrial, accept_greedy, accept_sampled, assisted_generate, check_draft, choose_draft,
+    new_parameter_bytes, rank_sorted, shared_draft, speculative_generate,
 )
 from ppn_bayes.subnetwork import build_subnetwork
 
@@ -219,8 +219,56 @@ def test_choose_draft_measures_every_pair_and_recommends_one(target):
         assert t.size_reached <= t.size_requested and t.new_tokens == 24
         assert t.speedup == pytest.approx(t.tokens_per_s / choice.baseline_tokens_per_s)
         assert t.draft_params < sum(p.numel() for p in target.model.layers.parameters())
-    assert "recommended: size" in choice.table()
+    assert "recommended: " in choice.table()  # a size, or plain decoding: speed decides, on this machine
     assert choice.to_dict()["best"]["k"] == choice.best.k
+    assert choice.to_dict()["best"]["beats_plain"] == (choice.best.speedup > 1) == (choice.warning is None)
+
+
+def measured(size: float, k: int, speedup: float, identical: bool = True) -> DraftTrial:
+    """A trial as if measured: 100 tokens at ``speedup`` over a target of 100 tokens/s."""
+    return DraftTrial(size_requested=size, size_reached=size - 0.01, k=k, acceptance_rate=0.5, mean_accepted=1.0,
+                      tokens_per_step=2.0, tokens_per_s=100 * speedup, speedup=speedup, identical=identical,
+                      steps=50, histogram=(0,) * (k + 1), new_tokens=100, seconds=1 / speedup, draft_params=10,
+                      draft_tokens_per_s=300.0)
+
+
+def choice_of(*trials: DraftTrial) -> DraftChoice:
+    return DraftChoice(trials=trials, baseline_tokens_per_s=100.0, baseline_seconds=1.0, new_tokens=100,
+                       prompts=2, device="cpu", compiled=False)
+
+
+def test_a_draft_that_beats_plain_decoding_is_recommended_and_marked():
+    choice = choice_of(measured(0.3, 2, 0.9), measured(0.5, 2, 1.3), measured(0.5, 4, 1.6, identical=False))
+    assert choice.best.speedup == 1.3 and choice.beats_plain and choice.warning is None
+    table = choice.table().splitlines()
+    assert [line.endswith("*") for line in table[2:5]] == [False, True, False]
+    assert table[-2].startswith("size: requested fraction") and "*: recommended" in table[-2]
+    assert "same: output equal to plain greedy decoding token for token" in table[-2]
+    assert table[-1] == "recommended: size 0.5, k 2 (1.30x plain greedy decoding)"
+    record = choice.to_dict()
+    assert record["best"] == {"size": 0.5, "k": 2, "speedup": 1.3, "beats_plain": True} and record["warning"] is None
+
+
+def test_when_no_draft_beats_plain_decoding_none_is_recommended_and_a_warning_says_so():
+    choice = choice_of(measured(0.3, 2, 0.42), measured(0.5, 2, 1.0), measured(0.5, 4, 1.6, identical=False))
+    assert choice.best.speedup == 1.0 and not choice.beats_plain  # as fast is not faster
+    assert choice.warning == ("no draft beats plain greedy decoding here: the fastest, size 0.5 with k 2, runs at "
+                              "1.00x; decode without a draft")
+    table = choice.table()
+    assert "*" not in table and "recommended: size" not in table
+    assert table.splitlines()[-1] == ("recommended: no draft, plain greedy decoding (the fastest draft, size 0.5 "
+                                      "with k 2, runs at 1.00x)")
+    record = choice.to_dict()
+    assert record["best"]["beats_plain"] is False and record["warning"] == choice.warning
+
+
+def test_choose_draft_shows_its_sweep_on_request(target, drafts, capsys):
+    common = dict(sizes=[0.3, 0.5], ks=[2], prompts=[prompt()], max_new_tokens=4, warmup=False)
+    choose_draft(target, drafts, **common, progress=True)
+    bar = capsys.readouterr().err
+    assert "speculate: 100%" in bar and "3/3 [" in bar  # plain decoding, then one step a trial
+    choose_draft(target, drafts, **common)
+    assert capsys.readouterr().err == ""
 
 
 def test_choose_draft_takes_ready_drafts(target, drafts):
@@ -296,14 +344,39 @@ def test_the_speculate_command_measures_and_recommends(ranked_checkpoint, capsys
     args = [str(folder / "ranked"), "--sizes", "0.4", "0.8", "--ks", "2", "3", "--data",
             str(folder / "tokens.safetensors"), "--n-prompts", "2", "--prompt-len", "6", "--max-new-tokens", "10"]
     assert main(["speculate", *args, "--out", str(folder / "choice.json")]) == 0
-    table = capsys.readouterr().out
-    assert "recommended: size" in table and table.count("yes") == 4
+    printed = capsys.readouterr()
+    table = printed.out
+    assert "recommended: " in table and table.count(" yes") == 4
+    assert "5/5 [" in printed.err  # the sweep's progress: plain decoding and four trials
     result = json.loads((folder / "choice.json").read_text())
     assert len(result["trials"]) == 4 and result["best"]["k"] in (2, 3)
-    assert main(["speculate", *args, "--shared", "--recommend"]) == 0
-    assert set(json.loads(capsys.readouterr().out.strip().splitlines()[-1])) == {"size", "k", "speedup"}
+    assert ("ppn-bayes speculate: warning: no draft beats" in printed.err) == (result["warning"] is not None)
+    assert main(["speculate", *args, "--shared", "--recommend", "--quiet"]) == 0
+    printed = capsys.readouterr()
+    best = json.loads(printed.out.strip().splitlines()[-1])
+    assert set(best) == {"size", "k", "speedup", "beats_plain"}
+    assert "%|" not in printed.err  # --quiet: no bar
+    assert ("warning: no draft beats" in printed.err) == (not best["beats_plain"])
     assert main(["speculate", *args, "--out", str(folder / "choice.json")]) == 2  # exists: refused
     assert main(["speculate", *args[:-2], "--max-new-tokens", "0"]) == 2
+
+
+def test_the_speculate_command_warns_when_no_draft_beats_plain_decoding(ranked_checkpoint, monkeypatch, capsys,
+                                                                        tmp_path):
+    import ppn_bayes.speculative
+    from ppn_bayes.cli import main
+
+    slow = choice_of(measured(0.4, 2, 0.42), measured(0.8, 2, 0.7))
+    monkeypatch.setattr(ppn_bayes.speculative, "choose_draft", lambda *args, **kwargs: slow)  # speed is not ours
+    folder = ranked_checkpoint
+    assert main(["speculate", str(folder / "ranked"), "--data", str(folder / "tokens.safetensors"), "--quiet",
+                 "--out", str(tmp_path / "choice.json")]) == 0
+    printed = capsys.readouterr()
+    assert printed.err.strip() == ("ppn-bayes speculate: warning: no draft beats plain greedy decoding here: the "
+                                   "fastest, size 0.8 with k 2, runs at 0.70x; decode without a draft")
+    assert "recommended: no draft" in printed.out
+    result = json.loads((tmp_path / "choice.json").read_text())
+    assert result["warning"] == slow.warning and result["best"]["beats_plain"] is False
 
 
 def test_the_speculate_command_cuts_a_plain_model_with_a_mask_file(tmp_path, target, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 _DTYPES = ["float32", "bfloat16", "float16"]
@@ -16,7 +17,8 @@ def register(subparsers) -> None:
         description="Greedy speculative decoding of the full network with its own sub-networks as drafts: for "
                     "every --sizes x --ks pair, the acceptance rate, tokens per target pass and tokens/s against "
                     "plain greedy decoding of the target measured in the same run, and whether the output equals "
-                    "plain greedy decoding token for token; then the fastest pair for this target and machine. "
+                    "plain greedy decoding token for token; then the fastest pair for this target and machine, or a "
+                    "warning (stderr, and 'warning' in --out) when no pair beats plain greedy decoding. "
                     "CHECKPOINT is a ranked checkpoint (`ppn-bayes export-ranked`), a fit checkpoint "
                     "(`ppn-bayes fit`), or a Hugging Face directory / .gguf file with --masks.",
     )
@@ -44,9 +46,11 @@ def register(subparsers) -> None:
     parser.add_argument("--shared", action="store_true",
                         help="cut drafts as views of the rank-sorted target's weights (no copy) instead of copies")
     parser.add_argument("--recommend", action="store_true",
-                        help="print only the recommended size and k (JSON), not the table")
+                        help="print only the best size and k (JSON; beats_plain false: no draft beats plain greedy "
+                             "decoding), not the table")
     parser.add_argument("--out", default=None, help="also write every measurement and the recommendation here (JSON)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=_speculate)
 
 
@@ -86,7 +90,7 @@ def _speculate(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args, target.tokenizer)
     choice = choose_draft(target.lm, target, sizes=args.sizes, ks=args.ks, prompts=prompts,
                           max_new_tokens=args.max_new_tokens, compile=args.compile, repeats=args.repeats,
-                          shared=args.shared)
+                          shared=args.shared, progress=not args.quiet)
     result = choice.to_dict()
     result.update(checkpoint=str(args.checkpoint), dtype=args.dtype, shared=args.shared)
     if args.out is not None:
@@ -95,4 +99,6 @@ def _speculate(args: argparse.Namespace) -> int:
         print(json.dumps(result["best"]))
     else:
         print(choice.table())
+    if choice.warning is not None:
+        print(f"ppn-bayes speculate: warning: {choice.warning}", file=sys.stderr)
     return 0
