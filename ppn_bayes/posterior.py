@@ -24,8 +24,12 @@ hierarchy (``hierarchy=False``) there is no ``lambda_layer`` variable. The
 ``constant_data`` group holds the parameter costs ``layer_cost [layer]`` and ``unit_cost
 [layer, unit]``.
 
-All ArviZ use of ppn_bayes lives in this module (ArviZ 0.23 on Python 3.11; ArviZ 1.x is
-handled where its API allows). It never runs on the GPU machine.
+All ArviZ use of ppn_bayes lives in this module. It works with both ArviZ generations,
+which ``pip install "ppn-bayes[arviz]"`` picks by Python: ArviZ 0.2x (``InferenceData``)
+on Python 3.11, ArviZ 1.x (``xarray.DataTree``) on Python >= 3.12. Both give the same
+files and tables: the same groups, variables and attributes in ``posterior.nc`` (netCDF
+through h5netcdf), the same columns in :func:`summary` (ArviZ 0.x's names, ``hdi_3%``
+and ``hdi_97%`` for a 94% HDI), and plots drawn with matplotlib from the same intervals.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from .model import FLAT_LOG_LAMBDA
 __all__ = [
     "DEFAULT_SIZES",
     "PosteriorDraws",
+    "SUMMARY_COLUMNS",
     "ambiguous_units",
     "check_sizes",
     "plot_forest",
@@ -61,6 +66,14 @@ __all__ = [
 DEFAULT_SIZES: tuple[float, ...] = tuple(round(0.1 + 0.05 * i, 2) for i in range(19))
 
 
+#: Columns of :func:`summary` (and of ``summary.csv``) for ``hdi_prob=0.94``, in order; the
+#: HDI columns are named after their tail probabilities, as ArviZ 0.x names them.
+SUMMARY_COLUMNS: tuple[str, ...] = ("mean", "sd", "hdi_3%", "hdi_97%", "mcse_mean", "mcse_sd", "ess_bulk",
+                                    "ess_tail")
+
+_INSTALL_HINT = 'install the extra: pip install "ppn-bayes[arviz]"'
+
+
 def _arviz():
     """ArviZ and its major version (0 for the 0.x series, 1 for 1.x)."""
     import warnings
@@ -68,8 +81,26 @@ def _arviz():
     with warnings.catch_warnings():
         # ArviZ 0.23 announces its 1.0 refactor with a FutureWarning on import.
         warnings.filterwarnings("ignore", category=FutureWarning)
-        import arviz as az
+        try:
+            import arviz as az
+        except ImportError as err:
+            raise ImportError(f"ppn_bayes.posterior needs ArviZ ({err}); {_INSTALL_HINT}") from err
     return az, int(az.__version__.split(".")[0])
+
+
+def _require_netcdf() -> None:
+    """Refuse early when h5netcdf (the netCDF engine of ``posterior.nc``) or its h5py backend is missing."""
+    try:
+        import h5netcdf  # noqa: F401
+        import h5py  # noqa: F401
+    except ImportError as err:
+        raise ImportError(f"writing posterior.nc needs h5netcdf and h5py ({err}); {_INSTALL_HINT}") from err
+
+
+def _hdi_columns(hdi_prob: float) -> tuple[str, str]:
+    """Names of the HDI columns as ArviZ 0.x writes them: ``hdi_3%``, ``hdi_97%`` at 0.94."""
+    alpha = 1 - hdi_prob
+    return f"hdi_{100 * alpha / 2:g}%", f"hdi_{100 * (1 - alpha / 2):g}%"
 
 
 @contextlib.contextmanager
@@ -285,11 +316,14 @@ def to_inference_data(data, *, sizes=DEFAULT_SIZES, n_draws: int = 200, seed: in
 
     Returns
     -------
-    arviz.InferenceData
+    arviz.InferenceData or xarray.DataTree
         Group ``posterior`` with ``lambda_layer``, ``lambda_unit``, ``tau``, ``keep_layer``,
         ``keep_unit``, ``expected_size`` (dims ``chain``, ``draw``, ``layer``, ``unit``,
-        ``size``), group ``constant_data`` with ``layer_cost`` and ``unit_cost``. Under
-        ArviZ 1.x an ``xarray.DataTree`` with the same groups.
+        ``size``), group ``constant_data`` with ``layer_cost`` and ``unit_cost``; the
+        attributes (``inference_library="ppn_bayes"``, ``model_type``, ``guide_posterior``,
+        ``hierarchy``, ``lambda_scale``) on the root and on both groups. An
+        ``InferenceData`` under ArviZ 0.x, an ``xarray.DataTree`` under ArviZ 1.x; both
+        are read the same way (``idata.posterior["keep_unit"]``, ``idata["posterior"]``).
     """
     draws = _as_draws(data, sizes=sizes, n_draws=n_draws, seed=seed)
     if draws is None:
@@ -327,10 +361,12 @@ def to_inference_data(data, *, sizes=DEFAULT_SIZES, n_draws: int = 200, seed: in
         "lambda_scale": "natural (not log)",
     }
     with _arviz_quiet():
-        if major >= 1:  # pragma: no cover - ArviZ 1.x needs Python >= 3.12
-            return az.from_dict({"posterior": posterior, "constant_data": constant},
-                                coords=coords, dims=dims, attrs=attrs)
-        return az.from_dict(posterior=posterior, constant_data=constant, coords=coords, dims=dims, attrs=attrs)
+        if major >= 1:  # ArviZ 1.x: groups in one mapping, attributes per group ("/" the root)
+            return az.from_dict({"posterior": posterior, "constant_data": constant}, coords=coords, dims=dims,
+                                attrs={group: dict(attrs) for group in ("/", "posterior", "constant_data")})
+        # ArviZ 0.x puts ``attrs`` on the root and on constant_data, ``posterior_attrs`` on posterior.
+        return az.from_dict(posterior=posterior, constant_data=constant, coords=coords, dims=dims,
+                            attrs=dict(attrs), posterior_attrs=dict(attrs))
 
 
 # -- reading keep probabilities back ---------------------------------------------------------
@@ -419,22 +455,33 @@ def summary(data, *, var_names=None, sizes=None, hdi_prob: float = 0.94, round_t
     -------
     pandas.DataFrame
         One row per variable and coordinate (``keep_unit[0.5, 3, mlp2]``), columns
-        ``mean, sd, hdi_*%, hdi_*%, mcse_mean, mcse_sd, ess_bulk, ess_tail``. ``r_hat`` is
-        left out: draws from the guide form one chain.
+        ``mean, sd, hdi_*%, hdi_*%, mcse_mean, mcse_sd, ess_bulk, ess_tail`` in this order
+        (:data:`SUMMARY_COLUMNS` at ``hdi_prob=0.94``) under either ArviZ generation: ArviZ
+        1.x's ``hdi94_lb, hdi94_ub`` are renamed to ArviZ 0.x's ``hdi_3%, hdi_97%``.
+        ``r_hat`` is left out: draws from the guide form one chain.
     """
+    import pandas as pd
+
     az, major = _arviz()
+    if not 0 < hdi_prob < 1:
+        raise ValueError(f"hdi_prob must lie in (0, 1), got {hdi_prob}")
     idata = to_inference_data(data) if isinstance(data, PosteriorDraws) or _is_fit_or_guide(data) else data
     coords = None
     if sizes is not None:
         drawn = np.asarray(idata["posterior"]["size"].values, dtype=np.float64)
         coords = {"size": [drawn[_size_index(drawn, s)] for s in check_sizes(sizes)]}
+    rounding = round_to if round_to is not None else "none"
+    low, high = _hdi_columns(hdi_prob)
     with _arviz_quiet():
-        if major >= 1:  # pragma: no cover - ArviZ 1.x needs Python >= 3.12
-            table = az.summary(idata, var_names=var_names, coords=coords, ci_prob=hdi_prob, ci_kind="hdi")
+        if major >= 1:  # ArviZ 1.x: the HDI columns are named hdi{percent}_lb and hdi{percent}_ub
+            table = az.summary(idata, var_names=var_names, coords=coords, ci_prob=hdi_prob, ci_kind="hdi",
+                               round_to=rounding)
+            table = table.rename(columns={c: low if c.endswith("_lb") else high for c in table.columns
+                                          if c.startswith("hdi") and c.endswith(("_lb", "_ub"))})
         else:
-            table = az.summary(idata, var_names=var_names, coords=coords, hdi_prob=hdi_prob,
-                               round_to=round_to if round_to is not None else "none")
-    return table.drop(columns=[c for c in table.columns if c == "r_hat"])
+            table = az.summary(idata, var_names=var_names, coords=coords, hdi_prob=hdi_prob, round_to=rounding)
+    columns = [*SUMMARY_COLUMNS[:2], low, high, *SUMMARY_COLUMNS[4:]]
+    return pd.DataFrame(table[columns])
 
 
 def ambiguous_units(data, *, size: float, low: float = 0.1, high: float = 0.9, hdi_prob: float = 0.94):
@@ -571,7 +618,12 @@ def _existing(values: np.ndarray, wanted) -> list:
 
 def plot_forest(data, *, size: float, items="ambiguous", low: float = 0.1, high: float = 0.9,
                 max_units: int = 60, hdi_prob: float = 0.94, path=None, dpi: int = 110):
-    """ArviZ forest plot of keep probabilities at one size.
+    """Forest plot of keep probabilities at one size, in ArviZ's style.
+
+    Each row shows the posterior mean (circle), the interquartile range (thick line) and
+    the HDI (thin line), first item at the top. It is drawn with matplotlib from
+    :func:`_hdi` (the HDI ArviZ computes), so the figure is the same under ArviZ 0.x and
+    1.x, whose forest plots differ in layout and API.
 
     Parameters
     ----------
@@ -637,15 +689,7 @@ def plot_forest(data, *, size: float, items="ambiguous", low: float = 0.1, high:
     labels = [f"layer {l}" if u == "layer" else f"{l}/{u}" for l, u in pairs]
     height = 1.2 + 0.22 * len(pairs)
     fig, ax = plt.subplots(figsize=(6, height))
-    az, major = _arviz()
-    with _arviz_quiet():
-        if major >= 1:  # pragma: no cover - ArviZ 1.x needs Python >= 3.12
-            _forest_matplotlib(ax, samples, labels, hdi_prob)
-        else:
-            idata = az.from_dict(posterior={"keep": samples[None]}, coords={"item": labels},
-                                 dims={"keep": ["item"]})
-            az.plot_forest(idata, var_names=["keep"], combined=True, hdi_prob=hdi_prob, ax=ax,
-                           labeller=az.labels.NoVarLabeller())
+    _draw_forest(ax, samples, labels, hdi_prob)
     ax.set_xlim(-0.02, 1.02)
     ax.set_xlabel("keep probability")
     title = f"keep probability at size {keep.sizes[s]:g} (mean, {hdi_prob:.0%} HDI)"
@@ -658,34 +702,27 @@ def plot_forest(data, *, size: float, items="ambiguous", low: float = 0.1, high:
     return fig
 
 
-def _forest_matplotlib(ax, samples: np.ndarray, labels: list[str], hdi_prob: float) -> None:  # pragma: no cover
-    """A forest plot without ArviZ's plotting API (used with ArviZ 1.x)."""
-    lo, hi = _hdi(samples, hdi_prob)
-    y = np.arange(len(labels))[::-1]
-    ax.hlines(y, lo, hi, color="tab:blue", lw=1.5)
-    ax.plot(samples.mean(0), y, "o", color="tab:blue", ms=4)
-    ax.set_yticks(y, labels)
+def _draw_forest(ax, samples: np.ndarray, labels: list[str], hdi_prob: float) -> None:
+    """Rows of ``samples [N, K]`` on ``ax``: HDI, interquartile range and mean; ``labels[0]`` on top."""
+    lo, hi = _hdi(samples, hdi_prob)  # [K], [K]
+    q25, q75 = np.quantile(samples, [0.25, 0.75], axis=0)  # [K], [K]
+    y = np.arange(len(labels))[::-1]  # the first item on top
+    color = "C0"
+    ax.hlines(y, lo, hi, color=color, lw=1.5)
+    ax.hlines(y, q25, q75, color=color, lw=4)
+    ax.plot(samples.mean(0), y, "o", color=color, markerfacecolor="white", ms=5, zorder=3)
+    ax.set_yticks(y[::-1], labels[::-1])  # ticks ascending: the bottom row's label first
+    ax.set_ylim(-0.7, len(labels) - 0.3)
+    ax.tick_params(axis="y", length=0)
+    for side in ("left", "right"):
+        ax.spines[side].set_visible(False)
 
 
 # -- the summarize job -----------------------------------------------------------------------
-def _write_posterior(idata, directory: Path) -> str:
-    """``posterior.nc`` (netCDF through h5netcdf, an ArviZ dependency), else ``posterior.json``."""
-    try:
-        idata.to_netcdf(str(directory / "posterior.nc"), engine="h5netcdf")
-        return "posterior.nc"
-    except (ImportError, ValueError):  # pragma: no cover - no netCDF engine installed
-        import json
-
-        (directory / "posterior.json").write_text(json.dumps(idata.to_dict(), default=_json_default))
-        return "posterior.json"
-
-
-def _json_default(value):  # pragma: no cover - only for the JSON fallback
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return str(value)
+def _write_posterior(idata, path: Path) -> None:
+    """``idata`` as netCDF-4 through h5netcdf: ``InferenceData.to_netcdf`` (ArviZ 0.x) and
+    ``DataTree.to_netcdf`` (ArviZ 1.x) both write one netCDF group per ArviZ group."""
+    idata.to_netcdf(str(path), engine="h5netcdf")
 
 
 def write_summary(fit_or_guide, out, *, sizes=DEFAULT_SIZES, size: float = 0.5, table_sizes=None, n_draws: int = 200,
@@ -694,9 +731,11 @@ def write_summary(fit_or_guide, out, *, sizes=DEFAULT_SIZES, size: float = 0.5, 
     """Draw the posterior and write its tables and plots to the directory ``out``.
 
     Written atomically (all files or none): ``summary.csv`` (:func:`summary` of every
-    variable, at ``table_sizes`` for the size-dependent ones), ``posterior.nc`` (the InferenceData, netCDF), ``keep_curves.png``
+    variable, at ``table_sizes`` for the size-dependent ones), ``posterior.nc``
+    (:func:`to_inference_data`, netCDF-4 through h5netcdf), ``keep_curves.png``
     (:func:`plot_keep_curves`), ``forest.png`` (:func:`plot_forest` at ``size``) and
-    ``ambiguous.json`` (:func:`ambiguous_units` at ``size``, with the settings).
+    ``ambiguous.json`` (:func:`ambiguous_units` at ``size``, with the settings). The same
+    files, columns and groups under ArviZ 0.x and 1.x.
 
     Parameters
     ----------
@@ -728,12 +767,18 @@ def write_summary(fit_or_guide, out, *, sizes=DEFAULT_SIZES, size: float = 0.5, 
     -------
     dict
         ``{name: path}`` of the files written, and ``n_ambiguous``.
+
+    Raises
+    ------
+    ImportError
+        When ArviZ, h5netcdf or h5py is missing (before anything is drawn or written).
     """
     import json
 
     import matplotlib.pyplot as plt
 
-
+    _arviz()  # both refused with the extra to install, before any draw
+    _require_netcdf()
     table_sizes = check_sizes([size] if table_sizes is None else table_sizes)
     all_sizes = check_sizes([*np.atleast_1d(sizes).tolist(), size, *table_sizes.tolist()])
     draws = posterior_draws(fit_or_guide, sizes=all_sizes, n_draws=n_draws, seed=seed)
@@ -743,7 +788,7 @@ def write_summary(fit_or_guide, out, *, sizes=DEFAULT_SIZES, size: float = 0.5, 
     out = Path(out)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         table.to_csv(tmp / "summary.csv", float_format="%.6g")
-        posterior_file = _write_posterior(idata, tmp)
+        _write_posterior(idata, tmp / "posterior.nc")
         fig = plot_keep_curves(draws, hdi_prob=hdi_prob, path=tmp / "keep_curves.png")
         plt.close(fig)
         fig = plot_forest(draws, size=size, low=low, high=high, hdi_prob=hdi_prob, path=tmp / "forest.png")
@@ -753,5 +798,5 @@ def write_summary(fit_or_guide, out, *, sizes=DEFAULT_SIZES, size: float = 0.5, 
             "seed": seed, "units": ambiguous.to_dict(orient="records"),
         }
         (tmp / "ambiguous.json").write_text(json.dumps(record, indent=1))
-    names = ["summary.csv", posterior_file, "keep_curves.png", "forest.png", "ambiguous.json"]
+    names = ["summary.csv", "posterior.nc", "keep_curves.png", "forest.png", "ambiguous.json"]
     return {**{name: str(out / name) for name in names}, "n_ambiguous": len(ambiguous)}

@@ -153,21 +153,63 @@ def test_inference_data_round_trips_through_netcdf(draws, tmp_path):
     back = az.from_netcdf(tmp_path / "p.nc")
     np.testing.assert_array_equal(back.posterior["keep_unit"].values, idata.posterior["keep_unit"].values)
     assert list(back.posterior["unit"].values) == list(idata.posterior["unit"].values)
+    assert back.posterior.attrs["inference_library"] == "ppn_bayes"
+
+
+#: What posterior.nc holds under either ArviZ generation: netCDF groups, their variables
+#: (coordinates included) and the attributes ppn_bayes sets on the root and on each group.
+NETCDF_GROUPS = {
+    "posterior": {"chain", "draw", "layer", "unit", "size", "lambda_layer", "lambda_unit", "tau", "keep_layer",
+                  "keep_unit", "expected_size"},
+    "constant_data": {"layer", "unit", "layer_cost", "unit_cost"},
+}
+NETCDF_ATTRS = {"inference_library": "ppn_bayes", "model_type": "llama", "guide_posterior": "normal",
+                "hierarchy": 1, "lambda_scale": "natural (not log)"}
+
+
+def _netcdf_layout(path):
+    """Groups, variables and ppn_bayes's attributes of a netCDF-4 file, read with h5py (no ArviZ)."""
+    import h5py
+
+    def ours(attrs):
+        return {key: (value.decode() if isinstance(value, bytes) else value.item() if hasattr(value, "item")
+                      else value) for key, value in attrs.items() if key in NETCDF_ATTRS}
+
+    with h5py.File(path, "r") as f:
+        groups = {name: set(f[name].keys()) for name in f.keys()}
+        attrs = {"/": ours(f.attrs), **{name: ours(f[name].attrs) for name in f.keys()}}
+    return groups, attrs
+
+
+def test_netcdf_layout_is_the_same_under_either_arviz_generation(draws, tmp_path):
+    """posterior.nc is one netCDF group per ArviZ group, with ppn_bayes's attributes on each."""
+    P.to_inference_data(draws).to_netcdf(str(tmp_path / "p.nc"), engine="h5netcdf")
+    groups, attrs = _netcdf_layout(tmp_path / "p.nc")
+    assert groups == NETCDF_GROUPS
+    assert attrs == {"/": NETCDF_ATTRS, "posterior": NETCDF_ATTRS, "constant_data": NETCDF_ATTRS}
 
 
 # -- tables ----------------------------------------------------------------------------------
 def test_summary_has_the_arviz_columns_and_the_draws_means(draws):
     table = P.summary(draws, sizes=[0.5], hdi_prob=0.9)
-    assert {"mean", "sd", "hdi_5%", "hdi_95%", "ess_bulk", "ess_tail"} <= set(table.columns)
-    assert "r_hat" not in table.columns
+    # ArviZ 0.x's columns and order under either generation (1.x's hdi90_lb/_ub renamed).
+    assert list(table.columns) == ["mean", "sd", "hdi_5%", "hdi_95%", "mcse_mean", "mcse_sd", "ess_bulk", "ess_tail"]
+    assert list(P.summary(draws, var_names=["tau"], sizes=[0.5]).columns) == list(P.SUMMARY_COLUMNS)
     L, U = 3, 6
     # lambda_layer L, lambda_unit L·U, tau 1, keep_layer L, keep_unit L·U, expected_size 1 at one size.
     assert len(table) == L + L * U + 1 + L + L * U + 1
     assert table.loc["keep_unit[0.5, 2, mlp1]", "mean"] == pytest.approx(draws.keep_unit[:, 1, 2, 3].mean())
     assert table.loc["keep_layer[0.5, 0]", "sd"] == pytest.approx(draws.keep_layer[:, 1, 0].std(ddof=1), rel=1e-6)
     assert (table["hdi_5%"] <= table["mean"] + 1e-12).all() and (table["mean"] <= table["hdi_95%"] + 1e-12).all()
+    # Independent draws: the bulk ESS of a keep probability is of the order of the draws.
+    assert table.filter(like="keep_", axis=0)["ess_bulk"].between(10, 200).all()
+    rounded = P.summary(draws, var_names=["keep_layer"], sizes=[0.5], round_to=3)
+    np.testing.assert_allclose(rounded["mean"].to_numpy(float), draws.keep_layer[:, 1].mean(0), atol=5e-4 + 1e-12)
+    np.testing.assert_array_equal(rounded["mean"].to_numpy(float), np.round(rounded["mean"].to_numpy(float), 3))
     with pytest.raises(ValueError, match="was not drawn"):
         P.summary(draws, sizes=[0.55])
+    with pytest.raises(ValueError, match="hdi_prob"):
+        P.summary(draws, sizes=[0.5], hdi_prob=1.0)
 
 
 def test_summary_uses_arviz_hdi(draws):
@@ -284,11 +326,12 @@ def test_summarize_writes_tables_and_plots(fitted, tmp_path):
     import pandas as pd
 
     table = pd.read_csv(out / "summary.csv", index_col=0)
-    assert {"mean", "sd", "hdi_3%", "hdi_97%", "ess_bulk", "ess_tail"} <= set(table.columns)
+    assert list(table.columns) == list(P.SUMMARY_COLUMNS)
     assert "keep_unit[0.5, 0, attn0]" in table.index  # --size is drawn as well, and tabled
     assert not any(name.startswith("keep_unit[0.3") for name in table.index)
     idata = az.from_netcdf(out / "posterior.nc")
     np.testing.assert_array_equal(idata.posterior["size"].values, [0.3, 0.5, 0.6, 1.0])
+    assert _netcdf_layout(out / "posterior.nc")[0] == NETCDF_GROUPS
     record = json.loads((out / "ambiguous.json").read_text())
     assert record["size"] == 0.5 and record["n_draws"] == 20
     expected = P.ambiguous_units(P.posterior_draws(fitted, sizes=[0.3, 0.5, 0.6, 1.0], n_draws=20), size=0.5)
@@ -301,6 +344,17 @@ def test_summarize_writes_tables_and_plots(fitted, tmp_path):
     assert (out / "marker").exists()
     assert main([*argv, "--overwrite"]) == 0
     assert not (out / "marker").exists()
+
+
+def test_summary_without_h5netcdf_is_refused_before_writing(fitted, tmp_path, monkeypatch):
+    """A missing netCDF engine names the extra to install; nothing is drawn or written."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "h5netcdf", None)  # import h5netcdf raises ImportError
+    out = tmp_path / "summary"
+    with pytest.raises(ImportError, match=r"h5netcdf.*ppn-bayes\[arviz\]"):
+        P.write_summary(fitted, out, sizes=[0.5], n_draws=4)
+    assert not out.exists() and not list(tmp_path.iterdir())
 
 
 def test_summarize_refuses_bad_sizes_before_writing(fitted, tmp_path, capsys):
