@@ -1,11 +1,12 @@
 """Files: atomic writes, safetensors for tensors, JSON for everything else. No pickle.
 
-Every write goes to a temporary beside its destination (``.NAME.PID.XXXX.tmp``), which is
-flushed to disk (``fsync``), given a plain file's or folder's permissions and renamed onto
-the destination; the folder holding it is then flushed too. Replacing a folder takes two
-renames (the old one aside to ``.NAME.old``, the new one in); :func:`recover_directory`
-undoes a crash between them and removes the temporaries of dead writers, so a reader
-always finds the newest complete folder.
+Every write goes to a temporary beside its destination (``.NAME.PID.XXXXXXXX.tmp``),
+which is flushed to disk (``fsync``), given a plain file's or folder's permissions and
+renamed onto the destination; the folder holding it is then flushed too. A folder, once
+flushed, is renamed to ``.NAME.PID.XXXXXXXX.new``; replacing ``NAME`` then takes two
+renames (the old one aside to ``.NAME.old``, the new one in). :func:`recover_directory`
+finishes or undoes whatever a killed writer left, so that a reader always finds the newest
+complete folder, and removes the temporaries of dead writers.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -77,15 +79,25 @@ def _old(path: Path) -> Path:
     return path.with_name(f".{path.name}.old")
 
 
-def _writer_alive(tmp: Path, path: Path) -> bool:
-    """Whether the process that made temporary ``tmp`` of ``path`` still runs here.
-    Temporaries without a process id (of older versions) count as dead."""
-    middle = tmp.name[len(path.name) + 2:]
-    pid = middle.split(".", 1)[0]
-    if not pid.isdigit():
+def _leftovers(path: Path) -> list[tuple[Path, int | None]]:
+    """Temporaries (``.NAME.PID.XXXXXXXX.tmp``) and finished, not yet renamed, folders
+    (``.NAME.PID.XXXXXXXX.new``) of ``path`` beside it, with the writer's process id (None
+    for the temporaries of versions that did not record it)."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:(\d+)\.)?[a-z0-9_]{{8}}\.(?:tmp|new)")
+    found = []
+    for item in path.parent.iterdir():
+        match = pattern.fullmatch(item.name)
+        if match:
+            found.append((item, int(match.group(1)) if match.group(1) else None))
+    return sorted(found)
+
+
+def _alive(pid: int | None) -> bool:
+    """Whether process ``pid`` runs on this machine (None: unknown, taken as dead)."""
+    if pid is None:
         return False
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
@@ -93,70 +105,84 @@ def _writer_alive(tmp: Path, path: Path) -> bool:
     return True
 
 
+def _swap_in(new: Path, path: Path) -> None:
+    """Rename the finished folder ``new`` to ``path``: an existing ``path`` aside to
+    ``.NAME.old`` first, removed last; the folder is flushed after every rename."""
+    if path.exists() or path.is_symlink():
+        old = _old(path)
+        _remove(old)
+        os.replace(path, old)
+        _fsync(path.parent)
+        os.replace(new, path)
+        _fsync(path.parent)
+        _remove(old)
+    else:
+        os.replace(new, path)
+    _fsync(path.parent)
+
+
 def recover_directory(path: str | Path) -> Path:
-    """Make ``path`` the newest complete version of itself, after a crash of a writer.
+    """Make ``path`` the newest complete version of itself after a writer of
+    :func:`atomic_directory` was killed, whenever that happened:
 
-    * ``path`` missing but ``.NAME.old`` present (a crash between the two renames of a
-      replacement): the old version is renamed back;
-    * ``path`` present and ``.NAME.old`` too (a crash before the old one was removed): the
-      old one is removed;
-    * temporaries ``.NAME.PID.*.tmp`` of processes no longer running are removed.
+    * its temporary (``.NAME.PID.*.tmp``, not finished) is removed;
+    * its finished folder (``.NAME.PID.*.new``, flushed to disk, killed before or between
+      the renames) is renamed to ``path``, as the writer would have done;
+    * otherwise, ``path`` missing and ``.NAME.old`` present: the old version is renamed
+      back; ``path`` and ``.NAME.old`` present: the old one is removed.
 
-    Temporaries of a writer still running are left alone (and then so is ``.NAME.old``).
-    Call it before reading or replacing ``path``; returns ``path``.
+    Nothing is touched while the writer (a process on this machine) still runs. Call it
+    before reading or replacing ``path``; :func:`atomic_directory` does. Returns ``path``.
     """
     path = Path(path)
-    parent = path.parent
-    if not parent.is_dir():
+    if not path.parent.is_dir():
         return path
-    live = False
-    for tmp in parent.glob(f".{path.name}.*.tmp"):
-        if _writer_alive(tmp, path):
-            live = True
-        else:
-            _remove(tmp)
+    leftovers = _leftovers(path)
+    if any(_alive(pid) for _, pid in leftovers):
+        return path
+    finished = [item for item, _ in leftovers if item.suffix == ".new"]
+    for item, _ in leftovers:
+        if item not in finished[-1:]:
+            _remove(item)
     old = _old(path)
-    if not live and (old.exists() or old.is_symlink()):
-        if path.exists():
+    if finished:
+        _swap_in(finished[-1], path)
+        _remove(old)  # killed between its two renames: the old one is aside already
+    elif old.exists() or old.is_symlink():
+        if path.exists() or path.is_symlink():
             _remove(old)
         else:
             os.replace(old, path)
-        _fsync(parent)
+        _fsync(path.parent)
     return path
 
 
 @contextlib.contextmanager
 def atomic_directory(path: str | Path, *, overwrite: bool = False):
     """Yield a temporary directory beside ``path``; on success it is flushed to disk and
-    renamed to ``path`` (a crash at any point leaves ``path``, old or new, for
-    :func:`recover_directory` to find).
+    renamed to ``path``. A crash at any point leaves ``path`` as it was, or the new folder
+    finished beside it, which :func:`recover_directory` renames into place.
 
     An existing ``path`` (a folder or a file) is refused unless ``overwrite``; on error
     nothing is left behind.
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     recover_directory(path)
     if (path.exists() or path.is_symlink()) and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=_temporary_name(path), suffix=".tmp", dir=path.parent))
+    new = tmp.with_suffix(".new")
     try:
         yield tmp
         _publish(tmp)
         _fsync_tree(tmp)
-        if path.exists() or path.is_symlink():
-            old = _old(path)
-            _remove(old)
-            os.replace(path, old)
-            _fsync(path.parent)
-            os.replace(tmp, path)
-            _fsync(path.parent)
-            _remove(old)
-        else:
-            os.replace(tmp, path)
+        os.replace(tmp, new)  # finished: from here on a crash leaves the new folder to recover
         _fsync(path.parent)
+        _swap_in(new, path)
     except BaseException:
         _remove(tmp)
+        _remove(new)
         raise
 
 
@@ -169,6 +195,7 @@ def atomic_file(path: str | Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder, not a file")
+    recover_directory(path)  # the temporaries of killed writers
     fd, tmp = tempfile.mkstemp(prefix=_temporary_name(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)

@@ -448,3 +448,227 @@ def test_bad_input(line, expect, fx, tmp_path, capsys):
     _line_ok(captured.err, argv[0], _fill(expect, fx, case_dir))
     assert captured.out == ""
     assert _snapshot(fx["root"], case_dir) == before, "something was written"
+
+
+# -- tracebacks, --debug, bugs -------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, expect", [
+    (["fit", "--model", "{model}", "--data", "{root}/truncated.safetensors", "--out", "{out}"], "not a readable"),
+    (["masks", "{fit}", "--sizes", "0.5", "--out", "/proc/ppn-bayes-test/m.json"], "cannot write"),
+])
+def test_a_real_process_prints_one_line_and_no_traceback(argv, expect, fx, tmp_path):
+    argv = [_fill(a, fx, tmp_path) for a in argv]
+    done = subprocess.run([sys.executable, "-m", "ppn_bayes", *argv], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2
+    _line_ok(done.stderr, argv[0], expect)
+    debug = subprocess.run([sys.executable, "-m", "ppn_bayes", *argv, "--debug"], capture_output=True, text=True,
+                           cwd=ROOT)
+    assert debug.returncode != 0 and "Traceback (most recent call last)" in debug.stderr
+
+
+def test_a_bug_is_one_line_asking_for_debug_with_exit_status_1(fx, tmp_path, capsys, monkeypatch):
+    import ppn_bayes.cli.deploy as deploy
+
+    def broken(args):
+        raise TypeError("an internal mistake")
+
+    argv = _fill("export-ranked {fit} --out {out}", fx, tmp_path).split()
+    parser_func = deploy._export if hasattr(deploy, "_export") else None
+    assert parser_func is not None
+    monkeypatch.setattr(deploy, "_export", broken)
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    _line_ok(err, "export-ranked", "unexpected TypeError: an internal mistake")
+    assert "--debug" in err
+    with pytest.raises(TypeError, match="internal mistake"):
+        main(["--debug", *argv])
+
+
+# -- the reproductions of issue 17 -------------------------------------------------------------------------
+def test_issue17_3_fit_refuses_an_unusable_out_before_training(fx, tmp_path, capsys):
+    """Item 3: `--out` naming a file or an unwritable place was first touched at the first
+    save, after training, and the fit was lost with a traceback."""
+    for out in (fx["root"] / "afile", fx["root"] / "afile" / "run", Path(UNWRITABLE)):
+        line = _fill(FIT, fx, tmp_path).split()
+        line[line.index("--out") + 1] = str(out)
+        assert main(line) == 2
+        err = capsys.readouterr().err
+        _line_ok(err, "fit", str(out) if out != Path(UNWRITABLE) else "cannot write")
+
+
+@pytest.mark.parametrize("line, expect", [
+    ("fit --model {model} --data {tokens} --out {out} --device bogus", "not a torch device"),
+    ("fit --model {model} --data {root}/truncated.safetensors --out {out}", "not a readable"),
+    ("fit --model {model} --data {oov} --out {out}", "vocabulary"),
+    ("eval {model} --data {oov} --seq-len 16", "vocabulary"),
+    ("eval {model} --data {tokens} --seq-len 16 --limit 0", "positive integer"),
+    ("eval {model} --data {tokens} --seq-len 16 --batch-size 0", "positive integer"),
+    ("eval {config_unknown_type} --data {tokens} --seq-len 16", "config"),
+    ("eval {tokenizer_truncated} --data {tokens} --seq-len 16", "char_tokenizer.json"),
+    ("masks {fit} --sizes 0.5 --out /proc/ppn-bayes-test/m.json", "cannot write"),
+])
+def test_issue17_4_errors_of_every_class_are_one_line(line, expect, fx, tmp_path, capsys):
+    """Item 4: RuntimeError, SafetensorError, IndexError, ZeroDivisionError, KeyError and
+    OSError escaped as tracebacks."""
+    try:
+        code = main(_fill(line, fx, tmp_path).split())
+    except SystemExit as exit_:
+        code = exit_.code
+    assert code == 2
+    _line_ok(capsys.readouterr().err, line.split()[0], expect)
+
+
+def test_issue17_5_every_float_setting_refuses_nan_and_infinity():
+    """Item 5: NaN passed the "must not be negative" checks; --init-scale -1 gave "math
+    domain error"; --init-scale and --layer-init were not checked."""
+    import dataclasses
+
+    from ppn_bayes import FitConfig
+    from ppn_bayes.demo import DemoConfig
+    from ppn_bayes.finetune import DistillConfig
+
+    for cls in (FitConfig, DistillConfig, DemoConfig):
+        floats = [f.name for f in dataclasses.fields(cls) if isinstance(getattr(cls(), f.name), float)]
+        assert floats or cls is DemoConfig
+        for name in floats:
+            for bad in (float("nan"), float("inf"), float("-inf")):
+                with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+                    cls(**{name: bad})
+    with pytest.raises(ValueError, match="sizes must be a finite number"):
+        DemoConfig(sizes=(0.5, float("nan")))
+    for value in (-1.0, 0.0):
+        with pytest.raises(ValueError, match="init_scale must be positive"):
+            FitConfig(init_scale=value)
+    with pytest.raises(ValueError, match="steps must be"):
+        FitConfig(steps=True)
+
+
+def _crashing_writer(path: Path, text: str, die_at: int) -> subprocess.CompletedProcess:
+    """Replace ``path`` by a folder holding ``v`` = ``text`` in another process that is
+    killed (``os._exit``) after its ``die_at``-th rename (0: while writing; 1: finished,
+    renamed to ``.NAME.PID.*.new``; 2: between the two renames of the replacement; 3:
+    before the old one is removed)."""
+    script = f"""
+import importlib.util, os
+from pathlib import Path
+spec = importlib.util.spec_from_file_location("io_alone", {str(ROOT / "ppn_bayes" / "io.py")!r})
+io = importlib.util.module_from_spec(spec)  # ppn_bayes.io alone: no torch to import
+spec.loader.exec_module(io)
+real, calls = os.replace, []
+def replace(a, b):
+    real(a, b)
+    calls.append(b)
+    if len(calls) == {die_at}:
+        os._exit(9)
+io.os.replace = replace
+with io.atomic_directory(Path({str(path)!r}), overwrite=True) as tmp:
+    (tmp / "v").write_text({text!r})
+    (tmp / "big").write_bytes(b"x" * 1000)
+    if {die_at} == 0:
+        os._exit(9)
+"""
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.mark.parametrize("die_at, newest", [(0, "one"), (1, "two"), (2, "two"), (3, "two")])
+def test_issue17_6_7_a_checkpoint_killed_at_any_point_recovers_to_the_newest_complete_one(tmp_path, die_at,
+                                                                                          newest):
+    """Items 6 and 7: a killed write left `.checkpoint.*.tmp/` for good; a crash between
+    the two renames left only `.checkpoint.old` and "nothing to resume"."""
+    from ppn_bayes.io import atomic_directory, recover_directory
+
+    path = tmp_path / "checkpoint"
+    with atomic_directory(path) as tmp:
+        (tmp / "v").write_text("one")
+    done = _crashing_writer(path, "two", die_at)
+    assert done.returncode == 9, done.stderr
+    recover_directory(path)
+    assert (path / "v").read_text() == newest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    # And a later write after a crash leaves nothing behind either.
+    _crashing_writer(path, "three", 0)
+    with atomic_directory(path, overwrite=True) as tmp:
+        (tmp / "v").write_text("four")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+def test_issue17_6_stale_temporaries_of_older_versions_are_removed_but_not_a_live_writers(tmp_path):
+    from ppn_bayes.io import recover_directory
+
+    path = tmp_path / "checkpoint"
+    path.mkdir()
+    (tmp_path / ".checkpoint.abcd_123.tmp").mkdir()  # an older version's temporary, no process id
+    (tmp_path / ".checkpoint.999999999.abcdefgh.tmp").mkdir()  # a process that is gone
+    (tmp_path / ".checkpoint.distill.abcdefgh.tmp").mkdir()  # not ours: another name
+    recover_directory(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".checkpoint.distill.abcdefgh.tmp", "checkpoint"]
+    live = tmp_path / f".checkpoint.{os.getpid()}.abcdefgh.tmp"
+    live.mkdir()
+    recover_directory(path)
+    assert live.is_dir()
+
+
+def test_issue17_7_every_file_and_folder_is_flushed(tmp_path, monkeypatch):
+    import ppn_bayes.io as io
+
+    flushed = []
+    real = os.fsync
+
+    def fsync(fd):
+        flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(io.os, "fsync", fsync)
+    with io.atomic_directory(tmp_path / "d") as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "f").write_text("x")
+    io.atomic_write_text(tmp_path / "t.json", "{}")
+    names = {Path(p).name for p in flushed}
+    assert {"f", "sub", tmp_path.name} <= names  # the file, its folder, and the folder renamed into
+    assert any(name.startswith(".t.json.") for name in names)  # the text file before its rename
+    assert flushed.count(str(tmp_path)) >= 3
+
+
+def test_issue17_8_overwrite_onto_a_file_leaves_no_old_and_modes_are_plain(tmp_path, fx):
+    """Item 8: `--overwrite` onto a regular file left `.NAME.old`; checkpoint tensors were
+    0600 beside 0644 JSON."""
+    from ppn_bayes.io import atomic_directory
+
+    target = tmp_path / "out"
+    target.write_text("a file")
+    with atomic_directory(target, overwrite=True) as tmp:
+        (tmp / "x").write_text("y")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (target / "x").read_text() == "y"
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder in (fx["fit"], fx["ranked"], fx["sub"]):
+        for path in [folder, *folder.rglob("*")]:
+            want = (0o777 if path.is_dir() else 0o666) & ~umask
+            assert path.stat().st_mode & 0o777 == want, path
+
+
+def test_issue17_8_quiet_silences_the_libraries_loading_bars(fx, capsys):
+    """Item 8 (and issue 16): --quiet left transformers' loading bars."""
+    line = _fill("eval {model} --data {tokens} --seq-len 16 --limit 2 --json", fx, fx["root"]).split()
+    assert main(line) == 0
+    loud = capsys.readouterr().err
+    assert main([*line, "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "Loading weights" in loud and captured.err == ""
+    record = json.loads(captured.out)
+    # Issue 16: `tokens` counts the tokens evaluated, not the file's.
+    assert record["tokens"] == record["windows"] * 16 == 2 * 16
+    assert record["file_tokens"] == 6000 > 32
+
+
+def test_issue16_gguf_loading_bar_is_silenced_by_quiet():
+    import importlib
+
+    from ppn_bayes.cli import quiet_libraries
+
+    loader = pytest.importorskip("transformers.modeling_gguf_pytorch_utils")
+    original = loader.tqdm
+    with quiet_libraries(True):
+        bar = loader.tqdm(range(3))
+        assert bar.disable
+        bar.close()
+    assert importlib.import_module("transformers.modeling_gguf_pytorch_utils").tqdm is original
