@@ -17,8 +17,25 @@ HEADER = """# Command line
 
 `ppn-bayes COMMAND [options]`; `ppn-bayes COMMAND --help` prints the same text as this page.
 Every subcommand builds its configuration and calls one library function (see the
-[Python API](api.md)); errors in the input are reported as `ppn-bayes COMMAND: error: ...`
-with exit status 2.
+[Python API](api.md)).
+
+**Errors.** Before any work (before a model is loaded), every command checks the device,
+every path it reads (present, of the right kind, readable: model configs and tokenizer
+files, checkpoints, mask files, token files and their ids against the vocabulary, text
+files as UTF-8), every place it writes (writable; a folder where a folder is needed; absent
+unless `--overwrite`, or `--resume` for `fit`), and `--seq-len` against the model's maximum
+positions. Any failure a user can cause (a bad argument; a missing, corrupt or unreadable
+file; an unwritable output or a full disk; too little memory) ends with one line,
+`ppn-bayes COMMAND: error: ...`, and exit status 2, with nothing half-written left behind.
+Anything else is a bug: one line, `ppn-bayes COMMAND: error: unexpected TypeError: ...
+(a bug? rerun with --debug ...)`, and exit status 1. `--debug` (before or after `COMMAND`)
+shows the Python traceback of either; Ctrl-C ends with `interrupted` and status 130.
+
+**Crashes.** Every file is written to a temporary beside it (`.NAME.PID.*.tmp`), flushed to
+disk and renamed into place. A checkpoint is replaced by two renames (the old one aside to
+`.NAME.old`, the new one in); when a run is killed between them, the next command that
+reads the checkpoint (or `fit --resume`) renames the old one back, and removes the
+temporaries that killed runs left behind.
 
 This page is generated from the parser by `python docs/gen_cli.py`; do not edit it by hand.
 """

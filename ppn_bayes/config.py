@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import numbers
+import types
+import typing
 from dataclasses import dataclass
 
-__all__ = ["FitConfig"]
+__all__ = ["FitConfig", "check_fields"]
 
 
 #: How the gates of one training draw depend on each other (``FitConfig.gate_coupling``).
@@ -67,8 +72,9 @@ class FitConfig:
     compile: str = "none"  # none | inductor | aot_eager | eager
 
     def __post_init__(self):
+        check_fields(self)
         positive = ("steps", "batch_size", "accumulate", "lr_guide", "temperature", "mlp_group", "log_every",
-                    "eval_windows")
+                    "eval_windows", "init_scale")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -113,6 +119,40 @@ class FitConfig:
 
     def replace(self, **changes) -> "FitConfig":
         return dataclasses.replace(self, **changes)
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, tuple[type, ...]]:
+    """The plain types each field of dataclass ``cls`` admits (``int | None`` gives
+    ``(Integral, NoneType)``; a float field admits any real number, ints too)."""
+    admitted = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+            else (hint,)
+        numeric = {int: numbers.Integral, float: numbers.Real}
+        admitted[name] = tuple(numeric.get(a, typing.get_origin(a) or a) for a in args)
+    return admitted
+
+
+def check_fields(settings) -> None:
+    """Raise ``ValueError`` naming the first field of the dataclass instance ``settings``
+    whose value is not of its declared type (a bool is no number) or is a number that is
+    NaN or infinite (also inside tuples). Every settings class calls it first in
+    ``__post_init__``, so that the range checks after it see finite numbers only."""
+    admitted = _field_types(type(settings))
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        kinds = admitted.get(f.name, (object,))
+        if typing.Any in kinds:
+            continue
+        if isinstance(value, bool) and bool not in kinds and object not in kinds:
+            raise ValueError(f"{f.name} must be a number, got {value!r}")
+        if not isinstance(value, kinds):
+            names = " or ".join(sorted({getattr(k, "__name__", str(k)) for k in kinds}))
+            raise ValueError(f"{f.name} must be {names}, got {value!r}")
+        for item in value if isinstance(value, tuple) else (value,):
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ValueError(f"{f.name} must be a finite number, got {item}")
 
 
 #: One line of documentation per :class:`FitConfig` field (used by ``ppn-bayes fit --help``).

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import FitConfig
+from .config import FitConfig, check_fields
 from .data import CharTokenizer, TokenBlocks, embedded_text, tokenize
 from .evaluate import perplexity
 from .fit import fit, versions
@@ -45,6 +45,7 @@ class DemoConfig:
     overwrite: bool = False
 
     def __post_init__(self):
+        check_fields(self)  # types, and no NaN or infinity anywhere
         for size in self.sizes:
             if not 0 < size <= 1:
                 raise ValueError(f"sizes must lie in (0, 1], got {size}")

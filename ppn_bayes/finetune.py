@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import check_fields
 from .data import TokenBlocks, check_token_ids
 from .lm import check_same_vocabulary, vocab_rows
 from .model import distillation_kl
@@ -46,6 +47,7 @@ class DistillConfig:
     checkpoint_every: int = 0  # with a checkpoint directory: every this many steps (0: never)
 
     def __post_init__(self):
+        check_fields(self)  # types, and no NaN or infinity anywhere
         for name in ("steps", "batch_size", "lr", "log_every"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

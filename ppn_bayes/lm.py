@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .data import CharTokenizer
-from .io import atomic_directory
+from .io import FileFormatError, atomic_directory
 
 __all__ = ["load_lm", "save_lm", "tiny_llama", "load_tokenizer", "vocab_rows", "check_same_vocabulary"]
 
@@ -57,13 +57,31 @@ def tiny_llama(vocab_size: int, *, layers: int = 4, hidden: int = 64, heads: int
     return LlamaForCausalLM(config).eval()
 
 
-def load_tokenizer(directory: str | Path):
-    directory = Path(directory)
-    if (directory / "char_tokenizer.json").is_file():
-        return CharTokenizer.from_pretrained(directory)
-    from transformers import AutoTokenizer
+#: What a loader of third-party files raises for a file that is corrupt, truncated or of an
+#: unknown kind (transformers and tokenizers raise all of these, the Rust side plain
+#: ``Exception``): turned into a :class:`~ppn_bayes.io.FileFormatError` naming the path.
+_LOAD_ERRORS = (Exception,)
 
-    return AutoTokenizer.from_pretrained(directory)
+
+def _unreadable(what: str, path: Path, err: BaseException) -> FileFormatError:
+    reason = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, KeyError):
+        reason = f"missing or unknown {err}"
+    return FileFormatError(f"{what} at {path} does not load ({type(err).__name__}: {reason})")
+
+
+def load_tokenizer(directory: str | Path):
+    """The tokenizer saved in ``directory``: a :class:`~ppn_bayes.data.CharTokenizer` or a
+    Hugging Face one; a corrupt file gives a :class:`~ppn_bayes.io.FileFormatError`."""
+    directory = Path(directory)
+    try:
+        if (directory / "char_tokenizer.json").is_file():
+            return CharTokenizer.from_pretrained(directory)
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(directory)
+    except _LOAD_ERRORS as err:
+        raise _unreadable("the tokenizer", directory, err) from err
 
 
 def _plain_copy(lm: nn.Module) -> nn.Module:
@@ -84,11 +102,17 @@ def load_lm(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str
 
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
-        lm = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        try:
+            lm = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        except _LOAD_ERRORS as err:
+            raise _unreadable("the GGUF file", path, err) from err
         lm = _plain_copy(lm)
     elif path.is_dir() and (path / "config.json").is_file():
-        lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        try:
+            lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        except _LOAD_ERRORS as err:
+            raise _unreadable("the LM", path, err) from err
         tokenizer = load_tokenizer(path)
     else:
         raise FileNotFoundError(

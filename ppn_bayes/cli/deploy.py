@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 
+from .options import nonnegative_float, nonnegative_int, positive_float, positive_int, size_fraction
+
 _DTYPES = ["float32", "bfloat16", "float16"]
 
 
 def _size_options(parser: argparse.ArgumentParser, *, required: bool) -> None:
     group = parser.add_mutually_exclusive_group(required=required)
-    group.add_argument("--size", type=float, default=None,
+    group.add_argument("--size", type=size_fraction, default=None,
                        help="kept fraction of the decoder's parameters, in (0, 1]")
-    group.add_argument("--params", type=int, default=None,
+    group.add_argument("--params", type=positive_int, default=None,
                        help="kept decoder parameters, instead of --size")
 
 
@@ -27,9 +29,9 @@ def register(subparsers) -> None:
                     "unit order either way.",
     )
     masks.add_argument("checkpoint", metavar="CHECKPOINT", help="a fit checkpoint or a ranked checkpoint")
-    masks.add_argument("--sizes", type=float, nargs="+", default=[],
+    masks.add_argument("--sizes", type=size_fraction, nargs="+", default=[],
                        help="sizes (fractions of decoder parameters in (0, 1]) to write masks for")
-    masks.add_argument("--params", type=int, nargs="+", default=[],
+    masks.add_argument("--params", type=positive_int, nargs="+", default=[],
                        help="decoder parameter budgets to write masks for")
     masks.add_argument("--out", required=True, help="the mask file to write (JSON)")
     masks.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -83,27 +85,27 @@ def register(subparsers) -> None:
     distill.add_argument("--teacher", default=None,
                          help="the teacher: a model directory, .gguf file or checkpoint (default: CHECKPOINT's full LM)")
     distill.add_argument("--eval-data", default=None, help="held-out text (as --data): perplexity before and after")
-    distill.add_argument("--eval-windows", type=int, default=16,
+    distill.add_argument("--eval-windows", type=positive_int, default=16,
                          help="held-out windows of --seq-len evaluated (default: 16)")
     from ..finetune import DistillConfig
 
     defaults = DistillConfig()
-    distill.add_argument("--steps", type=int, default=defaults.steps, help=f"steps (default: {defaults.steps})")
-    distill.add_argument("--batch-size", type=int, default=defaults.batch_size,
+    distill.add_argument("--steps", type=positive_int, default=defaults.steps, help=f"steps (default: {defaults.steps})")
+    distill.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
                          help=f"windows per step (default: {defaults.batch_size})")
-    distill.add_argument("--seq-len", type=int, default=defaults.seq_len,
+    distill.add_argument("--seq-len", type=positive_int, default=defaults.seq_len,
                          help=f"tokens per window (default: {defaults.seq_len})")
-    distill.add_argument("--lr", type=float, default=defaults.lr, help=f"AdamW learning rate (default: {defaults.lr})")
-    distill.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
+    distill.add_argument("--lr", type=positive_float, default=defaults.lr, help=f"AdamW learning rate (default: {defaults.lr})")
+    distill.add_argument("--weight-decay", type=nonnegative_float, default=defaults.weight_decay,
                          help=f"AdamW weight decay (default: {defaults.weight_decay})")
-    distill.add_argument("--distill-weight", type=float, default=defaults.distill_weight,
+    distill.add_argument("--distill-weight", type=nonnegative_float, default=defaults.distill_weight,
                          help=f"weight of the KL term; 0: plain fine-tuning (default: {defaults.distill_weight})")
-    distill.add_argument("--grad-clip", type=float, default=defaults.grad_clip,
+    distill.add_argument("--grad-clip", type=nonnegative_float, default=defaults.grad_clip,
                          help=f"gradient-norm clipping; 0: none (default: {defaults.grad_clip})")
     distill.add_argument("--seed", type=int, default=defaults.seed, help=f"seed of the windows (default: {defaults.seed})")
-    distill.add_argument("--log-every", type=int, default=defaults.log_every,
+    distill.add_argument("--log-every", type=positive_int, default=defaults.log_every,
                          help=f"log the losses every this many steps (default: {defaults.log_every})")
-    distill.add_argument("--checkpoint-every", type=int, default=0,
+    distill.add_argument("--checkpoint-every", type=nonnegative_int, default=0,
                          help="checkpoint to OUT.distill-checkpoint every this many steps (0: never; default: 0)")
     distill.add_argument("--resume", action="store_true", help="continue from OUT.distill-checkpoint")
     distill.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
@@ -121,9 +123,9 @@ def register(subparsers) -> None:
     )
     evaluate.add_argument("model", metavar="MODEL", help="a model directory, .gguf file or checkpoint")
     evaluate.add_argument("--data", required=True, help="a local text file (or .safetensors with 1-D 'tokens')")
-    evaluate.add_argument("--seq-len", type=int, default=2048, help="tokens per window (default: 2048)")
-    evaluate.add_argument("--limit", type=int, default=None, help="evaluate at most this many windows")
-    evaluate.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
+    evaluate.add_argument("--seq-len", type=positive_int, default=2048, help="tokens per window (default: 2048)")
+    evaluate.add_argument("--limit", type=positive_int, default=None, help="evaluate at most this many windows")
+    evaluate.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass (default: 8)")
     evaluate.add_argument("--masks", default=None, help="a mask file (`ppn-bayes masks`) to cut MODEL with")
     _size_options(evaluate, required=False)
     evaluate.add_argument("--masked-dense", action="store_true",
@@ -197,6 +199,8 @@ def _eval(args: argparse.Namespace) -> int:
                             batch_size=args.batch_size, size=args.size, n_params=args.params,
                             masks_file=args.masks, masked_dense=args.masked_dense, device=args.device,
                             dtype=_dtype(args.dtype), progress=not args.quiet)
+    # Tokens evaluated (whole windows, at most --limit of them), not the file's length.
+    record.update(file_tokens=record["tokens"], tokens=record["windows"] * record["seq_len"])
     if args.json:
         print(json.dumps(record))
     else:

@@ -1,12 +1,66 @@
-"""Command-line flags built from the frozen configuration dataclasses."""
+"""Command-line flags built from the frozen configuration dataclasses, and the argument
+types that refuse bad numbers while the command line is parsed."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 
 from ..config import FIT_HELP, FitConfig
+
+
+def _number(kind: type, text: str, what: str, ok) -> int | float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer of at least 1."""
+    return _number(int, text, "a positive integer (at least 1)", lambda v: v >= 1)
+
+
+def nonnegative_int(text: str) -> int:
+    """An integer of at least 0."""
+    return _number(int, text, "a non-negative integer", lambda v: v >= 0)
+
+
+def finite_float(text: str) -> float:
+    """A number that is neither NaN nor infinite."""
+    return _number(float, text, "a finite number", lambda v: True)
+
+
+def positive_float(text: str) -> float:
+    """A finite number above 0."""
+    return _number(float, text, "a positive number", lambda v: v > 0)
+
+
+def nonnegative_float(text: str) -> float:
+    """A finite number of at least 0."""
+    return _number(float, text, "a non-negative number", lambda v: v >= 0)
+
+
+def size_fraction(text: str) -> float:
+    """A size: a fraction of the decoder's parameters in (0, 1]."""
+    return _number(float, text, "a size in (0, 1]", lambda v: 0 < v <= 1)
+
+
+def open_fraction(text: str) -> float:
+    """A probability strictly between 0 and 1."""
+    return _number(float, text, "a number in (0, 1)", lambda v: 0 < v < 1)
+
+
+def unit_interval(text: str) -> float:
+    """A probability in [0, 1]."""
+    return _number(float, text, "a number in [0, 1]", lambda v: 0 <= v <= 1)
 
 
 def _flag(name: str) -> str:
@@ -28,7 +82,7 @@ def add_fit_options(parser: argparse.ArgumentParser, defaults: FitConfig = FitCo
             group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
                                default=default, help=help_text)
         else:
-            convert = {int: int, float: float, str: str}.get(kind, int if "int" in str(kind) else str)
+            convert = {int: int, float: finite_float, str: str}.get(kind, int if "int" in str(kind) else str)
             group.add_argument(_flag(f.name), dest=f.name, type=convert, default=default, help=help_text)
 
 

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from .options import positive_int, size_fraction
+
 _DTYPES = ["float32", "bfloat16", "float16"]
 
 
@@ -26,19 +28,19 @@ def register(subparsers) -> None:
                         help="a ranked or fit checkpoint, or a model directory / .gguf file (with --masks)")
     parser.add_argument("--masks", default=None,
                         help="a mask file (`ppn-bayes masks`) whose ranking cuts the drafts (needed for a plain model)")
-    parser.add_argument("--sizes", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7],
+    parser.add_argument("--sizes", type=size_fraction, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7],
                         help="draft sizes, fractions of the decoder's parameters (default: 0.3 0.4 0.5 0.6 0.7)")
-    parser.add_argument("--ks", type=int, nargs="+", default=[2, 3, 4, 6, 8],
+    parser.add_argument("--ks", type=positive_int, nargs="+", default=[2, 3, 4, 6, 8],
                         help="draft lengths k, tokens drafted per target pass (default: 2 3 4 6 8)")
     prompts = parser.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt-file", default=None,
                          help="a text file with one prompt per line (blank lines skipped)")
     prompts.add_argument("--data", default=None,
                          help="a text file (or .safetensors with 1-D 'tokens') to cut --n-prompts prompts from")
-    parser.add_argument("--n-prompts", type=int, default=4, help="prompts cut from --data (default: 4)")
-    parser.add_argument("--prompt-len", type=int, default=32, help="tokens per prompt cut from --data (default: 32)")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt (default: 64)")
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs of every prompt (default: 1)")
+    parser.add_argument("--n-prompts", type=positive_int, default=4, help="prompts cut from --data (default: 4)")
+    parser.add_argument("--prompt-len", type=positive_int, default=32, help="tokens per prompt cut from --data (default: 32)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens generated per prompt (default: 64)")
+    parser.add_argument("--repeats", type=positive_int, default=1, help="timed runs of every prompt (default: 1)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     parser.add_argument("--dtype", default="float32", choices=_DTYPES, help="weights' dtype (default: float32)")
     parser.add_argument("--compile", action="store_true",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from .options import open_fraction, positive_int, size_fraction, unit_interval
+
 
 def register(subparsers) -> None:
     """Add the ``summarize`` subcommand."""
@@ -21,20 +23,20 @@ def register(subparsers) -> None:
     summarize.add_argument("checkpoint", metavar="CHECKPOINT",
                            help="a fit checkpoint directory (e.g. OUT/checkpoint of ppn-bayes fit)")
     summarize.add_argument("--out", required=True, help="output folder (refused if it exists, see --overwrite)")
-    summarize.add_argument("--sizes", type=float, nargs="+", default=list(DEFAULT_SIZES),
+    summarize.add_argument("--sizes", type=size_fraction, nargs="+", default=list(DEFAULT_SIZES),
                            help="sizes to draw at, fractions in (0, 1] (default: 0.1, 0.15, ..., 1.0)")
-    summarize.add_argument("--size", type=float, default=0.5,
+    summarize.add_argument("--size", type=size_fraction, default=0.5,
                            help="size of the forest plot and the ambiguous units (default: 0.5)")
-    summarize.add_argument("--table-sizes", type=float, nargs="+", default=None,
+    summarize.add_argument("--table-sizes", type=size_fraction, nargs="+", default=None,
                            help="sizes of the size-dependent rows of summary.csv (default: --size; "
                                 "posterior.nc holds every size)")
-    summarize.add_argument("--draws", type=int, default=200, help="draws from the guide (default: 200)")
+    summarize.add_argument("--draws", type=positive_int, default=200, help="draws from the guide (default: 200)")
     summarize.add_argument("--seed", type=int, default=0, help="seed of the draws (default: 0)")
-    summarize.add_argument("--hdi-prob", type=float, default=0.94,
+    summarize.add_argument("--hdi-prob", type=open_fraction, default=0.94,
                            help="probability mass of the highest-density intervals (default: 0.94)")
-    summarize.add_argument("--low", type=float, default=0.1,
+    summarize.add_argument("--low", type=unit_interval, default=0.1,
                            help="lower bound of an ambiguous keep probability (default: 0.1)")
-    summarize.add_argument("--high", type=float, default=0.9,
+    summarize.add_argument("--high", type=unit_interval, default=0.9,
                            help="upper bound of an ambiguous keep probability (default: 0.9)")
     summarize.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     summarize.set_defaults(func=_summarize)
