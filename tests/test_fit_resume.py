@@ -116,6 +116,35 @@ def test_other_settings_are_refused(checkpoint):
         _resume(checkpoint, config=CONFIG.replace(batch_size=4))
 
 
+def test_a_resume_with_other_data_is_refused(checkpoint):
+    before = _snapshot(checkpoint)
+    with pytest.raises(ValueError, match="data differs.*sha256"):
+        fit(tiny_lm("llama"), TOKENS.flip(0), CONFIG, checkpoint=checkpoint, resume=True, progress=False)
+    assert _snapshot(checkpoint) == before
+
+
+def test_a_resume_cannot_go_back_to_fewer_steps(checkpoint):
+    before = _snapshot(checkpoint)
+    with pytest.raises(ValueError, match="cannot go back to steps=4"):
+        _resume(checkpoint, config=CONFIG.replace(steps=4))
+    assert _snapshot(checkpoint) == before
+
+
+def test_a_mixture_resumes_only_with_its_weights(tmp_path):
+    """A fit on two sources records both with their weights; other weights are other data."""
+    from ppn_bayes.store import Mixture
+
+    config = CONFIG.replace(steps=2, checkpoint_every=0)
+    halves = (TOKENS[:200], TOKENS[200:])
+    fit(tiny_lm("llama"), Mixture(halves, [0.5, 0.5], seq_len=config.seq_len), config, checkpoint=tmp_path / "c",
+        progress=False)
+    state = read_state(tmp_path / "c")
+    assert [s["weight"] for s in state["data"]["sources"]] == [0.5, 0.5]
+    with pytest.raises(ValueError, match="weight"):
+        fit(tiny_lm("llama"), Mixture(halves, [0.9, 0.1], seq_len=config.seq_len), config.replace(steps=3),
+            checkpoint=tmp_path / "c", resume=True, progress=False)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"format_version": 99}, "version 99"),
     ({"format": "something else"}, "not a ppn_bayes checkpoint"),

@@ -37,9 +37,12 @@ def register(subparsers) -> None:
                     "Writes OUT/checkpoint (resumable) and OUT/result.json.",
     )
     fit.add_argument("--model", required=True, help="a local Hugging Face directory or .gguf file")
-    fit.add_argument("--data", required=True,
-                     help="training text (.txt, tokenised with the model's tokenizer) or a .safetensors "
-                          "file with a 1-D 'tokens' tensor")
+    fit.add_argument("--data", required=True, nargs="+", metavar="PATH[:WEIGHT]",
+                     help="training text: one or more sources, each a text file (tokenised with the model's "
+                          "tokenizer), a .safetensors file with a 1-D 'tokens' tensor or a token store folder "
+                          "(ppn-bayes teacher-text), with an optional mixing weight after the last ':' (e.g. "
+                          "wiki.txt:0.5 gen/:0.5; a weight for every source or for none: equal weights); each "
+                          "row of a batch draws its source by the weights")
     fit.add_argument("--out", required=True, help="output folder")
     fit.add_argument("--eval-data", default=None,
                      help="held-out text (as --data): its NLL for the full LM and the sub-network at --size-min, "
@@ -114,7 +117,8 @@ def _fit(args: argparse.Namespace) -> int:
     from ..data import load_tokens
     from ..fit import fit
     from ..io import atomic_write_text
-    from ..lm import load_lm
+    from ..lm import load_lm, vocab_rows
+    from ..store import open_mixture, parse_sources
 
     config: FitConfig = fit_config_from(args)
     out = Path(args.out)
@@ -122,10 +126,11 @@ def _fit(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{out / 'checkpoint'} exists; pass --resume to continue it")
     # Under torchrun the LM is read on the CPU: fit moves it (DDP) or its shards (FSDP) to cuda:LOCAL_RANK.
     device = "cpu" if distributed.launched() else args.device
+    parse_sources(args.data)  # the specs' errors before the model loads
     lm, tokenizer = load_lm(args.model, dtype=getattr(torch, args.dtype), device=device)
-    tokens = load_tokens(args.data, tokenizer)
+    blocks = open_mixture(args.data, tokenizer, seq_len=config.seq_len, seed=config.seed, vocab_size=vocab_rows(lm))
     eval_tokens = load_tokens(args.eval_data, tokenizer) if args.eval_data else None
-    fitted = fit(lm, tokens, config, checkpoint=out / "checkpoint", resume=args.resume, tokenizer=tokenizer,
+    fitted = fit(lm, blocks, config, checkpoint=out / "checkpoint", resume=args.resume, tokenizer=tokenizer,
                  progress=not args.quiet, eval_tokens=eval_tokens)
     if not distributed.is_main_process():
         return 0

@@ -25,6 +25,7 @@ from ..architecture import Architecture
 from ..config import FitConfig
 from ..io import FileFormatError, atomic_directory, atomic_write_text, read_json
 from ..model import PuppetGuide
+from ..store import check_same_data
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "save_checkpoint", "read_state", "read_optimizer",
            "restore_modules", "restore_optimizer", "recorded_architecture", "load_tensors", "check_resumable",
@@ -229,9 +230,11 @@ def check_resumable(state: dict, checkpoint: Path, config: FitConfig, arch: Arch
         raise ValueError(f"checkpoint {checkpoint} has done {state['step']} steps; a resume cannot go back to "
                          f"steps={config.steps} (ask for {state['step']} steps or more)")
     saved_data = state.get("data")
-    if data is not None and saved_data is not None and saved_data != data:
-        raise ValueError(f"checkpoint {checkpoint} was fitted on other data: {json.dumps(saved_data)} there, "
-                         f"{json.dumps(data)} here")
+    if data is not None and saved_data is not None:
+        try:
+            check_same_data(saved_data, data)
+        except ValueError as err:
+            raise ValueError(f"checkpoint {checkpoint}: {err}") from None
 
 
 def weights_fingerprint(lm: nn.Module) -> str:

@@ -18,7 +18,6 @@ single-process fit of batch ``N·B``.
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import time
 import warnings
@@ -33,6 +32,7 @@ from ..architecture import Architecture, decoder_layers, describe
 from ..config import FitConfig
 from ..data import TokenBlocks
 from ..io import FileFormatError
+from ..store import TokenSource
 from . import checkpoint as ckpt
 from .state import FitResult, FitState, PuppetFit, build_guide, build_model, build_optimizer, copy_frozen
 from .step import StepLoss, step_sizes, train_step
@@ -52,12 +52,11 @@ TOKENS_PER_PARAMETER = 0.05
 
 def data_identity(blocks) -> dict:
     """What identifies the training text: the source's own identity when it has one (a
-    token store or a mixture), else the token count and the SHA-256 of the tokens."""
+    mixture of sources, :mod:`ppn_bayes.store`), else that of its token tensor (kind, token
+    count, SHA-256)."""
     if hasattr(blocks, "identity"):
         return blocks.identity()
-    tokens = blocks.tokens.detach().cpu().contiguous().to(torch.int64)
-    return {"kind": "tokens", "tokens": int(tokens.numel()),
-            "sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest()}
+    return TokenSource.from_tensor(blocks.tokens.detach().cpu()).identity()
 
 
 def fit(
