@@ -293,6 +293,12 @@ class PuppetModel(_Push):
         #: ``objective(hidden, head, input_ids, row_weights, teacher, nll_weight=, kl_weight=)``:
         #: the fused, chunked objective; a test may put the plain reference in its place.
         self.objective = functools.partial(fused_objective, chunk=chunk)
+        self.chunk = chunk
+
+    def compile(self, backend: str) -> None:
+        """Compile the gated LM's forward and the objective's chunks with ``backend``."""
+        self.gated.compile(backend=backend)
+        self.objective = functools.partial(fused_objective, chunk=self.chunk, compile=backend)
 
     def forward(self, input_ids: torch.Tensor, plan, teacher=None):
         plan = self.plan_of(plan, input_ids)

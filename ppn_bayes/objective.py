@@ -80,9 +80,31 @@ def _chunk_terms(s: torch.Tensor, targets: torch.Tensor, t_logits: torch.Tensor 
     return nll, kl, grad_nll, p - q
 
 
+def chunk_terms(s: torch.Tensor, targets: torch.Tensor, t_logits: torch.Tensor | None, weights: torch.Tensor,
+                nll_weight: float, kl_weight: float):
+    """A chunk's NLL ``[n]``, KL ``[n]`` and the gradient of ``Σ weights · (nll_weight · NLL +
+    kl_weight · KL)`` with respect to its student logits ``s [n, V]`` (float32)."""
+    nll, kl, grad_nll, grad_kl = _chunk_terms(s, targets, t_logits)
+    grad_s = grad_nll * nll_weight if nll_weight != 0 else torch.zeros_like(s)
+    if grad_kl is not None:
+        grad_s = grad_s + kl_weight * grad_kl
+    return nll, kl, grad_s * weights[:, None]
+
+
+_COMPILED_TERMS: dict[str, object] = {}
+
+
+def compiled_terms(backend: str):
+    """:func:`chunk_terms` compiled with ``backend`` (one compiled function per backend): the
+    chain of element-wise passes over ``[n, V]`` fused into a few kernels."""
+    if backend not in _COMPILED_TERMS:
+        _COMPILED_TERMS[backend] = torch.compile(chunk_terms, backend=backend, dynamic=False)
+    return _COMPILED_TERMS[backend]
+
+
 class _FusedObjective(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, head, targets, position_weights, teacher, nll_weight, kl_weight, chunk):
+    def forward(ctx, hidden, head, targets, position_weights, teacher, nll_weight, kl_weight, chunk, terms):
         N = targets.numel()
         flat = hidden.flatten(0, 1)  # [N, d]
         grad_hidden = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
@@ -94,13 +116,11 @@ class _FusedObjective(torch.autograd.Function):
             h = flat[rows]  # [n, d]
             s = (h @ head.to(h.dtype).t()).float()  # [n, V]
             t_logits = teacher.chunk_logits(rows) if (teacher is not None and kl_weight != 0) else None
-            nll[rows], kl[rows], grad_nll, grad_kl = _chunk_terms(s, targets[rows], t_logits)
-            grad_s = grad_nll * nll_weight if nll_weight != 0 else torch.zeros_like(s)
-            if grad_kl is not None:
-                grad_s = grad_s + kl_weight * grad_kl
+            nll[rows], kl[rows], grad_s = terms(s, targets[rows], t_logits, position_weights[rows], nll_weight,
+                                                kl_weight)
             # The gradients' matrix products run in the hidden states' precision (bfloat16
             # under autocast, as the forward's): ∂h = ∂s · W, ∂W = ∂sᵀ · h, summed in float32.
-            grad_s = (grad_s * position_weights[rows, None]).to(h.dtype)
+            grad_s = grad_s.to(h.dtype)
             grad_hidden[rows] = (grad_s @ head.to(h.dtype)).float()
             grad_head += (grad_s.t() @ h).float()
         ctx.save_for_backward(grad_hidden, grad_head)
@@ -113,7 +133,7 @@ class _FusedObjective(torch.autograd.Function):
     def backward(ctx, grad_total, _grad_nll, _grad_kl):
         grad_hidden, grad_head = ctx.saved_tensors
         return ((grad_hidden * grad_total).reshape(ctx.hidden_shape).to(ctx.hidden_dtype),
-                (grad_head * grad_total).to(ctx.head_dtype), None, None, None, None, None, None)
+                (grad_head * grad_total).to(ctx.head_dtype), None, None, None, None, None, None, None)
 
 
 def _row_means(values: torch.Tensor, B: int, T: int) -> torch.Tensor:
@@ -122,19 +142,21 @@ def _row_means(values: torch.Tensor, B: int, T: int) -> torch.Tensor:
 
 def fused_objective(hidden: torch.Tensor, head: torch.Tensor, input_ids: torch.Tensor, row_weights: torch.Tensor,
                     teacher: Teacher | None = None, *, nll_weight: float = 1.0, kl_weight: float = 1.0,
-                    chunk: int = 4096) -> tuple[torch.Tensor, RowLosses]:
+                    chunk: int = 4096, compile: str = "none") -> tuple[torch.Tensor, RowLosses]:
     """``Σ_r row_weights[r] · mean_t ℓ_rt`` (a 0-d tensor with gradients for ``hidden [B, T, d]``
     and ``head [V, d]``) and the detached per-row terms, in chunks of ``chunk`` positions.
 
-    ``teacher=None`` (or ``kl_weight=0``) leaves the KL out.
+    ``teacher=None`` (or ``kl_weight=0``) leaves the KL out. ``compile``: a ``torch.compile``
+    backend for each chunk's element-wise work (:func:`compiled_terms`), ``'none'``: eager.
     """
     B, T = input_ids.shape
     if T < 2:
         raise ValueError("the objective needs sequences of two tokens at least")
     targets = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], dim=1).flatten()  # [B·T]; the last is unused
     weights = _position_weights(row_weights.float(), T)
+    terms = chunk_terms if compile == "none" else compiled_terms(compile)
     total, nll, kl = _FusedObjective.apply(hidden, head, targets, weights, teacher, float(nll_weight),
-                                           float(kl_weight), int(chunk))
+                                           float(kl_weight), int(chunk), terms)
     return total, RowLosses(_row_means(nll, B, T), _row_means(kl, B, T))
 
 

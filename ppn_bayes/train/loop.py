@@ -185,7 +185,7 @@ def _restore_and_wrap(lm, config, arch, context, gated, model, guide, teacher, f
         ckpt.restore_modules(checkpoint, lm, guide)
         run.step, run.history, run.validation = state["step"], state["history"], list(state.get("validation", []))
     if config.compile != "none":
-        gated.compile(backend=config.compile)
+        model.compile(config.compile)
     # Ablations leave some guide parameters without gradient (the layer scales without
     # the hierarchy, the log-scales of a point posterior): DDP must be told.
     unused = not (config.hierarchy and config.posterior == "normal")
