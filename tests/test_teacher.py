@@ -254,3 +254,17 @@ def test_the_cli_writes_and_resumes_a_store_a_mixture_reads(tmp_path, capsys):
     mixture = open_mixture([f"{out}:1", f"{tmp_path / 'corpus.txt'}:1"], tokenizer, seq_len=16,
                            vocab_size=tokenizer.vocab_size)
     assert mixture.batch(0, 4).shape == (4, 16)
+
+
+def test_top_p_reaches_the_decoder():
+    """The nucleus of a tiny top_p is the most likely token alone: greedy decoding, as top_k=1.
+    Before the Decoder samples with top_p, asking for it is refused before any work."""
+    import inspect
+
+    settings = dict(n_tokens=32, prompt_len=4, new_tokens=12, batch_size=2, progress=False)
+    if "top_p" not in inspect.signature(Decoder.generate).parameters:
+        with pytest.raises(ValueError, match="has no top_p sampling"):
+            teacher_tokens(_lm(), CORPUS, top_p=0.5, **settings)
+        return
+    nucleus = teacher_tokens(_lm(), CORPUS, top_k=None, top_p=1e-6, **settings)
+    assert torch.equal(nucleus, teacher_tokens(_lm(), CORPUS, top_k=1, **settings))
