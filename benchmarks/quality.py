@@ -94,7 +94,11 @@ VARIANTS = {
     # and the full LM, no next-token loss (the LM does not drift to the training text)
     "ppn_bayes-kd": dict(teacher="original", nll_weight=0.0),
     "ppn_bayes-kd-prefix": dict(teacher="original", nll_weight=0.0, gate_coupling="prefix"),
+    # the same on half training text, half the LM's own text (--fit-tokens), row by row
+    "ppn_bayes-kd-prefix-mix": dict(teacher="original", nll_weight=0.0, gate_coupling="prefix"),
 }
+#: Methods that read --fit-tokens: the teacher text alone, or mixed half and half with the training text.
+FIT_TOKENS_METHODS = ("ppn_bayes-teacher", "ppn_bayes-kd-prefix-mix")
 #: Fits whose sub-networks the +distill methods fine-tune (``<fit>+distill``), and with
 #: ``LONG_FINETUNE`` times the fit's steps (``<fit>+distill-long``).
 FINETUNED_FITS = ("ppn_bayes", "ppn_bayes-frozen", "ppn_bayes-original")
@@ -150,9 +154,10 @@ class QualityConfig:
                 raise ValueError(f"sizes are fractions in (0, 1], got {size}")
         if self.autocast not in ("bf16", "none"):
             raise ValueError(f"autocast must be 'bf16' or 'none', got {self.autocast!r}")
-        if ("ppn_bayes-teacher" in self.methods) != (self.fit_tokens is not None):
-            raise ValueError("ppn_bayes-teacher fits on --fit-tokens, a token file from `ppn-bayes teacher-text`, "
-                             "and --fit-tokens is read by ppn_bayes-teacher only: give both or neither")
+        reads_fit_tokens = any(m in FIT_TOKENS_METHODS for m in self.methods)
+        if reads_fit_tokens != (self.fit_tokens is not None):
+            raise ValueError(f"{', '.join(FIT_TOKENS_METHODS)} fit on --fit-tokens, a token file or store from "
+                             "`ppn-bayes teacher-text`, and only they read it: give both or neither")
         if self.limit_windows is not None and self.limit_windows < 1:
             raise ValueError(f"limit_windows must be positive, got {self.limit_windows}")
 
@@ -374,8 +379,16 @@ def _fit_tokens(run: Run, method: str) -> tuple[torch.Tensor, dict]:
     """What a ppn_bayes fit reads, and how its records name it: the training text, or for
     ppn_bayes-teacher the token file of ``--fit-tokens`` (its header's settings included)."""
     c = run.config
-    if method != "ppn_bayes-teacher":
+    if method not in FIT_TOKENS_METHODS:
         return run.train_tokens, {"train_text": Path(c.train_text).name}
+    if method.endswith("-mix"):
+        from ppn_bayes.store import Mixture, TokenSource, open_source
+
+        generated = open_source(c.fit_tokens, vocab_size=vocab_rows(run.lm))
+        mixture = Mixture([TokenSource.from_tensor(run.train_tokens), generated], [0.5, 0.5],
+                          seq_len=c.fit.seq_len, seed=c.fit.seed)
+        return mixture, {"train_text": f"{Path(c.train_text).name} + {Path(c.fit_tokens).name}, half and half",
+                         "fit_data": mixture.identity()}
     from safetensors import safe_open
 
     tokens = load_tokens(c.fit_tokens)

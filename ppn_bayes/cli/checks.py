@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -328,7 +329,15 @@ def _fit(args: argparse.Namespace) -> None:
     check_device(args.device)
     info = model_info(args.model, "--model", ("hf", "gguf"))
     check_seq_len(args.seq_len, info, "--seq-len")
-    check_data(args.data, "--data", info.vocab_size)
+    from ..store import parse_sources
+
+    paths, weights = parse_sources(args.data)
+    for path, weight in zip(paths, weights or []):
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"--data: the weight of {path} must be a finite number >= 0, got {weight}")
+    if weights is not None and not sum(weights) > 0:
+        raise ValueError(f"--data: the mixing weights sum to {sum(weights)}; at least one must be positive")
+    check_data(paths, "--data", info.vocab_size)
     if getattr(args, "eval_data", None):
         check_data(args.eval_data, "--eval-data", info.vocab_size)
     out = Path(args.out)
@@ -363,7 +372,14 @@ def _teacher_text(args: argparse.Namespace) -> None:
     if args.top_k < 0:
         raise ValueError(f"--top-k must not be negative, got {args.top_k}")
     check_device(args.device)
-    check_output_file(args.out, overwrite=args.overwrite, suffix=".safetensors")
+    out = Path(args.out)
+    if out.suffix == ".safetensors":  # one token file, written at once
+        if args.resume:
+            raise ValueError(f"--resume continues a token store folder; --out {out} is a single .safetensors file")
+        check_output_file(out, overwrite=args.overwrite, suffix=".safetensors")
+    else:  # a token store: an absent or empty folder, or one to --resume or --overwrite
+        empty = out.is_dir() and not any(out.iterdir())
+        check_output_dir(out, overwrite=args.overwrite, may_exist=args.resume or empty)
     info = model_info(args.model, "--model", ("hf", "gguf"))
     check_seq_len(args.prompt_len + args.new_tokens, info, "--prompt-len + --new-tokens")
     check_data(args.data, "--data", info.vocab_size)

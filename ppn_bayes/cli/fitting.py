@@ -118,7 +118,7 @@ def _fit(args: argparse.Namespace) -> int:
     from ..fit import fit
     from ..io import atomic_write_text
     from ..lm import load_lm, vocab_rows
-    from ..store import open_mixture, parse_sources
+    from ..store import open_mixture
 
     config: FitConfig = fit_config_from(args)
     out = Path(args.out)
@@ -126,7 +126,6 @@ def _fit(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{out / 'checkpoint'} exists; pass --resume to continue it")
     # Under torchrun the LM is read on the CPU: fit moves it (DDP) or its shards (FSDP) to cuda:LOCAL_RANK.
     device = "cpu" if distributed.launched() else args.device
-    parse_sources(args.data)  # the specs' errors before the model loads
     lm, tokenizer = load_lm(args.model, dtype=getattr(torch, args.dtype), device=device)
     blocks = open_mixture(args.data, tokenizer, seq_len=config.seq_len, seed=config.seed, vocab_size=vocab_rows(lm))
     eval_tokens = load_tokens(args.eval_data, tokenizer) if args.eval_data else None
