@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import math
 from pathlib import Path
 
@@ -36,7 +35,7 @@ import torch
 from torch import nn
 
 from .data import check_token_ids
-from .generation import Decoder
+from .generation import Decoder, check_sampling, distinct_ngram_fraction
 from .lm import vocab_rows
 from .store import DEFAULT_SHARD_TOKENS, TokenStore, TokenStoreWriter, tokenizer_identity
 
@@ -58,12 +57,7 @@ def check_generation_settings(*, n_tokens: int, prompt_len: int, new_tokens: int
             raise ValueError(f"{name} must be at least 1, got {value}")
     if not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be positive and finite (sampling), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be at least 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_p is not None and "top_p" not in inspect.signature(Decoder.generate).parameters:
-        raise ValueError("top_p: this ppn_bayes's Decoder.generate has no top_p sampling")
+    check_sampling(temperature, top_k, top_p)
     if not 0 <= min_distinct <= 1:
         raise ValueError(f"min_distinct must be in [0, 1] (a fraction of distinct 4-grams), got {min_distinct}")
     if min_distinct > 0 and new_tokens < 4:
@@ -89,21 +83,6 @@ def _check(lm: nn.Module, corpus: torch.Tensor, settings: dict) -> None:
         check_token_ids(corpus, vocab, what="the corpus")
 
 
-def _distinct_ngram_fraction(tokens: torch.Tensor, n: int = 4) -> torch.Tensor:
-    """Distinct ``n``-grams over all ``n``-grams of each row of ``tokens [B, N]`` (``N >= n``),
-    ``[B]``. Each ``n``-gram is encoded as one integer (exactly,
-    base ``max id + 1``, when that fits in int64), sorted, and changes counted."""
-    grams = tokens.long().unfold(1, n, 1)  # [B, G, n]
-    base = int(tokens.max()) + 1
-    if base ** n < 2**63:
-        weights = torch.tensor([base ** (n - 1 - i) for i in range(n)], device=tokens.device)  # [n]
-        codes = (grams * weights).sum(-1).sort(dim=1).values  # [B, G]
-        distinct = 1 + (codes[:, 1:] != codes[:, :-1]).sum(1)  # [B]
-    else:
-        distinct = torch.tensor([len(torch.unique(row, dim=0)) for row in grams], device=tokens.device)
-    return distinct.float() / grams.shape[1]
-
-
 @contextlib.contextmanager
 def _decoding(lm: nn.Module, *, max_len: int, batch_size: int, device, dtype, compile: bool):
     """A :class:`Decoder` of ``lm`` in eval mode; ``lm``'s training mode is restored after."""
@@ -124,11 +103,10 @@ def _round(decoder: Decoder, corpus: torch.Tensor, prompts_generator: torch.Gene
     # may be a single token.
     starts = torch.randint(0, corpus.numel() - prompt_len + 1, (batch_size,), generator=prompts_generator)
     prompts = corpus[starts[:, None] + torch.arange(prompt_len)]  # [B, P]
-    options = {} if settings["top_p"] is None else {"top_p": settings["top_p"]}
     new = decoder.generate(prompts.to(decoder.device), settings["new_tokens"], temperature=settings["temperature"],
-                           generator=sampler, top_k=settings["top_k"], **options)  # [B, N]
+                           generator=sampler, top_k=settings["top_k"], top_p=settings["top_p"])  # [B, N]
     if settings["min_distinct"] > 0:
-        kept = (_distinct_ngram_fraction(new, 4) >= settings["min_distinct"]).cpu()  # [B]
+        kept = (distinct_ngram_fraction(new, 4) >= settings["min_distinct"]).cpu()  # [B]
     else:
         kept = torch.ones(batch_size, dtype=torch.bool)
     return torch.cat([prompts, new.cpu()], dim=1), kept
