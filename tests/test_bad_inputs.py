@@ -110,6 +110,16 @@ def fx(tmp_path_factory):
     corrupt("fit_state_other", p["fit"], "state.json", json.dumps({"format": "not a checkpoint"}))
     corrupt("ranked_index_edited", p["ranked"], "ranked.json",
             (p["ranked"] / "ranked.json").read_text().replace('"format_version": 1', '"format_version": 99'))
+    import gguf  # a GGUF file's header: 256 positions, the char vocabulary; and a truncated copy
+
+    writer = gguf.GGUFWriter(str(root / "header.gguf"), "llama")
+    writer.add_context_length(256)
+    writer.add_token_list(list(tokenizer.alphabet))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    (root / "truncated.gguf").write_bytes((root / "header.gguf").read_bytes()[:60])
     shutil.copytree(p["model"], root / "model_no_config")
     (root / "model_no_config" / "config.json").unlink()
     p["model_no_config"] = root / "model_no_config"
@@ -159,6 +169,10 @@ FIT_CASES = [
     ("fit --model {tokenizer_truncated} --data {tokens} --out {out}", "not valid JSON"),
     ("fit --model {tokenizer_no_alphabet} --data {tokens} --out {out}", "no 'alphabet'"),
     ("fit --model {hf_tokenizer_truncated} --data {tokens} --out {out}", "not valid JSON"),
+    ("fit --model {root}/truncated.gguf --data {tokens} --out {out}", "not a readable GGUF file"),
+    ("fit --model {root}/nothing.gguf --data {tokens} --out {out}", "does not exist"),
+    ("fit --model {root}/header.gguf --data {oov} --out {out}", "outside the LM's vocabulary"),
+    ("fit --model {root}/header.gguf --data {tokens} --out {out} --seq-len 300", "above the 256 positions"),
     ("fit --model {fit} --data {tokens} --out {out}", "is a fit checkpoint, not a Hugging Face directory"),
     ("fit --model {ranked} --data {tokens} --out {out}", "is a ranked checkpoint"),
     ("fit --model {sub} --data {tokens} --out {out}", "is a sub-network"),
@@ -383,6 +397,9 @@ EVAL_CASES = [
     ("eval {tokenizer_truncated} --data {tokens}", "not valid JSON"),
     ("eval {hf_tokenizer_truncated} --data {tokens}", "not valid JSON"),
     ("eval {model} --data {root}/nothing.txt", "no data file"),
+    ("eval {root}/truncated.gguf --data {tokens}", "not a readable GGUF file"),
+    ("eval {root}/header.gguf --data {tokens} --seq-len 100000", "above the 256 positions"),
+    ("eval {root}/header.gguf --data {tokens} --seq-len 16 --size 0.5", "holds no ranking"),
     ("eval {model} --data {root}/binary.txt", "binary.txt is not UTF-8 text"),
     ("eval {model} --data {root}/empty.txt", "holds no text"),
     ("eval {model} --data {oov}", "outside the LM's vocabulary"),
