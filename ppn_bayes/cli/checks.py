@@ -241,7 +241,9 @@ def model_info(path, what: str, kinds: tuple[str, ...] | None = None) -> ModelIn
     if kinds is not None and kind not in kinds:
         names = {"fit": "a fit checkpoint", "ranked": "a ranked checkpoint", "hf": "a Hugging Face directory",
                  "gguf": "a .gguf file", "subnetwork": "a sub-network"}
-        raise ValueError(f"{what} {path} is {names[kind]}, not {' or '.join(names[k] for k in kinds)}")
+        wanted = (f"a {' or '.join(kinds)} checkpoint" if set(kinds) <= {"fit", "ranked"}
+                  else " or ".join(names[k] for k in kinds))
+        raise ValueError(f"{what} {path} is {names[kind]}, not {wanted}")
     if kind == "gguf":
         positions, vocab = _gguf_info(path, what)
         return ModelInfo(path, kind, positions, vocab)
