@@ -135,9 +135,10 @@ def recover_directory(path: str | Path) -> Path:
     before reading or replacing ``path``; :func:`atomic_directory` does. Returns ``path``.
     """
     path = Path(path)
-    if not path.parent.is_dir():
+    try:
+        leftovers = _leftovers(path)
+    except (FileNotFoundError, NotADirectoryError, PermissionError):  # no folder to look in, or not ours
         return path
-    leftovers = _leftovers(path)
     if any(_alive(pid) for _, pid in leftovers):
         return path
     finished = [item for item, _ in leftovers if item.suffix == ".new"]

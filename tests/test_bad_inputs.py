@@ -110,6 +110,16 @@ def fx(tmp_path_factory):
     corrupt("fit_state_other", p["fit"], "state.json", json.dumps({"format": "not a checkpoint"}))
     corrupt("ranked_index_edited", p["ranked"], "ranked.json",
             (p["ranked"] / "ranked.json").read_text().replace('"format_version": 1', '"format_version": 99'))
+    import gguf  # a GGUF file's header: 256 positions, the char vocabulary; and a truncated copy
+
+    writer = gguf.GGUFWriter(str(root / "header.gguf"), "llama")
+    writer.add_context_length(256)
+    writer.add_token_list(list(tokenizer.alphabet))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    (root / "truncated.gguf").write_bytes((root / "header.gguf").read_bytes()[:60])
     shutil.copytree(p["model"], root / "model_no_config")
     (root / "model_no_config" / "config.json").unlink()
     p["model_no_config"] = root / "model_no_config"
@@ -159,6 +169,10 @@ FIT_CASES = [
     ("fit --model {tokenizer_truncated} --data {tokens} --out {out}", "not valid JSON"),
     ("fit --model {tokenizer_no_alphabet} --data {tokens} --out {out}", "no 'alphabet'"),
     ("fit --model {hf_tokenizer_truncated} --data {tokens} --out {out}", "not valid JSON"),
+    ("fit --model {root}/truncated.gguf --data {tokens} --out {out}", "not a readable GGUF file"),
+    ("fit --model {root}/nothing.gguf --data {tokens} --out {out}", "does not exist"),
+    ("fit --model {root}/header.gguf --data {oov} --out {out}", "outside the LM's vocabulary"),
+    ("fit --model {root}/header.gguf --data {tokens} --out {out} --seq-len 300", "above the 256 positions"),
     ("fit --model {fit} --data {tokens} --out {out}", "is a fit checkpoint, not a Hugging Face directory"),
     ("fit --model {ranked} --data {tokens} --out {out}", "is a ranked checkpoint"),
     ("fit --model {sub} --data {tokens} --out {out}", "is a sub-network"),
@@ -273,9 +287,9 @@ SUMMARIZE_CASES = [
     ("summarize {fit} --out {afile}", "is a file, not a folder"),
     ("summarize {fit} --out {afile} --overwrite", "is a file, not a folder"),
     ("summarize {fit} --out " + UNWRITABLE, "cannot write"),
-    ("summarize {fit} --out {out} --sizes 0", "not a size in (0, 1]"),
+    ("summarize {fit} --out {out} --sizes 0", "sizes must lie in (0, 1]"),
     ("summarize {fit} --out {out} --size nan", "not a finite number"),
-    ("summarize {fit} --out {out} --table-sizes 2", "not a size in (0, 1]"),
+    ("summarize {fit} --out {out} --table-sizes 2", "sizes must lie in (0, 1]"),
     ("summarize {fit} --out {out} --draws 0", "not a positive integer"),
     ("summarize {fit} --out {out} --hdi-prob 1", "not a number in (0, 1)"),
     ("summarize {fit} --out {out} --low 0.9 --high 0.1", "must be below --high"),
@@ -284,7 +298,7 @@ SUMMARIZE_CASES = [
 
 MASKS_CASES = [
     ("masks {fit} --out {out}.json", "at least one size"),
-    ("masks {fit} --out {out}.json --sizes 0", "not a size in (0, 1]"),
+    ("masks {fit} --out {out}.json --sizes 0", "sizes must lie in (0, 1]"),
     ("masks {fit} --out {out}.json --sizes nan", "not a finite number"),
     ("masks {fit} --out {out}.json --params 0", "not a positive integer"),
     ("masks {fit} --out {masks} --sizes 0.5", "exists; pass --overwrite"),
@@ -293,7 +307,7 @@ MASKS_CASES = [
     ("masks {fit} --out /proc/ppn-bayes-test/m.json --sizes 0.5", "cannot write"),
     ("masks {fit} --out {afile}/m.json --sizes 0.5", "is a file, not a folder"),
     ("masks {root}/nothing --out {out}.json --sizes 0.5", "does not exist"),
-    ("masks {model} --out {out}.json --sizes 0.5", "is a Hugging Face directory, not a fit checkpoint"),
+    ("masks {model} --out {out}.json --sizes 0.5", "is a Hugging Face directory, not a fit or ranked checkpoint"),
     ("masks {sub} --out {out}.json --sizes 0.5", "is a sub-network"),
     ("masks {fit_dir} --out {out}.json --sizes 0.5", "give {fit}"),
     ("masks {ranked_index_edited} --out {out}.json --sizes 0.5", "ranked checkpoint version 99"),
@@ -312,8 +326,8 @@ EXPORT_CASES = [
 
 RESIZE_CASES = [
     ("resize {ranked} --out {out}", "one of the arguments --size --params is required"),
-    ("resize {ranked} --out {out} --size 0", "not a size in (0, 1]"),
-    ("resize {ranked} --out {out} --size 1.5", "not a size in (0, 1]"),
+    ("resize {ranked} --out {out} --size 0", "sizes must lie in (0, 1]"),
+    ("resize {ranked} --out {out} --size 1.5", "sizes must lie in (0, 1]"),
     ("resize {ranked} --out {out} --size nan", "not a finite number"),
     ("resize {ranked} --out {out} --params -5", "not a positive integer"),
     ("resize {ranked} --out {out} --size 0.5 --params 10", "not allowed with argument"),
@@ -374,7 +388,7 @@ EVAL_CASES = [
     (EVAL + " --masks {root}/nothing.json --size 0.5", "no mask file"),
     (EVAL + " --masks {root}/masks_truncated.json --size 0.5", "not valid JSON"),
     (EVAL + " --masks {root}/masks_other.json --size 0.5", "not a ppn_bayes mask file"),
-    (EVAL + " --size 0", "not a size in (0, 1]"),
+    (EVAL + " --size 0", "sizes must lie in (0, 1]"),
     (EVAL + " --params 0", "not a positive integer"),
     ("eval {root}/nothing --data {tokens}", "does not exist"),
     ("eval {fit_dir} --data {tokens}", "give {fit}"),
@@ -383,6 +397,9 @@ EVAL_CASES = [
     ("eval {tokenizer_truncated} --data {tokens}", "not valid JSON"),
     ("eval {hf_tokenizer_truncated} --data {tokens}", "not valid JSON"),
     ("eval {model} --data {root}/nothing.txt", "no data file"),
+    ("eval {root}/truncated.gguf --data {tokens}", "not a readable GGUF file"),
+    ("eval {root}/header.gguf --data {tokens} --seq-len 100000", "above the 256 positions"),
+    ("eval {root}/header.gguf --data {tokens} --seq-len 16 --size 0.5", "holds no ranking"),
     ("eval {model} --data {root}/binary.txt", "binary.txt is not UTF-8 text"),
     ("eval {model} --data {root}/empty.txt", "holds no text"),
     ("eval {model} --data {oov}", "outside the LM's vocabulary"),
@@ -395,7 +412,7 @@ EVAL_CASES = [
 
 SPECULATE = "speculate {ranked} --data {tokens} --prompt-len 8 --max-new-tokens 4 --ks 2 --sizes 0.5"
 SPECULATE_CASES = [
-    (SPECULATE + " --sizes 0", "not a size in (0, 1]"),
+    (SPECULATE + " --sizes 0", "sizes must lie in (0, 1]"),
     (SPECULATE + " --ks 0", "not a positive integer"),
     (SPECULATE + " --n-prompts 0", "not a positive integer"),
     (SPECULATE + " --prompt-len 0", "not a positive integer"),
@@ -439,10 +456,7 @@ def test_bad_input(line, expect, fx, tmp_path, capsys):
     case_dir.mkdir()
     argv = _fill(line, fx, case_dir).split()
     before = _snapshot(fx["root"], case_dir)
-    try:
-        code = main(argv)
-    except SystemExit as exit_:  # argparse
-        code = exit_.code
+    code = main(argv)
     captured = capsys.readouterr()
     assert code == 2, captured.err
     _line_ok(captured.err, argv[0], _fill(expect, fx, case_dir))
@@ -502,11 +516,7 @@ def test_issue17_3_fit_refuses_an_unusable_out_before_training(fx, tmp_path, cap
 def test_issue17_4_errors_of_every_class_are_one_line(line, expect, fx, tmp_path, capsys):
     """Item 4: RuntimeError, SafetensorError, IndexError, ZeroDivisionError, KeyError and
     OSError escaped as tracebacks."""
-    try:
-        code = main(_fill(line, fx, tmp_path).split())
-    except SystemExit as exit_:
-        code = exit_.code
-    assert code == 2
+    assert main(_fill(line, fx, tmp_path).split()) == 2
     _line_ok(capsys.readouterr().err, line.split()[0], expect)
 
 

@@ -110,10 +110,15 @@ def quiet_libraries(quiet: bool):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``ppn-bayes`` with ``argv``; returns the exit status (argparse's too: 0 after
+    ``--help``, 2 after a bad argument) and raises nothing, unless ``--debug``."""
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra:  # named by the subcommand's parser, not the top-level one
-        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # named by the subcommand's parser, not the top-level one
+            parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else 2
     debug = bool(getattr(args, "debug", False))
     prefix = f"ppn-bayes {args.command}: error:"
     try:

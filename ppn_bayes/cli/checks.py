@@ -154,26 +154,71 @@ def _positions(config: dict) -> int | None:
     return None
 
 
+#: struct formats of GGUF's scalar value types (8 is a string, 9 an array).
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+                 12: "<d"}
+
+
+def _gguf_metadata(path: Path) -> dict | None:
+    """The key-value metadata of a GGUF file (version 2 or 3, little-endian), read from
+    its header alone: scalars and strings as they are, arrays as their length. None for a
+    file this reader does not know (a big-endian one, say): the loader then decides."""
+    import mmap
+    import struct
+
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        if data[:4] != b"GGUF":
+            raise ValueError("it does not start with GGUF")
+        version, n_tensors, n_kv = struct.unpack_from("<IQQ", data, 4)
+        if not 2 <= version <= 3:
+            return None
+        pos, meta = 24, {}
+
+        def string(pos: int) -> tuple[str, int]:
+            (n,) = struct.unpack_from("<Q", data, pos)
+            if pos + 8 + n > len(data):
+                raise ValueError("it is truncated")
+            return bytes(data[pos + 8:pos + 8 + n]).decode("utf-8", "replace"), pos + 8 + n
+
+        def value(kind: int, pos: int):
+            if kind == 8:
+                return string(pos)
+            if kind == 9:
+                element, count = struct.unpack_from("<IQ", data, pos)
+                pos += 12
+                if element == 8:
+                    for _ in range(count):
+                        pos += 8 + struct.unpack_from("<Q", data, pos)[0]
+                elif element in _GGUF_SCALARS:
+                    pos += struct.calcsize(_GGUF_SCALARS[element]) * count
+                else:
+                    raise ValueError(f"an array of value type {element}")
+                return count, pos
+            if kind not in _GGUF_SCALARS:
+                raise ValueError(f"an unknown value type {kind}")
+            return struct.unpack_from(_GGUF_SCALARS[kind], data, pos)[0], pos + struct.calcsize(_GGUF_SCALARS[kind])
+
+        for _ in range(n_kv):
+            key, pos = string(pos)
+            (kind,) = struct.unpack_from("<I", data, pos)
+            meta[key], pos = value(kind, pos + 4)
+    return meta
+
+
 def _gguf_info(path: Path, what: str) -> tuple[int | None, int | None]:
     """(context length, vocabulary size) from a GGUF file's header, or Nones."""
+    import struct
+
     try:
-        from gguf import GGUFReader
-    except ImportError:
+        meta = _gguf_metadata(path)
+    except (ValueError, struct.error, OSError) as err:
+        raise FileFormatError(f"{what}: {path} is not a readable GGUF file ({err})") from None
+    if meta is None:
         return None, None
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as err:  # noqa: BLE001 - a header gguf cannot read is a corrupt file
-        raise FileFormatError(f"{what}: {path} is not a readable GGUF file ({' '.join(str(err).split())})") from None
-
-    def scalar(key):
-        field = reader.fields.get(key)
-        return int(field.parts[field.data[0]][0]) if field is not None and field.data else None
-
-    arch_field = reader.fields.get("general.architecture")
-    arch = bytes(arch_field.parts[arch_field.data[0]]).decode() if arch_field is not None else ""
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    vocab = scalar(f"{arch}.vocab_size") or (len(tokens.data) if tokens is not None else None)
-    return scalar(f"{arch}.context_length"), vocab
+    arch = meta.get("general.architecture", "")
+    positions, vocab = meta.get(f"{arch}.context_length"), meta.get(f"{arch}.vocab_size")
+    vocab = vocab if isinstance(vocab, int) else meta.get("tokenizer.ggml.tokens")
+    return (positions if isinstance(positions, int) else None), (vocab if isinstance(vocab, int) else None)
 
 
 def _not_a_folder_of(path: Path, what: str) -> None:
@@ -197,7 +242,9 @@ def model_info(path, what: str, kinds: tuple[str, ...] | None = None) -> ModelIn
     if kinds is not None and kind not in kinds:
         names = {"fit": "a fit checkpoint", "ranked": "a ranked checkpoint", "hf": "a Hugging Face directory",
                  "gguf": "a .gguf file", "subnetwork": "a sub-network"}
-        raise ValueError(f"{what} {path} is {names[kind]}, not {' or '.join(names[k] for k in kinds)}")
+        wanted = (f"a {' or '.join(kinds)} checkpoint" if set(kinds) <= {"fit", "ranked"}
+                  else " or ".join(names[k] for k in kinds))
+        raise ValueError(f"{what} {path} is {names[kind]}, not {wanted}")
     if kind == "gguf":
         positions, vocab = _gguf_info(path, what)
         return ModelInfo(path, kind, positions, vocab)

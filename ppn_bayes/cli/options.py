@@ -50,7 +50,10 @@ def nonnegative_float(text: str) -> float:
 
 def size_fraction(text: str) -> float:
     """A size: a fraction of the decoder's parameters in (0, 1]."""
-    return _number(float, text, "a size in (0, 1]", lambda v: 0 < v <= 1)
+    value = _number(float, text, "a number", lambda v: True)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"sizes must lie in (0, 1], got {text!r}")
+    return value
 
 
 def open_fraction(text: str) -> float:
