@@ -256,8 +256,8 @@ DEMO_CASES = [
 
 TEACHER = "teacher-text --model {model} --data {tokens} --tokens 100 --prompt-len 8 --new-tokens 8"
 TEACHER_CASES = [
-    (TEACHER + " --out {out}.txt", "end in .safetensors"),
-    (TEACHER + " --out {adir}", "must end in .safetensors"),
+    (TEACHER + " --out {adir}", "exists; pass --resume"),
+    (TEACHER + " --out {out}.safetensors --resume", "--resume continues a token store folder"),
     (TEACHER + " --out {root}/folder.safetensors", "is a folder, not a file"),
     (TEACHER + " --out {tokens}", "exists; pass --overwrite"),
     (TEACHER + " --out {afile}/x.safetensors", "is a file, not a folder"),

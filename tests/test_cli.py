@@ -75,6 +75,22 @@ def test_fit_cli_on_a_local_model(tmp_path):
     assert printed["steps"] == 2 and printed["held_out"]["step"] == 2
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["config"]["steps"] == 2 and result["validation"][0]["windows"] == 2
+    # A resume without --eval-data reports no held-out figure of the earlier run as its own.
+    common = ["--model", str(tmp_path / "model"), "--batch-size", "2", "--seq-len", "32", "--mlp-group", "32",
+              "--quiet"]
+    resumed = subprocess.run(["ppn-bayes", "fit", *common, "--data", str(tmp_path / "train.txt"), "--out",
+                              str(tmp_path / "run"), "--steps", "3", "--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    printed = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert printed["steps"] == 3 and "held_out" not in printed
+    # Several sources with mixing weights, recorded with the fit.
+    mixed = subprocess.run(["ppn-bayes", "fit", *common, "--data", f"{tmp_path / 'train.txt'}:0.75",
+                            f"{tmp_path / 'held_out.txt'}:0.25", "--out", str(tmp_path / "mixed"), "--steps", "1"],
+                           capture_output=True, text=True)
+    assert mixed.returncode == 0, mixed.stderr
+    data = json.loads((tmp_path / "mixed" / "result.json").read_text())["data"]
+    assert [(Path(s["path"]).name, s["weight"]) for s in data["sources"]] == [("train.txt", 0.75),
+                                                                             ("held_out.txt", 0.25)]
     bad = subprocess.run(["ppn-bayes", "fit", "--model", str(tmp_path / "nothing"), "--data", "x", "--out",
                           str(tmp_path / "run2")], capture_output=True, text=True)
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr

@@ -425,8 +425,9 @@ def _teacher_text(args: argparse.Namespace) -> None:
             raise ValueError(f"--resume continues a token store folder; --out {out} is a single .safetensors file")
         check_output_file(out, overwrite=args.overwrite, suffix=".safetensors")
     else:  # a token store: an absent or empty folder, or one to --resume or --overwrite
-        empty = out.is_dir() and not any(out.iterdir())
-        check_output_dir(out, overwrite=args.overwrite, may_exist=args.resume or empty)
+        if out.is_dir() and any(out.iterdir()) and not (args.resume or args.overwrite):
+            raise FileExistsError(f"--out {out} exists; pass --resume to continue it or --overwrite to replace it")
+        check_output_dir(out, overwrite=args.overwrite, may_exist=True)
     info = model_info(args.model, "--model", ("hf", "gguf"))
     check_seq_len(args.prompt_len + args.new_tokens, info, "--prompt-len + --new-tokens")
     check_data(args.data, "--data", info.vocab_size)

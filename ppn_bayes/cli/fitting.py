@@ -135,7 +135,10 @@ def _fit(args: argparse.Namespace) -> int:
         return 0
     atomic_write_text(out / "result.json", fitted.result.to_json())
     last = fitted.result.history[-1] if fitted.result.history else {}
+    # The held-out record of this run only: a resume without --eval-data keeps older ones.
     held_out = fitted.result.validation[-1] if fitted.result.validation else None
+    if held_out is not None and held_out["step"] != fitted.result.steps_done:
+        held_out = None
     print(json.dumps({"steps": fitted.result.steps_done, "train_tokens": fitted.result.train_tokens,
                       "last": last, **({"held_out": held_out} if held_out else {}),
                       "checkpoint": fitted.result.checkpoint}))

@@ -31,7 +31,7 @@ from .. import distributed
 from ..architecture import Architecture, decoder_layers, describe
 from ..config import FitConfig
 from ..data import TokenBlocks
-from ..io import FileFormatError
+from ..io import FileFormatError, recover_directory
 from ..store import TokenSource
 from . import checkpoint as ckpt
 from .state import FitResult, FitState, PuppetFit, build_guide, build_model, build_optimizer, copy_frozen
@@ -98,6 +98,8 @@ def fit(
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     state = None
     if resume:
+        if checkpoint is not None:
+            recover_directory(checkpoint)  # the newest complete checkpoint after a crash at any point
         if checkpoint is None or not (checkpoint / "state.json").exists():
             raise FileNotFoundError(f"no checkpoint to resume from at {checkpoint}")
         state = ckpt.read_state(checkpoint)
@@ -239,8 +241,8 @@ def _loop(run: FitState, blocks, context, *, checkpoint, tokenizer, progress, ev
         if eval_tokens is not None and (done == config.steps or (config.eval_every and done % config.eval_every == 0)):
             log.flush(began)
             run.validation.append(_validate(lm, run.guide, eval_tokens, config, done))
-            bar.set_postfix(ppl_full=f"{math.exp(run.validation[-1]['nll_full']):.1f}",
-                            ppl_size_min=f"{math.exp(run.validation[-1]['nll_size_min']):.1f}")
+            log.show(ppl_full=f"{math.exp(run.validation[-1]['nll_full']):.1f}",
+                     ppl_size_min=f"{math.exp(run.validation[-1]['nll_size_min']):.1f}")
         if checkpoint is not None and config.checkpoint_every and done % config.checkpoint_every == 0 \
                 and done < config.steps:
             log.flush(began)
@@ -276,6 +278,7 @@ class _Log:
     def __init__(self, run: FitState, config: FitConfig, bar):
         self.run, self.config, self.bar = run, config, bar
         self.pending: list = []
+        self.postfix: dict = {}  # the bar's figures: the latest step's losses and held-out perplexities
 
     def push(self, step: int, figures: torch.Tensor, began: float) -> None:
         if figures.is_cuda:
@@ -306,7 +309,12 @@ class _Log:
             row = {"step": step, "loss": loss, "nll_full": nll_full, "sizes": sizes, "realised": realised,
                    "nll": nll[1:], "kl": kl[1:], "kl_full": kl[0]}
             self.run.history.append(row)
-            self.bar.set_postfix(loss=f"{loss:.3f}", **({"nll_full": f"{nll_full:.3f}"} if nll_full is not None else {}))
+        self.show(loss=f"{loss:.3f}", **({"nll_full": f"{nll_full:.3f}"} if nll_full is not None else {}))
+
+    def show(self, **figures) -> None:
+        """Update the progress bar's figures (every step: the values are on the host already)."""
+        self.postfix.update(figures)
+        self.bar.set_postfix(self.postfix, refresh=False)
 
 
 def _check_finite(values: list[float], step: int) -> None:
