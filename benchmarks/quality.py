@@ -34,6 +34,13 @@ Methods (``--methods``)::
                           training tokens: the fit's and the fine-tune's); also
                           ppn_bayes-frozen+distill and ppn_bayes-original+distill from those fits;
                           <fit>+distill-long: the fine-tune with 4 x the fit's tokens
+    width                 the uniform width cut: every layer kept, the same number of KV groups and
+                          of MLP channel groups in each (the best by activation score), the widths
+                          whose size is the closest to the size asked without exceeding it; no training
+    width-kd              that cut at each --width-kd-sizes, distilled from the dense LM
+                          (ppn_bayes.finetune.distill) on --width-kd-data for --width-kd-tokens
+                          tokens with the fit's batch, window and learning rate; one run per size
+                          (Minitron-style: the peer a practitioner tries first)
     sparsegpt, wanda      llm-compressor, unstructured at sparsity 1 - size
     sparsegpt-2:4, wanda-2:4   llm-compressor, 2:4 at size 0.5
 
@@ -53,6 +60,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import shutil
 import sys
 import time
 import traceback
@@ -104,9 +112,11 @@ FIT_TOKENS_METHODS = ("ppn_bayes-teacher", "ppn_bayes-kd-prefix-mix")
 FINETUNED_FITS = ("ppn_bayes", "ppn_bayes-frozen", "ppn_bayes-original")
 LONG_FINETUNE = 4
 STRUCTURED = ("shortgpt", "magnitude", "activation", "magnitude-uniform", "activation-uniform")
+WIDTH = ("width", "width-kd")
 SPARSE = ("sparsegpt", "wanda", "sparsegpt-2:4", "wanda-2:4")
 METHODS = ("dense", "ppn_bayes", *ABLATIONS, *VARIANTS, *STRUCTURED, *(f"{m}+distill" for m in STRUCTURED),
-           *(f"{m}+distill" for m in FINETUNED_FITS), *(f"{m}+distill-long" for m in FINETUNED_FITS), *SPARSE)
+           *(f"{m}+distill" for m in FINETUNED_FITS), *(f"{m}+distill-long" for m in FINETUNED_FITS), *WIDTH,
+           *SPARSE)
 DEFAULT_METHODS = ("dense", "ppn_bayes", *ABLATIONS, *STRUCTURED, *SPARSE)
 #: The fit of record: 2048-token windows, the sandwich rule down to the smallest size.
 DEFAULT_FIT = FitConfig(steps=300, batch_size=8, seq_len=2048, size_min=0.3, checkpoint_every=100,
@@ -144,6 +154,11 @@ class QualityConfig:
     quick: bool = False
     save_sparse: str | None = None  # method@size whose pruned weights are kept for speed.py
     fit_tokens: str | None = None  # the token file ppn_bayes-teacher fits on
+    width_kd_sizes: tuple[float, ...] = (0.5, 0.3)
+    width_kd_data: str | None = None  # text or token file width-kd trains on (default: train_text)
+    width_kd_tokens: int | None = None  # training tokens of each width-kd run (default: the fit's)
+    width_mlp_group: int = 32  # MLP channels per unit of the width cuts
+    width_kd_checkpoint_every: int = 500  # steps
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
@@ -160,6 +175,27 @@ class QualityConfig:
                              "`ppn-bayes teacher-text`, and only they read it: give both or neither")
         if self.limit_windows is not None and self.limit_windows < 1:
             raise ValueError(f"limit_windows must be positive, got {self.limit_windows}")
+        for size in self.width_kd_sizes:
+            if not 0 < size <= 1:
+                raise ValueError(f"sizes are fractions in (0, 1], got {size}")
+        if self.width_mlp_group < 1:
+            raise ValueError(f"width_mlp_group must be positive, got {self.width_mlp_group}")
+        if self.width_kd_checkpoint_every < 0:
+            raise ValueError(f"width_kd_checkpoint_every must not be negative, got {self.width_kd_checkpoint_every}")
+        if "width-kd" in self.methods:
+            if self.width_kd_data is not None and not Path(self.width_kd_data).is_file():
+                raise ValueError(f"--width-kd-data {self.width_kd_data}: no such file")
+            if self.width_kd_steps < 1:
+                raise ValueError(f"width-kd: {self.width_kd_tokens} training tokens make no step of "
+                                 f"{self.fit.batch_size} x {self.fit.seq_len} tokens")
+
+    @property
+    def width_kd_steps(self) -> int:
+        """Steps of each width-kd run: its tokens over the fit's batch of windows."""
+        tokens = self.width_kd_tokens
+        if tokens is None:
+            tokens = self.fit.steps * self.fit.batch_size * self.fit.seq_len
+        return int(tokens) // (self.fit.batch_size * self.fit.seq_len)
 
     @property
     def name(self) -> str:
@@ -210,6 +246,7 @@ class Run:
     records: list = field(default_factory=list)
     skipped: int = 0  # sizes left out for lack of time
     _calibration: torch.Tensor | None = None
+    _ordered: tuple | None = None  # activation_ordered's LM and column scores
 
     @property
     def arch(self):
@@ -389,14 +426,47 @@ def _fit_tokens(run: Run, method: str) -> tuple[torch.Tensor, dict]:
                           seq_len=c.fit.seq_len, seed=c.fit.seed)
         return mixture, {"train_text": f"{Path(c.train_text).name} + {Path(c.fit_tokens).name}, half and half",
                          "fit_data": mixture.identity()}
-    from safetensors import safe_open
-
-    tokens = load_tokens(c.fit_tokens)
-    check_token_ids(tokens, vocab_rows(run.lm), str(c.fit_tokens))
-    with safe_open(c.fit_tokens, framework="pt") as handle:
-        header = handle.metadata() or {}
+    tokens, header = _token_file(run, c.fit_tokens)
     return tokens, {"train_text": Path(c.fit_tokens).name, "fit_tokens_header": header,
                     "fit_tokens_count": tokens.numel(), "prompts_from": Path(c.train_text).name}
+
+
+def _token_file(run: Run, path) -> tuple[torch.Tensor, dict]:
+    """The tokens of a ``.safetensors`` token file, checked against the LM's vocabulary,
+    and its header's metadata."""
+    from safetensors import safe_open
+
+    tokens = load_tokens(path)
+    check_token_ids(tokens, vocab_rows(run.lm), str(path))
+    with safe_open(path, framework="pt") as handle:
+        header = handle.metadata() or {}
+    return tokens, header
+
+
+def _file_sha256(path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def width_kd_data(run: Run) -> tuple[torch.Tensor, dict]:
+    """What width-kd trains on, and its identity for the records: ``--width-kd-data`` (a
+    ``.safetensors`` token file or a text, tokenised whole) or the training text."""
+    c = run.config
+    path = Path(c.width_kd_data or c.train_text)
+    if path.suffix == ".safetensors":
+        tokens, header = _token_file(run, path)
+    elif c.width_kd_data is None:
+        tokens, header = run.train_tokens, {}
+    else:
+        tokens, header = load_tokens(path, run.tokenizer), {}
+        check_token_ids(tokens, vocab_rows(run.lm), str(path))
+    return tokens, {"data": path.name, "data_sha256": _file_sha256(path), "data_tokens": int(tokens.numel()),
+                    "data_header": header}
 
 
 def _time_boxed_steps(run: Run, lm, fit_config: FitConfig, checkpoint: Path, tokens: torch.Tensor):
@@ -435,8 +505,38 @@ def _export_ranked(run: Run, fitted) -> None:
         print(f"[quality] ranked export failed: {err!r}", file=sys.stderr, flush=True)
 
 
+#: How the activation baselines score units (their records say so; the score before issue 15,
+#: "mean |W_ij| * rms(X_j) of owned weights", was mostly weight magnitude).
+ACTIVATION_SCORE = ("activation: an attention unit's mean squared output norm (its query heads' channels into "
+                    "o_proj), an MLP unit's summed mean |activation| of its channels (into down_proj); MLP channels "
+                    "ordered by that score first, so a unit of g channels is g channels of similar score")
+
+
+def _calibration_settings(run: Run) -> dict:
+    windows = run.calibration()
+    return {"calibration_windows": len(windows), "calibration_seq_len": int(windows.shape[1]),
+            "calibration_seed": run.config.calib_seed, "calibration_text": Path(run.config.train_text).name}
+
+
+def activation_ordered(run: Run, arch):
+    """``(lm, scores [L, U])``: a copy of the dense LM with every layer's MLP channels in
+    descending order of their activation score (the same function), and the units'
+    activation scores in it. The copy and the column scores are made once a run."""
+    from ppn_bayes import baselines
+
+    if run._ordered is None:
+        attention, mlp = baselines.activation_column_scores(run.lm, run.calibration(),
+                                                            batch_size=run.config.eval_batch)
+        lm = run.dense_copy()
+        run._ordered = (lm, attention, baselines.order_mlp_channels(lm, mlp))
+    lm, attention, mlp = run._ordered
+    return lm, baselines.unit_scores_from_columns(arch, attention, mlp)
+
+
 def structured_ranking(run: Run, method: str):
-    """ShortGPT, magnitude or activation ranking of the dense LM, and its settings."""
+    """``(lm, ranking, settings)``: the ShortGPT, magnitude or activation ranking of the
+    dense LM, and the LM to cut with it (for the activation rankings, the dense LM with its
+    MLP channels in the order of their scores)."""
     from ppn_bayes import baselines
 
     base = method.split("+")[0]
@@ -448,22 +548,31 @@ def structured_ranking(run: Run, method: str):
                   else "global: one ranking of all units by score, each layer before its best unit"}
     if base.startswith("magnitude"):
         scores = baselines.magnitude_scores(run.lm, arch)
-        return to_ranking(arch, scores), {"score": "mean squared weight of owned weights", **allocation}
-    windows = run.calibration()
-    calib = {"calibration_windows": len(windows), "calibration_seq_len": int(windows.shape[1]),
-             "calibration_seed": run.config.calib_seed, "calibration_text": Path(run.config.train_text).name}
+        return run.lm, to_ranking(arch, scores), {"score": "mean squared weight of owned weights", **allocation}
     if base == "shortgpt":
-        influence = baselines.block_influence(run.lm, windows, batch_size=run.config.eval_batch)
-        return baselines.shortgpt_ranking(arch, influence), {**calib, "block_influence": influence.tolist()}
-    scores = baselines.activation_scores(run.lm, arch, windows, batch_size=run.config.eval_batch)
-    return to_ranking(arch, scores), {**calib, "score": "mean |W_ij| * rms(X_j) of owned weights", **allocation}
+        influence = baselines.block_influence(run.lm, run.calibration(), batch_size=run.config.eval_batch)
+        return run.lm, baselines.shortgpt_ranking(arch, influence), {**_calibration_settings(run),
+                                                                     "block_influence": influence.tolist()}
+    lm, scores = activation_ordered(run, arch)
+    return lm, to_ranking(arch, scores), {**_calibration_settings(run), "score": ACTIVATION_SCORE, **allocation}
 
 
 def run_structured(run: Run, method: str) -> None:
-    ranking, settings = structured_ranking(run, method)
+    lm, ranking, settings = structured_ranking(run, method)
     run.save_ranking(method, ranking)
-    evaluate_ranking(run, method, run.lm, ranking, run.config.sizes, train_tokens=0,
+    evaluate_ranking(run, method, lm, ranking, run.config.sizes, train_tokens=0,
                      settings={"training": "none", **settings})
+
+
+def distill_settings(fit_config: FitConfig, steps: int, **changes):
+    """The :class:`ppn_bayes.finetune.DistillConfig` of a fine-tune of ``steps`` steps with
+    the fit's batch, windows, AdamW at ``lr_lm``, KL weight, clipping and seed."""
+    from ppn_bayes.finetune import DistillConfig
+
+    return DistillConfig(steps=steps, batch_size=fit_config.batch_size, seq_len=fit_config.seq_len,
+                         lr=fit_config.lr_lm, weight_decay=fit_config.weight_decay,
+                         distill_weight=fit_config.distill_weight, grad_clip=fit_config.grad_clip,
+                         seed=fit_config.seed, **changes)
 
 
 def distill_finetune(student, teacher, tokens: torch.Tensor, fit_config: FitConfig, *, config: QualityConfig,
@@ -471,13 +580,9 @@ def distill_finetune(student, teacher, tokens: torch.Tensor, fit_config: FitConf
     """Fine-tune ``student`` towards ``teacher`` on ``tokens`` with ``repeat`` times the fit's budget
     (steps, batch, windows, AdamW at ``lr_lm``): :func:`ppn_bayes.finetune.distill`, the
     next-token loss plus ``distill_weight`` · KL(teacher ‖ student) per token."""
-    from ppn_bayes.finetune import DistillConfig, distill
+    from ppn_bayes.finetune import distill
 
-    settings = DistillConfig(steps=fit_config.steps * repeat, batch_size=fit_config.batch_size,
-                             seq_len=fit_config.seq_len,
-                             lr=fit_config.lr_lm, weight_decay=fit_config.weight_decay,
-                             distill_weight=fit_config.distill_weight, grad_clip=fit_config.grad_clip,
-                             seed=fit_config.seed)
+    settings = distill_settings(fit_config, fit_config.steps * repeat)
     result = distill(student, teacher, tokens, settings, autocast=lambda: _autocast(config), progress=False)
     return {"finetune_seconds": result.seconds, "final_loss": result.history[-1]["loss"]}
 
@@ -506,8 +611,8 @@ def _finetune_sizes(run: Run, method: str, lm, ranking, fit_config: FitConfig, *
 
 def run_finetuned(run: Run, method: str) -> None:
     fit_config = run.config.fit
-    ranking, settings = structured_ranking(run, method)
-    _finetune_sizes(run, method, run.lm, ranking, fit_config,
+    lm, ranking, settings = structured_ranking(run, method)
+    _finetune_sizes(run, method, lm, ranking, fit_config,
                     train_tokens=fit_config.steps * fit_config.batch_size * fit_config.seq_len,
                     settings={"training": "self-distillation fine-tune of the pruned sub-network (optional "
                                           "baseline: the same budget as the ppn_bayes fit)", **settings})
@@ -538,6 +643,108 @@ def run_ppn_finetuned(run: Run, method: str) -> None:
                                           "its sub-network at this size (the +distill baselines' recipe)",
                               "fit_tokens": fit_tokens, "finetune_tokens": repeat * fit_tokens,
                               "checkpoint": str(checkpoint)})
+
+
+def width_scores(run: Run):
+    """``(lm, arch, scores, settings)`` of the width cuts: the dense LM with its MLP
+    channels in the order of their activation scores, its units of ``width_mlp_group``
+    channels, and their activation scores on the calibration windows."""
+    c = run.config
+    arch = describe(run.lm, mlp_group=c.width_mlp_group)
+    lm, scores = activation_ordered(run, arch)
+    return lm, arch, scores, {"score": ACTIVATION_SCORE, "mlp_group": c.width_mlp_group,
+                              "allocation": "uniform width cut: every layer kept, the same KV groups and MLP "
+                                            "channel groups in each, the widths closest to the size without "
+                                            "exceeding it", **_calibration_settings(run)}
+
+
+def _width_figures(masks) -> dict:
+    """The shape of a uniform cut, for its record."""
+    arch = masks.arch
+    return {"params_kept": masks.kept_params, "layers_kept": int(masks.layer.sum()), "evaluated": "subnetwork",
+            "kv_groups": int(masks.unit[0, :arch.n_attention_units].sum()), "kv_groups_of": arch.n_attention_units,
+            "mlp_channels": int(masks.unit[0, arch.n_attention_units:].sum()) * arch.mlp_group,
+            "mlp_channels_of": arch.intermediate_size}
+
+
+def run_width(run: Run, method: str) -> None:
+    """The uniform width cut at every size, no training."""
+    from ppn_bayes.baselines import uniform_cut_for_size
+
+    lm, arch, scores, settings = width_scores(run)
+    for size in run.config.sizes:
+        if run.out_of_time():
+            print(f"[quality] out of time: {method} at {size} skipped", flush=True)
+            run.skipped += 1
+            return
+        masks = uniform_cut_for_size(arch, scores, size)
+        sub, _ = _subnetwork(lm, masks)
+        result = run.evaluate(sub)
+        run.record(method, size_requested=size, size_reached=masks.size_reached, result=result, train_tokens=0,
+                   settings={"training": "none", **settings}, **_width_figures(masks))
+        del sub
+
+
+def run_width_kd(run: Run, method: str) -> None:
+    """The uniform width cut at each ``width_kd_sizes``, distilled from the dense LM with
+    :func:`ppn_bayes.finetune.distill` (one run per size), checkpointed under
+    ``work_dir/width-kd/<size>`` and resumed there; a finished size is not run again."""
+    from ppn_bayes.baselines import uniform_cut_for_size
+    from ppn_bayes.finetune import distill
+
+    c = run.config
+    tokens, data = width_kd_data(run)
+    lm, arch, scores, settings = width_scores(run)
+    steps = c.width_kd_steps
+    schedule = distill_settings(c.fit, steps, checkpoint_every=c.width_kd_checkpoint_every)
+    train_tokens = steps * schedule.batch_size * schedule.seq_len
+    for size in c.width_kd_sizes:
+        work = Path(c.work_dir) / "width-kd" / f"{size:g}"
+        if (work / "done.json").is_file():
+            print(f"[quality] {method} at {size}: recorded in an earlier run ({work / 'done.json'})", flush=True)
+            continue
+        if run.out_of_time():
+            print(f"[quality] out of time: {method} at {size} skipped", flush=True)
+            run.skipped += 1
+            return
+        masks = _width_kd_masks(work, uniform_cut_for_size(arch, scores, size))
+        sub, _ = _subnetwork(lm, masks)
+        sub.float()
+        checkpoint = work / "checkpoint"
+        resume = (checkpoint / "state.json").is_file()
+        untrained = None if resume else run.evaluate(sub).ppl
+        result = distill(sub, run.lm, tokens, schedule, autocast=lambda: _autocast(c), progress=False,
+                         checkpoint=checkpoint if schedule.checkpoint_every else None, resume=resume)
+        evaluated = run.evaluate(sub)
+        record = run.record(
+            method, size_requested=size, size_reached=masks.size_reached, result=evaluated,
+            train_tokens=train_tokens, ppl_untrained=untrained, **_width_figures(masks),
+            settings={"training": "distillation from the dense LM (ppn_bayes.finetune.distill: next-token loss "
+                                  "+ distill_weight x full-logit KL(dense || cut)), the fit's batch, windows and "
+                                  "lr_lm", **settings, **data, "distill": schedule.to_dict(),
+                      "autocast": _autocast_used(c), "resumed_from_step": result.resumed_from,
+                      "finetune_seconds": result.seconds, "finetune_tokens_per_s": result.tokens_per_s,
+                      "final_loss": result.history[-1] if result.history else None})
+        atomic_write_text(work / "done.json", json.dumps(record, default=str))
+        shutil.rmtree(checkpoint, ignore_errors=True)  # its work is in the record now
+        del sub
+
+
+def _width_kd_masks(work: Path, masks):
+    """``masks``, or the ones an interrupted run of this size saved in ``work``: a resumed
+    fine-tune continues the sub-network it started with, whatever the scores say now."""
+    from ppn_bayes.ranking import Masks
+
+    path = work / "masks.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        unit = torch.tensor(saved["unit"], dtype=torch.bool)
+        if tuple(unit.shape) != tuple(masks.unit.shape) or saved["kept_params"] != masks.kept_params:
+            raise ValueError(f"{path} holds the masks of another cut; remove {work} to start this size again")
+        return Masks(arch=masks.arch, layer=masks.layer, unit=unit, size_requested=masks.size_requested,
+                     kept_params=masks.kept_params, total_params=masks.total_params)
+    atomic_write_text(path, json.dumps({"unit": masks.unit.tolist(), "kept_params": masks.kept_params}))
+    return masks
 
 
 def run_sparse(run: Run, method: str) -> None:
@@ -587,7 +794,7 @@ def _save_sparse(run: Run, method: str, size: float, lm) -> None:
 RUNNERS = {"dense": run_dense, "ppn_bayes": run_ppn, **{m: run_ppn for m in (*ABLATIONS, *VARIANTS)},
            **{m: run_structured for m in STRUCTURED}, **{f"{m}+distill": run_finetuned for m in STRUCTURED},
            **{f"{m}+{k}": run_ppn_finetuned for m in FINETUNED_FITS for k in ("distill", "distill-long")},
-           **{m: run_sparse for m in SPARSE}}
+           "width": run_width, "width-kd": run_width_kd, **{m: run_sparse for m in SPARSE}}
 
 
 def run_quality(config: QualityConfig, *, keep_going: bool = True, skip_done: bool = False) -> list[dict]:
@@ -705,6 +912,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the pruned weights of one sparse baseline for speed.py, e.g. sparsegpt@0.5")
     p.add_argument("--fit-tokens", default=None,
                    help="token file (.safetensors, from `ppn-bayes teacher-text`) that ppn_bayes-teacher fits on")
+    p.add_argument("--width-kd-sizes", type=_floats, default=(0.5, 0.3),
+                   help="sizes of width-kd, one distillation each (default: 0.5,0.3)")
+    p.add_argument("--width-kd-data", default=None,
+                   help="what width-kd trains on: a .safetensors token file or a text (default: --train-text); "
+                        "give it the fit's data")
+    p.add_argument("--width-kd-tokens", type=float, default=None,
+                   help="training tokens of each width-kd run, rounded down to whole steps of the fit's batch "
+                        "(default: the fit's steps x batch x window); give it the fit's")
+    p.add_argument("--width-mlp-group", type=int, default=32,
+                   help="MLP channels per unit of the width cuts (default: 32; at 64 the cut under 0.5 keeps one "
+                        "KV group of three)")
+    p.add_argument("--width-kd-checkpoint-every", type=int, default=500,
+                   help="width-kd checkpoints every this many steps, to resume after a time limit (default: 500)")
     p.add_argument("--quick", action="store_true",
                    help="a CPU smoke run: 2 windows, 2 fit steps of 1x128 tokens, 2 calibration windows of "
                         "128 tokens (explicit flags override)")
@@ -738,7 +958,9 @@ def config_from(args: argparse.Namespace) -> QualityConfig:
         device=args.device, work_dir=args.work_dir,
         rankings=args.rankings or str(Path(args.work_dir) / "rankings.json"), records_dir=args.records_dir,
         model_name=args.model_name, time_budget=args.time_budget, fit_time_budget=args.fit_time_budget, quick=quick, save_sparse=args.save_sparse,
-        fit_tokens=args.fit_tokens,
+        fit_tokens=args.fit_tokens, width_kd_sizes=args.width_kd_sizes, width_kd_data=args.width_kd_data,
+        width_kd_tokens=None if args.width_kd_tokens is None else int(args.width_kd_tokens),
+        width_mlp_group=args.width_mlp_group, width_kd_checkpoint_every=args.width_kd_checkpoint_every,
     )
 
 

@@ -31,6 +31,16 @@ from ppn_bayes.records import BENCHMARKS, RECORDS_DIR, curve_match, read_records
 ROOT = Path(__file__).resolve().parents[1]
 PROTOCOL_SIZES = (0.9, 0.7, 0.5, 0.4, 0.3)
 TARGET_SIZES = (0.5, 0.4, 0.3)
+#: Sizes where ppn_bayes is held against width-kd trained on as many tokens, and the margin allowed.
+WIDTH_KD_SIZES = (0.5, 0.3)
+WIDTH_KD_MARGIN = 1.1
+#: The activation score before issue 15 (input-side weights averaged in: mostly weight magnitude).
+OLD_ACTIVATION_SCORE = "mean |W_ij| * rms(X_j) of owned weights"
+
+
+def superseded(record: dict) -> bool:
+    """A record that a fixed bug made obsolete: an activation baseline scored the old way."""
+    return (record.get("settings") or {}).get("score") == OLD_ACTIVATION_SCORE
 LABELS = {
     "dense": "dense",
     "ppn_bayes": "ppn_bayes",
@@ -58,6 +68,8 @@ LABELS = {
     "ppn_bayes-frozen+distill": "ppn_bayes, frozen LM, + self-distillation of the chosen size",
     "ppn_bayes-original+distill": "ppn_bayes, original teacher, + self-distillation of the chosen size",
     "ppn_bayes-original+distill-long": "ppn_bayes, original teacher, + 4 x longer self-distillation",
+    "width": "uniform width cut (activation-ranked KV groups and MLP channels, alike in every layer), no training",
+    "width-kd": "uniform width cut + distillation from the dense LM (width-kd)",
     "sparsegpt": "SparseGPT, unstructured",
     "wanda": "Wanda, unstructured",
     "sparsegpt-2:4": "SparseGPT, 2:4",
@@ -211,15 +223,24 @@ def quality_table(records: list[dict]) -> list[str]:
     methods = sorted({m for m, _ in chosen}, key=_order)
     header = ["method", *(f"{s:g}" for s in sizes), "windows", "training tokens"]
     rows = []
+    obsolete = False
     for method in methods:
         picked = [chosen.get((method, s)) for s in sizes]
         cells = [f"{_fmt(r['ppl'])} ({r['size_reached']:.3f})" if r else "–" for r in picked]
         picked = [r for r in picked if r]
         windows = sorted({r.get("windows") for r in picked})
         tokens = sorted({r.get("train_tokens") for r in picked}, key=lambda t: (t is None, t))
-        rows.append([label(method), *cells, ", ".join(_fmt(w) for w in windows),
-                     ", ".join(_fmt(t) for t in tokens)])
-    return _table(header, rows)
+        name = label(method)
+        if any(superseded(r) for r in picked):
+            obsolete = True
+            name += " (superseded\\*)"
+        rows.append([name, *cells, ", ".join(_fmt(w) for w in windows), ", ".join(_fmt(t) for t in tokens)])
+    lines = _table(header, rows)
+    if obsolete:
+        lines += ["", "\\* Superseded: measured with the activation score of before issue 15, which averaged in the "
+                  "weights a unit reads its input with (their Wanda score is their magnitude) and cut MLP units of "
+                  "64 consecutive channels in their original order; kept until a rerun replaces them."]
+    return lines
 
 
 def targets(records: list[dict]) -> list[str]:
@@ -245,6 +266,7 @@ def targets(records: list[dict]) -> list[str]:
         ratio = ours["ppl"] / dense["ppl"]
         rows.append(["ppn_bayes within 1.3 x dense at 0.5", f"{_fmt(ours['ppl'])} vs {_fmt(dense['ppl'])}",
                      ("met" if ratio <= 1.3 else "missed") + f" ({ratio:.2f} x dense)"])
+    rows += width_kd_targets(records, chosen)
     lines += _table(["target", "perplexity", "result"], rows) + [""]
     # not the claim (one fit, no further computation): the optional fine-tunes, beside it
     tuned = [(method, size, chosen[(method, size)]) for method in sorted({m for m, _ in chosen}, key=_order)
@@ -264,6 +286,30 @@ def targets(records: list[dict]) -> list[str]:
                   "its tokens on top of the fit's, so not the one-fit claim):", ""]
         lines += _table(["comparison", "perplexity", "training tokens", "result"], rows) + [""]
     return lines
+
+
+def width_kd_targets(records: list[dict], chosen: dict) -> list[list[str]]:
+    """ppn_bayes at 0.5 and 0.3 against width-kd trained for that size alone on as many
+    tokens: within 10% (ratio at most 1.1) is met; below 1 is better."""
+    rows = []
+    for size in WIDTH_KD_SIZES:
+        ours = chosen.get(("ppn_bayes", size))
+        target = f"ppn_bayes within 10% of width-kd at {size:g}, equal training tokens"
+        if ours is None:
+            rows.append([target, "not yet measured", "–"])
+            continue
+        rivals = [r for r in records if r["method"] == "width-kd" and r.get("ppl") is not None
+                  and round(float(r.get("size_requested", 1.0)), 4) == size
+                  and r.get("train_tokens") == ours.get("train_tokens")]
+        if not rivals:
+            rows.append([target, f"no width-kd record of {_fmt(ours.get('train_tokens'))} tokens", "–"])
+            continue
+        theirs = latest(rivals, lambda r: 0)[0]
+        ratio = ours["ppl"] / theirs["ppl"]
+        verdict = ("met" if ratio <= WIDTH_KD_MARGIN else "missed") + f" (ratio {ratio:.2f}"
+        rows.append([f"{target} ({_fmt(ours.get('train_tokens'))})", f"{_fmt(ours['ppl'])} vs {_fmt(theirs['ppl'])}",
+                     verdict + (", better)" if ratio < 1 else ")")])
+    return rows
 
 
 def plot_quality(records: list[dict], path: Path, model) -> bool:

@@ -12,15 +12,21 @@ from hypothesis import strategies as st
 
 from ppn_bayes.architecture import Architecture, decoder_layers, describe, family_of, get_module
 from ppn_bayes.baselines import (
+    activation_column_scores,
     activation_scores,
     block_influence,
     calibration_windows,
     decoder_density,
     magnitude_ranking,
     magnitude_scores,
+    order_mlp_channels,
     ranking_from_scores,
     shortgpt_ranking,
+    uniform_cut,
+    uniform_cut_for_size,
     uniform_ranking_from_scores,
+    uniform_widths,
+    unit_scores_from_columns,
     sparse_prune,
 )
 from ppn_bayes.data import CharTokenizer
@@ -163,26 +169,104 @@ def test_activation_scores_match_slow_reference(family):
     captured = {}
     handles = []
     for index, layer in enumerate(decoder_layers(lm)):
-        for path in {fam.q, fam.o, fam.mlp_in[0], fam.mlp_out}:
+        for path in (fam.o, fam.mlp_out):
             def hook(module, args, key=(index, path)):
                 captured[key] = args[0].detach().reshape(-1, args[0].shape[-1]).double()  # [B*T, in]
             handles.append(get_module(layer, path).register_forward_pre_hook(hook))
     lm(input_ids=x)  # one batch holds every window
     for h in handles:
         h.remove()
+    width = arch.heads_per_unit * arch.head_dim
     for index in range(arch.n_layers):
-        for unit, blocks in enumerate(_unit_slices(lm, arch, index)):
-            total, count = 0.0, 0
-            for path, block, kind, offset in blocks:
-                source = fam.q if path in (fam.q, fam.k, fam.v, "qkv") else path
-                source = fam.mlp_in[0] if source in fam.mlp_in else source
-                X = captured[(index, source)]
-                norm = X.pow(2).mean(0).sqrt()  # [in]
-                if kind == "cols":
-                    norm = norm[offset:offset + block.shape[1]]
-                total += float((block.double().abs() * norm[None, :]).sum())
-                count += block.numel()
-            assert scores[index, unit].item() == pytest.approx(total / count, rel=1e-5)
+        heads = captured[(index, fam.o)]  # [tokens, H hd]: the query heads' outputs
+        channels = captured[(index, fam.mlp_out)]  # [tokens, I]
+        for unit in range(arch.n_attention_units):
+            output = heads[:, unit * width:(unit + 1) * width]
+            assert scores[index, unit].item() == pytest.approx(float(output.pow(2).sum(1).mean()), rel=1e-5)
+        for unit in range(arch.n_mlp_units):
+            block = channels[:, unit * G:(unit + 1) * G]
+            expected = float(block.abs().mean(0).sum())
+            assert scores[index, arch.n_attention_units + unit].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_activation_scores_follow_the_units_outputs_not_their_weights():
+    """Issue 15's regression: a KV group whose v rows are scaled up (its heads' outputs
+    grow) while its q and k rows shrink ranks first by activation. The old score averaged
+    the Wanda score over every weight the unit owns, q/k/v rows included (there it is
+    their magnitude), and ranked that group last."""
+    lm = tiny_lm("llama", hidden_size=48, num_attention_heads=6, num_key_value_heads=3)
+    arch = describe(lm, mlp_group=G)
+    hd, hpu = arch.head_dim, arch.heads_per_unit
+    with torch.no_grad():
+        attention = lm.model.layers[1].self_attn
+        attention.v_proj.weight[hd:2 * hd] *= 3  # group 1 outputs three times as much
+        attention.q_proj.weight[hpu * hd:2 * hpu * hd] *= 0.01
+        attention.k_proj.weight[hd:2 * hd] *= 0.01
+    scores = activation_scores(lm, arch, _windows())
+    assert scores[1, :arch.n_attention_units].argmax().item() == 1
+    masks = uniform_cut(arch, scores, 1, arch.n_mlp_units)
+    assert masks.unit[1, :arch.n_attention_units].tolist() == [False, True, False]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
+def test_order_mlp_channels_keeps_the_function_and_sorts_the_scores(family):
+    lm = tiny_lm(family)
+    x = _windows()
+    before = lm(input_ids=x).logits
+    _, mlp = activation_column_scores(lm, x)
+    ordered = order_mlp_channels(lm, mlp)
+    assert torch.allclose(lm(input_ids=x).logits, before, atol=1e-5)  # only the summation order moved
+    assert torch.equal(ordered, mlp.sort(dim=1, descending=True).values)
+    _, again = activation_column_scores(lm, x)  # scored again in the new order: descending
+    assert torch.allclose(again, ordered, rtol=1e-5)
+    with pytest.raises(ValueError, match="channel scores"):
+        order_mlp_channels(lm, mlp[:1])
+
+
+def test_uniform_activation_cut_matches_a_slow_reference():
+    """The pipeline (column scores, channels ordered, unit scores, uniform cut, sliced
+    sub-network) against the obvious masked-dense cut: in every layer, keep the KV group
+    whose heads' outputs have the largest mean squared norm and the ``m · g`` single
+    channels of largest mean absolute activation, zero the rest of the output projections'
+    columns."""
+    import copy
+
+    from ppn_bayes.subnetwork import build_subnetwork
+
+    lm = tiny_lm("llama", intermediate_size=128)
+    arch = describe(lm, mlp_group=16)
+    x = _windows(4, 24)
+    a, m = 1, 3
+    ordered = copy.deepcopy(lm)
+    attention, mlp = activation_column_scores(lm, x, batch_size=3)
+    scores = unit_scores_from_columns(arch, attention, order_mlp_channels(ordered, mlp))
+    sub = build_subnetwork(ordered, uniform_cut(arch, scores, a, m))
+
+    captured = {}
+    handles = [module.register_forward_pre_hook(
+        lambda module, args, key=(index, name): captured.__setitem__(key, args[0].reshape(-1, args[0].shape[-1])))
+        for index, layer in enumerate(lm.model.layers)
+        for name, module in (("o", layer.self_attn.o_proj), ("down", layer.mlp.down_proj))]
+    lm(input_ids=x)
+    for h in handles:
+        h.remove()
+    reference = copy.deepcopy(lm)
+    width = arch.heads_per_unit * arch.head_dim
+    with torch.no_grad():
+        for index, layer in enumerate(reference.model.layers):
+            o, down = layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight
+            heads, h = captured[(index, "o")].double(), captured[(index, "down")].double()
+            group = [float(heads[:, k * width:(k + 1) * width].pow(2).sum(1).mean())
+                     for k in range(arch.n_attention_units)]
+            channel = [float(h[:, j].abs().mean()) for j in range(h.shape[1])]
+            best = max(range(len(group)), key=group.__getitem__)
+            for k in range(arch.n_attention_units):
+                if k != best:
+                    o[:, k * width:(k + 1) * width] = 0
+            kept = sorted(range(len(channel)), key=lambda j: -channel[j])[:m * arch.mlp_group]
+            dropped = [j for j in range(len(channel)) if j not in kept]
+            down[:, dropped] = 0
+    assert torch.allclose(sub(input_ids=x).logits, reference(input_ids=x).logits, atol=1e-5)
 
 
 @pytest.mark.parametrize("scorer", ["magnitude", "activation"])
@@ -333,3 +417,67 @@ def test_sparse_prune_through_llmcompressor(method, sparsity, structure):
     assert all(type(m._parameters) is dict for m in lm.modules())  # no offloading wrapper is left
     logits = lm(input_ids=_windows(1)).logits
     assert torch.isfinite(logits).all()
+
+
+# -- the uniform width cut -----------------------------------------------------------------------
+def _uniform_arch(data, L, A, M) -> Architecture:
+    """Costs as describe() makes them: the same for every unit of a kind within a layer."""
+    costs = st.integers(1, 60)
+    rows = []
+    for _ in range(L):
+        attention, mlp = data.draw(costs), data.draw(costs)
+        rows.append([attention] * A + [mlp] * M)
+    return _arch(L, A, M, data.draw(st.lists(costs, min_size=L, max_size=L)), rows)
+
+
+@settings(max_examples=80, deadline=None)
+@given(L=st.integers(1, 4), A=st.integers(1, 4), M=st.integers(1, 6), size=st.floats(0.01, 1.0), data=st.data())
+def test_uniform_widths_reach_the_closest_size_not_above(L, A, M, size, data):
+    arch = _uniform_arch(data, L, A, M)
+    scores = torch.zeros(L, A + M)
+    budget = int(size * arch.total_cost)
+    # slow reference: every shape, its cost from the masks of that cut
+    costs = {(a, m): uniform_cut(arch, scores, a, m).kept_params for a in range(1, A + 1) for m in range(1, M + 1)}
+    fitting = {shape: cost for shape, cost in costs.items() if cost <= budget}
+    if not fitting:
+        with pytest.raises(ValueError, match="smallest uniform cut"):
+            uniform_widths(arch, size)
+        return
+    a, m = uniform_widths(arch, size)
+    assert costs[(a, m)] == max(fitting.values())
+    masks = uniform_cut_for_size(arch, scores, size)
+    assert masks.kept_params == costs[(a, m)] <= budget and masks.size_requested == size
+    assert masks.layer.all() and (masks.unit[:, :A].sum(1) == a).all() and (masks.unit[:, A:].sum(1) == m).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(L=st.integers(1, 4), A=st.integers(1, 4), M=st.integers(1, 6), data=st.data())
+def test_uniform_cut_keeps_each_layers_best_units(L, A, M, data):
+    arch = _arch(L, A, M, [1] * L, [[5] * A + [2] * M for _ in range(L)])
+    # distinct scores on scales that differ by layer: only within-layer order may count
+    order = torch.randperm(L * (A + M), generator=torch.Generator().manual_seed(data.draw(st.integers(0, 999))))
+    scores = order.double().view(L, A + M) * torch.logspace(0, 3, L, dtype=torch.float64)[:, None]
+    a, m = data.draw(st.integers(1, A)), data.draw(st.integers(1, M))
+    masks = uniform_cut(arch, scores, a, m)
+    for layer in range(L):
+        for group, keep in ((slice(0, A), a), (slice(A, A + M), m)):
+            kept, block = masks.unit[layer, group], scores[layer, group]
+            assert kept.sum() == keep
+            if keep < block.numel():
+                assert block[kept].min() > block[~kept].max()
+    with pytest.raises(ValueError, match="uniform cut keeps"):
+        uniform_cut(arch, scores, 0, m)
+    with pytest.raises(ValueError, match="scores of shape"):
+        uniform_cut(arch, scores[:, :1], a, m)
+
+
+def test_uniform_cut_slices_to_the_masks_parameter_count():
+    from ppn_bayes.subnetwork import build_subnetwork, decoder_params
+
+    lm = tiny_lm("llama", intermediate_size=128)
+    arch = describe(lm, mlp_group=16)  # 8 MLP units a layer
+    masks = uniform_cut_for_size(arch, activation_scores(lm, arch, _windows()), 0.5)
+    sub = build_subnetwork(lm, masks)
+    assert decoder_params(sub) == masks.kept_params <= int(0.5 * arch.total_cost)
+    widths = sub.config.ppn_widths
+    assert len(set(widths["attention_units"])) == 1 and len(set(widths["mlp_units"])) == 1
