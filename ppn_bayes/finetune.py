@@ -26,7 +26,7 @@ from torch import nn
 from .config import check_fields
 from .data import TokenBlocks, check_token_ids
 from .lm import check_same_vocabulary, vocab_rows
-from .model import distillation_kl
+from .objective import distillation_kl
 
 __all__ = ["DistillConfig", "DistillResult", "distill", "distill_checkpoint"]
 
@@ -96,13 +96,13 @@ def _save_checkpoint(path, student: nn.Module, optimizer, step: int, config: Dis
 
     from safetensors.torch import save_file, save_model
 
-    from .fit import _optimizer_tensors
+    from .optim_state import optimizer_tensors
     from .io import atomic_directory
 
     opt_state = optimizer.state_dict()
     with atomic_directory(path, overwrite=True) as tmp:
         save_model(student, str(tmp / "student.safetensors"))  # tied weights stored once
-        save_file(_optimizer_tensors(opt_state), str(tmp / "optimizer.safetensors"))
+        save_file(optimizer_tensors(opt_state), str(tmp / "optimizer.safetensors"))
         state = {"format": CHECKPOINT_FORMAT, "version": 1, "step": step, "config": config.to_dict(),
                  "history": history, "optimizer_groups": opt_state["param_groups"]}
         (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
@@ -116,7 +116,7 @@ def _resume(path, student: nn.Module, optimizer, config: DistillConfig) -> tuple
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
-    from .fit import _read_optimizer, _restore_optimizer
+    from .optim_state import read_optimizer, restore_optimizer
     from .io import FileFormatError, read_json
 
     path = Path(path)
@@ -136,7 +136,7 @@ def _resume(path, student: nn.Module, optimizer, config: DistillConfig) -> tuple
     if missing or unexpected:
         raise FileFormatError(f"{path}/student.safetensors does not fit this sub-network "
                               f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
-    _restore_optimizer(optimizer, _read_optimizer(path, state), path)
+    restore_optimizer(optimizer, read_optimizer(path, state), path)
     return int(state["step"]), list(state["history"])
 
 

@@ -43,17 +43,10 @@ from .gating import GatedLM, Gates
 from .objective import Teacher, fused_objective
 
 __all__ = ["PuppetModel", "PuppetGuide", "PuppetELBO", "plates", "sample_gates", "prefix_gates", "COUPLINGS",
-           "FLAT_LOG_LAMBDA", "distillation_kl", "StepPlan"]
+           "FLAT_LOG_LAMBDA", "StepPlan"]
 
 #: ``log λ_l`` of every layer without the hierarchy (flat units): ``π_l = σ(60 + ...) = 1``.
 FLAT_LOG_LAMBDA = 30.0
-
-
-def distillation_kl(log_probs: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """KL(teacher ‖ student) per token, mean over tokens: ``log_probs [B, T-1, V]`` the
-    student's next-token log-probabilities, ``teacher_logits [B, T, V]`` the teacher's logits."""
-    teacher = F.log_softmax(teacher_logits[:, :-1].float(), dim=-1)  # [B, T-1, V]
-    return F.kl_div(log_probs, teacher, log_target=True, reduction="none").sum(-1).mean()
 
 
 def plates(L: int, U: int):

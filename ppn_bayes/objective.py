@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Teacher", "fused_objective", "plain_objective", "RowLosses"]
+__all__ = ["Teacher", "fused_objective", "plain_objective", "RowLosses", "distillation_kl"]
 
 
 @dataclass(frozen=True)
@@ -176,3 +176,10 @@ def plain_objective(hidden: torch.Tensor, head: torch.Tensor, input_ids: torch.T
         kl = torch.zeros_like(nll)
     per_row = (nll_weight * nll + kl_weight * kl).mean(-1)  # [B]
     return (row_weights.float() * per_row).sum(), RowLosses(nll.mean(-1).detach(), kl.mean(-1).detach())
+
+
+def distillation_kl(log_probs: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher ‖ student) per token, mean over tokens: ``log_probs [B, T-1, V]`` the
+    student's next-token log-probabilities, ``teacher_logits [B, T, V]`` the teacher's logits."""
+    teacher = F.log_softmax(teacher_logits[:, :-1].float(), dim=-1)  # [B, T-1, V]
+    return F.kl_div(log_probs, teacher, log_target=True, reduction="none").sum(-1).mean()

@@ -367,8 +367,7 @@ def test_width_cut_and_width_kd_rehearsal(tiny_setup, tmp_path):
 
 @pytest.mark.parametrize("method", [
     "width",
-    pytest.param("width-kd", marks=pytest.mark.xfail(
-        strict=True, reason="ppn_bayes.finetune imports distillation_kl from ppn_bayes.model, which imports pyro")),
+    "width-kd",
 ])
 def test_width_methods_import_neither_pyro_nor_arviz(tiny_setup, tmp_path, method):
     """The GPU machine has no pyro and no arviz: the width methods must run there as they are."""

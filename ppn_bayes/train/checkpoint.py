@@ -25,6 +25,7 @@ from ..architecture import Architecture
 from ..config import FitConfig
 from ..io import FileFormatError, atomic_directory, atomic_write_text, read_json
 from ..model import PuppetGuide
+from ..optim_state import load_tensors, optimizer_tensors, read_optimizer, restore_optimizer
 from ..store import check_same_data
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "save_checkpoint", "read_state", "read_optimizer",
@@ -50,14 +51,6 @@ def versions() -> dict:
         "transformers": transformers.__version__,
         "pyro": pyro.__version__,
         "python": platform.python_version(),
-    }
-
-
-def _optimizer_tensors(opt_state: dict) -> dict:
-    return {
-        f"state.{index}.{key}": value.detach().cpu().contiguous()
-        for index, state in opt_state["state"].items()
-        for key, value in state.items()
     }
 
 
@@ -126,7 +119,7 @@ def save_checkpoint(path, *, lm, guide, optimizer, step, config, arch, history, 
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / "lm")
         save_file({k: v.detach().cpu().contiguous() for k, v in guide_tensors.items()}, tmp / "guide.safetensors")
-        save_file(_optimizer_tensors(opt), tmp / "optimizer.safetensors")
+        save_file(optimizer_tensors(opt), tmp / "optimizer.safetensors")
         atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
     return Path(path)
 
@@ -155,27 +148,6 @@ def recorded_architecture(state: dict, path) -> Architecture:
         raise FileFormatError(f"checkpoint {path}: state.json has a malformed architecture ({err})") from None
 
 
-def load_tensors(file: Path) -> dict:
-    if not file.is_file():
-        raise FileFormatError(f"checkpoint: {file} is missing")
-    try:
-        return load_file(file)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise FileFormatError(f"checkpoint: {file} is corrupt ({err})") from None
-
-
-def read_optimizer(path: Path, state: dict) -> dict:
-    """The optimizer state of a checkpoint, index-keyed as ``Optimizer.state_dict`` has it."""
-    opt_state: dict = {}
-    for name, value in load_tensors(path / "optimizer.safetensors").items():
-        try:
-            _, index, key = name.split(".", 2)
-            opt_state.setdefault(int(index), {})[key] = value
-        except ValueError:
-            raise FileFormatError(f"checkpoint {path}: optimizer.safetensors holds an unknown entry {name!r}") from None
-    return {"state": opt_state, "param_groups": state["optimizer_groups"]}
-
-
 def restore_modules(path: Path, lm: nn.Module, guide: PuppetGuide) -> None:
     """Load the LM's and the guide's tensors; every file is read and checked first."""
     from safetensors.torch import load_model
@@ -194,13 +166,6 @@ def restore_modules(path: Path, lm: nn.Module, guide: PuppetGuide) -> None:
         guide.load_state_dict(guide_tensors)
     except RuntimeError as err:
         raise FileFormatError(f"checkpoint: guide.safetensors does not fit ({err})") from None
-
-
-def restore_optimizer(optimizer: torch.optim.Optimizer, opt_state: dict, path: Path) -> None:
-    try:
-        optimizer.load_state_dict(distributed.shard_optimizer_state(optimizer, opt_state))
-    except (ValueError, KeyError, IndexError, RuntimeError) as err:
-        raise FileFormatError(f"checkpoint {path}: optimizer.safetensors does not fit ({err})") from None
 
 
 def check_resumable(state: dict, checkpoint: Path, config: FitConfig, arch: Architecture, world_size: int,
