@@ -474,8 +474,11 @@ def summary(data, *, var_names=None, sizes=None, hdi_prob: float = 0.94, round_t
     low, high = _hdi_columns(hdi_prob)
     with _arviz_quiet():
         if major >= 1:  # ArviZ 1.x: the HDI columns are named hdi{percent}_lb and hdi{percent}_ub
-            table = az.summary(idata, var_names=var_names, coords=coords, ci_prob=hdi_prob, ci_kind="hdi",
-                               round_to=rounding)
+            # Its summary takes the tail ESS at the quantiles of rcParams["stats.ci_prob"] (0.89
+            # by default); 0.95 gives the 5% and 95% quantiles, ArviZ 0.x's tail ESS.
+            with az.rc_context({"stats.ci_prob": 0.95}):
+                table = az.summary(idata, var_names=var_names, coords=coords, ci_prob=hdi_prob, ci_kind="hdi",
+                                   round_to=rounding)
             table = table.rename(columns={c: low if c.endswith("_lb") else high for c in table.columns
                                           if c.startswith("hdi") and c.endswith(("_lb", "_ub"))})
         else:

@@ -220,6 +220,17 @@ def test_summary_uses_arviz_hdi(draws):
     np.testing.assert_allclose(table["hdi_90%"].to_numpy(), high.ravel())
 
 
+def test_summary_tail_ess_is_at_the_5_and_95_percent_quantiles(draws):
+    """ess_tail is ArviZ's tail ESS at the 5% and 95% quantiles under either generation
+    (ArviZ 1.x's summary alone would take the quantiles of its ci_prob, 0.89)."""
+    idata = P.to_inference_data(draws)
+    table = P.summary(idata, var_names=["keep_unit"], sizes=[0.5])
+    reference = az.ess(idata, var_names=["keep_unit"], method="tail", prob=(0.05, 0.95))
+    reference = getattr(reference, "posterior", reference)  # a DataTree under ArviZ 1.x
+    expected = np.asarray(reference["keep_unit"].sel(size=0.5).values).ravel()
+    np.testing.assert_array_equal(table["ess_tail"].to_numpy(), expected)
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.floats(-5, 5, allow_nan=False), min_size=5, max_size=60), st.floats(0.5, 0.97))
 def test_hdi_is_the_shortest_interval_holding_the_mass(values, prob):
