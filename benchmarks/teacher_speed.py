@@ -15,7 +15,10 @@ A plan is a list of ``SETTING@BATCH`` entries, measured in order:
   one CUDA graph replay a token);
 * ``grouped-eager``: grouped attention, no compilation;
 * ``own-eager``, ``own-compiled``: the LM's own attention implementation (``sdpa`` as
-  loaded), which copies the key/value groups to every query head over the whole cache.
+  loaded), which copies the key/value groups to every query head over the whole cache;
+* ``grouped-compiled-blocks``: ``grouped-compiled`` attending only to the cache up to the
+  next multiple of ``--cache-block`` positions (``Decoder(cache_block=...)``): less to
+  read, one compiled graph per block.
 
 Compiled settings run one untimed generation first (compiling and capturing; its wall time
 is ``compile_seconds``), then ``--rounds`` timed rounds; eager settings run a short untimed
@@ -49,9 +52,9 @@ from pathlib import Path
 
 import torch
 
-SETTINGS = ("grouped-compiled", "grouped-eager", "own-eager", "own-compiled")
+SETTINGS = ("grouped-compiled", "grouped-compiled-blocks", "grouped-eager", "own-eager", "own-compiled")
 GPU_PLAN = ("grouped-compiled@2048", "grouped-compiled@4096", "own-eager@1024", "grouped-eager@1024",
-            "grouped-compiled@1024")
+            "grouped-compiled-blocks@4096", "grouped-compiled@1024")
 CPU_PLAN = ("grouped-eager@4", "own-eager@4")
 
 
@@ -92,7 +95,11 @@ class Entry:
 
     @property
     def compiled(self) -> bool:
-        return self.setting.endswith("-compiled")
+        return "-compiled" in self.setting
+
+    @property
+    def blocks(self) -> bool:
+        return self.setting.endswith("-blocks")
 
     @property
     def grouped(self) -> bool:
@@ -117,6 +124,7 @@ class TeacherSpeedConfig:
     eager_rounds: int = 1
     compile_backend: str = "inductor"
     compile_mode: str | None = "reduce-overhead"
+    cache_block: int = 64
     corpus_chars: int = 4_000_000
     seed: int = 0
     time_budget: float | None = None
@@ -126,7 +134,7 @@ class TeacherSpeedConfig:
     sample_chars: int = 400
 
     def __post_init__(self):
-        for name in ("prompt_len", "new_tokens", "rounds", "eager_rounds", "corpus_chars"):
+        for name in ("prompt_len", "new_tokens", "rounds", "eager_rounds", "corpus_chars", "cache_block"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.dtype not in ("float32", "bfloat16"):
@@ -161,7 +169,8 @@ def measure(lm, corpus: torch.Tensor, entry: Entry, config: TeacherSpeedConfig, 
     # cache length that is a multiple of 8 keeps the bf16 matrix products aligned.
     decoder = generation.Decoder(lm, max_len=P + N, batch_size=B, compile=entry.compiled,
                                  compile_backend=config.compile_backend, compile_mode=config.compile_mode,
-                                 grouped_attention=entry.grouped)
+                                 grouped_attention=entry.grouped,
+                                 cache_block=config.cache_block if entry.blocks else None)
     offsets = torch.Generator().manual_seed(config.seed)
     sampler = torch.Generator(device=device).manual_seed(config.seed)
     window = torch.arange(P)
@@ -239,6 +248,7 @@ def run_teacher_speed(config: TeacherSpeedConfig) -> list[dict]:
             batch=entry.batch, prompt_len=config.prompt_len, new_tokens=config.new_tokens,
             temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, dtype=config.dtype,
             device=str(device), compiled=entry.compiled, grouped_attention=entry.grouped,
+            cache_block=config.cache_block if entry.blocks else None,
             attention=generation.GROUPED_ATTENTION if entry.grouped else attention,
             compile_backend=config.compile_backend if entry.compiled else None,
             compile_mode=config.compile_mode if entry.compiled and config.compile_backend == "inductor" else None,
@@ -280,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile backend (default: inductor; 'aot_eager' traces without code generation)")
     p.add_argument("--compile-mode", default="reduce-overhead",
                    help="torch.compile mode with inductor (default: reduce-overhead, CUDA graphs); 'none' for none")
+    p.add_argument("--cache-block", type=int, default=64,
+                   help="block of cache positions of the -blocks settings (default: 64)")
     p.add_argument("--corpus-chars", type=int, default=4_000_000,
                    help="characters of the corpus tokenised for prompts (default: 4,000,000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt offsets and of the sampler (default: 0)")
@@ -305,7 +317,7 @@ def config_from(args: argparse.Namespace) -> TeacherSpeedConfig:
         temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
         rounds=1 if quick else args.rounds, eager_rounds=1 if quick else args.eager_rounds,
         compile_backend=args.compile_backend,
-        compile_mode=None if args.compile_mode == "none" else args.compile_mode,
+        compile_mode=None if args.compile_mode == "none" else args.compile_mode, cache_block=args.cache_block,
         corpus_chars=args.corpus_chars, seed=args.seed, time_budget=args.time_budget,
         records_dir=args.records_dir, model_name=args.model_name, quick=quick,
     )

@@ -253,7 +253,10 @@ class _StaticKVLayer(CacheLayerMixin):
         positions = self._cache.positions  # [q]
         self.keys.index_copy_(2, positions, key_states)  # key_states: [B, H, q, Dk]
         self.values.index_copy_(2, positions, value_states)
-        return self.keys, self.values
+        visible = self._cache.visible
+        if visible is None:
+            return self.keys, self.values
+        return self.keys[:, :, :visible], self.values[:, :, :visible]  # [B, H, visible, D]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self._cache.max_len, 0
@@ -275,8 +278,9 @@ class StaticKVCache(Cache):
 
     Each layer's tensors are ``[B, H_l, max_len, D_l]``, shaped by that layer's first
     write (so per-layer widths are fine). A forward writes at :attr:`positions` (set by
-    the :class:`Decoder` before the call); :attr:`length` (how many positions hold valid
-    entries) is kept by the decoder, outside any compiled graph.
+    the :class:`Decoder` before the call) and attends to the first :attr:`visible`
+    positions (all when None); :attr:`length` (how many positions hold valid entries) is
+    kept by the decoder, outside any compiled graph.
     """
 
     def __init__(self, max_len: int):
@@ -285,6 +289,7 @@ class StaticKVCache(Cache):
         self.max_len = int(max_len)
         self.length = 0
         self.positions: torch.Tensor | None = None
+        self.visible: int | None = None
         super().__init__(layers=[])
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
@@ -339,6 +344,11 @@ class Decoder:
         Run the LM's attention with :func:`grouped_attention` (keys and values read in
         place, no per-head copies of the cache) during the decoder's calls; the LM's own
         implementation is restored after each. ``False``: the LM's own attention.
+    cache_block
+        In :meth:`generate`'s decode steps, attend to the cache only up to the next
+        multiple of ``cache_block`` past the current position (at most ``max_len``)
+        instead of all ``max_len`` positions: less to read early in a generation, at the
+        cost of one compiled graph per multiple. None (the default): always all.
 
     Notes
     -----
@@ -350,7 +360,8 @@ class Decoder:
     def __init__(self, lm: nn.Module, *, max_len: int, batch_size: int = 1,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                  compile: bool = False, compile_mode: str | None = "reduce-overhead",
-                 compile_backend: str = "inductor", grouped_attention: bool = True):
+                 compile_backend: str = "inductor", grouped_attention: bool = True,
+                 cache_block: int | None = None):
         config = getattr(lm, "config", None)
         if config is None:
             raise TypeError(f"{type(lm).__name__} has no config: pass a Hugging Face causal LM")
@@ -362,6 +373,8 @@ class Decoder:
             )
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if cache_block is not None and cache_block < 1:
+            raise ValueError(f"cache_block must be at least 1 (None: the whole cache), got {cache_block}")
         window = _sliding_window(config)
         if window is not None and max_len > window:
             raise ValueError(
@@ -381,6 +394,7 @@ class Decoder:
         self.max_len = int(max_len)
         self.cache = StaticKVCache(max_len)
         self.grouped_attention = bool(grouped_attention)
+        self.cache_block = cache_block
         self._slots = torch.arange(self.max_len, device=self.device)  # [S]: every cache position
         self._sequence: torch.Tensor | None = None  # [B, max_len + 1]: prompt and new tokens
         self._noise: dict[int, torch.Tensor] = {}  # width -> [B, width] uniform noise
@@ -430,15 +444,19 @@ class Decoder:
         return buffer
 
     # -- forwards ------------------------------------------------------------------------
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, last_only: bool = False):
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, last_only: bool = False,
+                 visible: int | None = None):
         """Logits ``[B, q, V]`` (``[B, 1, V]`` if ``last_only``) of ``input_ids [B, q]`` at
-        cache positions ``positions [q]``, writing their keys and values there."""
+        cache positions ``positions [q]``, writing their keys and values there; attending
+        to the first ``visible`` cache positions (all when None)."""
         batch, q = input_ids.shape
+        length = visible or self.max_len
         self.cache.positions = positions
-        allowed = self._slots[None, :] <= positions[:, None]  # [q, S]: causal over the cache
+        self.cache.visible = visible
+        allowed = self._slots[None, :length] <= positions[:, None]  # [q, S]: causal over the cache
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
         mask = mask.masked_fill(~allowed, torch.finfo(self.dtype).min)
-        mask = mask[None, None].expand(batch, 1, q, self.max_len)  # [B, 1, q, S], additive
+        mask = mask[None, None].expand(batch, 1, q, length)  # [B, 1, q, S], additive
         out = self.lm(
             input_ids=input_ids,
             position_ids=positions[None, :].expand(batch, q),  # [B, q]
@@ -497,13 +515,15 @@ class Decoder:
         return self.forward(tokens.reshape(self.batch_size, 1))[:, -1]
 
     def _sample_step(self, sequence: torch.Tensor, positions: torch.Tensor, noise: torch.Tensor | None,
-                     temperature: float, top_k: int | None, top_p: float | None) -> None:
+                     temperature: float, top_k: int | None, top_p: float | None,
+                     visible: int | None = None) -> None:
         """One decode step in place: the token at ``sequence[:, p]`` (``positions == [p]``)
-        goes through the LM at cache position ``p``, and the token drawn from its logits
-        (:func:`sample_tokens` with ``noise [B, W]``) is written to ``sequence[:, p + 1]``.
-        Nothing is returned: a CUDA graph of it has no outputs to copy out."""
+        goes through the LM at cache position ``p`` (attending to the first ``visible``
+        positions), and the token drawn from its logits (:func:`sample_tokens` with ``noise
+        [B, W]``) is written to ``sequence[:, p + 1]``. Nothing is returned: a CUDA graph of
+        it has no outputs to copy out."""
         ids = sequence.index_select(1, positions)  # [B, 1]
-        logits = self._forward(ids, positions, last_only=True)[:, -1]  # [B, V]
+        logits = self._forward(ids, positions, last_only=True, visible=visible)[:, -1]  # [B, V]
         token = sample_tokens(logits, noise, temperature=temperature, top_k=top_k, top_p=top_p)  # [B]
         sequence.index_copy_(1, positions + 1, token[:, None])
 
@@ -562,11 +582,17 @@ class Decoder:
         sequence[:, T] = sample_tokens(logits, noise, **settings)
         synchronize(self.device)
         prefilled = time.perf_counter()
-        with self._attention():
-            for position in range(T, needed):
-                if noise is not None:
-                    noise.uniform_(generator=generator)
-                step(sequence, self._slots[position:position + 1], noise, settings["temperature"], top_k, top_p)
+        block = self.cache_block
+        try:
+            with self._attention():
+                for position in range(T, needed):
+                    if noise is not None:
+                        noise.uniform_(generator=generator)
+                    visible = None if block is None else min(self.max_len, (position // block + 1) * block)
+                    step(sequence, self._slots[position:position + 1], noise, settings["temperature"], top_k,
+                         top_p, visible)
+        finally:
+            self.cache.visible = None  # the other forwards attend to the whole cache
         self.cache.length = needed
         tokens = sequence[:, T:T + max_new_tokens].clone()  # [B, N]
         synchronize(self.device)

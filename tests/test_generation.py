@@ -347,6 +347,29 @@ def test_the_compiled_decode_step_equals_the_eager_step_bit_for_bit():
     assert counter.frame_count == 2
 
 
+def test_attending_to_cache_blocks_gives_the_same_tokens():
+    """With ``cache_block`` the decode steps attend to fewer (masked-out) positions: the
+    same tokens, greedy and sampled; compiled, one graph per block end reached."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    lm = tiny_lm("llama")
+    ids = prompt(batch=2, length=5)
+    options = dict(temperature=0.9, top_k=30)
+    whole = Decoder(lm, max_len=40, batch_size=2)
+    blocks = Decoder(lm, max_len=40, batch_size=2, cache_block=8)
+    assert torch.equal(blocks.generate(ids, 30), whole.generate(ids, 30))
+    seeded = [d.generate(ids, 30, generator=torch.Generator().manual_seed(2), **options) for d in (whole, blocks)]
+    assert torch.equal(*seeded)
+    assert blocks.cache.visible is None  # other forwards see the whole cache
+    counter = CompileCounterWithBackend("eager")
+    compiled = Decoder(lm, max_len=40, batch_size=2, cache_block=16, compile=True, compile_backend=counter)
+    assert torch.equal(compiled.generate(ids, 30), whole.generate(ids, 30))
+    assert counter.frame_count == 3  # positions 5..33 end blocks at 16, 32 and 40 (max_len)
+    with pytest.raises(ValueError, match="cache_block"):
+        Decoder(lm, max_len=40, cache_block=0)
+
+
 @pytest.mark.slow
 def test_inductor_compiled_sampling_gives_the_eager_tokens():
     torch._dynamo.reset()
