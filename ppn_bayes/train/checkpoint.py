@@ -17,10 +17,10 @@ from pathlib import Path
 import pyro
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from .. import __version__, distributed
+from .. import __version__
 from ..architecture import Architecture
 from ..config import FitConfig
 from ..io import FileFormatError, atomic_directory, atomic_write_text, read_json
