@@ -425,6 +425,7 @@ TITLES = {
     "resize": "Resizing from a ranked checkpoint",
     "fit": "Fit cost and scaling",
     "recipes": "Fit recipes: the settings search behind the fit of record",
+    "teacher": "Teacher text: sampling speed of ppn-bayes teacher-text",
 }
 LEADING = ["method", "size_requested", "size_reached"]
 
@@ -589,7 +590,7 @@ def render(records_dir: Path, out: Path, images: Path) -> str:
     ]
     lines += quality_section(records["quality"], images, prefix)
     lines += speed_section(records["speed"], images, prefix)
-    for benchmark in ("recipes", "speculative", "resize", "fit"):
+    for benchmark in ("recipes", "speculative", "resize", "fit", "teacher"):
         lines += generic_section(benchmark, records[benchmark])
     lines += scaling_section(records["fit"], images, prefix)
     return "\n".join(lines).rstrip() + "\n"
