@@ -116,6 +116,21 @@ def test_other_settings_are_refused(checkpoint):
         _resume(checkpoint, config=CONFIG.replace(batch_size=4))
 
 
+def test_the_fit_reports_its_checkpoints_size(uninterrupted):
+    fitted, path = uninterrupted
+    sizes = fitted.result.checkpoint_bytes
+    assert sizes["optimizer"] == (path / "optimizer.safetensors").stat().st_size > 0
+    assert sizes["total"] == sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert sizes["total"] >= sizes["lm"] + sizes["guide"] + sizes["optimizer"] + sizes["state"]
+
+
+def test_a_fit_far_too_short_for_its_lm_says_so():
+    from ppn_bayes.train.loop import TrainingBudgetWarning
+
+    with pytest.warns(TrainingBudgetWarning, match="per parameter of the LM"):
+        fit(tiny_lm("llama"), TOKENS, CONFIG.replace(steps=1, checkpoint_every=0), progress=False)
+
+
 def test_a_resume_with_other_data_is_refused(checkpoint):
     before = _snapshot(checkpoint)
     with pytest.raises(ValueError, match="data differs.*sha256"):

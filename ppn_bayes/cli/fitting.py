@@ -141,7 +141,8 @@ def _fit(args: argparse.Namespace) -> int:
         held_out = None
     print(json.dumps({"steps": fitted.result.steps_done, "train_tokens": fitted.result.train_tokens,
                       "last": last, **({"held_out": held_out} if held_out else {}),
-                      "checkpoint": fitted.result.checkpoint}))
+                      "checkpoint": fitted.result.checkpoint,
+                      "checkpoint_bytes": fitted.result.checkpoint_bytes}))
     return 0
 
 

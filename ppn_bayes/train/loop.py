@@ -266,6 +266,7 @@ def _loop(run: FitState, blocks, context, *, checkpoint, tokenizer, progress, ev
         checkpoint=str(checkpoint) if checkpoint is not None else None, world_size=context.world_size,
         parallel=context.parallel, step_times=run.step_times, data=data,
         peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        checkpoint_bytes=run.checkpoint_bytes,
     )
     return PuppetFit(lm=lm, guide=guide, config=config, result=result)
 
@@ -338,7 +339,17 @@ def _save(run: FitState, context, checkpoint: Path, step: int, tokenizer, data: 
                              config=run.config, arch=run.arch, history=run.history, validation=run.validation,
                              tokenizer=tokenizer, world_size=context.world_size,
                              teacher_fingerprint=run.teacher_fingerprint, data=data, **full)
+        run.checkpoint_bytes = checkpoint_sizes(checkpoint)
     context.barrier()
+
+
+def checkpoint_sizes(path: Path) -> dict:
+    """Bytes of a checkpoint's parts: ``lm``, ``guide``, ``optimizer``, ``state`` and ``total``."""
+    parts = {"lm": path / "lm", "guide": path / "guide.safetensors", "optimizer": path / "optimizer.safetensors",
+             "state": path / "state.json"}
+    sizes = {name: sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir()
+             else (p.stat().st_size if p.exists() else 0) for name, p in parts.items()}
+    return {**sizes, "total": sum(f.stat().st_size for f in path.rglob("*") if f.is_file())}
 
 
 def _validate(lm: nn.Module, guide, tokens: torch.Tensor, config: FitConfig, step: int) -> dict:

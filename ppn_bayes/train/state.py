@@ -35,7 +35,10 @@ class FitResult:
     ``train_tokens`` and ``tokens_per_s`` count the global batch (all processes);
     ``seconds`` is the wall time of the training loop of this call and ``step_times``
     the time since that loop began at which each step it ran was finished (its losses
-    read back from the device). ``data`` is the identity of the training text.
+    read back from the device). ``data`` is the identity of the training text;
+    ``checkpoint_bytes`` the size of the last checkpoint written, per part (``lm``,
+    ``guide``, ``optimizer``, ``state``, ``total``). A fit keeps one checkpoint, replaced
+    atomically, so the optimizer's state is only ever in the newest.
     """
 
     config: dict
@@ -53,6 +56,7 @@ class FitResult:
     step_times: list[float] = field(default_factory=list)
     data: dict | None = None
     peak_memory_bytes: int | None = None
+    checkpoint_bytes: dict | None = None
     versions: dict = field(default_factory=versions)
     date: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
@@ -162,6 +166,7 @@ class FitState:
     history: list[dict] = field(default_factory=list)
     validation: list[dict] = field(default_factory=list)
     step_times: list[float] = field(default_factory=list)
+    checkpoint_bytes: dict | None = None
 
 
 def copy_frozen(lm: nn.Module) -> nn.Module:
