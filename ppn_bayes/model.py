@@ -77,6 +77,7 @@ class StepPlan:
 
     @classmethod
     def single(cls, size: float, batch_size: int, device=None) -> "StepPlan":
+        """Every one of ``batch_size`` rows at ``size``, each weighing ``1 / batch_size``."""
         return cls((float(size),), torch.ones(batch_size, dtype=torch.long, device=device),
                    torch.full((batch_size,), 1.0 / batch_size, device=device))
 
