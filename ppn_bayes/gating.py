@@ -99,16 +99,20 @@ class GatedLM(nn.Module):
         return hook
 
     # -- use -------------------------------------------------------------------------
+    def _check(self, gates: Gates) -> None:
+        """Refuse gates whose last dimensions are not ``L`` layers and ``[L, U]`` units."""
+        L, U = self.arch.n_layers, self.arch.n_units
+        if gates.layer.shape[-1] != L or gates.unit.shape[-2:] != (L, U):
+            raise ValueError(
+                f"gates of shape layer {tuple(gates.layer.shape)}, unit "
+                f"{tuple(gates.unit.shape)} do not fit {L} layers x {U} units"
+            )
+
     @contextlib.contextmanager
     def gates_applied(self, gates: Gates | None):
         """Run the LM under ``gates`` inside the ``with`` block."""
         if gates is not None:
-            L, U = self.arch.n_layers, self.arch.n_units
-            if gates.layer.shape[-1] != L or gates.unit.shape[-2:] != (L, U):
-                raise ValueError(
-                    f"gates of shape layer {tuple(gates.layer.shape)}, unit "
-                    f"{tuple(gates.unit.shape)} do not fit {L} layers x {U} units"
-                )
+            self._check(gates)
         previous, self._gates = self._gates, gates
         try:
             yield self
@@ -143,10 +147,7 @@ class GatedLM(nn.Module):
     def hidden(self, input_ids: torch.Tensor, gates: Gates) -> torch.Tensor:
         """Final hidden states ``[B, T, d]`` of the LM under ``gates`` (per-row gates ``layer
         [B, L]``, ``unit [B, L, U]``, or shared ``[L]``, ``[L, U]``); compiled after :meth:`compile`."""
-        L, U = self.arch.n_layers, self.arch.n_units
-        if gates.layer.shape[-1] != L or gates.unit.shape[-2:] != (L, U):
-            raise ValueError(f"gates of shape layer {tuple(gates.layer.shape)}, unit {tuple(gates.unit.shape)} "
-                             f"do not fit {L} layers x {U} units")
+        self._check(gates)
         run = self._compiled_hidden or self._gated_hidden
         return run(input_ids, gates.layer, gates.unit)
 

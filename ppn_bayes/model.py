@@ -223,9 +223,11 @@ class _Push(PyroModule):
         kept = (layer * self.layer_cost).sum(-1) + (layer[..., None] * unit * self.unit_cost).sum((-2, -1))
         return kept / (self.layer_cost.sum() + self.unit_cost.sum())
 
-    def push(self, size, log_lambda_layer, log_lambda_unit):
-        """``log τ`` for ``size``, and the gate logits it implies."""
-        log_tau = solve_log_tau(size, log_lambda_layer, log_lambda_unit, self.layer_cost, self.unit_cost)
+    def push(self, size, log_lambda_layer, log_lambda_unit, *, validate: bool = True):
+        """``log τ`` for ``size``, and the gate logits it implies (``validate=False``: sizes
+        already checked on the host, see :func:`~ppn_bayes.budget.solve_log_tau`)."""
+        log_tau = solve_log_tau(size, log_lambda_layer, log_lambda_unit, self.layer_cost, self.unit_cost,
+                                validate=validate)
         return (log_tau, *keep_logits(log_tau, log_lambda_layer, log_lambda_unit))
 
     def push_sizes(self, sizes: tuple[float, ...], log_lambda_layer, log_lambda_unit):
@@ -234,9 +236,8 @@ class _Push(PyroModule):
         K = len(sizes)
         size = torch.stack([torch.full((), float(s), dtype=torch.float64, device=log_lambda_unit.device)
                             for s in sizes])  # [K]
-        layer, unit = log_lambda_layer.expand(K, *log_lambda_layer.shape), log_lambda_unit.expand(K, *log_lambda_unit.shape)
-        log_tau = solve_log_tau(size, layer, unit, self.layer_cost, self.unit_cost, validate=False)
-        return (log_tau, *keep_logits(log_tau, layer, unit))
+        return self.push(size, log_lambda_layer.expand(K, *log_lambda_layer.shape),
+                         log_lambda_unit.expand(K, *log_lambda_unit.shape), validate=False)
 
     @staticmethod
     def plan_of(plan, input_ids: torch.Tensor) -> StepPlan:

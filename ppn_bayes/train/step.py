@@ -64,16 +64,16 @@ def step_sizes(config: FitConfig, step: int) -> list[float]:
     return [config.size_min, *between.tolist()]
 
 
-def step_groups(config: FitConfig, step: int, global_rows: int) -> tuple[list[float], list[int], torch.Tensor]:
-    """The gated sizes of ``step``, the groups it trains (0, the full LM, only while the LM
-    trains; ``k`` for the ``k``-th gated size) and the group of each global row ``[G]``.
+def step_groups(config: FitConfig, step: int, global_rows: int) -> tuple[list[float], torch.Tensor]:
+    """The gated sizes of ``step`` and the group of each global row ``[G]`` (0, the full LM,
+    only while the LM trains; ``k`` for the ``k``-th gated size).
 
     Rows are dealt to the groups in turn, starting at group ``step mod K``: a global batch
     smaller than the number of groups trains some groups each step, all of them in turn."""
     sizes = step_sizes(config, step)
     groups = ([0] if config.train_lm else []) + list(range(1, len(sizes) + 1))
     member = (torch.arange(global_rows) + step) % len(groups)  # [G] index into groups
-    return sizes, groups, torch.tensor(groups)[member]
+    return sizes, torch.tensor(groups)[member]
 
 
 def step_plan(config: FitConfig, step: int, *, rows: int, first_row: int, global_rows: int,
@@ -81,7 +81,7 @@ def step_plan(config: FitConfig, step: int, *, rows: int, first_row: int, global
     """The plan of the ``rows`` rows that start at global row ``first_row`` of a global batch of
     ``global_rows``: their groups, and their weights ``scale / (K · n_k)`` (``K`` groups with
     rows this step, ``n_k`` rows in group ``k``): every group weighs alike."""
-    sizes, _, row_group = step_groups(config, step, global_rows)
+    sizes, row_group = step_groups(config, step, global_rows)
     counts = torch.bincount(row_group, minlength=len(sizes) + 1).to(torch.float64)  # [1 + K]
     present = int((counts > 0).sum())
     mine = row_group[first_row:first_row + rows]  # [B]
