@@ -23,6 +23,12 @@
 #                                 # (fit_cost.py), teacher-text speed (teacher_speed.py), then the
 #                                 # distillation-only fit (ppn_bayes-kd, -kd-prefix) at the fit of
 #                                 # record's 2.6M tokens, 16 x 2048 a step, compiled, bf16 (~9 min)
+#   benchmarks/gpu_job.sh part9   # issue 15: the fit of record (quality.py's DEFAULT_FIT) at 100M tokens,
+#                                 # 16 x 2048 a step, half wiki summaries, half teacher text (GEN_TOKENS
+#                                 # written once, 1024-token sequences, top-k 64, temperature 1, as the
+#                                 # reference), held-out diagnostics every 250 steps; it stops with a
+#                                 # checkpoint before LIMIT and the next call (machine still warm)
+#                                 # resumes it; SEED (0) picks the fit; masks at all five sizes at the end
 #
 # (Structured baselines without training, shortgpt, magnitude, activation, run as before:
 # benchmarks/quality.py --methods shortgpt,magnitude,...; their records do not depend on the fit.)
@@ -47,7 +53,7 @@
 #   LIMIT (560 s per part); MODEL, MODEL_NAME, TEXTS, WORK, OUT; for a CPU rehearsal with a
 #   tiny LM: DEVICE=cpu, QUALITY_EXTRA and SPEED_EXTRA (extra flags), as tests/test_report.py does.
 set -uo pipefail
-part="${1:?usage: gpu_job.sh check|part1|part2|part3|part4|part5|part6|part7|part8}"
+part="${1:?usage: gpu_job.sh check|part1|part2|part3|part4|part5|part6|part7|part8|part9}"
 OUT="${OUT:-/tmp/gpu-job-out}"
 MODEL="${MODEL:-/root/SmolLM2-135M-Instruct.Q4_1.gguf}"
 MODEL_NAME="${MODEL_NAME:-SmolLM2-135M-Instruct}"
@@ -275,7 +281,36 @@ case "$part" in
       --fit-set compile="${KD_COMPILE:-inductor}" --fit-set autocast=bfloat16 --rankings "$WORK/rankings-kd.json" \
       ${KD_EXTRA:-}
     ;;
-  *) echo "unknown part $part: check, part1 to part8"; exit 2 ;;
+  part9)
+    prepare
+    lm="$WORK/model"; [[ -f "$lm/config.json" ]] || lm="$MODEL"
+    gen="$WORK/gen"
+    if [[ ! -f "$WORK/gen.done" ]]; then
+      resume=(); [[ -d "$gen" ]] && resume=(--resume)
+      echo "[gpu_job] $(date +%T) teacher text" >> "$OUT/gen.log"
+      timeout --signal=TERM "$(( $(left) - 60 ))s" python3 -m ppn_bayes teacher-text --model "$lm" \
+        --data "$TEXTS/wiki_summaries_en.txt" --out "$gen" --tokens "${GEN_TOKENS:-16000000}" --prompt-len 32 \
+        --new-tokens 992 --temperature 1.0 --top-k 64 --batch-size 2048 --device "$DEVICE" --dtype bfloat16 \
+        --compile --quiet "${resume[@]}" >> "$OUT/gen.log" 2>&1 && touch "$WORK/gen.done"
+      tail -n 3 "$OUT/gen.log"
+    fi
+    if [[ -f "$WORK/gen.done" ]]; then
+      seed="${SEED:-0}"; work="$WORK/seed$seed"; mkdir -p "$work"
+      [[ -d "$work/model" ]] || ln -s "$WORK/model" "$work/model"
+      [[ -d "$work/tokens" ]] || ln -s "$WORK/tokens" "$work/tokens"
+      budget=$(( $(left) - 20 ))
+      echo "[gpu_job] $(date +%T) fit seed $seed ($budget s)" >> "$OUT/gpu0.log"
+      timeout --signal=TERM "${budget}s" python3 benchmarks/quality.py "${COMMON[@]}" --work-dir "$work" \
+        --rankings "$work/rankings.json" --methods ppn_bayes --fit-tokens "$gen" --fit-batch 16 \
+        --fit-steps "${RECORD_STEPS:-3052}" --fit-set seed="$seed" --fit-set warmup_steps=100 \
+        --fit-set n_random_sizes=2 --fit-set compile=inductor --fit-set autocast=bfloat16 \
+        --fit-set checkpoint_every=1000 --fit-set eval_every=250 --fit-set eval_sizes=0.9,0.5,0.3 \
+        --fit-eval-windows 8 --fit-stop-after "$(( budget - 60 ))" ${RECORD_EXTRA:-} >> "$OUT/gpu0.log" 2>&1
+      cp "$work/fits/ppn_bayes.validation.jsonl" "$OUT/validation-seed$seed.jsonl" 2>/dev/null || true
+      cp "$work/rankings.json" "$OUT/rankings-seed$seed.json" 2>/dev/null || true
+    fi
+    ;;
+  *) echo "unknown part $part: check, part1 to part9"; exit 2 ;;
 esac
 [[ -f "$RANKINGS" ]] && cp "$RANKINGS" "$OUT/rankings.json"
 echo "[gpu_job] $part done in $(( $(date +%s) - START )) s; records:"

@@ -60,6 +60,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import shutil
 import sys
 import time
@@ -105,8 +106,11 @@ VARIANTS = {
     # the same on half training text, half the LM's own text (--fit-tokens), row by row
     "ppn_bayes-kd-prefix-mix": dict(teacher="original", nll_weight=0.0, gate_coupling="prefix"),
 }
-#: Methods that read --fit-tokens: the teacher text alone, or mixed half and half with the training text.
+#: Methods that need --fit-tokens: the teacher text alone, or mixed half and half with the training text.
 FIT_TOKENS_METHODS = ("ppn_bayes-teacher", "ppn_bayes-kd-prefix-mix")
+#: Methods that mix --fit-tokens half and half with the training text when it is given: the
+#: fit of record and its ablations, so that they train on the same text.
+MIXING_METHODS = ("ppn_bayes", *ABLATIONS, "ppn_bayes-kd-prefix-mix")
 #: Fits whose sub-networks the +distill methods fine-tune (``<fit>+distill``), and with
 #: ``LONG_FINETUNE`` times the fit's steps (``<fit>+distill-long``).
 FINETUNED_FITS = ("ppn_bayes", "ppn_bayes-frozen", "ppn_bayes-original")
@@ -118,11 +122,19 @@ METHODS = ("dense", "ppn_bayes", *ABLATIONS, *VARIANTS, *STRUCTURED, *(f"{m}+dis
            *(f"{m}+distill" for m in FINETUNED_FITS), *(f"{m}+distill-long" for m in FINETUNED_FITS), *WIDTH,
            *SPARSE)
 DEFAULT_METHODS = ("dense", "ppn_bayes", *ABLATIONS, *STRUCTURED, *SPARSE)
-#: The fit of record: 2048-token windows, the sandwich rule down to the smallest size.
+#: The fit of record: 2048-token windows, the sandwich rule down to the smallest size, every
+#: size taught by the frozen original LM with no next-token loss, deployed-style (prefix)
+#: training masks, units started from their activation ranks, a warm-up and a cosine
+#: schedule (issue 15). With --fit-tokens it reads half training text, half teacher text.
 DEFAULT_FIT = FitConfig(steps=300, batch_size=8, seq_len=2048, size_min=0.3, checkpoint_every=100,
-                        log_every=10)
+                        log_every=10, teacher="original", nll_weight=0.0, gate_coupling="prefix",
+                        init="activation", lr_schedule="cosine", warmup_steps=30, lr_lm=1e-4)
+#: The fit of record before issue 15 (self-distillation plus next-token loss, independent
+#: gates, neutral start, constant rates): what the records before 2026-12-01 evening ran.
+PREVIOUS_FIT = FitConfig(steps=300, batch_size=8, seq_len=2048, size_min=0.3, checkpoint_every=100,
+                         log_every=10)
 PROBE_STEPS = 10
-QUICK_FIT = FitConfig(steps=2, batch_size=1, seq_len=128, size_min=0.3, log_every=1)
+QUICK_FIT = DEFAULT_FIT.replace(steps=2, batch_size=1, seq_len=128, checkpoint_every=0, log_every=1, warmup_steps=0)
 
 
 @dataclass(frozen=True)
@@ -159,6 +171,8 @@ class QualityConfig:
     width_kd_tokens: int | None = None  # training tokens of each width-kd run (default: the fit's)
     width_mlp_group: int = 32  # MLP channels per unit of the width cuts
     width_kd_checkpoint_every: int = 500  # steps
+    fit_eval_windows: int = 0  # windows of the training text's end held out of the fits, evaluated during them
+    fit_stop_after: float | None = None  # seconds: a fit stops with a checkpoint; the next run resumes it
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
@@ -169,10 +183,18 @@ class QualityConfig:
                 raise ValueError(f"sizes are fractions in (0, 1], got {size}")
         if self.autocast not in ("bf16", "none"):
             raise ValueError(f"autocast must be 'bf16' or 'none', got {self.autocast!r}")
-        reads_fit_tokens = any(m in FIT_TOKENS_METHODS for m in self.methods)
-        if reads_fit_tokens != (self.fit_tokens is not None):
+        needs_fit_tokens = any(m in FIT_TOKENS_METHODS for m in self.methods)
+        reads_fit_tokens = any(m in (*FIT_TOKENS_METHODS, *MIXING_METHODS) for m in self.methods)
+        if needs_fit_tokens and self.fit_tokens is None:
             raise ValueError(f"{', '.join(FIT_TOKENS_METHODS)} fit on --fit-tokens, a token file or store from "
-                             "`ppn-bayes teacher-text`, and only they read it: give both or neither")
+                             "`ppn-bayes teacher-text`: give it")
+        if self.fit_tokens is not None and not reads_fit_tokens:
+            raise ValueError(f"--fit-tokens is read by {', '.join((*FIT_TOKENS_METHODS, *MIXING_METHODS))} only, "
+                             "and none of them runs")
+        if self.fit_eval_windows < 0:
+            raise ValueError(f"fit_eval_windows must not be negative, got {self.fit_eval_windows}")
+        if self.fit_stop_after is not None and not self.fit_stop_after > 0:
+            raise ValueError(f"fit_stop_after must be positive, got {self.fit_stop_after}")
         if self.limit_windows is not None and self.limit_windows < 1:
             raise ValueError(f"limit_windows must be positive, got {self.limit_windows}")
         for size in self.width_kd_sizes:
@@ -183,8 +205,8 @@ class QualityConfig:
         if self.width_kd_checkpoint_every < 0:
             raise ValueError(f"width_kd_checkpoint_every must not be negative, got {self.width_kd_checkpoint_every}")
         if "width-kd" in self.methods:
-            if self.width_kd_data is not None and not Path(self.width_kd_data).is_file():
-                raise ValueError(f"--width-kd-data {self.width_kd_data}: no such file")
+            if self.width_kd_data is not None and not Path(self.width_kd_data).exists():
+                raise ValueError(f"--width-kd-data {self.width_kd_data}: no such file or folder")
             if self.width_kd_steps < 1:
                 raise ValueError(f"width-kd: {self.width_kd_tokens} training tokens make no step of "
                                  f"{self.fit.batch_size} x {self.fit.seq_len} tokens")
@@ -386,8 +408,25 @@ def run_ppn(run: Run, method: str) -> None:
                 probe_seconds, probe_tokens = probe.result.seconds, probe.result.train_tokens
                 atomic_write_text(target, json.dumps({"steps": fit_config.steps}))
                 resume = True
-            fitted = fit(lm, tokens, fit_config, checkpoint=checkpoint, resume=resume,
-                         tokenizer=run.tokenizer, progress=False)
+            _, held_out = _fit_split(run)
+            log = checkpoint.with_name(f"{method}.validation.jsonl")
+            log.parent.mkdir(parents=True, exist_ok=True)
+
+            def on_evaluation(row: dict) -> None:
+                with open(log, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(row) + "\n")
+                print(f"[quality] {method} step {row['step']}: full {math.exp(row['nll_full']):.1f}, " + ", ".join(
+                    f"{r['size']:g} {math.exp(r['nll']):.1f} (stable {r['stability'] if r['stability'] is None else round(r['stability'], 3)}, "
+                    f"ambiguous {r['ambiguous']:.3f})" for r in row["sizes"]), flush=True)
+
+            fitted = fit(lm, tokens, fit_config, checkpoint=checkpoint, resume=resume, tokenizer=run.tokenizer,
+                         progress=False, eval_tokens=held_out, on_evaluation=on_evaluation,
+                         stop_after=c.fit_stop_after)
+        if fitted.result.steps_done < fit_config.steps:
+            print(f"[quality] {method}: stopped at step {fitted.result.steps_done} of {fit_config.steps} "
+                  f"(--fit-stop-after); the same command again resumes it", flush=True)
+            run.skipped += 1
+            return
         # this process's training: the probe's and the (resumed) rest's, checkpoints excluded
         seconds = probe_seconds + fitted.result.seconds
         tokens_here = probe_tokens + fitted.result.tokens_per_s * fitted.result.seconds
@@ -399,9 +438,13 @@ def run_ppn(run: Run, method: str) -> None:
     train_tokens = fit_config.steps * fit_config.batch_size * fit_config.seq_len
     history = fitted.result.history
     settings = {
-        "training": "ppn_bayes fit (self-distillation, sandwich rule)", "fit": fit_config.to_dict(),
+        "training": f"ppn_bayes fit (teacher {fit_config.teacher}, sandwich rule, {fit_config.gate_coupling} gates)",
+        "fit": fit_config.to_dict(),
         "ablation": ABLATIONS.get(method, {}), "variant": VARIANTS.get(method, {}), "autocast": _autocast_used(c), **train_text,
-        "passes_per_step": 2 + fit_config.n_random_sizes, "fit_seconds": seconds,
+        "sizes_per_step": 2 + fit_config.n_random_sizes, "fit_seconds": seconds,
+        "validation": [{k: v for k, v in row.items() if k != "sizes"} | {"sizes": [
+            {k: v for k, v in r.items() if k != "kept"} for r in row.get("sizes", [])]}
+            for row in fitted.result.validation],
         "fit_tokens_per_s": tokens_per_s, "final_loss": history[-1] if history else None,
         "checkpoint": str(checkpoint),
     }
@@ -413,22 +456,38 @@ def run_ppn(run: Run, method: str) -> None:
 
 
 def _fit_tokens(run: Run, method: str) -> tuple[torch.Tensor, dict]:
-    """What a ppn_bayes fit reads, and how its records name it: the training text, or for
-    ppn_bayes-teacher the token file of ``--fit-tokens`` (its header's settings included)."""
+    """What a ppn_bayes fit reads, and how its records name it: the training text (less its
+    held-out end, ``fit_eval_windows``), mixed half and half row by row with ``--fit-tokens``
+    for the mixing methods when it is given, or for ppn_bayes-teacher the token file alone."""
     c = run.config
-    if method not in FIT_TOKENS_METHODS:
-        return run.train_tokens, {"train_text": Path(c.train_text).name}
-    if method.endswith("-mix"):
+    train, _ = _fit_split(run)
+    held = {"fit_eval_windows": c.fit_eval_windows} if c.fit_eval_windows else {}
+    if c.fit_tokens is not None and method in MIXING_METHODS:
         from ppn_bayes.store import Mixture, TokenSource, open_source
 
         generated = open_source(c.fit_tokens, vocab_size=vocab_rows(run.lm))
-        mixture = Mixture([TokenSource.from_tensor(run.train_tokens), generated], [0.5, 0.5],
+        mixture = Mixture([TokenSource.from_tensor(train), generated], [0.5, 0.5],
                           seq_len=c.fit.seq_len, seed=c.fit.seed)
         return mixture, {"train_text": f"{Path(c.train_text).name} + {Path(c.fit_tokens).name}, half and half",
-                         "fit_data": mixture.identity()}
+                         "fit_data": mixture.identity(), **held}
+    if method not in FIT_TOKENS_METHODS:
+        return train, {"train_text": Path(c.train_text).name, **held}
     tokens, header = _token_file(run, c.fit_tokens)
     return tokens, {"train_text": Path(c.fit_tokens).name, "fit_tokens_header": header,
                     "fit_tokens_count": tokens.numel(), "prompts_from": Path(c.train_text).name}
+
+
+def _fit_split(run: Run) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(train, held_out)``: the training text less its last ``fit_eval_windows`` windows of
+    the fit's length, and those windows (``None`` without them). Held-out text for the
+    diagnostics during a fit: the evaluation text is for the records alone."""
+    c = run.config
+    n = c.fit_eval_windows * c.fit.seq_len
+    if n == 0:
+        return run.train_tokens, None
+    if n >= run.train_tokens.numel() // 2:
+        raise ValueError(f"fit_eval_windows={c.fit_eval_windows} would hold out half the training text or more")
+    return run.train_tokens[:-n], run.train_tokens[-n:]
 
 
 def _token_file(run: Run, path) -> tuple[torch.Tensor, dict]:
@@ -455,9 +514,19 @@ def _file_sha256(path) -> str:
 
 def width_kd_data(run: Run) -> tuple[torch.Tensor, dict]:
     """What width-kd trains on, and its identity for the records: ``--width-kd-data`` (a
-    ``.safetensors`` token file or a text, tokenised whole) or the training text."""
+    ``.safetensors`` token file, a text tokenised whole, or a token store folder, which is
+    mixed half and half with the training text as the fit of record mixes ``--fit-tokens``)
+    or the training text."""
     c = run.config
     path = Path(c.width_kd_data or c.train_text)
+    if path.is_dir():
+        from ppn_bayes.store import Mixture, TokenSource, open_source
+
+        train, _ = _fit_split(run)
+        mixture = Mixture([TokenSource.from_tensor(train), open_source(path, vocab_size=vocab_rows(run.lm))],
+                          [0.5, 0.5], seq_len=c.fit.seq_len, seed=c.fit.seed)
+        return mixture, {"data": f"{Path(c.train_text).name} + {path.name}, half and half",
+                         "fit_data": mixture.identity()}
     if path.suffix == ".safetensors":
         tokens, header = _token_file(run, path)
     elif c.width_kd_data is None:
@@ -566,12 +635,15 @@ def run_structured(run: Run, method: str) -> None:
 
 def distill_settings(fit_config: FitConfig, steps: int, **changes):
     """The :class:`ppn_bayes.finetune.DistillConfig` of a fine-tune of ``steps`` steps with
-    the fit's batch, windows, AdamW at ``lr_lm``, KL weight, clipping and seed."""
+    the fit's batch, windows, AdamW at ``lr_lm``, loss weights, schedule (its warm-up the same
+    share of the steps), clipping and seed."""
     from ppn_bayes.finetune import DistillConfig
 
+    warmup = round(fit_config.warmup_steps * steps / fit_config.steps)  # the same share of the run
     return DistillConfig(steps=steps, batch_size=fit_config.batch_size, seq_len=fit_config.seq_len,
                          lr=fit_config.lr_lm, weight_decay=fit_config.weight_decay,
-                         distill_weight=fit_config.distill_weight, grad_clip=fit_config.grad_clip,
+                         distill_weight=fit_config.distill_weight, nll_weight=fit_config.nll_weight,
+                         lr_schedule=fit_config.lr_schedule, warmup_steps=warmup, grad_clip=fit_config.grad_clip,
                          seed=fit_config.seed, **changes)
 
 
@@ -856,6 +928,8 @@ def _fit_overrides(pairs: list[str], base: FitConfig) -> FitConfig:
             changes[key] = None if value.lower() == "none" else int(value)
         elif isinstance(current, float):
             changes[key] = float(value)
+        elif isinstance(current, tuple):  # sizes, comma-separated
+            changes[key] = tuple(float(v) for v in value.split(",") if v)
         else:
             changes[key] = value
     return base.replace(**changes)
@@ -911,7 +985,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-sparse", default=None, metavar="METHOD@SIZE",
                    help="keep the pruned weights of one sparse baseline for speed.py, e.g. sparsegpt@0.5")
     p.add_argument("--fit-tokens", default=None,
-                   help="token file (.safetensors, from `ppn-bayes teacher-text`) that ppn_bayes-teacher fits on")
+                   help="token file or store (from `ppn-bayes teacher-text`): ppn_bayes-teacher fits on it alone; "
+                        "ppn_bayes, its ablations and ppn_bayes-kd-prefix-mix on it and the training text, half "
+                        "and half")
+    p.add_argument("--fit-eval-windows", type=int, default=0,
+                   help="hold the last N windows of the training text out of the fits and evaluate the deployed "
+                        "masks at --fit-set eval_sizes on them every --fit-set eval_every steps (the fit's "
+                        "diagnostics, written to WORK_DIR/fits/METHOD.validation.jsonl; default: 0, none)")
+    p.add_argument("--fit-stop-after", type=float, default=None, metavar="SECONDS",
+                   help="a fit stops after this long with a checkpoint and records nothing; the same command "
+                        "again resumes it (for GPU time lent in stretches)")
     p.add_argument("--width-kd-sizes", type=_floats, default=(0.5, 0.3),
                    help="sizes of width-kd, one distillation each (default: 0.5,0.3)")
     p.add_argument("--width-kd-data", default=None,
@@ -959,6 +1042,7 @@ def config_from(args: argparse.Namespace) -> QualityConfig:
         rankings=args.rankings or str(Path(args.work_dir) / "rankings.json"), records_dir=args.records_dir,
         model_name=args.model_name, time_budget=args.time_budget, fit_time_budget=args.fit_time_budget, quick=quick, save_sparse=args.save_sparse,
         fit_tokens=args.fit_tokens, width_kd_sizes=args.width_kd_sizes, width_kd_data=args.width_kd_data,
+        fit_eval_windows=args.fit_eval_windows, fit_stop_after=args.fit_stop_after,
         width_kd_tokens=None if args.width_kd_tokens is None else int(args.width_kd_tokens),
         width_mlp_group=args.width_mlp_group, width_kd_checkpoint_every=args.width_kd_checkpoint_every,
     )

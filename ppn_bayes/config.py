@@ -10,6 +10,8 @@ import types
 import typing
 from dataclasses import dataclass
 
+from .schedule import SCHEDULES
+
 __all__ = ["FitConfig", "check_fields"]
 
 
@@ -21,6 +23,8 @@ TEACHERS = ("self", "original")
 AUTOCASTS = ("none", "bfloat16", "float16")
 #: ``torch.compile`` backends for the gated LM's forward (``FitConfig.compile``; ``none``: eager).
 COMPILERS = ("none", "inductor", "aot_eager", "eager")
+#: How the guide's unit locations start (``FitConfig.init``).
+INITS = ("neutral", "activation")
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,10 @@ class FitConfig:
     log_every: int = 10
     eval_every: int = 0  # with held-out tokens: every this many steps (0: at the end only)
     eval_windows: int = 16  # held-out windows of seq_len per evaluation
+    eval_sizes: tuple[float, ...] = ()  # deployed masks evaluated at each evaluation (empty: size_min)
+    lr_schedule: str = "constant"  # constant | cosine (warm-up, then a half cosine to a tenth)
+    warmup_steps: int = 0
+    init: str = "neutral"  # neutral | activation (channels ordered, unit locations ranked by activation)
     parallel: str = "auto"  # auto | none | ddp | fsdp (several processes under torchrun)
     autocast: str = "none"  # none | bfloat16 | float16
     compile: str = "none"  # none | inductor | aot_eager | eager
@@ -85,7 +93,8 @@ class FitConfig:
                 f"sizes must satisfy 0 < size_min <= size_max <= 1, got {self.size_min}, {self.size_max}"
             )
         for name in ("lr_lm", "weight_decay", "distill_weight", "nll_weight", "prior_weight", "checkpoint_every",
-                     "n_random_sizes", "grad_clip", "init_jitter", "freeze_lm_steps", "eval_every"):
+                     "n_random_sizes", "grad_clip", "init_jitter", "freeze_lm_steps", "eval_every",
+                     "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.posterior not in ("normal", "point"):
@@ -101,6 +110,16 @@ class FitConfig:
             raise ValueError(f"autocast must be one of {', '.join(map(repr, AUTOCASTS))}, got {self.autocast!r}")
         if self.compile not in COMPILERS:
             raise ValueError(f"compile must be one of {', '.join(map(repr, COMPILERS))}, got {self.compile!r}")
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(map(repr, SCHEDULES))}, "
+                             f"got {self.lr_schedule!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(map(repr, INITS))}, got {self.init!r}")
+        for size in self.eval_sizes:
+            if not 0 < size <= 1:
+                raise ValueError(f"eval_sizes must lie in (0, 1], got {size}")
+        if len(set(self.eval_sizes)) != len(self.eval_sizes):
+            raise ValueError(f"eval_sizes has a size twice: {self.eval_sizes}")
         if self.distill_weight == 0 and self.nll_weight == 0:
             raise ValueError("nll_weight and distill_weight are both 0: the likelihood would be empty")
         if self.prior_tokens is not None and self.prior_tokens < 1:
@@ -115,7 +134,7 @@ class FitConfig:
         unknown = set(data) - names
         if unknown:
             raise ValueError(f"unknown fit settings {sorted(unknown)}")
-        return cls(**data)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})  # JSON lists
 
     def replace(self, **changes) -> "FitConfig":
         return dataclasses.replace(self, **changes)
@@ -198,6 +217,16 @@ FIT_HELP: dict[str, str] = {
     "eval_every": "with held-out text (fit --eval-data): its NLL every this many steps and at the end "
                   "(0: at the end only), for the full LM and the sub-network at size_min",
     "eval_windows": "held-out windows of seq_len tokens per evaluation",
+    "eval_sizes": "sizes whose deployed masks (the longest prefix of the posterior's median ranking) are "
+                  "evaluated on the held-out text at every evaluation, with the ranking's stability and the share "
+                  "of ambiguous units at each (default: size_min)",
+    "lr_schedule": "'constant' or 'cosine' (after the warm-up, a half cosine from the base rates down to a tenth "
+                   "of them at the last step), for the LM's and the guide's rates alike",
+    "warmup_steps": "the rates rise linearly over this many first steps (0: no warm-up)",
+    "init": "'neutral' (every unit location log λ_lu starts at 0) or 'activation' (each layer's MLP channels "
+            "are put in order of their mean |activation| on the first training windows, which leaves the LM's "
+            "function unchanged, and the unit locations start spread by their rank within their layer and kind, "
+            "so the first masks are close to the uniform activation cut)",
     "autocast": "mixed precision of the forward passes: 'none', 'bfloat16' or 'float16' (GPU)",
     "compile": "torch.compile backend of the gated LM's forward ('inductor' on a GPU; 'aot_eager' or 'eager' "
                "to check the graph; 'none': eager): one graph serves every step and size",

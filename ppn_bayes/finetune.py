@@ -27,6 +27,7 @@ from .config import check_fields
 from .data import TokenBlocks, check_token_ids
 from .lm import check_same_vocabulary, vocab_rows
 from .objective import distillation_kl
+from .schedule import SCHEDULES, lr_factor
 
 __all__ = ["DistillConfig", "DistillResult", "distill", "distill_checkpoint"]
 
@@ -45,6 +46,9 @@ class DistillConfig:
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 0  # with a checkpoint directory: every this many steps (0: never)
+    nll_weight: float = 1.0  # 0: the distillation term alone
+    lr_schedule: str = "constant"  # constant | cosine (ppn_bayes.schedule)
+    warmup_steps: int = 0
 
     def __post_init__(self):
         check_fields(self)  # types, and no NaN or infinity anywhere
@@ -53,9 +57,14 @@ class DistillConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be at least 2, got {self.seq_len}")
-        for name in ("weight_decay", "distill_weight", "grad_clip", "checkpoint_every"):
+        for name in ("weight_decay", "distill_weight", "grad_clip", "checkpoint_every", "nll_weight", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(map(repr, SCHEDULES))}, "
+                             f"got {self.lr_schedule!r}")
+        if self.nll_weight == 0 and self.distill_weight == 0:
+            raise ValueError("nll_weight and distill_weight are both 0: the loss would be empty")
 
     def replace(self, **changes) -> "DistillConfig":
         """A copy with ``changes`` (checked again)."""
@@ -129,6 +138,9 @@ def _resume(path, student: nn.Module, optimizer, config: DistillConfig) -> tuple
         raise FileFormatError(f"{path}/state.json: unreadable settings ({err})") from None
     if saved.replace(**{k: getattr(config, k) for k in _RESUMABLE_CHANGES}) != config:
         raise ValueError(f"distill checkpoint {path} was made with other settings: {saved}")
+    if config.lr_schedule == "cosine" and saved.steps != config.steps:
+        raise ValueError(f"distill checkpoint {path} runs a cosine schedule over {saved.steps} steps; "
+                         f"steps={config.steps} would bend it: resume with steps={saved.steps}")
     try:
         missing, unexpected = load_model(student, str(path / "student.safetensors"), strict=False)
     except (SafetensorError, RuntimeError, OSError) as err:
@@ -159,11 +171,12 @@ def distill(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor | Token
     the step it started at; ``seconds`` and ``tokens_per_s`` are this call's).
     """
     check_same_vocabulary(teacher, student, names=("teacher", "student"), why="distillation needs one vocabulary")
-    blocks = tokens if isinstance(tokens, TokenBlocks) else TokenBlocks(torch.as_tensor(tokens), config.seq_len,
-                                                                        config.seed)
+    blocks = tokens if hasattr(tokens, "batch") else TokenBlocks(torch.as_tensor(tokens), config.seq_len,
+                                                                 config.seed)
     if blocks.seq_len != config.seq_len:
         raise ValueError(f"token blocks of {blocks.seq_len} tokens, but config.seq_len={config.seq_len}")
-    check_token_ids(blocks.tokens, vocab_rows(student), "the training tokens")
+    if isinstance(blocks, TokenBlocks):  # a token store checks its own ids when it opens
+        check_token_ids(blocks.tokens, vocab_rows(student), "the training tokens")
     autocast = autocast or contextlib.nullcontext
     device = next(student.parameters()).device
     teacher_was_training = teacher.training
@@ -183,6 +196,8 @@ def distill(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor | Token
                desc="distill", unit="step")
     try:
         for step in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * lr_factor(config.lr_schedule, step, config.steps, config.warmup_steps)
             input_ids = blocks.batch(step, config.batch_size).to(device)  # [B, T]
             with autocast():
                 with torch.no_grad():
@@ -190,7 +205,7 @@ def distill(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor | Token
                 logp = F.log_softmax(student(input_ids=input_ids).logits[:, :-1].float(), -1)  # [B, T-1, V]
                 nll = -logp.gather(-1, input_ids[:, 1:, None]).mean()
                 kl = distillation_kl(logp, teacher_logits)
-                loss = nll + config.distill_weight * kl
+                loss = config.nll_weight * nll + config.distill_weight * kl
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip > 0:

@@ -373,24 +373,51 @@ def test_accumulated_micro_batches_give_the_step_of_one_batch():
 
 def test_held_out_text_is_evaluated_during_the_fit():
     """result.validation: the held-out NLL every eval_every steps and at the end, equal to
-    the perplexity harness on the same windows (full LM, and the masks at size_min)."""
+    the perplexity harness on the same windows (full LM, and the deployed masks at each
+    eval size), with each size's masks, their stability between evaluations and the share
+    of ambiguous units."""
     from ppn_bayes.evaluate import perplexity
 
     lm = tiny_llama(TOKENIZER.vocab_size, layers=2, hidden=32, heads=2, kv_heads=1, intermediate=64)
     held_out = tokenize(embedded_text()[60_000:64_000], TOKENIZER)
-    config = FitConfig(steps=5, batch_size=2, seq_len=32, mlp_group=32, lr_lm=1e-3, eval_every=2, eval_windows=3,
-                       size_min=0.3)
-    fitted = fit(lm, TOKENS, config, progress=False, eval_tokens=held_out)
+    config = FitConfig(steps=5, batch_size=2, seq_len=32, mlp_group=8, lr_lm=1e-3, eval_every=2, eval_windows=3,
+                       size_min=0.3, eval_sizes=(0.7, 0.3), lr_guide=0.5)
+    seen = []
+    fitted = fit(lm, TOKENS, config, progress=False, eval_tokens=held_out, on_evaluation=seen.append)
     rows = fitted.result.validation
+    assert seen == rows
     assert [row["step"] for row in rows] == [2, 4, 5] and all(row["windows"] == 3 for row in rows)
     full = perplexity(fitted.lm, held_out, seq_len=32, limit=3)
-    small = perplexity(fitted.lm, held_out, seq_len=32, limit=3, masks=fitted.masks(0.3))
     assert rows[-1]["nll_full"] == pytest.approx(full.nll, abs=1e-5)
-    assert rows[-1]["nll_size_min"] == pytest.approx(small.nll, abs=1e-5)
+    for row in rows[-1]["sizes"]:
+        masks = fitted.masks(row["size"])
+        small = perplexity(fitted.lm, held_out, seq_len=32, limit=3, masks=masks)
+        assert row["nll"] == pytest.approx(small.nll, abs=1e-5)
+        assert row["size_reached"] == masks.size_reached
+        assert row["kept"] == "".join("1" if k else "0" for k in [*masks.layer.tolist(), *masks.unit.flatten().tolist()])
+        assert 0 <= row["ambiguous"] <= 1
+    assert [r["size"] for r in rows[-1]["sizes"]] == [0.7, 0.3]
     # Size 0.3 after 5 steps: 0.046-0.060 nats above the full LM over seeds 0-4 (size 0.5 was
     # as little as 0.007 above it).
-    assert rows[-1]["nll_size_min"] > rows[-1]["nll_full"]
+    assert rows[-1]["sizes"][1]["nll"] > rows[-1]["nll_full"]
     assert rows[0]["nll_full"] != rows[-1]["nll_full"]  # evaluated as the LM trains, not once
+    assert all(r["stability"] is None for r in rows[0]["sizes"])
+    for before, after in zip(rows, rows[1:]):  # Jaccard of the kept sets of two evaluations in a row
+        for a, b in zip(before["sizes"], after["sizes"]):
+            both = sum(x == y == "1" for x, y in zip(a["kept"], b["kept"]))
+            either = sum("1" in (x, y) for x, y in zip(a["kept"], b["kept"]))
+            assert b["stability"] == pytest.approx(both / either, abs=1e-12)
+
+
+def test_a_point_posterior_has_no_ambiguous_units():
+    """Every draw of a point posterior is its median: every draw's masks are the deployed
+    ones, and no unit is kept in some draws only."""
+    lm = tiny_llama(TOKENIZER.vocab_size, layers=2, hidden=32, heads=2, kv_heads=1, intermediate=64)
+    held_out = tokenize(embedded_text()[60_000:62_000], TOKENIZER)
+    config = FitConfig(steps=2, batch_size=2, seq_len=32, mlp_group=8, eval_windows=1, posterior="point",
+                       prior_weight=0.0, eval_sizes=(0.5,), init_jitter=0.5)
+    rows = fit(lm, TOKENS, config, progress=False, eval_tokens=held_out).result.validation
+    assert rows[-1]["sizes"][0]["ambiguous"] == 0.0
 
 
 @pytest.mark.parametrize("coupling", ["prefix", "shared"])

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from .options import nonnegative_float, nonnegative_int, positive_float, positive_int, size_fraction
+from ..schedule import SCHEDULES
 
 _DTYPES = ["float32", "bfloat16", "float16"]
 
@@ -100,6 +101,13 @@ def register(subparsers) -> None:
                          help=f"AdamW weight decay (default: {defaults.weight_decay})")
     distill.add_argument("--distill-weight", type=nonnegative_float, default=defaults.distill_weight,
                          help=f"weight of the KL term; 0: plain fine-tuning (default: {defaults.distill_weight})")
+    distill.add_argument("--nll-weight", type=nonnegative_float, default=defaults.nll_weight,
+                         help=f"weight of the next-token loss; 0: the KL term alone (default: {defaults.nll_weight})")
+    distill.add_argument("--lr-schedule", choices=SCHEDULES, default=defaults.lr_schedule,
+                         help="'constant', or 'cosine': after the warm-up a half cosine down to a tenth of --lr "
+                              f"(default: {defaults.lr_schedule})")
+    distill.add_argument("--warmup-steps", type=nonnegative_int, default=defaults.warmup_steps,
+                         help=f"the rate rises linearly over this many first steps (default: {defaults.warmup_steps})")
     distill.add_argument("--grad-clip", type=nonnegative_float, default=defaults.grad_clip,
                          help=f"gradient-norm clipping; 0: none (default: {defaults.grad_clip})")
     distill.add_argument("--seed", type=int, default=defaults.seed, help=f"seed of the windows (default: {defaults.seed})")
@@ -179,7 +187,8 @@ def _distill(args: argparse.Namespace) -> int:
     config = DistillConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                            weight_decay=args.weight_decay, distill_weight=args.distill_weight,
                            grad_clip=args.grad_clip, seed=args.seed, log_every=args.log_every,
-                           checkpoint_every=args.checkpoint_every)
+                           checkpoint_every=args.checkpoint_every, nll_weight=args.nll_weight,
+                           lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps)
     report = distill_checkpoint(args.checkpoint, args.data, args.out, size=args.size, n_params=args.params,
                                 teacher=args.teacher, config=config, eval_data=args.eval_data,
                                 eval_windows=args.eval_windows, device=args.device, bf16=args.bf16,

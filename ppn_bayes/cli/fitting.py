@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..config import FitConfig
 from ..store import DEFAULT_SHARD_TOKENS
-from .options import add_fit_options, fit_config_from
+from .options import add_fit_options, fit_config_from, positive_float
 
 
 def register(subparsers) -> None:
@@ -45,14 +45,18 @@ def register(subparsers) -> None:
                           "row of a batch draws its source by the weights")
     fit.add_argument("--out", required=True, help="output folder")
     fit.add_argument("--eval-data", default=None,
-                     help="held-out text (as --data): its NLL for the full LM and the sub-network at --size-min, "
-                          "every --eval-every steps and at the end (result.json's 'validation'); not with "
-                          "--parallel fsdp")
+                     help="held-out text (as --data): its NLL for the full LM and the deployed masks at each "
+                          "--eval-sizes (default: --size-min), with the ranking's stability and the share of "
+                          "ambiguous units, every --eval-every steps and at the end (result.json's 'validation'; "
+                          "each row also appended to OUT/validation.jsonl as it is made); not with --parallel fsdp")
     fit.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     fit.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu); under torchrun each process "
                           "uses cuda:LOCAL_RANK when CUDA is present")
     fit.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="LM weights' dtype")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
+    fit.add_argument("--stop-after", type=positive_float, default=None, metavar="SECONDS",
+                     help="stop at the first step after this long, with a checkpoint that --resume continues "
+                          "(for machines lent in stretches)")
     add_fit_options(fit)
     fit.set_defaults(func=_fit)
 
@@ -129,8 +133,17 @@ def _fit(args: argparse.Namespace) -> int:
     lm, tokenizer = load_lm(args.model, dtype=getattr(torch, args.dtype), device=device)
     blocks = open_mixture(args.data, tokenizer, seq_len=config.seq_len, seed=config.seed, vocab_size=vocab_rows(lm))
     eval_tokens = load_tokens(args.eval_data, tokenizer) if args.eval_data else None
+    on_evaluation = None
+    if distributed.is_main_process() and eval_tokens is not None:
+        out.mkdir(parents=True, exist_ok=True)
+
+        def on_evaluation(row: dict) -> None:  # a log, line by line, for a fit still running
+            with open(out / "validation.jsonl", "a", encoding="utf-8") as log:
+                log.write(json.dumps(row) + "\n")
+
     fitted = fit(lm, blocks, config, checkpoint=out / "checkpoint", resume=args.resume, tokenizer=tokenizer,
-                 progress=not args.quiet, eval_tokens=eval_tokens)
+                 progress=not args.quiet, eval_tokens=eval_tokens, on_evaluation=on_evaluation,
+                 stop_after=args.stop_after)
     if not distributed.is_main_process():
         return 0
     atomic_write_text(out / "result.json", fitted.result.to_json())

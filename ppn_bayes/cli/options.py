@@ -84,6 +84,9 @@ def add_fit_options(parser: argparse.ArgumentParser, defaults: FitConfig = FitCo
         if kind is bool:
             group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
                                default=default, help=help_text)
+        elif typing.get_origin(kind) is tuple:  # sizes
+            group.add_argument(_flag(f.name), dest=f.name, type=size_fraction, nargs="*", default=default,
+                               metavar="SIZE", help=help_text)
         else:
             convert = {int: int, float: finite_float, str: str}.get(kind, int if "int" in str(kind) else str)
             group.add_argument(_flag(f.name), dest=f.name, type=convert, default=default, help=help_text)
@@ -91,4 +94,5 @@ def add_fit_options(parser: argparse.ArgumentParser, defaults: FitConfig = FitCo
 
 def fit_config_from(args: argparse.Namespace, *, base: FitConfig = FitConfig(), skip: tuple[str, ...] = ()) -> FitConfig:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(FitConfig) if f.name not in skip}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     return base.replace(**values)

@@ -38,7 +38,7 @@ CHECKPOINT_VERSION = 1
 #: Settings that may change between a checkpoint and its resume: they do not change what a
 #: step computes (``steps`` may grow; the global batch is checked on its own).
 RESUMABLE_SETTINGS = ("steps", "checkpoint_every", "log_every", "parallel", "batch_size", "accumulate",
-                      "eval_every", "eval_windows", "compile")
+                      "eval_every", "eval_windows", "eval_sizes", "compile")
 
 
 def versions() -> dict:
@@ -191,6 +191,9 @@ def check_resumable(state: dict, checkpoint: Path, config: FitConfig, arch: Arch
                    if k not in RESUMABLE_SETTINGS and getattr(saved, k) != getattr(config, k)}
         raise ValueError(f"checkpoint {checkpoint} was fitted with other settings: "
                          + ", ".join(f"{k} {a!r} there, {b!r} here" for k, (a, b) in changed.items()))
+    if config.lr_schedule == "cosine" and config.steps != saved.steps:
+        raise ValueError(f"checkpoint {checkpoint} was fitted under a cosine schedule over {saved.steps} steps; "
+                         f"steps={config.steps} would bend it: resume with steps={saved.steps}")
     if config.steps < state["step"]:
         raise ValueError(f"checkpoint {checkpoint} has done {state['step']} steps; a resume cannot go back to "
                          f"steps={config.steps} (ask for {state['step']} steps or more)")

@@ -35,6 +35,7 @@ from ..io import FileFormatError, recover_directory
 from ..store import TokenSource
 from . import checkpoint as ckpt
 from .state import FitResult, FitState, PuppetFit, build_guide, build_model, build_optimizer, copy_frozen
+from .init import activation_start
 from .step import StepLoss, step_sizes, train_step
 
 __all__ = ["fit", "load_fit", "data_identity", "TOKENS_PER_PARAMETER", "TrainingBudgetWarning"]
@@ -69,6 +70,8 @@ def fit(
     tokenizer=None,
     progress: bool = True,
     eval_tokens: torch.Tensor | None = None,
+    on_evaluation=None,
+    stop_after: float | None = None,
 ) -> PuppetFit:
     """Fit the gate posterior and the LM's weights together.
 
@@ -85,6 +88,12 @@ def fit(
     ``config.seq_len``: the mean next-token NLL of the full LM and of the sub-network at
     ``config.size_min`` under the hard masks of the posterior at that step
     (``result.validation``; the progress bar shows the perplexities).
+    Each evaluation's row (see :func:`_validate`) is also passed to ``on_evaluation``
+    when given, as soon as it is made.
+
+    ``stop_after`` (seconds): stop at the first step boundary after this long, write the
+    checkpoint and return the fit as it stands (``result.steps_done < config.steps``); a
+    resume continues it. For machines lent in stretches.
 
     Under ``torchrun`` (see :mod:`ppn_bayes.distributed` and ``config.parallel``) every
     process calls ``fit`` alike: ``config.batch_size`` is the batch of each process,
@@ -128,7 +137,8 @@ def fit(
         # pass; the loop checks the losses once a step instead (_check_finite).
         with pyro.validation_enabled(False):
             return _loop(run, blocks, context, checkpoint=checkpoint, tokenizer=tokenizer, progress=progress,
-                         eval_tokens=eval_tokens, data=data, lm_class=type(lm))
+                         eval_tokens=eval_tokens, data=data, lm_class=type(lm), on_evaluation=on_evaluation,
+                         deadline=None if stop_after is None else time.monotonic() + stop_after)
     finally:  # also when the fit fails: the caller's LM gets no hooks left behind
         run.gated.unload()
         if not config.train_lm:
@@ -165,8 +175,14 @@ def _build(lm, config: FitConfig, arch: Architecture, context, blocks, checkpoin
             base.forward = torch.compile(base.forward, dynamic=False, backend=config.compile)
     if context.parallel == "ddp":
         lm.to(device)
+    start = None
+    if state is None and config.init == "activation":  # a resume reads the ordered LM from its checkpoint
+        start = activation_start(lm, arch, blocks, batch_size=config.batch_size)
     gated, model, guide, _ = build_model(lm, config, arch, prior_tokens=blocks_numel(blocks),
                                          device=None if sharded else device)
+    if start is not None:
+        with torch.no_grad():
+            guide.loc_unit.add_(start.to(guide.loc_unit))
     try:
         return _restore_and_wrap(lm, config, arch, context, gated, model, guide, teacher, fingerprint, checkpoint,
                                  state, opt_state)
@@ -219,7 +235,7 @@ def _batches(blocks, config: FitConfig, step: int, context, device: torch.device
 
 
 def _loop(run: FitState, blocks, context, *, checkpoint, tokenizer, progress, eval_tokens, data,
-          lm_class) -> PuppetFit:
+          lm_class, on_evaluation=None, deadline: float | None = None) -> PuppetFit:
     config, lm = run.config, run.lm
     device = torch.device(context.device)
     tokens_per_step = config.batch_size * config.accumulate * config.seq_len * context.world_size
@@ -233,6 +249,7 @@ def _loop(run: FitState, blocks, context, *, checkpoint, tokenizer, progress, ev
     log = _Log(run, config, bar)
     lm.train()
     began = time.perf_counter()
+    stopped = None  # the step a stop_after deadline ended the run at
     for step in bar:
         run.step = step
         figures = train_step(run, _batches(blocks, config, step, context, device), context=context, device=device)
@@ -240,28 +257,35 @@ def _loop(run: FitState, blocks, context, *, checkpoint, tokenizer, progress, ev
         done = step + 1
         if eval_tokens is not None and (done == config.steps or (config.eval_every and done % config.eval_every == 0)):
             log.flush(began)
-            run.validation.append(_validate(lm, run.guide, eval_tokens, config, done))
-            log.show(ppl_full=f"{math.exp(run.validation[-1]['nll_full']):.1f}",
-                     ppl_size_min=f"{math.exp(run.validation[-1]['nll_size_min']):.1f}")
+            row = _validate(lm, run.guide, eval_tokens, config, done, run.validation[-1] if run.validation else None)
+            run.validation.append(row)
+            log.show(ppl_full=f"{math.exp(row['nll_full']):.1f}",
+                     **{f"ppl_{r['size']:g}": f"{math.exp(r['nll']):.1f}" for r in row["sizes"]})
+            if on_evaluation is not None:
+                on_evaluation(row)
         if checkpoint is not None and config.checkpoint_every and done % config.checkpoint_every == 0 \
                 and done < config.steps:
             log.flush(began)
             _save(run, context, checkpoint, done, tokenizer, data, lm_class)
+        if deadline is not None and done < config.steps and _past(deadline, context, device, done, config.log_every):
+            stopped = done
+            break
     log.flush(began)
     bar.close()
     seconds = time.perf_counter() - began
-    run.step = config.steps
+    end = config.steps if stopped is None else stopped
+    run.step = end
     lm.eval()
     run.gated.unload()
     if checkpoint is not None:
-        _save(run, context, checkpoint, config.steps, tokenizer, data, lm_class)
+        _save(run, context, checkpoint, end, tokenizer, data, lm_class)
     guide = run.guide
     if context.parallel == "fsdp":
         lm, guide = _gather_plain(lm, guide, lm_class, config, run.arch)
-    steps_run = config.steps - start
+    steps_run = end - start
     result = FitResult(
         config=config.to_dict(), architecture=run.arch.to_dict(), history=run.history, validation=run.validation,
-        steps_done=config.steps, train_tokens=config.steps * tokens_per_step, seconds=seconds,
+        steps_done=end, train_tokens=end * tokens_per_step, seconds=seconds,
         tokens_per_s=steps_run * tokens_per_step / seconds if seconds > 0 else 0.0, device=str(device),
         checkpoint=str(checkpoint) if checkpoint is not None else None, world_size=context.world_size,
         parallel=context.parallel, step_times=run.step_times, data=data,
@@ -269,6 +293,19 @@ def _loop(run: FitState, blocks, context, *, checkpoint, tokenizer, progress, ev
         checkpoint_bytes=run.checkpoint_bytes,
     )
     return PuppetFit(lm=lm, guide=guide, config=config, result=result)
+
+
+def _past(deadline: float, context, device: torch.device, done: int, every: int) -> bool:
+    """Whether this process (alone) is past ``deadline`` (``time.monotonic()``); under
+    torchrun, whether any process is, asked every ``every`` steps only (a collective), so
+    that all stop at the same step."""
+    now = time.monotonic()
+    if not context.distributed:
+        return now > deadline
+    if done % every:
+        return False
+    late = torch.tensor([1.0 if now > deadline else 0.0], device=device)
+    return bool(context.mean(late).item() > 0)
 
 
 class _Log:
@@ -352,18 +389,59 @@ def checkpoint_sizes(path: Path) -> dict:
     return {**sizes, "total": sum(f.stat().st_size for f in path.rglob("*") if f.is_file())}
 
 
-def _validate(lm: nn.Module, guide, tokens: torch.Tensor, config: FitConfig, step: int) -> dict:
-    """Held-out mean next-token NLL of the full LM and of the sub-network at ``size_min``
-    (hard masks of the posterior now) on ``tokens`` (whole windows of ``seq_len``), by the
-    perplexity harness; the same on every process."""
+#: Posterior draws behind each evaluation's share of ambiguous units.
+DIAGNOSTIC_DRAWS = 32
+#: A unit is ambiguous at a size when the share of posterior draws whose deployed mask keeps
+#: it lies strictly between these.
+AMBIGUOUS = (0.1, 0.9)
+
+
+def eval_sizes(config: FitConfig) -> tuple[float, ...]:
+    """The sizes evaluated during a fit: ``config.eval_sizes``, or ``size_min``."""
+    return tuple(config.eval_sizes) or (config.size_min,)
+
+
+def _validate(lm: nn.Module, guide, tokens: torch.Tensor, config: FitConfig, step: int,
+              previous: dict | None) -> dict:
+    """One evaluation during a fit, the same on every process.
+
+    ``nll_full``: the held-out mean next-token NLL of the full LM on ``tokens`` (whole
+    windows of ``seq_len``), by the perplexity harness. For each of :func:`eval_sizes`, a row
+    of ``sizes``: ``nll`` of the deployed masks (the longest prefix of the posterior median's
+    ranking), ``size_reached``, ``kept`` (those masks as a string of 0 and 1, the layers then
+    the units); ``stability``, the share of the units and layers kept now or
+    at the ``previous`` evaluation that both keep (Jaccard; ``None`` at the first);
+    ``ambiguous``, the share of units and layers whose inclusion frequency in the deployed
+    masks of ``DIAGNOSTIC_DRAWS`` posterior draws lies inside ``AMBIGUOUS`` (0 when the
+    posterior has settled on one mask at this size)."""
     from ..evaluate import perplexity
     from ..ranking import Ranking
 
-    masks = Ranking.from_guide(guide).masks(config.size_min)
+    ranking = Ranking.from_guide(guide)
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+    draws_layer, draws_unit = guide.sample_log_lambda(DIAGNOSTIC_DRAWS, generator=generator)
+    drawn = [Ranking.from_log_lambda(guide.arch, draws_layer[i], draws_unit[i]) for i in range(DIAGNOSTIC_DRAWS)]
     full = perplexity(lm, tokens, seq_len=config.seq_len, batch_size=config.batch_size)
-    small = perplexity(lm, tokens, seq_len=config.seq_len, batch_size=config.batch_size, masks=masks)
-    return {"step": step, "size": config.size_min, "size_reached": masks.size_reached, "nll_full": full.nll,
-            "nll_size_min": small.nll, "windows": full.windows}
+    before = {row["size"]: row for row in (previous or {}).get("sizes", [])}
+    rows = []
+    for size in eval_sizes(config):
+        masks = ranking.masks(size)
+        kept = _flat(masks)
+        small = perplexity(lm, tokens, seq_len=config.seq_len, batch_size=config.batch_size, masks=masks)
+        frequency = torch.stack([_flat(r.masks(size)) for r in drawn]).double().mean(0)
+        ambiguous = ((frequency > AMBIGUOUS[0]) & (frequency < AMBIGUOUS[1])).double().mean().item()
+        stability = None
+        if size in before:
+            then = torch.tensor([c == "1" for c in before[size]["kept"]], dtype=torch.bool)
+            stability = int((kept & then).sum()) / max(1, int((kept | then).sum()))
+        rows.append({"size": size, "size_reached": masks.size_reached, "nll": small.nll, "stability": stability,
+                     "ambiguous": ambiguous, "kept": "".join("1" if k else "0" for k in kept.tolist())})
+    return {"step": step, "nll_full": full.nll, "windows": full.windows, "sizes": rows}
+
+
+def _flat(masks) -> torch.Tensor:
+    """``[L + L·U]`` bool: the layers a mask keeps, then its units."""
+    return torch.cat([masks.layer.flatten(), masks.unit.flatten()]).bool()
 
 
 def _gather_plain(lm, guide, lm_class: type, config: FitConfig, arch: Architecture):

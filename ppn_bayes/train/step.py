@@ -26,6 +26,7 @@ from ..config import FitConfig
 from ..gating import Gates
 from ..model import PuppetELBO, PuppetGuide, PuppetModel, StepPlan
 from ..objective import Teacher
+from ..schedule import lr_factor
 from . import seeds
 from .state import FitState, group
 
@@ -118,8 +119,10 @@ def train_step(state: FitState, batches, *, context, device: torch.device) -> to
     weights, so a group's mean is its ``Σ w·x / Σ w``)."""
     config, step = state.config, state.step
     micro = config.accumulate
+    factor = lr_factor(config.lr_schedule, step, config.steps, config.warmup_steps)
+    group(state.optimizer, "guide")["lr"] = config.lr_guide * factor
     if config.train_lm:  # the LM's weights wait for the first freeze_lm_steps steps
-        group(state.optimizer, "lm")["lr"] = 0.0 if step < config.freeze_lm_steps else config.lr_lm
+        group(state.optimizer, "lm")["lr"] = 0.0 if step < config.freeze_lm_steps else config.lr_lm * factor
     state.optimizer.zero_grad(set_to_none=True)
     B = config.batch_size
     global_rows = B * micro * context.world_size
