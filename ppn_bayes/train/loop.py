@@ -407,8 +407,8 @@ def _validate(lm: nn.Module, guide, tokens: torch.Tensor, config: FitConfig, ste
 
     ``nll_full``: the held-out mean next-token NLL of the full LM on ``tokens`` (whole
     windows of ``seq_len``), by the perplexity harness. For each of :func:`eval_sizes`, a row
-    of ``sizes``: ``nll`` of the deployed masks (the longest prefix of the posterior median's
-    ranking), ``size_reached``, ``kept`` (those masks as a string of 0 and 1, the layers then
+    of ``sizes``: ``nll`` of the deployed sub-network (the LM sliced to the longest prefix of
+    the posterior median's ranking, as ``ppn-bayes export`` builds it), ``size_reached``, ``kept`` (those masks as a string of 0 and 1, the layers then
     the units); ``stability``, the share of the units and layers kept now or
     at the ``previous`` evaluation that both keep (Jaccard; ``None`` at the first);
     ``ambiguous``, the share of units and layers whose inclusion frequency in the deployed
@@ -416,18 +416,23 @@ def _validate(lm: nn.Module, guide, tokens: torch.Tensor, config: FitConfig, ste
     posterior has settled on one mask at this size)."""
     from ..evaluate import perplexity
     from ..ranking import Ranking
+    from ..subnetwork import build_subnetwork
 
     ranking = Ranking.from_guide(guide)
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
     draws_layer, draws_unit = guide.sample_log_lambda(DIAGNOSTIC_DRAWS, generator=generator)
     drawn = [Ranking.from_log_lambda(guide.arch, draws_layer[i], draws_unit[i]) for i in range(DIAGNOSTIC_DRAWS)]
-    full = perplexity(lm, tokens, seq_len=config.seq_len, batch_size=config.batch_size)
+    device = next(lm.parameters()).device
+    with torch.autocast(device.type, enabled=False):  # the weights' precision, whatever the caller's
+        full = perplexity(lm, tokens, seq_len=config.seq_len, batch_size=config.batch_size)
     before = {row["size"]: row for row in (previous or {}).get("sizes", [])}
     rows = []
     for size in eval_sizes(config):
         masks = ranking.masks(size)
         kept = _flat(masks)
-        small = perplexity(lm, tokens, seq_len=config.seq_len, batch_size=config.batch_size, masks=masks)
+        with torch.autocast(device.type, enabled=False):  # the sliced sub-network, as it ships
+            small = perplexity(build_subnetwork(lm, masks), tokens, seq_len=config.seq_len,
+                               batch_size=config.batch_size)
         frequency = torch.stack([_flat(r.masks(size)) for r in drawn]).double().mean(0)
         ambiguous = ((frequency > AMBIGUOUS[0]) & (frequency < AMBIGUOUS[1])).double().mean().item()
         stability = None

@@ -1,0 +1,110 @@
+"""The fit's recipe of issue 15: the learning-rate schedule, the activation start of the unit
+locations, and a fit that stops at a deadline and resumes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_lm
+
+from ppn_bayes.architecture import describe
+from ppn_bayes.config import FitConfig
+from ppn_bayes.data import TokenBlocks
+from ppn_bayes.fit import fit, read_state
+from ppn_bayes.finetune import DistillConfig, distill
+from ppn_bayes.schedule import COSINE_FLOOR, lr_factor
+from ppn_bayes.train.init import ACTIVATION_SPREAD, activation_start, rank_locations
+
+TOKENS = torch.randint(0, 97, (400,), generator=torch.Generator().manual_seed(5))
+CONFIG = FitConfig(steps=4, batch_size=2, seq_len=12, mlp_group=32, log_every=1, lr_lm=1e-3, teacher="original",
+                   nll_weight=0.0, gate_coupling="prefix", init="activation", lr_schedule="cosine", warmup_steps=2)
+
+
+def test_the_schedule_warms_up_linearly_then_follows_a_half_cosine_to_a_tenth():
+    assert [lr_factor("constant", s, 10, 4) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert lr_factor("cosine", 0, 10) == 1.0
+    assert lr_factor("cosine", 5, 10) == pytest.approx(COSINE_FLOOR + (1 - COSINE_FLOOR) / 2, abs=1e-15)
+    assert lr_factor("cosine", 10, 10) == pytest.approx(COSINE_FLOOR, abs=1e-15)
+    decay = [lr_factor("cosine", s, 50, 5) for s in range(4, 50)]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+    with pytest.raises(ValueError, match="lr_schedule"):
+        lr_factor("linear", 0, 10)
+
+
+def test_every_group_of_the_fit_runs_at_its_scheduled_rate(tmp_path):
+    """The checkpoint's optimizer groups hold the rates of the last step (step 3 of 4)."""
+    fit(tiny_lm("llama"), TOKENS, CONFIG, checkpoint=tmp_path / "c", progress=False)
+    groups = {g["name"]: g["lr"] for g in read_state(tmp_path / "c")["optimizer_groups"]}
+    factor = COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * 3 / 4))
+    assert groups["lm"] == pytest.approx(CONFIG.lr_lm * factor, rel=1e-12)
+    assert groups["guide"] == pytest.approx(CONFIG.lr_guide * factor, rel=1e-12)
+
+
+def test_rank_locations_spread_each_layers_units_by_rank_within_their_kind():
+    lm = tiny_lm("llama")
+    arch = describe(lm, mlp_group=16)
+    A, U = arch.n_attention_units, arch.n_units
+    scores = torch.rand(arch.n_layers, U, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    locations = rank_locations(arch, scores)
+    for part in (slice(0, A), slice(A, U)):
+        n = scores[:, part].shape[1]
+        for layer in range(arch.n_layers):
+            order = scores[layer, part].argsort(descending=True)
+            expected = [ACTIVATION_SPREAD * (1 - 2 * r / (n - 1)) for r in range(n)] if n > 1 else [0.0]
+            assert locations[layer, part][order].tolist() == pytest.approx(expected, abs=1e-15)
+
+
+def test_the_activation_start_orders_mlp_channels_without_changing_the_lm():
+    lm = tiny_lm("llama")
+    arch = describe(lm, mlp_group=16)
+    ids = TOKENS[:24].view(2, 12)
+    with torch.no_grad():
+        before = lm(input_ids=ids).logits
+    locations = activation_start(lm, arch, TokenBlocks(TOKENS, 12, seed=0))
+    with torch.no_grad():
+        after = lm(input_ids=ids).logits
+    # The same sums in another order: float32 rounding of |logits| ~ 1 over 64 channels.
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+    mlp = locations[:, arch.n_attention_units:]
+    assert (mlp[:, :-1] > mlp[:, 1:]).all()  # ordered channels: the first unit is the most activated
+
+
+def test_a_fit_with_the_activation_start_begins_at_its_ranks():
+    """No step at all (lr 0 for the guide): the guide's unit locations are the ranks' spread."""
+    lm = tiny_lm("llama")
+    fitted = fit(lm, TOKENS, CONFIG.replace(steps=1, lr_guide=1e-12, mlp_group=16), progress=False)
+    loc = fitted.guide.loc_unit.detach().double()
+    A = fitted.guide.arch.n_attention_units
+    assert loc[:, A:][:, 0].sub(ACTIVATION_SPREAD).abs().max() < 1e-6
+    assert (loc[:, A:][:, :-1] > loc[:, A:][:, 1:]).all()
+
+
+def test_a_fit_stopped_at_its_deadline_resumes_to_the_uninterrupted_result(tmp_path):
+    whole = fit(tiny_lm("llama"), TOKENS, CONFIG, progress=False)
+    cut = fit(tiny_lm("llama"), TOKENS, CONFIG, checkpoint=tmp_path / "c", progress=False, stop_after=1e-9)
+    assert cut.result.steps_done == 1 and read_state(tmp_path / "c")["step"] == 1
+    resumed = fit(tiny_lm("llama"), TOKENS, CONFIG, checkpoint=tmp_path / "c", resume=True, progress=False)
+    assert resumed.result.steps_done == CONFIG.steps
+    for (name, a), (_, b) in zip(whole.guide.state_dict().items(), resumed.guide.state_dict().items()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+    for (name, a), (_, b) in zip(whole.lm.state_dict().items(), resumed.lm.state_dict().items()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+
+
+def test_a_cosine_fit_cannot_resume_with_other_steps(tmp_path):
+    fit(tiny_lm("llama"), TOKENS, CONFIG, checkpoint=tmp_path / "c", progress=False, stop_after=1e-9)
+    with pytest.raises(ValueError, match="cosine schedule over 4 steps"):
+        fit(tiny_lm("llama"), TOKENS, CONFIG.replace(steps=6), checkpoint=tmp_path / "c", resume=True,
+            progress=False)
+
+
+def test_distillation_without_the_next_token_loss_trains_on_the_kl_alone():
+    student, teacher = tiny_lm("llama", seed=1), tiny_lm("llama")
+    config = DistillConfig(steps=2, batch_size=2, seq_len=12, log_every=1, nll_weight=0.0, lr_schedule="cosine",
+                           warmup_steps=1)
+    result = distill(student, teacher, TOKENS, config, progress=False)
+    assert all(row["loss"] == row["kl"] for row in result.history)
+    with pytest.raises(ValueError, match="both 0"):
+        DistillConfig(nll_weight=0.0, distill_weight=0.0)
