@@ -20,13 +20,12 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import check_fields
 from .data import TokenBlocks, check_token_ids
 from .lm import check_same_vocabulary, vocab_rows
-from .objective import distillation_kl
+from .objective import Teacher, fused_objective
 from .schedule import SCHEDULES, lr_factor
 
 __all__ = ["DistillConfig", "DistillResult", "distill", "distill_checkpoint"]
@@ -152,6 +151,24 @@ def _resume(path, student: nn.Module, optimizer, config: DistillConfig) -> tuple
     return int(state["step"]), list(state["history"])
 
 
+def _distill_loss(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, config: DistillConfig):
+    """``(loss, nll, kl)`` of one batch ``[B, T]``: ``nll_weight`` · the student's mean
+    next-token NLL + ``distill_weight`` · the mean KL(teacher ‖ student) per token, from the
+    two LMs' final hidden states and heads in chunks (:func:`~ppn_bayes.objective.fused_objective`:
+    no ``[B, T, V]`` logits are held; the same objective as the fit's)."""
+    B = input_ids.shape[0]
+    taught = None
+    if config.distill_weight > 0:
+        with torch.no_grad():
+            hidden = getattr(teacher, teacher.base_model_prefix)(input_ids=input_ids, use_cache=False)
+            taught = Teacher(hidden=hidden.last_hidden_state, head=teacher.get_output_embeddings().weight)
+    hidden = getattr(student, student.base_model_prefix)(input_ids=input_ids, use_cache=False).last_hidden_state
+    weights = torch.full((B,), 1.0 / B, device=input_ids.device)  # every row alike: the batch mean
+    loss, rows = fused_objective(hidden, student.get_output_embeddings().weight, input_ids, weights, taught,
+                                 nll_weight=config.nll_weight, kl_weight=config.distill_weight)
+    return loss, rows.nll.mean(), rows.kl.mean()
+
+
 def distill(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor | TokenBlocks,
             config: DistillConfig = DistillConfig(), *, autocast=None, progress: bool = True,
             checkpoint=None, resume: bool = False) -> DistillResult:
@@ -200,12 +217,7 @@ def distill(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor | Token
                 group["lr"] = config.lr * lr_factor(config.lr_schedule, step, config.steps, config.warmup_steps)
             input_ids = blocks.batch(step, config.batch_size).to(device)  # [B, T]
             with autocast():
-                with torch.no_grad():
-                    teacher_logits = teacher(input_ids=input_ids).logits  # [B, T, V]
-                logp = F.log_softmax(student(input_ids=input_ids).logits[:, :-1].float(), -1)  # [B, T-1, V]
-                nll = -logp.gather(-1, input_ids[:, 1:, None]).mean()
-                kl = distillation_kl(logp, teacher_logits)
-                loss = config.nll_weight * nll + config.distill_weight * kl
+                loss, nll, kl = _distill_loss(student, teacher, input_ids, config)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip > 0:
