@@ -108,7 +108,7 @@ class SpeculativeConfig:
 def open_target(config: SpeculativeConfig):
     """A :class:`ppn_bayes.speculative.Target`: the LM to cut drafts from and their ranking."""
     from ppn_bayes.lm import load_lm
-    from ppn_bayes.resize import checkpoint_kind
+    from ppn_bayes.artifacts import checkpoint_kind
     from ppn_bayes.speculative import Target, load_target, rank_sorted
 
     dtype = torch.float32  # cut in float32; cast to the benchmark's dtype afterwards

@@ -3,7 +3,7 @@
 One fit of the gate posterior yields a sub-network of any requested size.
 """
 
-__version__ = "0.1.0"
+from .version import VERSION as __version__  # noqa: E402
 
 from .architecture import Architecture, UnsupportedModelError, describe  # noqa: E402
 from .config import FitConfig  # noqa: E402
@@ -16,7 +16,7 @@ from .ranking import Masks, Ranking  # noqa: E402
 from .subnetwork import build_subnetwork, load_subnetwork, save_subnetwork  # noqa: E402
 
 try:  # the fit needs pyro; without it (the GPU image) the pyro-free modules still import
-    from .fit import FitResult, PuppetFit, fit, load_fit  # noqa: E402
+    from .train import FitResult, PuppetFit, fit, load_fit  # noqa: E402
     from .model import PuppetGuide, PuppetModel  # noqa: E402
     from .resize import export_ranked, resize  # noqa: E402
 except ModuleNotFoundError as err:

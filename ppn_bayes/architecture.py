@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["Family", "FAMILIES", "Architecture", "describe", "UnsupportedModelError"]
+__all__ = ["Family", "FAMILIES", "Architecture", "architecture_from_record", "describe", "UnsupportedModelError"]
 
 
 class UnsupportedModelError(ValueError):
@@ -266,3 +266,31 @@ def describe(lm: nn.Module, *, mlp_group: int = 64) -> Architecture:
         outside_cost=outside,
     )
 
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def architecture_from_record(data) -> Architecture:
+    """The :class:`Architecture` a file records (its ``to_dict`` read back from JSON), with every
+    field checked: a ``ValueError`` names the first one that is missing or inconsistent."""
+    if not isinstance(data, dict):
+        raise ValueError("'architecture' must be an object")
+    ints = ("n_layers", "hidden_size", "n_heads", "n_kv_heads", "head_dim", "intermediate_size", "mlp_group",
+            "n_attention_units", "n_mlp_units", "outside_cost")
+    for key in ints:
+        if not _is_int(data.get(key)) or data[key] < (0 if key == "outside_cost" else 1):
+            raise ValueError(f"architecture.{key} must be a positive integer, got {data.get(key)!r}")
+    if data.get("family") not in FAMILIES or not isinstance(data.get("model_type"), str):
+        raise ValueError(f"architecture.family {data.get('family')!r} is not a supported family")
+    L, A, M = data["n_layers"], data["n_attention_units"], data["n_mlp_units"]
+    layer_cost, unit_cost = data.get("layer_cost"), data.get("unit_cost")
+    if not isinstance(layer_cost, list) or len(layer_cost) != L or not all(_is_int(c) and c >= 0 for c in layer_cost):
+        raise ValueError(f"architecture.layer_cost must list {L} non-negative integers")
+    if not isinstance(unit_cost, list) or len(unit_cost) != L or not all(
+            isinstance(row, list) and len(row) == A + M and all(_is_int(c) and c > 0 for c in row)
+            for row in unit_cost):
+        raise ValueError(f"architecture.unit_cost must be {L} rows of {A + M} positive integers")
+    if A != data["n_kv_heads"] or data["n_heads"] % A or M * data["mlp_group"] != data["intermediate_size"]:
+        raise ValueError("architecture: unit counts do not agree with heads and the intermediate size")
+    return Architecture.from_dict(data)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .config import FitConfig, check_fields
 from .data import CharTokenizer, TokenBlocks, embedded_text, tokenize
 from .evaluate import perplexity
-from .fit import fit, versions
+from .train import fit, versions
 from .io import atomic_write_text
 from .lm import load_lm, tiny_llama
 from .ranking import Ranking

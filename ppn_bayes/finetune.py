@@ -243,7 +243,7 @@ def distill_checkpoint(checkpoint, data, out, *, size: float | None = None, n_pa
     the sub-network before and after on its first ``eval_windows`` windows of ``seq_len``).
 
     The teacher is the checkpoint's full LM unless ``teacher`` names another model (any
-    path :func:`~ppn_bayes.resize.open_model` opens, e.g. the original pretrained LM).
+    path :func:`~ppn_bayes.artifacts.open_model` opens, e.g. the original pretrained LM).
     ``bf16`` runs the forward passes under bfloat16 autocast on CUDA. Returns the report
     that ``distill.json`` holds.
 
@@ -255,8 +255,8 @@ def distill_checkpoint(checkpoint, data, out, *, size: float | None = None, n_pa
 
     from .data import load_tokens
     from .evaluate import perplexity
-    from .fit import versions
-    from .resize import checkpoint_kind, open_model
+    from .train import versions
+    from .artifacts import checkpoint_kind, open_model
     from .subnetwork import decoder_params, save_subnetwork
 
     out = Path(out)

@@ -600,11 +600,11 @@ def rank_sorted(lm: nn.Module, ranking) -> tuple[nn.Module, "Ranking"]:
     what :func:`shared_draft` needs. A ranked checkpoint (:mod:`ppn_bayes.resize`) stores
     the same thing; ``resize(checkpoint, 1.0).lm`` and ``checkpoint.ranking`` load it.
     """
-    from .resize import _ranked_ranking, rank_order
+    from .resize import ranked_ranking, rank_order
     from .subnetwork import build_from_selection
 
     order = rank_order(ranking)
-    return build_from_selection(lm, ranking.arch, order), _ranked_ranking(ranking, order)
+    return build_from_selection(lm, ranking.arch, order), ranked_ranking(ranking, order)
 
 
 def shared_draft(ranked_target: nn.Module, ranking, size: float) -> nn.Module:
@@ -622,15 +622,15 @@ def shared_draft(ranked_target: nn.Module, ranking, size: float) -> nn.Module:
 
     The draft must not be trained or modified in place: its weights are the target's.
     """
-    from .resize import _check_prefixes
+    from .resize import check_prefixes
     from .ranking import check_size
     from .subnetwork import (
-        FAMILIES, _fill, _finish, _materialise_buffers, _skeleton, selection_from_masks, subnetwork_config,
+        FAMILIES, fill_tensors, finish_subnetwork, materialise_buffers, empty_subnetwork, selection_from_masks, subnetwork_config,
     )
 
     check_size(size)
     arch = ranking.arch
-    _check_prefixes(ranking)
+    check_prefixes(ranking)
     family = FAMILIES[arch.family]
     if family.fused_qkv and getattr(ranked_target.config, "scale_attn_by_inverse_layer_idx", False):
         raise ValueError("a GPT-2 LM with scale_attn_by_inverse_layer_idx rescales its kept layers' weights: "
@@ -639,7 +639,7 @@ def shared_draft(ranked_target: nn.Module, ranking, size: float) -> nn.Module:
     selection = selection_from_masks(masks)
     widths = selection.widths(arch)
     config = subnetwork_config(ranked_target.config, family, widths)
-    draft = _skeleton(config, family, widths, getattr(ranked_target.config, "_attn_implementation", None))
+    draft = empty_subnetwork(config, family, widths, getattr(ranked_target.config, "_attn_implementation", None))
     tensors = dict(ranked_target.named_parameters(remove_duplicate=False))
     tensors.update(ranked_target.named_buffers(remove_duplicate=False))
 
@@ -655,10 +655,10 @@ def shared_draft(ranked_target: nn.Module, ranking, size: float) -> nn.Module:
             torch.zeros(0, dtype=torch.long)
         return tensor.index_select(first.dim, index.to(tensor.device))  # not a prefix: a copy
 
-    _fill(draft, arch, selection, take)
+    fill_tensors(draft, arch, selection, take)
     device = next(ranked_target.parameters()).device
-    _materialise_buffers(draft, device, reference=ranked_target)
-    draft = _finish(draft, device)
+    materialise_buffers(draft, device, reference=ranked_target)
+    draft = finish_subnetwork(draft, device)
     draft.config.ppn_size_reached = masks.size_reached
     if getattr(ranked_target, "generation_config", None) is not None:
         import copy
@@ -726,7 +726,8 @@ def load_target(path, *, masks_file=None, device: str | torch.device = "cpu",
     (:func:`rank_sorted`) so that shared drafts can be cut from it.
     """
     from .lm import load_lm, load_tokenizer
-    from .resize import checkpoint_kind, open_ranked, resize
+    from .artifacts import checkpoint_kind
+    from .resize import open_ranked, resize
 
     kind = checkpoint_kind(path)
     if kind == "ranked":
@@ -738,7 +739,7 @@ def load_target(path, *, masks_file=None, device: str | torch.device = "cpu",
         tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir.is_dir() else None
         return Target(lm, checkpoint.ranking, tokenizer, kind, ranked=True)
     if kind == "fit":
-        from .fit import load_fit
+        from .train import load_fit
 
         fitted = load_fit(path, device=device, dtype=dtype)
         lm, ranking = fitted.lm, fitted.ranking()

@@ -55,6 +55,16 @@ __all__ = [
     "save_subnetwork",
     "load_subnetwork",
     "WIDTHS_VERSION",
+    # the builder's steps, shared with ppn_bayes.resize and ppn_bayes.speculative
+    "layer_rules",
+    "empty_subnetwork",
+    "fill_tensors",
+    "take_rows",
+    "tensor_groups",
+    "is_parameter",
+    "fold_layer_scale",
+    "materialise_buffers",
+    "finish_subnetwork",
 ]
 
 WIDTHS_VERSION = 1
@@ -212,7 +222,7 @@ def _unit_ranges(units: Sequence[int], width: int, offset: int = 0) -> tuple[tup
     return _coalesce((offset + u * width, offset + (u + 1) * width) for u in units)
 
 
-def _layer_rules(family: Family, arch: Architecture, attention: Sequence[int], mlp: Sequence[int]) -> dict:
+def layer_rules(family: Family, arch: Architecture, attention: Sequence[int], mlp: Sequence[int]) -> dict:
     """``{name within the layer: (dim, ranges)}`` for the tensors a layer's units cut."""
     hd, hpu, g = arch.head_dim, arch.heads_per_unit, arch.mlp_group
     q_ranges = _unit_ranges(attention, hpu * hd)  # query heads of the kept units (= o's inputs)
@@ -247,7 +257,7 @@ def tensor_plan(arch: Architecture, selection: Selection, names: Iterable[str]) 
     """
     family = FAMILIES[arch.family]
     prefix = family.layers + "."
-    rules = [_layer_rules(family, arch, a, m) for a, m in zip(selection.attention, selection.mlp)]
+    rules = [layer_rules(family, arch, a, m) for a, m in zip(selection.attention, selection.mlp)]
     plan = {}
     for name in names:
         if not name.startswith(prefix):
@@ -417,8 +427,9 @@ def subnetwork_config(base_config, family: Family, widths: Widths):
     return config
 
 
-def _skeleton(config, family: Family, widths: Widths, attn_implementation: str | None = None) -> nn.Module:
-    """The sub-network's modules on the meta device, every layer narrowed to its widths."""
+def empty_subnetwork(config, family: Family, widths: Widths, attn_implementation: str | None = None) -> nn.Module:
+    """The sub-network's modules on the meta device, every layer narrowed to its widths;
+    :func:`fill_tensors` then gives them values."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
@@ -435,7 +446,7 @@ def _skeleton(config, family: Family, widths: Widths, attn_implementation: str |
 
 
 @torch.no_grad()
-def _fold_layer_scale(lm: nn.Module, family: Family, widths: Widths) -> None:
+def fold_layer_scale(lm: nn.Module, family: Family, widths: Widths) -> None:
     """GPT-2 may scale attention logits by ``1/(layer index + 1)``. A kept layer's index
     changes (``l`` to ``j``), so its queries are multiplied by ``(j + 1)/(l + 1)``: the
     logits keep the base layer's scale, and the config stays true for any loader."""
@@ -451,7 +462,7 @@ def _fold_layer_scale(lm: nn.Module, family: Family, widths: Widths) -> None:
         qkv.bias[:queries] *= (j + 1) / (source + 1)
 
 
-def _tensor_groups(lm: nn.Module) -> list[list[str]]:
+def tensor_groups(lm: nn.Module) -> list[list[str]]:
     """Names of parameters and persistent buffers, grouped by shared tensor (tied weights)."""
     groups: dict[int, list[str]] = {}
     for name, param in lm.named_parameters(remove_duplicate=False):
@@ -476,12 +487,12 @@ def _assign(lm: nn.Module, name: str, tensor: torch.Tensor) -> None:
         module._buffers[short] = tensor
 
 
-def _fill(lm: nn.Module, arch: Architecture, selection: Selection, take) -> None:
+def fill_tensors(lm: nn.Module, arch: Architecture, selection: Selection, take) -> None:
     """Fill the skeleton ``lm`` tensor by tensor: ``take(Take) -> Tensor``."""
-    groups = _tensor_groups(lm)
+    groups = tensor_groups(lm)
     plan = tensor_plan(arch, selection, [name for group in groups for name in group])
     for group in groups:
-        expected = tuple(lm.get_parameter(group[0]).shape) if _is_param(lm, group[0]) \
+        expected = tuple(lm.get_parameter(group[0]).shape) if is_parameter(lm, group[0]) \
             else tuple(lm.get_buffer(group[0]).shape)
         tensor = take(plan[group[0]])
         if tuple(tensor.shape) != expected:
@@ -489,18 +500,19 @@ def _fill(lm: nn.Module, arch: Architecture, selection: Selection, take) -> None
                 f"{plan[group[0]].source} gives a tensor of shape {tuple(tensor.shape)} for {group[0]}, "
                 f"which needs {expected}"
             )
-        if _is_param(lm, group[0]):
+        if is_parameter(lm, group[0]):
             tensor = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
         for name in group:
             _assign(lm, name, tensor)
 
 
-def _is_param(lm: nn.Module, name: str) -> bool:
+def is_parameter(lm: nn.Module, name: str) -> bool:
+    """Whether ``name`` (a dotted state-dict name) is a parameter of ``lm`` rather than a buffer."""
     owner, _, short = name.rpartition(".")
     return short in (lm.get_submodule(owner) if owner else lm)._parameters
 
 
-def _materialise_buffers(lm: nn.Module, device, reference: nn.Module | None = None) -> None:
+def materialise_buffers(lm: nn.Module, device, reference: nn.Module | None = None) -> None:
     """Give the non-persistent buffers still on ``meta`` (rotary frequencies) their values:
     copied from ``reference`` when it has them, else recomputed by transformers' init
     (only for modules without parameters, whose init cannot touch a loaded weight)."""
@@ -525,13 +537,15 @@ def _materialise_buffers(lm: nn.Module, device, reference: nn.Module | None = No
         raise FileFormatError(f"the sub-network was left without values for {left[:5]}")
 
 
-def _finish(lm: nn.Module, device) -> nn.Module:
-    _materialise_buffers(lm, device)
+def finish_subnetwork(lm: nn.Module, device) -> nn.Module:
+    """Give a filled sub-network its remaining buffers (:func:`materialise_buffers`) and eval mode."""
+    materialise_buffers(lm, device)
     return lm.eval()
 
 
 # -- the builder ------------------------------------------------------------------------------
-def _gather(tensor: torch.Tensor, take: Take) -> torch.Tensor:
+def take_rows(tensor: torch.Tensor, take: Take) -> torch.Tensor:
+    """The part of a full tensor that ``take`` keeps (a copy: the whole tensor when ``take.dim`` is None)."""
     if take.dim is None:
         return tensor.detach().clone()
     index = torch.cat([torch.arange(a, b) for a, b in take.ranges]) if take.ranges else torch.zeros(0, dtype=torch.long)
@@ -550,19 +564,19 @@ def build_from_selection(lm: nn.Module, arch: Architecture, selection: Selection
     family = family_of(lm)
     widths = selection.widths(arch)
     config = subnetwork_config(lm.config, family, widths)
-    sub = _skeleton(config, family, widths, getattr(lm.config, "_attn_implementation", None))
+    sub = empty_subnetwork(config, family, widths, getattr(lm.config, "_attn_implementation", None))
     tensors = dict(lm.named_parameters(remove_duplicate=False))
     tensors.update(lm.named_buffers(remove_duplicate=False))
 
     def take(cut: Take) -> torch.Tensor:
         if cut.source not in tensors:
             raise ValueError(f"the LM has no tensor {cut.source}")
-        return _gather(tensors[cut.source], cut)
+        return take_rows(tensors[cut.source], cut)
 
-    _fill(sub, arch, selection, take)
-    _fold_layer_scale(sub, family, widths)
+    fill_tensors(sub, arch, selection, take)
+    fold_layer_scale(sub, family, widths)
     device = next(lm.parameters()).device
-    _materialise_buffers(sub, device, reference=lm)
+    materialise_buffers(sub, device, reference=lm)
     if getattr(lm, "generation_config", None) is not None:
         sub.generation_config = copy.deepcopy(lm.generation_config)
     return sub.eval()
@@ -676,8 +690,8 @@ def load_subnetwork(directory: str | Path, *, device: str | torch.device = "cpu"
     family = FAMILIES.get(config.model_type)
     if family is None:
         raise FileFormatError(f"{directory}: model_type {config.model_type!r} is not supported")
-    sub = _skeleton(config, family, widths)
-    expected = {name: group for group in _tensor_groups(sub) for name in group}
+    sub = empty_subnetwork(config, family, widths)
+    expected = {name: group for group in tensor_groups(sub) for name in group}
     seen: set[str] = set()
     try:
         for file in _safetensors_files(directory):
@@ -689,10 +703,10 @@ def load_subnetwork(directory: str | Path, *, device: str | torch.device = "cpu"
                     if dtype is not None and tensor.is_floating_point():
                         tensor = tensor.to(dtype)
                     group = expected[name]
-                    want = tuple((sub.get_parameter(name) if _is_param(sub, name) else sub.get_buffer(name)).shape)
+                    want = tuple((sub.get_parameter(name) if is_parameter(sub, name) else sub.get_buffer(name)).shape)
                     if tuple(tensor.shape) != want:
                         raise FileFormatError(f"{name} has shape {tuple(tensor.shape)}, ppn_widths say {want}")
-                    if _is_param(sub, name):
+                    if is_parameter(sub, name):
                         tensor = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
                     for alias in group:
                         _assign(sub, alias, tensor)
@@ -707,4 +721,4 @@ def load_subnetwork(directory: str | Path, *, device: str | torch.device = "cpu"
         from transformers import GenerationConfig
 
         sub.generation_config = GenerationConfig.from_pretrained(str(directory))
-    return _finish(sub, device)
+    return finish_subnetwork(sub, device)

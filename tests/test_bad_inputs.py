@@ -47,7 +47,7 @@ def fx(tmp_path_factory):
     from ppn_bayes.data import save_tokens
     from ppn_bayes.fit import fit
     from ppn_bayes.lm import save_lm
-    from ppn_bayes.maskfile import export_masks
+    from ppn_bayes.artifacts import export_masks
     from ppn_bayes.resize import export_ranked, resize
 
     root = tmp_path_factory.mktemp("bad_inputs")

@@ -184,7 +184,7 @@ def test_a_resumed_fine_tune_ends_where_an_uninterrupted_one_does(tmp_path):
 
 def test_distill_cli_resumes_and_cleans_up(tmp_path):
     from ppn_bayes.data import load_tokens
-    from ppn_bayes.resize import open_model
+    from ppn_bayes.artifacts import open_model
 
     _fitted(checkpoint=tmp_path / "fit")
     (tmp_path / "train.txt").write_text(embedded_text()[:20_000])

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from ppn_bayes.architecture import describe
 from ppn_bayes.io import FileFormatError
-from ppn_bayes.maskfile import load_masks, model_identity, save_masks
+from ppn_bayes.identity import model_identity
+from ppn_bayes.maskfile import load_masks, save_masks
 from ppn_bayes.ranking import Ranking
 
 torch.set_num_threads(1)

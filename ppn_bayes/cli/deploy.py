@@ -152,7 +152,7 @@ def _dtype(name):
 
 
 def _masks(args: argparse.Namespace) -> int:
-    from ..maskfile import export_masks
+    from ..artifacts import export_masks
 
     written = export_masks(args.checkpoint, args.out, sizes=args.sizes, n_params=args.params,
                            overwrite=args.overwrite)
@@ -163,7 +163,8 @@ def _masks(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from ..resize import checkpoint_kind, export_ranked
+    from ..artifacts import checkpoint_kind
+    from ..resize import export_ranked
 
     if checkpoint_kind(args.checkpoint) != "fit":
         raise ValueError(f"{args.checkpoint} is not a fit checkpoint (it has no state.json)")
@@ -173,7 +174,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _resize(args: argparse.Namespace) -> int:
-    from ..resize import resize_checkpoint
+    from ..artifacts import resize_checkpoint
 
     result = resize_checkpoint(args.checkpoint, args.out, size=args.size, n_params=args.params,
                                overwrite=args.overwrite, keep_ranked=args.keep_ranked, dtype=_dtype(args.dtype))
@@ -202,7 +203,7 @@ def _distill(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from ..resize import evaluate_model
+    from ..evaluation import evaluate_model
 
     record = evaluate_model(args.model, args.data, seq_len=args.seq_len, limit=args.limit,
                             batch_size=args.batch_size, size=args.size, n_params=args.params,

@@ -119,7 +119,7 @@ def _fit(args: argparse.Namespace) -> int:
 
     from .. import distributed
     from ..data import load_tokens
-    from ..fit import fit
+    from ..train import fit
     from ..io import atomic_write_text
     from ..lm import load_lm, vocab_rows
     from ..store import open_mixture

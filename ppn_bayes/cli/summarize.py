@@ -45,7 +45,7 @@ def register(subparsers) -> None:
 def _summarize(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..fit import load_fit
+    from ..train import load_fit
     from ..posterior import check_sizes, write_summary
 
     # Refuse bad input before the (possibly large) checkpoint is loaded.

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
-from .. import __version__
+from ..version import VERSION as __version__
 from ..architecture import Architecture
 from ..config import FitConfig
 from ..io import FileFormatError, atomic_directory, atomic_write_text, read_json

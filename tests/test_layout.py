@@ -1,0 +1,133 @@
+"""The package's layout, read from its source with ``ast`` (nothing is imported).
+
+Every ``import`` and ``from ... import`` of every module of ``ppn_bayes/`` counts, those
+inside functions and under ``TYPE_CHECKING`` included:
+
+* the import graph of ``ppn_bayes`` has no cycle;
+* no name starting with ``_`` is imported from another ``ppn_bayes`` module.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "ppn_bayes"
+
+
+def module_files(package: Path = PACKAGE) -> dict[str, Path]:
+    """``{dotted module name: file}`` for every module of the package (a package is its ``__init__``)."""
+    found = {}
+    for file in sorted(package.rglob("*.py")):
+        parts = list(file.relative_to(package.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        found[".".join(parts)] = file
+    return found
+
+
+def imports(name: str, file: Path, known: set[str]) -> list[tuple[str, str | None, int]]:
+    """``(imported module, imported name or None, line)`` for every import of a ppn_bayes module in ``file``.
+
+    ``from package import submodule`` counts as an import of the submodule; relative
+    imports are resolved against the module's own package.
+    """
+    package = name.split(".") if file.name == "__init__.py" else name.split(".")[:-1]
+    found = []
+    for node in ast.walk(ast.parse(file.read_text(), filename=str(file))):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, None, node.lineno) for alias in node.names if alias.name.split(".")[0] == "ppn_bayes"]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            if source.split(".")[0] != "ppn_bayes":
+                continue
+            for alias in node.names:
+                submodule = f"{source}.{alias.name}"
+                if submodule in known:
+                    found.append((submodule, None, node.lineno))
+                else:
+                    found.append((source, alias.name, node.lineno))
+    return found
+
+
+def import_graph(files: dict[str, Path]) -> dict[str, set[str]]:
+    known = set(files)
+    return {name: {target for target, _, _ in imports(name, file, known) if target != name}
+            for name, file in files.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for succ in sorted(graph.get(node, ())):
+            if succ not in index:
+                visit(succ)
+                low[node] = min(low[node], low[succ])
+            elif succ in on_stack:
+                low[node] = min(low[node], index[succ])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+@pytest.fixture(scope="module")
+def files() -> dict[str, Path]:
+    return module_files()
+
+
+def test_the_reader_sees_every_kind_of_import(tmp_path):
+    """The parser itself: relative, absolute, submodule and in-function imports are all found."""
+    pkg = tmp_path / "ppn_bayes"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("from .a import x\n")
+    (pkg / "a.py").write_text("import ppn_bayes.sub.b\nx = 1\n")
+    (pkg / "sub" / "__init__.py").write_text("from . import b\n")
+    (pkg / "sub" / "b.py").write_text("def f():\n    from ..a import _y\n    from ppn_bayes import a\n")
+    found = module_files(pkg)
+    assert set(found) == {"ppn_bayes", "ppn_bayes.a", "ppn_bayes.sub", "ppn_bayes.sub.b"}
+    graph = import_graph(found)
+    assert graph == {"ppn_bayes": {"ppn_bayes.a"}, "ppn_bayes.a": {"ppn_bayes.sub.b"},
+                     "ppn_bayes.sub": {"ppn_bayes.sub.b"}, "ppn_bayes.sub.b": {"ppn_bayes.a"}}
+    assert imports("ppn_bayes.sub.b", found["ppn_bayes.sub.b"], set(found))[0] == ("ppn_bayes.a", "_y", 2)
+    assert cycles(graph) == [["ppn_bayes.a", "ppn_bayes.sub.b"]]
+
+
+def test_no_import_cycle(files):
+    found = cycles(import_graph(files))
+    assert not found, "import cycles among: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def test_no_private_name_imported_across_modules(files):
+    known = set(files)
+    offenders = [f"{name} (line {line}) imports {imported} from {source}"
+                 for name, file in files.items()
+                 for source, imported, line in imports(name, file, known)
+                 if imported is not None and imported.startswith("_") and source != name]
+    assert not offenders, "private names imported across modules:\n" + "\n".join(offenders)
