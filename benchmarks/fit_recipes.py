@@ -1,7 +1,7 @@
 """Fit recipes: short ppn_bayes fits under different settings, compared at small sizes.
 
 The recipe search that chooses the settings of the fit of record (benchmarks/quality.py):
-each recipe is a named set of :class:`~ppn_bayes.config.FitConfig` changes, fitted for the
+each recipe is a named set of :class:`~ppn_bayes.core.config.FitConfig` changes, fitted for the
 same steps on the same text, its sub-networks evaluated at ``--sizes`` on the first
 ``--limit-windows`` windows of the evaluation text (float32), one record per recipe and
 size in ``<records-dir>/recipes.jsonl``. ``--choose`` reads those records and writes the
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quality import SHARED, QualityConfig, Run, _autocast, _subnetwork, load_inputs  # noqa: E402
 
-from ppn_bayes.config import FitConfig  # noqa: E402
+from ppn_bayes.core.config import FitConfig  # noqa: E402
 from ppn_bayes.records import RECORDS_DIR, append_record  # noqa: E402
 
 #: name -> FitConfig changes (``freeze_lm_steps`` given as a fraction of the steps).

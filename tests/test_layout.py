@@ -4,7 +4,9 @@ Every ``import`` and ``from ... import`` of every module of ``ppn_bayes/`` count
 inside functions and under ``TYPE_CHECKING`` included:
 
 * the import graph of ``ppn_bayes`` has no cycle;
-* no name starting with ``_`` is imported from another ``ppn_bayes`` module.
+* no name starting with ``_`` is imported from another ``ppn_bayes`` module;
+* no module imports from a higher layer than its own (:data:`LAYERS`, written down in
+  ``docs/architecture.md``, which names every module).
 """
 
 from __future__ import annotations
@@ -15,6 +17,43 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ppn_bayes"
+ARCHITECTURE_PAGE = PACKAGE.parent / "docs" / "architecture.md"
+
+#: Each module's layer, lowest first, by its longest listed prefix (the package root only
+#: by itself). A module imports from its own layer or a lower one, never a higher one.
+LAYERS: dict[str, int] = {
+    # 0, core: the method's mathematics
+    "ppn_bayes.core": 0, "ppn_bayes.version": 0, "ppn_bayes.resources": 0,
+    # 1, foundation: files, tokens, LMs, processes
+    "ppn_bayes.io": 1, "ppn_bayes.data": 1, "ppn_bayes.store": 1, "ppn_bayes.lm": 1, "ppn_bayes.records": 1,
+    "ppn_bayes.distributed": 1, "ppn_bayes.optim_state": 1,
+    # 2, the wings (peers)
+    "ppn_bayes.train": 2, "ppn_bayes.deploy": 2, "ppn_bayes.decode": 2, "ppn_bayes.inspect": 2,
+    # 3, applications
+    "ppn_bayes.demo": 3, "ppn_bayes.cli": 3,
+    # 4, the public names: nothing inside the package imports them
+    "ppn_bayes": 4, "ppn_bayes.__main__": 4, "ppn_bayes.fit": 4, "ppn_bayes.posterior": 4,
+}
+LAYER_NAMES = ("core", "foundation", "wings", "applications", "public names")
+
+
+def layer_of(name: str, layers: dict[str, int] = LAYERS) -> int | None:
+    """The layer of the longest prefix of ``name`` that ``layers`` lists (None if none is)."""
+    parts = name.split(".")
+    for end in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:end])
+        if prefix in layers and (end == len(parts) or end > 1):
+            return layers[prefix]
+    return None
+
+
+def upward_imports(graph: dict[str, set[str]], layers: dict[str, int] = LAYERS) -> list[str]:
+    """Every import of a module from a higher layer than its own, as a sentence."""
+    return [f"{name} ({LAYER_NAMES[layer_of(name, layers)]}) imports {target} "
+            f"({LAYER_NAMES[layer_of(target, layers)]})"
+            for name, targets in sorted(graph.items()) for target in sorted(targets)
+            if None not in (layer_of(name, layers), layer_of(target, layers))
+            and layer_of(target, layers) > layer_of(name, layers)]
 
 
 def module_files(package: Path = PACKAGE) -> dict[str, Path]:
@@ -119,6 +158,18 @@ def test_the_reader_sees_every_kind_of_import(tmp_path):
     assert cycles(graph) == [["ppn_bayes.a", "ppn_bayes.sub.b"]]
 
 
+def test_layers_are_read_by_longest_prefix_and_upward_imports_are_named():
+    layers = {"ppn_bayes.sub": 0, "ppn_bayes.sub.top": 2, "ppn_bayes.a": 1, "ppn_bayes": 4}
+    assert [layer_of(n, layers) for n in ("ppn_bayes.sub.b", "ppn_bayes.sub.top.x", "ppn_bayes", "ppn_bayes.z")] \
+        == [0, 2, 4, None]
+    graph = {"ppn_bayes": {"ppn_bayes.a"}, "ppn_bayes.a": {"ppn_bayes.sub.b", "ppn_bayes.sub.top"},
+             "ppn_bayes.sub.b": {"ppn_bayes.a"}}
+    assert upward_imports(graph, layers) == [
+        "ppn_bayes.a (foundation) imports ppn_bayes.sub.top (wings)",
+        "ppn_bayes.sub.b (core) imports ppn_bayes.a (foundation)",
+    ]
+
+
 def test_no_import_cycle(files):
     found = cycles(import_graph(files))
     assert not found, "import cycles among: " + "; ".join(" <-> ".join(c) for c in found)
@@ -131,3 +182,18 @@ def test_no_private_name_imported_across_modules(files):
                  for source, imported, line in imports(name, file, known)
                  if imported is not None and imported.startswith("_") and source != name]
     assert not offenders, "private names imported across modules:\n" + "\n".join(offenders)
+
+
+def test_every_module_has_a_layer_and_a_line_in_the_architecture_page(files):
+    unplaced = sorted(name for name in files if layer_of(name) is None)
+    assert not unplaced, f"give these modules a layer in LAYERS and docs/architecture.md: {unplaced}"
+    if not ARCHITECTURE_PAGE.is_file():
+        pytest.skip("docs/architecture.md is absent")
+    page = ARCHITECTURE_PAGE.read_text()
+    missing = sorted(name for name in files if f"`{name}`" not in page)
+    assert not missing, f"docs/architecture.md does not describe: {missing}"
+
+
+def test_no_import_from_a_higher_layer(files):
+    offenders = upward_imports(import_graph(files))
+    assert not offenders, "imports from a higher layer:\n" + "\n".join(offenders)

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..architecture import Architecture
-from ..baselines import activation_column_scores, order_mlp_channels, unit_scores_from_columns
+from ..core.architecture import Architecture
+from ..inspect.baselines import activation_column_scores, order_mlp_channels, unit_scores_from_columns
 
 __all__ = ["ACTIVATION_SPREAD", "CALIBRATION_WINDOWS", "activation_start", "rank_locations"]
 

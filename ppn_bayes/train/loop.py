@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..architecture import Architecture, decoder_layers, describe
-from ..config import FitConfig
+from ..core.architecture import Architecture, decoder_layers, describe
+from ..core.config import FitConfig
 from ..data import TokenBlocks
 from ..io import FileFormatError, recover_directory
 from ..store import TokenSource
@@ -414,8 +414,8 @@ def _validate(lm: nn.Module, guide, tokens: torch.Tensor, config: FitConfig, ste
     ``ambiguous``, the share of units and layers whose inclusion frequency in the deployed
     masks of ``DIAGNOSTIC_DRAWS`` posterior draws lies inside ``AMBIGUOUS`` (0 when the
     posterior has settled on one mask at this size)."""
-    from ..evaluate import perplexity
-    from ..ranking import Ranking
+    from ..inspect.evaluate import perplexity
+    from ..core.ranking import Ranking
 
     ranking = Ranking.from_guide(guide)
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)

@@ -22,11 +22,11 @@ import contextlib
 import torch
 from torch import nn
 
-from ..config import FitConfig
-from ..gating import Gates
-from ..model import PuppetELBO, PuppetGuide, PuppetModel, StepPlan
-from ..objective import Teacher
-from ..schedule import lr_factor
+from ..core.config import FitConfig
+from ..core.gating import Gates
+from ..core.model import PuppetELBO, PuppetGuide, PuppetModel, StepPlan
+from ..core.objective import Teacher
+from ..core.schedule import lr_factor
 from . import seeds
 from .state import FitState, group
 

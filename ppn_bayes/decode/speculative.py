@@ -37,10 +37,10 @@ import torch
 from torch import nn
 
 from .generation import Decoder, sample, synchronize
-from .lm import check_same_vocabulary
+from ..lm import check_same_vocabulary
 
 if TYPE_CHECKING:
-    from .ranking import Ranking
+    from ..core.ranking import Ranking
 
 __all__ = [
     "Speculation", "speculative_generate", "accept_greedy", "accept_sampled", "check_draft",
@@ -192,7 +192,7 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens:
     """Generate ``max_new_tokens`` after ``input_ids [1, T]`` with ``draft`` drafting ``k``
     tokens a step for ``target``.
 
-    ``target`` and ``draft`` are :class:`~ppn_bayes.generation.Decoder` objects (reuse
+    ``target`` and ``draft`` are :class:`~ppn_bayes.decode.generation.Decoder` objects (reuse
     them across calls: compiled graphs and caches are kept) or LMs, then wrapped in
     decoders built with ``decoder_options`` (``compile``, ``device``, ``dtype``). Greedy
     at ``temperature == 0``; else sampled with the exact acceptance rule, drawing from
@@ -445,7 +445,7 @@ def _draft_source(target: nn.Module, source, shared: bool) -> Callable[[float], 
         if shared:
             draft = shared_draft(target, ranking, size)
             return draft, _size_of(draft, size)
-        from .subnetwork import build_subnetwork
+        from ..deploy.subnetwork import build_subnetwork
 
         masks = ranking.masks(size)
         return build_subnetwork(target, masks), masks.size_reached
@@ -458,7 +458,7 @@ def _size_of(draft: nn.Module, default: float) -> float:
 
 
 def _decoder_params(lm: nn.Module) -> int:
-    from .architecture import decoder_layers
+    from ..core.architecture import decoder_layers
 
     return sum(p.numel() for p in decoder_layers(lm).parameters())
 
@@ -480,7 +480,7 @@ def choose_draft(target: nn.Module, source, *, sizes: Sequence[float], ks: Seque
     source
         Where drafts come from: a :class:`Target` (from :func:`load_target`; ``target``
         is then ``source.lm``), a :class:`~ppn_bayes.fit.PuppetFit` or a
-        :class:`~ppn_bayes.ranking.Ranking` of ``target`` (each draft is then
+        :class:`~ppn_bayes.core.ranking.Ranking` of ``target`` (each draft is then
         ``build_subnetwork(target, ranking.masks(size))``), a mapping ``size -> draft LM``
         or a function ``size -> draft LM`` (called once per size).
     sizes, ks
@@ -597,11 +597,11 @@ def rank_sorted(lm: nn.Module, ranking) -> tuple[nn.Module, "Ranking"]:
     new module computing the same function), and the ranking in those sorted positions.
 
     In the sorted LM the units any size keeps are a prefix of every layer's tensors:
-    what :func:`shared_draft` needs. A ranked checkpoint (:mod:`ppn_bayes.resize`) stores
+    what :func:`shared_draft` needs. A ranked checkpoint (:mod:`ppn_bayes.deploy.resize`) stores
     the same thing; ``resize(checkpoint, 1.0).lm`` and ``checkpoint.ranking`` load it.
     """
-    from .resize import ranked_ranking, rank_order
-    from .subnetwork import build_from_selection
+    from ..deploy.resize import ranked_ranking, rank_order
+    from ..deploy.subnetwork import build_from_selection
 
     order = rank_order(ranking)
     return build_from_selection(lm, ranking.arch, order), ranked_ranking(ranking, order)
@@ -622,9 +622,9 @@ def shared_draft(ranked_target: nn.Module, ranking, size: float) -> nn.Module:
 
     The draft must not be trained or modified in place: its weights are the target's.
     """
-    from .resize import check_prefixes
-    from .ranking import check_size
-    from .subnetwork import (
+    from ..deploy.resize import check_prefixes
+    from ..core.ranking import check_size
+    from ..deploy.subnetwork import (
         FAMILIES, fill_tensors, finish_subnetwork, materialise_buffers, empty_subnetwork, selection_from_masks, subnetwork_config,
     )
 
@@ -707,7 +707,7 @@ class Target:
                 raise ValueError("shared drafts need a rank-sorted target: open a ranked checkpoint "
                                  "(`ppn-bayes export-ranked`) or use rank_sorted()")
             return shared_draft(self.lm, self.ranking, size)
-        from .subnetwork import build_subnetwork
+        from ..deploy.subnetwork import build_subnetwork
 
         masks = self.ranking.masks(size)
         draft = build_subnetwork(self.lm, masks)
@@ -725,9 +725,9 @@ def load_target(path, *, masks_file=None, device: str | torch.device = "cpu",
     With ``rank``, a target that is not rank-sorted is sorted in memory
     (:func:`rank_sorted`) so that shared drafts can be cut from it.
     """
-    from .lm import load_lm, load_tokenizer
-    from .artifacts import checkpoint_kind
-    from .resize import open_ranked, resize
+    from ..lm import load_lm, load_tokenizer
+    from ..deploy.artifacts import checkpoint_kind
+    from ..deploy.resize import open_ranked, resize
 
     kind = checkpoint_kind(path)
     if kind == "ranked":
@@ -739,7 +739,7 @@ def load_target(path, *, masks_file=None, device: str | torch.device = "cpu",
         tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir.is_dir() else None
         return Target(lm, checkpoint.ranking, tokenizer, kind, ranked=True)
     if kind == "fit":
-        from .train import load_fit
+        from ..train import load_fit
 
         fitted = load_fit(path, device=device, dtype=dtype)
         lm, ranking = fitted.lm, fitted.ranking()
@@ -749,7 +749,7 @@ def load_target(path, *, masks_file=None, device: str | torch.device = "cpu",
     elif kind in ("hf", "gguf"):
         if masks_file is None:
             raise ValueError(f"{path} holds no ranking: pass a mask file (`ppn-bayes masks`) to cut drafts from it")
-        from .maskfile import load_masks
+        from ..deploy.maskfile import load_masks
 
         lm, tokenizer = load_lm(path, dtype=dtype, device=device)
         ranking = load_masks(masks_file, lm).ranking
@@ -757,7 +757,7 @@ def load_target(path, *, masks_file=None, device: str | torch.device = "cpu",
         raise ValueError(f"{path} is a {kind}: give the full model (a fit or ranked checkpoint, or a model "
                          "with a mask file), not a sub-network")
     if masks_file is not None and kind == "fit":
-        from .maskfile import load_masks
+        from ..deploy.maskfile import load_masks
 
         ranking = load_masks(masks_file, lm).ranking
     if rank:

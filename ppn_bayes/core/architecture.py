@@ -163,7 +163,7 @@ def family_of(lm: nn.Module) -> Family:
     if model_type not in FAMILIES:
         raise UnsupportedModelError(
             f"model_type '{model_type}' is not supported; supported: {sorted(FAMILIES)}. "
-            "Add an entry to ppn_bayes.architecture.FAMILIES for its layout."
+            "Add an entry to ppn_bayes.core.architecture.FAMILIES for its layout."
         )
     return FAMILIES[model_type]
 

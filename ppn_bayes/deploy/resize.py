@@ -17,7 +17,7 @@ It has no ``config.json`` on purpose: it is not a Hugging Face directory and
 ``from_pretrained`` cannot mistake its permuted, transposed tensors for an LM.
 
 :func:`resize` reads only the prefixes it needs with ``safe_open(...).get_slice``, fills a
-sub-network built on the ``meta`` device (:mod:`ppn_bayes.subnetwork`), and saves it: the
+sub-network built on the ``meta`` device (:mod:`ppn_bayes.deploy.subnetwork`), and saves it: the
 full LM is never materialised and peak memory is about the sub-network's.
 """
 
@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .architecture import FAMILIES, Architecture, architecture_from_record, describe
-from .version import VERSION as __version__
-from .io import FileFormatError, atomic_directory, atomic_write_text, read_json
-from .ranking import Masks, Ranking
+from ..core.architecture import FAMILIES, Architecture, architecture_from_record, describe
+from ..version import VERSION as __version__
+from ..io import FileFormatError, atomic_directory, atomic_write_text, read_json
+from ..core.ranking import Masks, Ranking
 from .subnetwork import (
     Selection,
     Take,
@@ -170,7 +170,7 @@ def export_ranked(source, out: str | Path, *, ranking: Ranking | None = None, to
     from .identity import model_identity
 
     if isinstance(source, (str, Path)):
-        from .train import load_fit
+        from ..train import load_fit
 
         checkpoint = Path(source)
         fitted = load_fit(checkpoint)
@@ -389,7 +389,7 @@ def _full_widths(arch: Architecture) -> Widths:
 
 # -- resize -----------------------------------------------------------------------------------
 class _SliceReader:
-    """Reads :class:`~ppn_bayes.subnetwork.Take` cuts from a ranked checkpoint and counts
+    """Reads :class:`~ppn_bayes.deploy.subnetwork.Take` cuts from a ranked checkpoint and counts
     the bytes it reads."""
 
     def __init__(self, handle, checkpoint: RankedCheckpoint, dtype, device):

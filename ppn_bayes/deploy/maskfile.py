@@ -6,7 +6,7 @@ One JSON file (small: a ranking has ``L·(1+U)`` items) holding
 * ``base_model``: the identity of the LM the masks apply to: its ``model_type``, a hash of
   its tensor names and shapes and of its config's shape fields, and a fingerprint of its
   weights (a few values of every tensor);
-* ``architecture``: the unit definitions and costs (:class:`~ppn_bayes.architecture.Architecture`),
+* ``architecture``: the unit definitions and costs (:class:`~ppn_bayes.core.architecture.Architecture`),
   with ``units`` spelling out what one attention unit and one MLP unit own;
 * ``ranking``: the deterministic ranking (items and costs);
 * ``masks``: one entry per requested size: its budget in parameters, the requested size,
@@ -33,11 +33,11 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from .architecture import FAMILIES, Architecture, architecture_from_record, describe
+from ..core.architecture import FAMILIES, Architecture, architecture_from_record, describe
 from .identity import model_identity
-from .version import VERSION as __version__
-from .io import FileFormatError, atomic_write_text, read_json
-from .ranking import Masks, Ranking, check_size
+from ..version import VERSION as __version__
+from ..io import FileFormatError, atomic_write_text, read_json
+from ..core.ranking import Masks, Ranking, check_size
 
 __all__ = ["MaskFile", "save_masks", "load_masks", "model_identity", "MASKS_FORMAT", "MASKS_VERSION"]
 

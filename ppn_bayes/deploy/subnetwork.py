@@ -1,6 +1,6 @@
 """The sub-network: a dense LM with what the masks drop physically removed.
 
-For hard masks (:class:`~ppn_bayes.ranking.Masks`), :func:`build_subnetwork` returns a new
+For hard masks (:class:`~ppn_bayes.core.ranking.Masks`), :func:`build_subnetwork` returns a new
 Hugging Face LM in which
 
 * dropped layers are gone (the kept ones re-indexed, so caches line up: ``layer_idx``,
@@ -9,7 +9,7 @@ Hugging Face LM in which
   q, k and v columns of the fused ``c_attn`` and the rows of ``c_proj``) and its kept MLP
   units (gate/up rows, down columns; GPT-2: ``c_fc`` columns, ``c_proj`` rows).
 
-Its logits equal the masked full LM's (:class:`~ppn_bayes.gating.GatedLM` under
+Its logits equal the masked full LM's (:class:`~ppn_bayes.core.gating.GatedLM` under
 ``masks.gates()``, the slow masked-dense reference), and it is an ordinary module:
 ``torch.compile``, static KV caches and ``generate`` work on it.
 
@@ -17,7 +17,7 @@ How it is built: a skeleton of the sub-network is made on the ``meta`` device fr
 config (no memory), each layer is narrowed to its own widths (one narrowing function per
 module type, keeping ``in_features``/``out_features`` in step with the weights), and every
 tensor is then filled from a *source*: the full LM in memory here, slices of a ranked
-safetensors checkpoint in :mod:`ppn_bayes.resize`. Which rows or columns of which source
+safetensors checkpoint in :mod:`ppn_bayes.deploy.resize`. Which rows or columns of which source
 tensor fill a sub-network tensor is a pure function of the family and the kept units
 (:func:`tensor_plan`), shared by both paths.
 
@@ -38,8 +38,8 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .architecture import Architecture, Family, FAMILIES, decoder_layers, describe, family_of, get_module
-from .io import FileFormatError, atomic_directory
+from ..core.architecture import Architecture, Family, FAMILIES, decoder_layers, describe, family_of, get_module
+from ..io import FileFormatError, atomic_directory
 
 __all__ = [
     "Widths",
@@ -55,7 +55,7 @@ __all__ = [
     "save_subnetwork",
     "load_subnetwork",
     "WIDTHS_VERSION",
-    # the builder's steps, shared with ppn_bayes.resize and ppn_bayes.speculative
+    # the builder's steps, shared with ppn_bayes.deploy.resize and ppn_bayes.decode.speculative
     "layer_rules",
     "empty_subnetwork",
     "fill_tensors",
@@ -590,7 +590,7 @@ def build_subnetwork(lm: nn.Module, masks) -> nn.Module:
     lm:
         A Hugging Face causal LM of a supported family; it is not modified.
     masks:
-        :class:`~ppn_bayes.ranking.Masks` made for ``lm`` (``masks.arch`` must equal
+        :class:`~ppn_bayes.core.ranking.Masks` made for ``lm`` (``masks.arch`` must equal
         ``describe(lm, mlp_group=masks.arch.mlp_group)``).
 
     Returns

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import open_model
-from .data import load_tokens
+from ..deploy.artifacts import open_model
+from ..data import load_tokens
 from .evaluate import perplexity
-from .subnetwork import decoder_params
+from ..deploy.subnetwork import decoder_params
 
 __all__ = ["evaluate_model"]
 

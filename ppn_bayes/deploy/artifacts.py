@@ -16,9 +16,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .io import FileFormatError
+from ..io import FileFormatError
 from .maskfile import MaskFile, load_masks, save_masks
-from .ranking import Masks
+from ..core.ranking import Masks
 from .resize import INDEX_FILE, ResizeResult, export_ranked, open_ranked, resize, tokenizer_files
 
 __all__ = ["checkpoint_kind", "resize_checkpoint", "OpenedModel", "open_model", "export_masks"]
@@ -92,14 +92,14 @@ def open_model(path: str | Path, *, size: float | None = None, n_params: int | N
 
     * a ``.gguf`` file or Hugging Face directory: as it is, or cut by ``masks_file`` at
       ``size``;
-    * a sub-network directory: as it is (:func:`~ppn_bayes.subnetwork.load_subnetwork`);
+    * a sub-network directory: as it is (:func:`~ppn_bayes.deploy.subnetwork.load_subnetwork`);
     * a fit checkpoint: the fitted LM, cut at ``size`` by its ranking (or ``masks_file``);
     * a ranked checkpoint: resized to ``size`` without loading the full LM.
 
     A cut model is a sliced sub-network, or with ``masked_dense`` the full LM under the
     masks (the slow reference).
     """
-    from .lm import load_lm, load_tokenizer
+    from ..lm import load_lm, load_tokenizer
     from .subnetwork import build_subnetwork, load_subnetwork
 
     path = Path(path)
@@ -121,7 +121,7 @@ def open_model(path: str | Path, *, size: float | None = None, n_params: int | N
         lm = load_subnetwork(path, device=device, dtype=dtype)
         return OpenedModel(lm, load_tokenizer(path), kind)
     if kind == "fit":
-        from .train import load_fit
+        from ..train import load_fit
 
         fitted = load_fit(path, device=device, dtype=dtype)
         lm = fitted.lm
@@ -164,7 +164,7 @@ def export_masks(checkpoint: str | Path, out: str | Path, *, sizes: Iterable[flo
         save_masks(out, ranked.base_ranking(), sizes=sizes, n_params=n_params, identity=ranked.base_model,
                    overwrite=overwrite, source=str(checkpoint))
     elif kind == "fit":
-        from .train import load_fit
+        from ..train import load_fit
 
         fitted = load_fit(checkpoint)
         save_masks(out, fitted.ranking(), sizes=sizes, n_params=n_params, lm=fitted.lm, overwrite=overwrite,

@@ -1,7 +1,7 @@
 """Baselines that ppn_bayes is measured against.
 
 Structured, of the same granularity as ppn_bayes and with no training. Each returns a
-:class:`~ppn_bayes.ranking.Ranking`, so masks, sizes and sliced sub-networks work exactly
+:class:`~ppn_bayes.core.ranking.Ranking`, so masks, sizes and sliced sub-networks work exactly
 as for a fitted push puppet network:
 
 * :func:`shortgpt_ranking`: layer removal by block influence (ShortGPT),
@@ -38,9 +38,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .architecture import Architecture, decoder_layers, describe, family_of, get_module
-from .data import TokenBlocks
-from .ranking import Masks, Ranking, check_size
+from ..core.architecture import Architecture, decoder_layers, describe, family_of, get_module
+from ..data import TokenBlocks
+from ..core.ranking import Masks, Ranking, check_size
 
 __all__ = [
     "calibration_windows",
@@ -161,7 +161,7 @@ def _owned_sums(lm: nn.Module, arch: Architecture, element_score) -> tuple[torch
     """``(sum [L, U], count [L, U])`` of ``element_score(layer, path, W)`` over the weights
     each unit owns. ``W`` is ``[out, in]``; ``element_score`` returns a tensor of its shape.
 
-    Ownership as in :func:`~ppn_bayes.architecture.describe`: an attention unit owns the q
+    Ownership as in :func:`~ppn_bayes.core.architecture.describe`: an attention unit owns the q
     rows of its heads, the k/v rows of its group and the matching o columns; an MLP unit
     owns ``g`` rows of every input projection and ``g`` columns of the output projection.
     """
