@@ -622,18 +622,19 @@ def shared_draft(ranked_target: nn.Module, ranking, size: float) -> nn.Module:
 
     The draft must not be trained or modified in place: its weights are the target's.
     """
-    from ..deploy.resize import check_prefixes
+    from ..core.architecture import FAMILIES
     from ..core.ranking import check_size
+    from ..deploy.resize import check_prefixes
     from ..deploy.subnetwork import (
-        FAMILIES, fill_tensors, finish_subnetwork, materialise_buffers, empty_subnetwork, selection_from_masks, subnetwork_config,
+        empty_subnetwork, fill_tensors, finish_subnetwork, materialise_buffers, selection_from_masks, subnetwork_config,
     )
 
     check_size(size)
     arch = ranking.arch
     check_prefixes(ranking)
     family = FAMILIES[arch.family]
-    if family.fused_qkv and getattr(ranked_target.config, "scale_attn_by_inverse_layer_idx", False):
-        raise ValueError("a GPT-2 LM with scale_attn_by_inverse_layer_idx rescales its kept layers' weights: "
+    if family.scales_attention_by_layer(ranked_target.config):
+        raise ValueError(f"a {family.name} LM with {family.layer_scale_flag} rescales its kept layers' weights: "
                          "use build_subnetwork (a copy) for its drafts")
     masks = ranking.masks(size)
     selection = selection_from_masks(masks)

@@ -226,20 +226,15 @@ def layer_rules(family: Family, arch: Architecture, attention: Sequence[int], ml
     """``{name within the layer: (dim, ranges)}`` for the tensors a layer's units cut."""
     hd, hpu, g = arch.head_dim, arch.heads_per_unit, arch.mlp_group
     q_ranges = _unit_ranges(attention, hpu * hd)  # query heads of the kept units (= o's inputs)
-    kv_ranges = _unit_ranges(attention, hd)
     mlp_ranges = _unit_ranges(mlp, g)
     rules: dict[str, tuple[int, tuple]] = {}
-    # A Linear stores [out, in]; GPT-2's Conv1D stores [in, out].
-    out_dim, in_dim = (1, 0) if family.conv1d else (0, 1)
-    if family.fused_qkv:
-        width = arch.n_heads * hd  # q | k | v side by side
-        fused = q_ranges + _unit_ranges(attention, hd, width) + _unit_ranges(attention, hd, 2 * width)
-        rules[f"{family.q}.weight"] = (out_dim, _coalesce(fused))
-        rules[f"{family.q}.bias"] = (0, _coalesce(fused))
-    else:
-        for path, ranges in ((family.q, q_ranges), (family.k, kv_ranges), (family.v, kv_ranges)):
-            rules[f"{path}.weight"] = (out_dim, ranges)
-            rules[f"{path}.bias"] = (0, ranges)
+    out_dim, in_dim = family.weight_dims
+    qkv: dict[str, tuple] = {}
+    for path, offset, rows in family.qkv_rows(n_heads=arch.n_heads, head_dim=hd, heads_per_unit=hpu):
+        qkv[path] = qkv.get(path, ()) + _unit_ranges(attention, rows, offset)
+    for path, ranges in qkv.items():
+        rules[f"{path}.weight"] = (out_dim, _coalesce(ranges))
+        rules[f"{path}.bias"] = (0, _coalesce(ranges))
     rules[f"{family.o}.weight"] = (in_dim, q_ranges)
     for path in family.mlp_in:
         rules[f"{path}.weight"] = (out_dim, mlp_ranges)
@@ -308,10 +303,9 @@ def _narrow_projection(module: nn.Module, family: Family, *, inputs: int | None 
         narrow_linear(module, in_features=inputs, out_features=outputs)
 
 
-def _output_of_nothing(projection: nn.Module, like: torch.Tensor) -> torch.Tensor:
+def _output_of_nothing(projection: nn.Module, family: Family, like: torch.Tensor) -> torch.Tensor:
     """What a projection with no inputs outputs: its bias, or zeros ``[*like[:-1], out]``."""
-    out_features = projection.nf if hasattr(projection, "nf") else projection.out_features
-    output = like.new_zeros(*like.shape[:-1], out_features)
+    output = like.new_zeros(*like.shape[:-1], family.out_features(projection.weight))
     bias = getattr(projection, "bias", None)
     return output + bias.to(output.dtype) if bias is not None else output
 
@@ -332,6 +326,7 @@ class EmptyAttention(nn.Module):
             self.add_module(name, child)
         self.layer_idx = attention.layer_idx
         self.head_dim = head_dim
+        self.family = family
         self._output = family.o.rsplit(".", 1)[-1]
 
     def forward(self, hidden_states: torch.Tensor, *args, past_key_values=None, **kwargs):
@@ -341,7 +336,7 @@ class EmptyAttention(nn.Module):
             B, T = hidden_states.shape[:2]
             empty = hidden_states.new_zeros(B, 0, T, self.head_dim)  # [B, kv heads = 0, T, D]
             cache.update(empty, empty, self.layer_idx)
-        return _output_of_nothing(getattr(self, self._output), hidden_states), None
+        return _output_of_nothing(getattr(self, self._output), self.family, hidden_states), None
 
 
 class EmptyMLP(nn.Module):
@@ -352,11 +347,12 @@ class EmptyMLP(nn.Module):
         super().__init__()
         for name, child in mlp.named_children():
             self.add_module(name, child)
+        self.family = family
         self._output = family.mlp_out.rsplit(".", 1)[-1]
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """``output [B, T, H]``."""
-        return _output_of_nothing(getattr(self, self._output), hidden_states)
+        return _output_of_nothing(getattr(self, self._output), self.family, hidden_states)
 
 
 def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -367,21 +363,17 @@ def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
 def narrow_attention(layer: nn.Module, family: Family, *, units: int, heads_per_unit: int, head_dim: int) -> None:
     """Narrow layer ``layer``'s attention to ``units`` key/value groups (and their query
     heads); with ``units = 0`` it becomes an :class:`EmptyAttention`."""
-    heads, kv_heads = units * heads_per_unit, units
-    if family.fused_qkv:
-        _narrow_projection(get_module(layer, family.q), family, outputs=3 * heads * head_dim)
-    else:
-        _narrow_projection(get_module(layer, family.q), family, outputs=heads * head_dim)
-        _narrow_projection(get_module(layer, family.k), family, outputs=kv_heads * head_dim)
-        _narrow_projection(get_module(layer, family.v), family, outputs=kv_heads * head_dim)
+    heads = units * heads_per_unit
+    outputs = family.qkv_outputs(units=units, heads_per_unit=heads_per_unit, head_dim=head_dim, n_heads=heads)
+    for path, width in outputs.items():
+        _narrow_projection(get_module(layer, path), family, outputs=width)
     _narrow_projection(get_module(layer, family.o), family, inputs=heads * head_dim)
     parent, name = _parent(layer, family.o.rpartition(".")[0])
     attention = getattr(parent, name)
-    if family.fused_qkv:  # GPT-2 splits c_attn's output and counts heads by these
-        attention.split_size = heads * head_dim
-        attention.num_heads = heads
-    # Llama-style attention reshapes with -1 heads and repeats keys by
-    # num_key_value_groups = heads / kv heads, which stays heads_per_unit: nothing to change.
+    for field, value in family.attention_fields(heads=heads, head_dim=head_dim).items():
+        setattr(attention, field, value)
+    # Llama-style attention repeats keys by num_key_value_groups = heads / kv heads, which
+    # stays heads_per_unit: nothing to change.
     if units == 0:
         setattr(parent, name, EmptyAttention(attention, family, head_dim))
 
@@ -402,15 +394,9 @@ def _uniform_fields(family: Family, widths: Widths, config) -> dict | None:
     """Global config fields that describe every layer, or ``None`` if the config cannot."""
     if not widths.uniform:
         return None
-    heads = widths.attention_units[0] * widths.heads_per_unit
-    inter = widths.mlp_units[0] * widths.mlp_group
-    if family.fused_qkv:
-        # GPT-2 derives head_dim = n_embd / n_head: only "all heads" can be said.
-        if heads != config.n_head:
-            return None
-        return {"n_inner": inter}
-    return {"num_attention_heads": heads, "num_key_value_heads": widths.attention_units[0],
-            "intermediate_size": inter, "head_dim": widths.head_dim}
+    return family.uniform_config_fields(config, heads=widths.attention_units[0] * widths.heads_per_unit,
+                                        kv_heads=widths.attention_units[0],
+                                        intermediate=widths.mlp_units[0] * widths.mlp_group, head_dim=widths.head_dim)
 
 
 def subnetwork_config(base_config, family: Family, widths: Widths):
@@ -447,19 +433,22 @@ def empty_subnetwork(config, family: Family, widths: Widths, attn_implementation
 
 @torch.no_grad()
 def fold_layer_scale(lm: nn.Module, family: Family, widths: Widths) -> None:
-    """GPT-2 may scale attention logits by ``1/(layer index + 1)``. A kept layer's index
+    """A family may scale attention logits by ``1/(layer index + 1)`` (GPT-2's
+    ``scale_attn_by_inverse_layer_idx``: :meth:`Family.scales_attention_by_layer`). A kept layer's index
     changes (``l`` to ``j``), so its queries are multiplied by ``(j + 1)/(l + 1)``: the
     logits keep the base layer's scale, and the config stays true for any loader."""
-    if not (family.fused_qkv and getattr(lm.config, "scale_attn_by_inverse_layer_idx", False)):
+    if not family.scales_attention_by_layer(lm.config):
         return
+    out_dim = family.weight_dims[0]
     for j, layer in enumerate(decoder_layers(lm)):
         source = widths.source_layers[j]
         if source == j:
             continue
         queries = widths.attention_units[j] * widths.heads_per_unit * widths.head_dim
-        qkv = get_module(layer, family.q)  # Conv1D [in, q | k | v]
-        qkv.weight[:, :queries] *= (j + 1) / (source + 1)
-        qkv.bias[:queries] *= (j + 1) / (source + 1)
+        q = get_module(layer, family.q)  # the query rows come first (GPT-2: q | k | v)
+        q.weight.narrow(out_dim, 0, queries).mul_((j + 1) / (source + 1))
+        if q.bias is not None:
+            q.bias[:queries] *= (j + 1) / (source + 1)
 
 
 def tensor_groups(lm: nn.Module) -> list[list[str]]:
