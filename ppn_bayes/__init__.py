@@ -3,7 +3,7 @@
 One fit of the gate posterior yields a sub-network of any requested size.
 """
 
-from .version import VERSION as __version__  # noqa: E402
+from .version import VERSION as __version__  # noqa: E402, F401
 
 from .core.architecture import Architecture, UnsupportedModelError, describe  # noqa: E402
 from .core.config import FitConfig  # noqa: E402

@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .generation import Decoder, sample, synchronize
+from ..deploy.artifacts import RankedLM, open_ranked_lm
 from ..lm import check_same_vocabulary
+from .generation import Decoder, sample, synchronize
 
 if TYPE_CHECKING:
     from ..core.ranking import Ranking
@@ -688,18 +688,12 @@ def new_parameter_bytes(draft: nn.Module, target: nn.Module, *, buffers: bool = 
 
 # -- loading a target and its ranking ------------------------------------------------------------
 @dataclass
-class Target:
+class Target(RankedLM):
     """A target LM with the ranking its drafts are cut by, and its tokenizer (if any).
 
     ``ranked`` says the LM's units are stored in rank order (a ranked checkpoint), so
     :func:`shared_draft` can cut drafts as views.
     """
-
-    lm: nn.Module
-    ranking: object
-    tokenizer: object
-    kind: str
-    ranked: bool
 
     def draft(self, size: float, *, shared: bool = False) -> nn.Module:
         """The draft of ``size``: views of the target (``shared``, ranked targets only) or a copy."""
@@ -720,51 +714,18 @@ def load_target(path, *, masks_file=None, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32, rank: bool = False) -> Target:
     """Open a target and the ranking its drafts come from.
 
-    ``path`` is a ranked checkpoint (the full LM read in rank order, no pyro needed), a
-    fit checkpoint (the fitted LM and its ranking), or a Hugging Face directory or
-    ``.gguf`` file with ``masks_file`` (a mask file of that LM, whose ranking is used).
-    With ``rank``, a target that is not rank-sorted is sorted in memory
-    (:func:`rank_sorted`) so that shared drafts can be cut from it.
+    ``path`` is anything :func:`~ppn_bayes.deploy.artifacts.open_ranked_lm` opens: a
+    ranked checkpoint (the full LM read in rank order, no pyro needed), a fit checkpoint
+    (the fitted LM and its ranking), or a Hugging Face directory or ``.gguf`` file with
+    ``masks_file`` (a mask file of that LM, whose ranking is used). With ``rank``, a
+    target that is not rank-sorted is sorted in memory (:func:`rank_sorted`) so that
+    shared drafts can be cut from it.
     """
-    from ..lm import load_lm, load_tokenizer
-    from ..deploy.artifacts import checkpoint_kind
-    from ..deploy.resize import open_ranked, resize
-
-    kind = checkpoint_kind(path)
-    if kind == "ranked":
-        if masks_file is not None:
-            raise ValueError(f"{path} is a ranked checkpoint: it carries its ranking, give no mask file")
-        checkpoint = open_ranked(path)
-        lm = resize(checkpoint, 1.0, dtype=dtype, device=device).lm
-        tokenizer_dir = Path(path) / "tokenizer"
-        tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir.is_dir() else None
-        return Target(lm, checkpoint.ranking, tokenizer, kind, ranked=True)
-    if kind == "fit":
-        from ..train import load_fit
-
-        fitted = load_fit(path, device=device, dtype=dtype)
-        lm, ranking = fitted.lm, fitted.ranking()
-        tokenizer_dir = Path(path) / "lm"
-        has_tokenizer = any(tokenizer_dir.glob("tokenizer*")) or (tokenizer_dir / "char_tokenizer.json").is_file()
-        tokenizer = load_tokenizer(tokenizer_dir) if has_tokenizer else None
-    elif kind in ("hf", "gguf"):
-        if masks_file is None:
-            raise ValueError(f"{path} holds no ranking: pass a mask file (`ppn-bayes masks`) to cut drafts from it")
-        from ..deploy.maskfile import load_masks
-
-        lm, tokenizer = load_lm(path, dtype=dtype, device=device)
-        ranking = load_masks(masks_file, lm).ranking
-    else:
-        raise ValueError(f"{path} is a {kind}: give the full model (a fit or ranked checkpoint, or a model "
-                         "with a mask file), not a sub-network")
-    if masks_file is not None and kind == "fit":
-        from ..deploy.maskfile import load_masks
-
-        ranking = load_masks(masks_file, lm).ranking
-    if rank:
-        lm, ranking = rank_sorted(lm, ranking)
-        return Target(lm, ranking, tokenizer, kind, ranked=True)
-    return Target(lm, ranking, tokenizer, kind, ranked=False)
+    opened = open_ranked_lm(path, masks_file=masks_file, device=device, dtype=dtype)
+    if rank and not opened.ranked:
+        lm, ranking = rank_sorted(opened.lm, opened.ranking)
+        return Target(lm, ranking, opened.tokenizer, opened.kind, ranked=True)
+    return Target(opened.lm, opened.ranking, opened.tokenizer, opened.kind, ranked=opened.ranked)
 
 
 def prompts_from_tokens(tokens: torch.Tensor, *, n_prompts: int, prompt_len: int) -> list[torch.Tensor]:

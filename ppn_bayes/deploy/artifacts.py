@@ -1,9 +1,13 @@
 """Where a path becomes an object: what kind of file or folder it is, and opening it.
 
 :func:`checkpoint_kind` tells a ranked checkpoint, a fit checkpoint, a sub-network, a
-Hugging Face directory and a GGUF file apart; :func:`open_model` opens any of them (cut to
-a size when asked), :func:`resize_checkpoint` resizes a fit or ranked checkpoint and
-:func:`export_masks` writes the mask file of either. The modules below take objects.
+Hugging Face directory and a GGUF file apart, and :func:`open_tokenizer` knows where each
+kind keeps its tokenizer. :func:`open_model` opens any of them (cut to a size when asked);
+:func:`open_ranked_lm` opens the full LM with the ranking its cuts come from (the targets of
+speculative decoding); :func:`resize_checkpoint` resizes a fit or ranked checkpoint and
+:func:`export_masks` writes the mask file of either. The commands go through these; the
+modules below them take objects (the format readers, ``open_ranked``, ``load_fit``,
+``load_subnetwork``, ``load_lm``, ``load_masks``, each read one kind of file).
 """
 
 from __future__ import annotations
@@ -21,7 +25,11 @@ from .maskfile import MaskFile, load_masks, save_masks
 from ..core.ranking import Masks
 from .resize import INDEX_FILE, ResizeResult, export_ranked, open_ranked, resize, tokenizer_files
 
-__all__ = ["checkpoint_kind", "resize_checkpoint", "OpenedModel", "open_model", "export_masks"]
+__all__ = ["checkpoint_kind", "open_tokenizer", "resize_checkpoint", "OpenedModel", "open_model", "RankedLM",
+           "open_ranked_lm", "export_masks"]
+
+#: Where the kinds whose tokenizer is optional keep it, under the checkpoint's folder.
+_OPTIONAL_TOKENIZER = {"ranked": "tokenizer", "fit": "lm"}
 
 
 def checkpoint_kind(path: str | Path) -> str:
@@ -45,6 +53,37 @@ def checkpoint_kind(path: str | Path) -> str:
         f"{path} is none of: a ranked checkpoint (ranked.json), a fit checkpoint (state.json), a Hugging Face "
         "or sub-network directory (config.json), a .gguf file"
     )
+
+
+def open_tokenizer(path: str | Path, kind: str | None = None):
+    """The tokenizer a checkpoint carries, from where its kind (:func:`checkpoint_kind`)
+    keeps it: a ranked checkpoint's ``tokenizer/`` or a fit checkpoint's ``lm/`` (``None``
+    when they hold none), a sub-network's or Hugging Face directory's own folder (required).
+    A GGUF file's tokenizer is read with its LM (:func:`~ppn_bayes.lm.load_lm`)."""
+    from ..lm import load_tokenizer
+
+    path = Path(path)
+    kind = checkpoint_kind(path) if kind is None else kind
+    if kind in _OPTIONAL_TOKENIZER:
+        folder = path / _OPTIONAL_TOKENIZER[kind]
+        return load_tokenizer(folder) if tokenizer_files(folder) is not None else None
+    if kind in ("subnetwork", "hf"):
+        return load_tokenizer(path)
+    raise ValueError(f"{path} is a {kind} file: its tokenizer is read with its LM (load_lm)")
+
+
+def _open_full(path: Path, kind: str, *, device, dtype, ranking: bool) -> tuple[nn.Module, object, object]:
+    """``(lm, tokenizer, ranking or None)`` of a fit checkpoint, a Hugging Face directory or
+    a GGUF file: the full LM, and with ``ranking`` a fit's ranking at its posterior median."""
+    if kind == "fit":
+        from ..train import load_fit
+
+        fitted = load_fit(path, device=device, dtype=dtype)
+        return fitted.lm, open_tokenizer(path, kind), fitted.ranking() if ranking else None
+    from ..lm import load_lm
+
+    lm, tokenizer = load_lm(path, dtype=dtype, device=device)
+    return lm, tokenizer, None
 
 
 def resize_checkpoint(checkpoint: str | Path, out: str | Path, *, size: float | None = None,
@@ -99,7 +138,6 @@ def open_model(path: str | Path, *, size: float | None = None, n_params: int | N
     A cut model is a sliced sub-network, or with ``masked_dense`` the full LM under the
     masks (the slow reference).
     """
-    from ..lm import load_lm, load_tokenizer
     from .subnetwork import build_subnetwork, load_subnetwork
 
     path = Path(path)
@@ -112,27 +150,15 @@ def open_model(path: str | Path, *, size: float | None = None, n_params: int | N
             raise ValueError(f"{path} is a ranked checkpoint: give --size or --params (and no mask file)")
         checkpoint = open_ranked(path)
         result = resize(checkpoint, size, n_params=n_params, dtype=dtype, device=device)
-        tokenizer_dir = path / "tokenizer"
-        tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir.is_dir() else None
-        return OpenedModel(result.lm, tokenizer, kind, checkpoint.masks(size, n_params=n_params))
+        return OpenedModel(result.lm, open_tokenizer(path, kind), kind, checkpoint.masks(size, n_params=n_params))
     if kind == "subnetwork":
         if wants_cut:
             raise ValueError(f"{path} is already a sub-network: it cannot be cut again")
         lm = load_subnetwork(path, device=device, dtype=dtype)
-        return OpenedModel(lm, load_tokenizer(path), kind)
-    if kind == "fit":
-        from ..train import load_fit
-
-        fitted = load_fit(path, device=device, dtype=dtype)
-        lm = fitted.lm
-        tokenizer_dir = path / "lm"
-        tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_files(tokenizer_dir) is not None else None
-        ranking = fitted.ranking() if masks_file is None else None
-    else:
-        lm, tokenizer = load_lm(path, dtype=dtype, device=device)
-        ranking = None
-        if wants_cut and masks_file is None:
-            raise ValueError(f"{path} holds no ranking: pass a mask file to cut it")
+        return OpenedModel(lm, open_tokenizer(path, kind), kind)
+    if kind != "fit" and wants_cut and masks_file is None:
+        raise ValueError(f"{path} holds no ranking: pass a mask file to cut it")
+    lm, tokenizer, ranking = _open_full(path, kind, device=device, dtype=dtype, ranking=masks_file is None)
     if not wants_cut:
         return OpenedModel(lm, tokenizer, kind)
     if masks_file is not None:
@@ -144,6 +170,49 @@ def open_model(path: str | Path, *, size: float | None = None, n_params: int | N
     sub = build_subnetwork(lm, masks)
     del lm
     return OpenedModel(sub, tokenizer, kind, masks)
+
+
+@dataclass
+class RankedLM:
+    """A full LM with the ranking its cuts come from, and its tokenizer (if any).
+
+    ``ranked`` says the LM's units are stored in rank order (opened from a ranked
+    checkpoint), so that every cut is a prefix of its tensors.
+    """
+
+    lm: nn.Module
+    ranking: object
+    tokenizer: object
+    kind: str
+    ranked: bool
+
+
+def open_ranked_lm(path: str | Path, *, masks_file: str | Path | None = None, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32) -> RankedLM:
+    """Open a full LM and the ranking its cuts come from.
+
+    ``path`` is a ranked checkpoint (the full LM read in rank order, no pyro needed), a
+    fit checkpoint (the fitted LM and its ranking, or ``masks_file``'s), or a Hugging Face
+    directory or ``.gguf`` file with ``masks_file`` (a mask file of that LM, whose ranking
+    is used).
+    """
+    path = Path(path)
+    kind = checkpoint_kind(path)
+    if kind == "ranked":
+        if masks_file is not None:
+            raise ValueError(f"{path} is a ranked checkpoint: it carries its ranking, give no mask file")
+        checkpoint = open_ranked(path)
+        lm = resize(checkpoint, 1.0, dtype=dtype, device=device).lm
+        return RankedLM(lm, checkpoint.ranking, open_tokenizer(path, kind), kind, ranked=True)
+    if kind == "subnetwork":
+        raise ValueError(f"{path} is a {kind}: give the full model (a fit or ranked checkpoint, or a model "
+                         "with a mask file), not a sub-network")
+    if kind != "fit" and masks_file is None:
+        raise ValueError(f"{path} holds no ranking: pass a mask file (`ppn-bayes masks`) to cut drafts from it")
+    lm, tokenizer, ranking = _open_full(path, kind, device=device, dtype=dtype, ranking=masks_file is None)
+    if masks_file is not None:
+        ranking = load_masks(masks_file, lm).ranking
+    return RankedLM(lm, ranking, tokenizer, kind, ranked=False)
 
 
 def export_masks(checkpoint: str | Path, out: str | Path, *, sizes: Iterable[float] = (),
