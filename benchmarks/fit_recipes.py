@@ -1,7 +1,7 @@
 """Fit recipes: short ppn_bayes fits under different settings, compared at small sizes.
 
 The recipe search that chooses the settings of the fit of record (benchmarks/quality.py):
-each recipe is a named set of :class:`~ppn_bayes.core.config.FitConfig` changes, fitted for the
+each recipe is a named set of :class:`~ppn_bayes.config.FitConfig` changes, fitted for the
 same steps on the same text, its sub-networks evaluated at ``--sizes`` on the first
 ``--limit-windows`` windows of the evaluation text (float32), one record per recipe and
 size in ``<records-dir>/recipes.jsonl``. ``--choose`` reads those records and writes the

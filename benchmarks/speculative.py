@@ -5,7 +5,7 @@ length ``k``, the acceptance rate, the tokens emitted per target pass, tokens/s 
 plain greedy decoding of the target measured first in the same run (``ratio_vs_target``),
 and whether the output equals plain greedy decoding token for token. GPU: bf16,
 ``torch.compile`` with CUDA graphs (``mode="reduce-overhead"``), static KV caches
-(:class:`ppn_bayes.decode.generation.Decoder`); the identity of the outputs is also checked in
+(:class:`ppn_bayes.generation.Decoder`); the identity of the outputs is also checked in
 float32 (``identical_output_fp32``), since bf16 rounding differs between a one-token pass
 and a ``k + 1``-token pass. CPU: float32, eager, 2 threads.
 
@@ -106,7 +106,7 @@ class SpeculativeConfig:
 
 # -- inputs -------------------------------------------------------------------------------------
 def open_target(config: SpeculativeConfig):
-    """A :class:`ppn_bayes.decode.speculative.Target`: the LM to cut drafts from and their ranking."""
+    """A :class:`ppn_bayes.speculative.Target`: the LM to cut drafts from and their ranking."""
     from ppn_bayes.lm import load_lm
     from ppn_bayes.deploy.artifacts import checkpoint_kind
     from ppn_bayes.decode.speculative import Target, load_target, rank_sorted
@@ -253,7 +253,7 @@ def run_speculative(config: SpeculativeConfig) -> list[dict]:
                       "verify_len": max(config.ks) + 1 if config.compile else None,
                       "compile_backend": config.compile_backend if config.compile else None,
                       "threads": torch.get_num_threads(), "greedy": True,
-                      "decoder": "ppn_bayes.decode.generation.Decoder (static KV cache)"},
+                      "decoder": "ppn_bayes.generation.Decoder (static KV cache)"},
         )
         records.append(record)
         print(f"[speculative] size {trial.size_requested:.2f} k {trial.k}: accept {trial.acceptance_rate:.3f}, "

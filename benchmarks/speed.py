@@ -9,7 +9,7 @@ The protocol of BENCHMARKS.md:
   one is measured to show that it runs at the dense model's speed.
 
 Each model is measured in the same process as the dense model, which is measured first;
-``ratio_vs_dense`` divides by that. Decoding uses :class:`ppn_bayes.decode.generation.Decoder`
+``ratio_vs_dense`` divides by that. Decoding uses :class:`ppn_bayes.generation.Decoder`
 (a static cache, the fixed-shape decode step compiled as a CUDA graph on a GPU); prefill
 is the decoder's own forward over the prompt, compiled once per model with
 ``dynamic=False``. Compile and warm-up time is excluded from the timings and recorded
@@ -275,7 +275,7 @@ def run_speed(config: SpeedConfig) -> list[dict]:
                 seq_len=figures.pop("seq_len"), new_tokens=figures.pop("new_tokens"), dtype=config.dtype,
                 compiled=config.compile, quick=config.quick,
                 settings={"weights": config.weights, "threads": torch.get_num_threads(),
-                          "repeats": config.repeats, "decoder": "ppn_bayes.decode.generation.Decoder (static KV cache)",
+                          "repeats": config.repeats, "decoder": "ppn_bayes.generation.Decoder (static KV cache)",
                           "compile_mode": ("reduce-overhead" if phase == "decode" else "default")
                           if config.compile else None, **figures},
             )

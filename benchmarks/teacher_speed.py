@@ -3,9 +3,9 @@
 What ``ppn-bayes teacher-text`` does, measured: rounds of ``batch`` sequences, each a
 ``--prompt-len`` window of the corpus at a seeded offset continued by ``--new-tokens``
 tokens sampled at ``--temperature`` from the ``--top-k`` most likely (and the ``--top-p``
-nucleus among them, when given) with :class:`ppn_bayes.decode.generation.Decoder` (static KV
+nucleus among them, when given) with :class:`ppn_bayes.generation.Decoder` (static KV
 cache); each round's tokens are checked by the degenerate-sample guard
-(:func:`ppn_bayes.decode.generation.distinct_ngram_fraction`, 4-grams) and copied to the host,
+(:func:`ppn_bayes.generation.distinct_ngram_fraction`, 4-grams) and copied to the host,
 as the command does before writing them.
 
 A plan is a list of ``SETTING@BATCH`` entries, measured in order:
