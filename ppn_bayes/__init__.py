@@ -18,7 +18,9 @@ from .lm import load_lm, save_lm, tiny_llama  # noqa: E402
 try:  # the fit needs pyro; without it (the GPU image) the pyro-free modules still import
     from .core.model import PuppetGuide, PuppetModel  # noqa: E402
     from .deploy.resize import export_ranked, resize  # noqa: E402
-    from .train import FitResult, PuppetFit, fit, load_fit  # noqa: E402
+    # through the ppn_bayes.fit module, so that it is loaded before the name ``fit`` is bound
+    # here: loaded later, Python would set ``ppn_bayes.fit`` to the module
+    from .fit import FitResult, PuppetFit, fit, load_fit  # noqa: E402
 except ModuleNotFoundError as err:
     if err.name != "pyro" and not (err.name or "").startswith("pyro."):
         raise

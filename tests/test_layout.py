@@ -12,6 +12,8 @@ inside functions and under ``TYPE_CHECKING`` included:
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -197,3 +199,14 @@ def test_every_module_has_a_layer_and_a_line_in_the_architecture_page(files):
 def test_no_import_from_a_higher_layer(files):
     offenders = upward_imports(import_graph(files))
     assert not offenders, "imports from a higher layer:\n" + "\n".join(offenders)
+
+
+def test_the_public_functions_are_not_shadowed_by_modules_of_the_same_name():
+    """``ppn_bayes.fit`` (the function) survives importing the ``ppn_bayes.fit`` module later:
+    a fresh process, since this one's import order is the test run's."""
+    code = ("import types, ppn_bayes, ppn_bayes.fit, ppn_bayes.posterior, ppn_bayes.train\n"
+            "from ppn_bayes import fit, resize\n"
+            "assert not isinstance(fit, types.ModuleType) and not isinstance(resize, types.ModuleType)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=PACKAGE.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
