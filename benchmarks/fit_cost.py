@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ppn_bayes.config import FitConfig
+    from ppn_bayes.core.config import FitConfig
     from ppn_bayes.data import TokenBlocks, load_tokens
     from ppn_bayes.fit import fit
     from ppn_bayes.lm import load_lm

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quality import SHARED, QualityConfig, Run, _autocast, _subnetwork, load_inputs  # noqa: E402
 
-from ppn_bayes.config import FitConfig  # noqa: E402
+from ppn_bayes.core.config import FitConfig  # noqa: E402
 from ppn_bayes.records import RECORDS_DIR, append_record  # noqa: E402
 
 #: name -> FitConfig changes (``freeze_lm_steps`` given as a fraction of the steps).

@@ -111,7 +111,7 @@ def worker(args: argparse.Namespace) -> None:
     import contextlib
 
     from ppn_bayes import distributed
-    from ppn_bayes.config import FitConfig
+    from ppn_bayes.core.config import FitConfig
     from ppn_bayes.data import load_tokens
     from ppn_bayes.fit import fit
     from ppn_bayes.io import atomic_write_text

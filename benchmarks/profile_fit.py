@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from torch.profiler import ProfilerActivity, profile
 
-    from ppn_bayes.config import FitConfig
+    from ppn_bayes.core.config import FitConfig
     from ppn_bayes.data import load_tokens
     from ppn_bayes.fit import fit
     from ppn_bayes.lm import load_lm

@@ -70,11 +70,11 @@ from pathlib import Path
 
 import torch
 
-from ppn_bayes.architecture import describe
-from ppn_bayes.config import FitConfig
+from ppn_bayes.core.architecture import describe
+from ppn_bayes.core.config import FitConfig
 from ppn_bayes.data import check_token_ids, load_tokens, save_tokens
 from ppn_bayes.lm import vocab_rows
-from ppn_bayes.evaluate import perplexity
+from ppn_bayes.inspect.evaluate import perplexity
 from ppn_bayes.io import atomic_file, atomic_write_text
 from ppn_bayes.records import RECORDS_DIR, append_record
 
@@ -281,7 +281,7 @@ class Run:
     def calibration(self) -> torch.Tensor:
         """The protocol's calibration windows of the training text (seeded)."""
         if self._calibration is None:
-            from ppn_bayes.baselines import calibration_windows
+            from ppn_bayes.inspect.baselines import calibration_windows
 
             c = self.config
             self._calibration = calibration_windows(self.train_tokens, c.calib_windows, c.calib_seq_len,
@@ -346,7 +346,7 @@ def _autocast(config: QualityConfig):
 def _subnetwork(lm, masks):
     """The sliced sub-network (deployment helper's ``build_subnetwork``), its decoder
     parameter count checked against the masks."""
-    from ppn_bayes.subnetwork import build_subnetwork, decoder_params
+    from ppn_bayes.deploy.subnetwork import build_subnetwork, decoder_params
 
     sub = build_subnetwork(lm, masks)
     kept = decoder_params(sub)
@@ -591,7 +591,7 @@ def activation_ordered(run: Run, arch):
     """``(lm, scores [L, U])``: a copy of the dense LM with every layer's MLP channels in
     descending order of their activation score (the same function), and the units'
     activation scores in it. The copy and the column scores are made once a run."""
-    from ppn_bayes import baselines
+    from ppn_bayes.inspect import baselines
 
     if run._ordered is None:
         attention, mlp = baselines.activation_column_scores(run.lm, run.calibration(),
@@ -606,7 +606,7 @@ def structured_ranking(run: Run, method: str):
     """``(lm, ranking, settings)``: the ShortGPT, magnitude or activation ranking of the
     dense LM, and the LM to cut with it (for the activation rankings, the dense LM with its
     MLP channels in the order of their scores)."""
-    from ppn_bayes import baselines
+    from ppn_bayes.inspect import baselines
 
     base = method.split("+")[0]
     arch = run.arch
@@ -637,7 +637,7 @@ def distill_settings(fit_config: FitConfig, steps: int, **changes):
     """The :class:`ppn_bayes.finetune.DistillConfig` of a fine-tune of ``steps`` steps with
     the fit's batch, windows, AdamW at ``lr_lm``, loss weights, schedule (its warm-up the same
     share of the steps), clipping and seed."""
-    from ppn_bayes.finetune import DistillConfig
+    from ppn_bayes.deploy.finetune import DistillConfig
 
     warmup = round(fit_config.warmup_steps * steps / fit_config.steps)  # the same share of the run
     return DistillConfig(steps=steps, batch_size=fit_config.batch_size, seq_len=fit_config.seq_len,
@@ -652,7 +652,7 @@ def distill_finetune(student, teacher, tokens: torch.Tensor, fit_config: FitConf
     """Fine-tune ``student`` towards ``teacher`` on ``tokens`` with ``repeat`` times the fit's budget
     (steps, batch, windows, AdamW at ``lr_lm``): :func:`ppn_bayes.finetune.distill`, the
     next-token loss plus ``distill_weight`` · KL(teacher ‖ student) per token."""
-    from ppn_bayes.finetune import distill
+    from ppn_bayes.deploy.finetune import distill
 
     settings = distill_settings(fit_config, fit_config.steps * repeat)
     result = distill(student, teacher, tokens, settings, autocast=lambda: _autocast(config), progress=False)
@@ -741,7 +741,7 @@ def _width_figures(masks) -> dict:
 
 def run_width(run: Run, method: str) -> None:
     """The uniform width cut at every size, no training."""
-    from ppn_bayes.baselines import uniform_cut_for_size
+    from ppn_bayes.inspect.baselines import uniform_cut_for_size
 
     lm, arch, scores, settings = width_scores(run)
     for size in run.config.sizes:
@@ -761,8 +761,8 @@ def run_width_kd(run: Run, method: str) -> None:
     """The uniform width cut at each ``width_kd_sizes``, distilled from the dense LM with
     :func:`ppn_bayes.finetune.distill` (one run per size), checkpointed under
     ``work_dir/width-kd/<size>`` and resumed there; a finished size is not run again."""
-    from ppn_bayes.baselines import uniform_cut_for_size
-    from ppn_bayes.finetune import distill
+    from ppn_bayes.inspect.baselines import uniform_cut_for_size
+    from ppn_bayes.deploy.finetune import distill
 
     c = run.config
     tokens, data = width_kd_data(run)
@@ -805,7 +805,7 @@ def run_width_kd(run: Run, method: str) -> None:
 def _width_kd_masks(work: Path, masks):
     """``masks``, or the ones an interrupted run of this size saved in ``work``: a resumed
     fine-tune continues the sub-network it started with, whatever the scores say now."""
-    from ppn_bayes.ranking import Masks
+    from ppn_bayes.core.ranking import Masks
 
     path = work / "masks.json"
     if path.is_file():
@@ -822,7 +822,7 @@ def _width_kd_masks(work: Path, masks):
 def run_sparse(run: Run, method: str) -> None:
     from importlib.metadata import version
 
-    from ppn_bayes.baselines import sparse_prune
+    from ppn_bayes.inspect.baselines import sparse_prune
 
     c = run.config
     base, _, structure = method.partition("-")

@@ -81,7 +81,7 @@ def _dir_bytes(path: Path) -> int:
 # -- children: one measurement each, in a fresh process ----------------------------------------
 def child_resize(args) -> dict:
     """Resize the ranked checkpoint to ``args.size``; time, memory and bytes read."""
-    from ppn_bayes.resize import resize
+    from ppn_bayes.deploy.resize import resize
 
     import_rss = _warm_imports(args.model_type, args.threads)
     began = time.perf_counter()
@@ -121,8 +121,8 @@ def child_load_then_slice(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ppn_bayes.maskfile import load_masks
-    from ppn_bayes.subnetwork import build_subnetwork, save_subnetwork
+    from ppn_bayes.deploy.maskfile import load_masks
+    from ppn_bayes.deploy.subnetwork import build_subnetwork, save_subnetwork
 
     import_rss = _warm_imports(args.model_type, args.threads)
     began = time.perf_counter()
@@ -161,11 +161,11 @@ def prepare(model: str, work: Path, mlp_group: int) -> dict:
     copy of the full model and a mask file at size 0.5 into ``work``."""
     import torch
 
-    from ppn_bayes.architecture import describe
+    from ppn_bayes.core.architecture import describe
     from ppn_bayes.lm import load_lm, save_lm
-    from ppn_bayes.maskfile import save_masks
-    from ppn_bayes.ranking import Ranking
-    from ppn_bayes.resize import export_ranked
+    from ppn_bayes.deploy.maskfile import save_masks
+    from ppn_bayes.core.ranking import Ranking
+    from ppn_bayes.deploy.resize import export_ranked
 
     lm, tokenizer = load_lm(model)
     arch = describe(lm, mlp_group=mlp_group)

@@ -108,12 +108,12 @@ class SpeculativeConfig:
 def open_target(config: SpeculativeConfig):
     """A :class:`ppn_bayes.speculative.Target`: the LM to cut drafts from and their ranking."""
     from ppn_bayes.lm import load_lm
-    from ppn_bayes.resize import checkpoint_kind
-    from ppn_bayes.speculative import Target, load_target, rank_sorted
+    from ppn_bayes.deploy.artifacts import checkpoint_kind
+    from ppn_bayes.decode.speculative import Target, load_target, rank_sorted
 
     dtype = torch.float32  # cut in float32; cast to the benchmark's dtype afterwards
     if config.rankings is None and config.masks is None and config.method == "magnitude":
-        from ppn_bayes.baselines import magnitude_ranking
+        from ppn_bayes.inspect.baselines import magnitude_ranking
 
         lm, tokenizer = load_lm(config.model, dtype=dtype)
         ranking = magnitude_ranking(lm)
@@ -138,7 +138,7 @@ def read_prompts(config: SpeculativeConfig, tokenizer, vocab_size: int) -> list[
     """``n_prompts`` prompts of ``prompt_len`` tokens, evenly spaced through ``--data``
     (seeded random ids when there is no text or no tokenizer)."""
     from ppn_bayes.data import load_tokens
-    from ppn_bayes.speculative import prompts_from_tokens
+    from ppn_bayes.decode.speculative import prompts_from_tokens
 
     if config.data and Path(config.data).is_file() and (tokenizer is not None or config.data.endswith(".safetensors")):
         if config.data.endswith(".safetensors"):
@@ -161,7 +161,7 @@ class Fp32Check:
     def __init__(self, target_lm, prompts, new_tokens: int, max_k: int, device):
         import copy
 
-        from ppn_bayes.generation import Decoder
+        from ppn_bayes.decode.generation import Decoder
 
         self.prompts = [p[None] for p in prompts]
         self.new_tokens = new_tokens
@@ -175,8 +175,8 @@ class Fp32Check:
     def __call__(self, size: float, draft_lm, k: int) -> bool:
         import copy
 
-        from ppn_bayes.generation import Decoder
-        from ppn_bayes.speculative import speculative_generate
+        from ppn_bayes.decode.generation import Decoder
+        from ppn_bayes.decode.speculative import speculative_generate
 
         if size not in self.drafts:
             self.drafts = {size: Decoder(copy.deepcopy(draft_lm).to(device=self.device, dtype=torch.float32),
@@ -189,9 +189,9 @@ class Fp32Check:
 # -- the run --------------------------------------------------------------------------------------
 def run_speculative(config: SpeculativeConfig) -> list[dict]:
     """Time plain greedy decoding of the target, then every (size, k); one record each."""
-    from ppn_bayes.generation import _raise_recompile_limit
+    from ppn_bayes.decode.generation import _raise_recompile_limit
     from ppn_bayes.io import atomic_write_text
-    from ppn_bayes.speculative import choose_draft, new_parameter_bytes
+    from ppn_bayes.decode.speculative import choose_draft, new_parameter_bytes
 
     if config.threads:
         torch.set_num_threads(config.threads)

@@ -37,9 +37,9 @@ from pathlib import Path
 
 import torch
 
-from ppn_bayes.architecture import Architecture, describe
+from ppn_bayes.core.architecture import Architecture, describe
 from ppn_bayes.io import FileFormatError, read_json
-from ppn_bayes.ranking import Ranking
+from ppn_bayes.core.ranking import Ranking
 from ppn_bayes.records import RECORDS_DIR, append_record
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -123,7 +123,7 @@ def prompt_tokens(config: SpeedConfig, tokenizer, vocab_size: int, n: int) -> to
 
 
 def _sync(device: torch.device) -> None:
-    from ppn_bayes.generation import synchronize
+    from ppn_bayes.decode.generation import synchronize
 
     synchronize(device)
 
@@ -131,7 +131,7 @@ def _sync(device: torch.device) -> None:
 # -- measurements ------------------------------------------------------------------------------------
 def measure_prefill(lm, config: SpeedConfig, tokens: torch.Tensor) -> dict:
     """Prefill tokens/s at ``prefill_batch x prefill_len`` through the decoder's static cache."""
-    from ppn_bayes.generation import Decoder
+    from ppn_bayes.decode.generation import Decoder
 
     B, T = config.prefill_batch, config.prefill_len
     input_ids = tokens[: B * T].view(B, T).to(config.device)  # [B, T]
@@ -163,7 +163,7 @@ def measure_prefill(lm, config: SpeedConfig, tokens: torch.Tensor) -> dict:
 def measure_decode(lm, config: SpeedConfig, tokens: torch.Tensor) -> dict:
     """Greedy decode tokens/s at batch 1: ``prompt_len`` prompt, ``new_tokens`` new tokens;
     the median of ``repeats`` timed generations after one untimed (compiling) one."""
-    from ppn_bayes.generation import Decoder, timed_generate
+    from ppn_bayes.decode.generation import Decoder, timed_generate
 
     prompt = tokens[: config.prompt_len][None, :].to(config.device)  # [1, P]
     decoder = Decoder(lm, max_len=config.prompt_len + config.new_tokens, batch_size=1, compile=config.compile)
@@ -182,7 +182,7 @@ def measure_decode(lm, config: SpeedConfig, tokens: torch.Tensor) -> dict:
 def zero_smallest(lm, keep: float) -> None:
     """Zero the ``1 - keep`` smallest-magnitude weights of every decoder Linear (dense
     matrices with zeros: an unstructured sparse model as it deploys)."""
-    from ppn_bayes.architecture import decoder_layers
+    from ppn_bayes.core.architecture import decoder_layers
 
     with torch.no_grad():
         for module in decoder_layers(lm).modules():
@@ -197,7 +197,7 @@ def zero_smallest(lm, keep: float) -> None:
 def models(config: SpeedConfig, lm, arch: Architecture):
     """``(method, size_requested, size_reached, params_kept, build)`` for each model to time;
     ``build()`` returns the model on the device in the benchmark's dtype."""
-    from ppn_bayes.subnetwork import build_subnetwork, decoder_params
+    from ppn_bayes.deploy.subnetwork import build_subnetwork, decoder_params
 
     dtype = getattr(torch, config.dtype)
     yield "dense", 1.0, 1.0, arch.total_cost, lambda: lm.to(config.device, dtype)
@@ -214,7 +214,7 @@ def models(config: SpeedConfig, lm, arch: Architecture):
 
             yield config.method, size, masks.size_reached, masks.kept_params, build
     if config.sparse_weights or config.sparse_zeros:
-        from ppn_bayes.baselines import decoder_density
+        from ppn_bayes.inspect.baselines import decoder_density
 
         def build_sparse():
             import copy
@@ -238,7 +238,7 @@ def models(config: SpeedConfig, lm, arch: Architecture):
 
 def run_speed(config: SpeedConfig) -> list[dict]:
     """Measure the dense model, then every sub-network (and the sparse model), per phase."""
-    from ppn_bayes.generation import _raise_recompile_limit
+    from ppn_bayes.decode.generation import _raise_recompile_limit
     from ppn_bayes.lm import load_lm
 
     if config.threads:

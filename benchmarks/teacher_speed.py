@@ -74,7 +74,8 @@ def _modules():
         version = re.search(r'__version__ = "([^"]+)"', Path(spec.origin).read_text())
         package.__version__ = version.group(1) if version else "unknown"
         sys.modules["ppn_bayes"] = package
-    from ppn_bayes import generation, lm, records
+    from ppn_bayes import lm, records
+    from ppn_bayes.decode import generation
 
     return generation, lm, records
 

@@ -18,7 +18,7 @@
 # The masks of notebook 1 come from the posterior *median* of the scales. Behind them is
 # a whole posterior `q(log λ)`: for every draw of the scales and every size `s`, the
 # budget equation gives `τ(s)` and the keep probabilities `π_l(s)` (layers) and
-# `π_lu(s)` (units). `ppn_bayes.posterior` turns these draws into ArviZ data with named
+# `π_lu(s)` (units). `ppn_bayes.inspect.posterior` turns these draws into ArviZ data with named
 # dimensions (`chain`, `draw`, `layer`, `unit`, `size`) and summarises them.
 #
 # Needs the fit written by `01_fit.py` under `$PPN_RUN_DIR/fit` (default
@@ -33,7 +33,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import ppn_bayes as pb
-from ppn_bayes import posterior
+from ppn_bayes.inspect import posterior
 from ppn_bayes.lm import load_tokenizer
 
 SMOKE = os.environ.get("PPN_SMOKE") == "1"

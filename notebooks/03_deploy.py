@@ -34,12 +34,12 @@ from pathlib import Path
 import torch
 
 import ppn_bayes as pb
-from ppn_bayes.generation import Decoder, timed_generate
+from ppn_bayes.decode.generation import Decoder, timed_generate
 from ppn_bayes.lm import load_tokenizer
-from ppn_bayes.maskfile import load_masks, save_masks
-from ppn_bayes.resize import export_ranked, resize
-from ppn_bayes.speculative import speculative_generate
-from ppn_bayes.subnetwork import build_subnetwork, decoder_params, load_subnetwork, subnetwork_widths
+from ppn_bayes.deploy.maskfile import load_masks, save_masks
+from ppn_bayes.deploy.resize import export_ranked, resize
+from ppn_bayes.decode.speculative import speculative_generate
+from ppn_bayes.deploy.subnetwork import build_subnetwork, decoder_params, load_subnetwork, subnetwork_widths
 
 SMOKE = os.environ.get("PPN_SMOKE") == "1"
 RUN_DIR = Path(os.environ.get("PPN_RUN_DIR", "runs/notebooks"))
@@ -122,7 +122,7 @@ print(f"max |resized - sliced| = {float((resized_logits - logits).abs().max()):.
 # %%
 import copy
 
-from ppn_bayes.finetune import DistillConfig, distill
+from ppn_bayes.deploy.finetune import DistillConfig, distill
 
 text_tokens = pb.tokenize(pb.embedded_text(), tokenizer)
 cut = int(0.9 * text_tokens.numel())

@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import FitConfig, check_fields
+from .core.config import FitConfig, check_fields
 from .data import CharTokenizer, TokenBlocks, embedded_text, tokenize
-from .evaluate import perplexity
-from .fit import fit, versions
+from .inspect.evaluate import perplexity
+from .train import fit, versions
 from .io import atomic_write_text
 from .lm import load_lm, tiny_llama
-from .ranking import Ranking
+from .core.ranking import Ranking
 
 __all__ = ["DemoConfig", "DemoResult", "run_demo", "pretrain"]
 

@@ -1,7 +1,7 @@
 """An optimizer's state as safetensors: one tensor per ``state.<index>.<key>``, the groups in JSON.
 
 Shared by the fit's checkpoints (:mod:`ppn_bayes.train.checkpoint`) and the fine-tune's
-(:mod:`ppn_bayes.finetune`); it imports neither pyro nor arviz.
+(:mod:`ppn_bayes.deploy.finetune`); it imports neither pyro nor arviz.
 """
 
 from __future__ import annotations

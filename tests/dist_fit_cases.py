@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ppn_bayes.config import FitConfig
+from ppn_bayes.core.config import FitConfig
 from ppn_bayes.lm import tiny_llama
 
 _BASE = FitConfig(steps=4, batch_size=4, seq_len=16, mlp_group=32, log_every=1, n_random_sizes=1,

@@ -47,8 +47,8 @@ def fx(tmp_path_factory):
     from ppn_bayes.data import save_tokens
     from ppn_bayes.fit import fit
     from ppn_bayes.lm import save_lm
-    from ppn_bayes.maskfile import export_masks
-    from ppn_bayes.resize import export_ranked, resize
+    from ppn_bayes.deploy.artifacts import export_masks
+    from ppn_bayes.deploy.resize import export_ranked, resize
 
     root = tmp_path_factory.mktemp("bad_inputs")
     text = embedded_text()[:6000]
@@ -527,7 +527,7 @@ def test_issue17_5_every_float_setting_refuses_nan_and_infinity():
 
     from ppn_bayes import FitConfig
     from ppn_bayes.demo import DemoConfig
-    from ppn_bayes.finetune import DistillConfig
+    from ppn_bayes.deploy.finetune import DistillConfig
 
     for cls in (FitConfig, DistillConfig, DemoConfig):
         floats = [f.name for f in dataclasses.fields(cls) if isinstance(getattr(cls(), f.name), float)]

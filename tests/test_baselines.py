@@ -10,8 +10,8 @@ from conftest import FAMILIES, tiny_lm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ppn_bayes.architecture import Architecture, decoder_layers, describe, family_of, get_module
-from ppn_bayes.baselines import (
+from ppn_bayes.core.architecture import Architecture, decoder_layers, describe, family_of, get_module
+from ppn_bayes.inspect.baselines import (
     activation_column_scores,
     activation_scores,
     block_influence,
@@ -231,7 +231,7 @@ def test_uniform_activation_cut_matches_a_slow_reference():
     columns."""
     import copy
 
-    from ppn_bayes.subnetwork import build_subnetwork
+    from ppn_bayes.deploy.subnetwork import build_subnetwork
 
     lm = tiny_lm("llama", intermediate_size=128)
     arch = describe(lm, mlp_group=16)
@@ -472,7 +472,7 @@ def test_uniform_cut_keeps_each_layers_best_units(L, A, M, data):
 
 
 def test_uniform_cut_slices_to_the_masks_parameter_count():
-    from ppn_bayes.subnetwork import build_subnetwork, decoder_params
+    from ppn_bayes.deploy.subnetwork import build_subnetwork, decoder_params
 
     lm = tiny_lm("llama", intermediate_size=128)
     arch = describe(lm, mlp_group=16)  # 8 MLP units a layer

@@ -10,8 +10,8 @@ from conftest import tiny_lm
 from torch import nn
 
 from ppn_bayes import GatedLM, Gates, Ranking, UnsupportedModelError, describe
-from ppn_bayes.architecture import decoder_layers, family_of, get_module
-from ppn_bayes.budget import expected_size, keep_probs, solve_log_tau
+from ppn_bayes.core.architecture import decoder_layers, family_of, get_module
+from ppn_bayes.core.budget import expected_size, keep_probs, solve_log_tau
 
 
 # -- architecture ----------------------------------------------------------------------------

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from ppn_bayes import CharTokenizer, FitConfig, TokenBlocks, embedded_text, fit, tokenize
-from ppn_bayes.finetune import DistillConfig, distill
+from ppn_bayes.deploy.finetune import DistillConfig, distill
 from ppn_bayes.lm import tiny_llama
-from ppn_bayes.subnetwork import build_subnetwork, load_subnetwork
+from ppn_bayes.deploy.subnetwork import build_subnetwork, load_subnetwork
 
 TOKENIZER = CharTokenizer.for_text(embedded_text())
 TOKENS = tokenize(embedded_text()[:30_000], TOKENIZER)
@@ -127,7 +127,7 @@ def test_distill_names_bad_input():
 
 
 def test_distill_cli_writes_a_loadable_sub_network_with_its_report(tmp_path):
-    from ppn_bayes.resize import export_ranked
+    from ppn_bayes.deploy.resize import export_ranked
 
     _fitted(checkpoint=tmp_path / "fit")
     (tmp_path / "train.txt").write_text(embedded_text()[:20_000])
@@ -184,7 +184,7 @@ def test_a_resumed_fine_tune_ends_where_an_uninterrupted_one_does(tmp_path):
 
 def test_distill_cli_resumes_and_cleans_up(tmp_path):
     from ppn_bayes.data import load_tokens
-    from ppn_bayes.resize import open_model
+    from ppn_bayes.deploy.artifacts import open_model
 
     _fitted(checkpoint=tmp_path / "fit")
     (tmp_path / "train.txt").write_text(embedded_text()[:20_000])

@@ -9,11 +9,11 @@ import torch
 from conftest import tiny_lm
 
 from ppn_bayes import CharTokenizer, FitConfig, GatedLM, Ranking, TokenBlocks, describe, embedded_text, fit, tokenize
-from ppn_bayes.architecture import decoder_layers
+from ppn_bayes.core.architecture import decoder_layers
 from ppn_bayes.demo import pretrain
 from ppn_bayes.lm import tiny_llama
-from ppn_bayes.budget import solve_log_tau
-from ppn_bayes.model import PuppetGuide, PuppetModel, StepPlan
+from ppn_bayes.core.budget import solve_log_tau
+from ppn_bayes.core.model import PuppetGuide, PuppetModel, StepPlan
 from transformers import LlamaConfig, LlamaForCausalLM
 
 TEXT = embedded_text()[:60_000]
@@ -139,7 +139,7 @@ def test_empty_and_too_short_texts_are_refused():
 
 
 def test_without_the_hierarchy_every_layer_is_kept_and_units_are_flat():
-    from ppn_bayes.budget import keep_probs, solve_log_tau
+    from ppn_bayes.core.budget import keep_probs, solve_log_tau
 
     arch = describe(tiny_lm("llama"), mlp_group=32)
     guide = PuppetGuide(arch, hierarchy=False)
@@ -157,8 +157,8 @@ def test_without_the_hierarchy_every_layer_is_kept_and_units_are_flat():
 def test_shared_gates_are_comonotone_bernoulli_draws_of_the_marginal_keep_probabilities():
     """``gate_coupling='shared'``: each gate is Bernoulli(π) (marginals exact), the kept
     units are always those of largest π (a prefix of a ranking), and no unit outlives its layer."""
-    from ppn_bayes.budget import keep_logits, keep_probs
-    from ppn_bayes.model import plates, sample_gates
+    from ppn_bayes.core.budget import keep_logits, keep_probs
+    from ppn_bayes.core.model import plates, sample_gates
 
     torch.manual_seed(0)
     L, U = 3, 5
@@ -180,8 +180,8 @@ def test_shared_gates_are_comonotone_bernoulli_draws_of_the_marginal_keep_probab
 
 
 def test_shared_gates_pass_gradients_to_the_scales():
-    from ppn_bayes.budget import keep_logits
-    from ppn_bayes.model import plates, sample_gates
+    from ppn_bayes.core.budget import keep_logits
+    from ppn_bayes.core.model import plates, sample_gates
 
     ll = torch.zeros(3, requires_grad=True)
     lu = torch.linspace(-1, 1, 15).reshape(3, 5).requires_grad_(True)
@@ -218,8 +218,8 @@ def _prefix_reference(layer_logits, unit_logits, layer_cost, unit_cost, size):
 def test_prefix_gates_keep_the_longest_prefix_of_the_ranking_that_fits_the_size(seed):
     """``gate_coupling='prefix'``: every draw keeps exactly what the slow reference keeps, the
     realised size is the size asked less than the next item's cost, and no unit outlives its layer."""
-    from ppn_bayes.budget import keep_logits
-    from ppn_bayes.model import prefix_gates
+    from ppn_bayes.core.budget import keep_logits
+    from ppn_bayes.core.model import prefix_gates
 
     generator = torch.Generator().manual_seed(seed)
     L, U = 4, 6
@@ -242,8 +242,8 @@ def test_prefix_gates_keep_the_longest_prefix_of_the_ranking_that_fits_the_size(
 def test_prefix_gates_meet_the_size_in_every_draw_where_shared_gates_do_not():
     """On SmolLM2-135M's units at the start of a fit, one shared noise draw keeps nearly all
     or nearly nothing; the prefix draw keeps the size asked."""
-    from ppn_bayes.budget import keep_logits
-    from ppn_bayes.model import plates, prefix_gates, sample_gates
+    from ppn_bayes.core.budget import keep_logits
+    from ppn_bayes.core.model import plates, prefix_gates, sample_gates
 
     config = LlamaConfig(vocab_size=64, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3)
@@ -268,8 +268,8 @@ def test_prefix_gates_meet_the_size_in_every_draw_where_shared_gates_do_not():
 
 
 def test_prefix_gates_pass_gradients_to_the_scales():
-    from ppn_bayes.budget import keep_logits
-    from ppn_bayes.model import plates, sample_gates
+    from ppn_bayes.core.budget import keep_logits
+    from ppn_bayes.core.model import plates, sample_gates
 
     ll = torch.zeros(3, requires_grad=True)
     lu = torch.linspace(-1, 1, 15).reshape(3, 5).requires_grad_(True)
@@ -323,7 +323,7 @@ def test_guide_locations_start_jittered_when_asked():
 ])
 def test_puppet_elbo_equals_pyros_trace_elbo_in_value_and_gradient(coupling, hierarchy, posterior):
     """The device-only ELBO is Trace_ELBO: same loss, same gradients, on the same draws."""
-    from ppn_bayes.model import PuppetELBO
+    from ppn_bayes.core.model import PuppetELBO
 
     lm = tiny_lm("llama")
     arch = describe(lm, mlp_group=32)
@@ -376,7 +376,7 @@ def test_held_out_text_is_evaluated_during_the_fit():
     the perplexity harness on the same windows (full LM, and the deployed masks at each
     eval size), with each size's masks, their stability between evaluations and the share
     of ambiguous units."""
-    from ppn_bayes.evaluate import perplexity
+    from ppn_bayes.inspect.evaluate import perplexity
 
     lm = tiny_llama(TOKENIZER.vocab_size, layers=2, hidden=32, heads=2, kv_heads=1, intermediate=64)
     held_out = tokenize(embedded_text()[60_000:64_000], TOKENIZER)

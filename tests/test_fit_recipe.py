@@ -9,12 +9,12 @@ import pytest
 import torch
 from conftest import tiny_lm
 
-from ppn_bayes.architecture import describe
-from ppn_bayes.config import FitConfig
+from ppn_bayes.core.architecture import describe
+from ppn_bayes.core.config import FitConfig
 from ppn_bayes.data import TokenBlocks
 from ppn_bayes.fit import fit, read_state
-from ppn_bayes.finetune import DistillConfig, distill
-from ppn_bayes.schedule import COSINE_FLOOR, lr_factor
+from ppn_bayes.deploy.finetune import DistillConfig, distill
+from ppn_bayes.core.schedule import COSINE_FLOOR, lr_factor
 from ppn_bayes.train.init import ACTIVATION_SPREAD, activation_start, rank_locations
 
 TOKENS = torch.randint(0, 97, (400,), generator=torch.Generator().manual_seed(5))

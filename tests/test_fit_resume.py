@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from ppn_bayes.config import FitConfig
+from ppn_bayes.core.config import FitConfig
 from ppn_bayes.data import TokenBlocks
 from ppn_bayes.fit import fit, load_fit, read_state
 from ppn_bayes.io import FileFormatError

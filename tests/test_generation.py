@@ -17,10 +17,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AttentionInterface
 
-from ppn_bayes.architecture import describe
-from ppn_bayes.generation import (GROUPED_ATTENTION, Decoder, StaticKVCache, distinct_ngram_fraction,
+from ppn_bayes.core.architecture import describe
+from ppn_bayes.decode.generation import (GROUPED_ATTENTION, Decoder, StaticKVCache, distinct_ngram_fraction,
                                   grouped_attention, noise_width, sample_tokens, timed_generate)
-from ppn_bayes.ranking import Masks
+from ppn_bayes.core.ranking import Masks
 
 
 @pytest.fixture(autouse=True)
@@ -103,7 +103,7 @@ def test_rollback_forgets_the_rejected_positions():
 
 
 def test_a_sub_network_with_different_widths_per_layer_decodes_like_hf_generate(family):
-    from ppn_bayes.subnetwork import build_subnetwork
+    from ppn_bayes.deploy.subnetwork import build_subnetwork
 
     lm = tiny_lm(family)
     sub = build_subnetwork(lm, mixed_widths_masks(describe(lm, mlp_group=32)))

@@ -11,10 +11,11 @@ from conftest import tiny_lm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ppn_bayes.architecture import describe
+from ppn_bayes.core.architecture import describe
 from ppn_bayes.io import FileFormatError
-from ppn_bayes.maskfile import load_masks, model_identity, save_masks
-from ppn_bayes.ranking import Ranking
+from ppn_bayes.deploy.identity import model_identity
+from ppn_bayes.deploy.maskfile import load_masks, save_masks
+from ppn_bayes.core.ranking import Ranking
 
 torch.set_num_threads(1)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ppn_bayes.objective import Teacher, fused_objective, plain_objective
+from ppn_bayes.core.objective import Teacher, fused_objective, plain_objective
 
 
 def _problem(seed: int, B=3, T=7, d=8, V=11, dtype=torch.float32):

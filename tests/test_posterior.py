@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from pyro import poutine
 
 from ppn_bayes import FitConfig, GatedLM, describe, fit
-from ppn_bayes import posterior as P
+from ppn_bayes.inspect import posterior as P
 from ppn_bayes.cli import main
-from ppn_bayes.model import PuppetGuide, PuppetModel
+from ppn_bayes.core.model import PuppetGuide, PuppetModel
 
 az = pytest.importorskip("arviz")
 

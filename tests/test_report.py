@@ -312,7 +312,7 @@ def test_gpu_job_rehearsal_on_cpu(tiny_setup, tmp_path):
 def test_no_prior_ablation_fits():
     """quality.py's ``ppn_bayes-point`` ablation (point estimates, ``prior_weight=0``) trains:
     the λ sites leave the ELBO instead of being scaled by zero (which Pyro refuses)."""
-    from ppn_bayes.config import FitConfig
+    from ppn_bayes.core.config import FitConfig
     from ppn_bayes.fit import fit
 
     quality = _load("quality")

@@ -10,11 +10,11 @@ from conftest import tiny_lm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ppn_bayes.architecture import describe
+from ppn_bayes.core.architecture import describe
 from ppn_bayes.io import FileFormatError
-from ppn_bayes.ranking import Ranking
-from ppn_bayes.resize import export_ranked, open_ranked, resize
-from ppn_bayes.subnetwork import build_subnetwork, decoder_params, load_subnetwork, selection_from_masks
+from ppn_bayes.core.ranking import Ranking
+from ppn_bayes.deploy.resize import export_ranked, open_ranked, resize
+from ppn_bayes.deploy.subnetwork import build_subnetwork, decoder_params, load_subnetwork, selection_from_masks
 
 torch.set_num_threads(1)
 
@@ -185,7 +185,7 @@ def test_edited_index_fields(tmp_path, ranked_bytes, which, value):
 # -- the command line, end to end on a tiny fitted network -------------------------------------
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
-    from ppn_bayes.config import FitConfig
+    from ppn_bayes.core.config import FitConfig
     from ppn_bayes.data import CharTokenizer, embedded_text, tokenize
     from ppn_bayes.fit import fit
     from ppn_bayes.lm import tiny_llama
@@ -281,7 +281,7 @@ def test_cli_bad_input(fitted, tmp_path, capsys):
 def test_smollm2_sub_network_and_resize_match_the_masked_reference(smollm2_path, tmp_path):
     """On the real model: sliced logits equal the masked-dense reference, and resizing from a
     ranked checkpoint gives the same sub-network while reading under 65% of it at 0.5."""
-    from ppn_bayes.gating import GatedLM
+    from ppn_bayes.core.gating import GatedLM
     from ppn_bayes.lm import load_lm
 
     lm, _ = load_lm(smollm2_path)

@@ -11,15 +11,15 @@ import pytest
 import torch
 from conftest import ROOT, tiny_lm
 
-from ppn_bayes.architecture import describe
+from ppn_bayes.core.architecture import describe
 from ppn_bayes.data import CharTokenizer
-from ppn_bayes.generation import Decoder
-from ppn_bayes.ranking import Ranking
-from ppn_bayes.speculative import (
+from ppn_bayes.decode.generation import Decoder
+from ppn_bayes.core.ranking import Ranking
+from ppn_bayes.decode.speculative import (
     DraftChoice, DraftTrial, accept_greedy, accept_sampled, assisted_generate, check_draft, choose_draft,
     new_parameter_bytes, rank_sorted, shared_draft, speculative_generate,
 )
-from ppn_bayes.subnetwork import build_subnetwork
+from ppn_bayes.deploy.subnetwork import build_subnetwork
 
 SIZES = (0.3, 0.5, 0.7)
 NEW = 24
@@ -326,7 +326,7 @@ def test_a_shared_draft_needs_a_rank_sorted_target(target):
 # -- the command line and the benchmark script ----------------------------------------------------
 @pytest.fixture(scope="module")
 def ranked_checkpoint(tmp_path_factory, target):
-    from ppn_bayes.resize import export_ranked
+    from ppn_bayes.deploy.resize import export_ranked
     from safetensors.torch import save_file
 
     folder = tmp_path_factory.mktemp("speculate")
@@ -363,11 +363,11 @@ def test_the_speculate_command_measures_and_recommends(ranked_checkpoint, capsys
 
 def test_the_speculate_command_warns_when_no_draft_beats_plain_decoding(ranked_checkpoint, monkeypatch, capsys,
                                                                         tmp_path):
-    import ppn_bayes.speculative
+    import ppn_bayes.decode.speculative
     from ppn_bayes.cli import main
 
     slow = choice_of(measured(0.4, 2, 0.42), measured(0.8, 2, 0.7))
-    monkeypatch.setattr(ppn_bayes.speculative, "choose_draft", lambda *args, **kwargs: slow)  # speed is not ours
+    monkeypatch.setattr(ppn_bayes.decode.speculative, "choose_draft", lambda *args, **kwargs: slow)  # speed is not ours
     folder = ranked_checkpoint
     assert main(["speculate", str(folder / "ranked"), "--data", str(folder / "tokens.safetensors"), "--quiet",
                  "--out", str(tmp_path / "choice.json")]) == 0
@@ -382,7 +382,7 @@ def test_the_speculate_command_warns_when_no_draft_beats_plain_decoding(ranked_c
 def test_the_speculate_command_cuts_a_plain_model_with_a_mask_file(tmp_path, target, capsys):
     from ppn_bayes.cli import main
     from ppn_bayes.lm import save_lm
-    from ppn_bayes.maskfile import save_masks
+    from ppn_bayes.deploy.maskfile import save_masks
 
     save_lm(target, CharTokenizer("".join(map(chr, range(32, 129)))), tmp_path / "lm")  # 97 characters
     save_masks(tmp_path / "masks.json", Ranking.random(describe(target, mlp_group=32), seed=1), sizes=[0.5],

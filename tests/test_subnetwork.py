@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import FAMILIES, tiny_lm
 
-from ppn_bayes.architecture import describe
-from ppn_bayes.gating import GatedLM
-from ppn_bayes.ranking import Masks, Ranking
-from ppn_bayes.subnetwork import (
+from ppn_bayes.core.architecture import describe
+from ppn_bayes.core.gating import GatedLM
+from ppn_bayes.core.ranking import Masks, Ranking
+from ppn_bayes.deploy.subnetwork import (
     EmptyAttention,
     EmptyMLP,
     build_subnetwork,

@@ -11,9 +11,9 @@ import torch
 
 from ppn_bayes import CharTokenizer, FitConfig, embedded_text, fit
 from ppn_bayes.data import load_tokens, save_tokens
-from ppn_bayes.generation import Decoder
+from ppn_bayes.decode.generation import Decoder
 from ppn_bayes.lm import save_lm, tiny_llama
-from ppn_bayes.teacher import teacher_tokens
+from ppn_bayes.decode.lm_text import teacher_tokens
 
 CORPUS = torch.randint(0, 97, (500,), generator=torch.Generator().manual_seed(1))
 
@@ -127,7 +127,7 @@ class Killed(Exception):
 
 def _store(out, **changes):
     from ppn_bayes.store import tokenizer_identity
-    from ppn_bayes.teacher import write_teacher_store
+    from ppn_bayes.decode.lm_text import write_teacher_store
 
     return write_teacher_store(_lm(), CORPUS, out, tokenizer=tokenizer_identity(CharTokenizer(ALPHABET)),
                                **(STORE_SETTINGS | changes))
@@ -218,7 +218,7 @@ def test_bad_generation_settings_are_named_before_anything_is_written(tmp_path, 
 
 def test_a_corpus_outside_the_vocabulary_is_refused(tmp_path):
     from ppn_bayes.store import tokenizer_identity
-    from ppn_bayes.teacher import write_teacher_store
+    from ppn_bayes.decode.lm_text import write_teacher_store
 
     with pytest.raises(ValueError, match="the corpus: token ids outside the LM's vocabulary of 97"):
         write_teacher_store(_lm(), CORPUS + 50, tmp_path / "out", tokenizer=tokenizer_identity(CharTokenizer("ab")),

@@ -19,7 +19,7 @@ import contextlib
 import importlib
 import sys
 
-from .. import __version__
+from ..version import VERSION as __version__
 
 COMMAND_MODULES = ["ppn_bayes.cli.fitting", "ppn_bayes.cli.summarize", "ppn_bayes.cli.deploy", "ppn_bayes.cli.speculate"]
 

@@ -107,7 +107,7 @@ class ModelInfo:
     """What the checks need of a model, read from its small files only."""
 
     path: Path
-    kind: str  # as ppn_bayes.resize.checkpoint_kind
+    kind: str  # as ppn_bayes.deploy.artifacts.checkpoint_kind
     max_positions: int | None = None
     vocab_size: int | None = None
     config: dict | None = None  # the LM's config.json (None for a .gguf file)
@@ -230,7 +230,8 @@ def _not_a_folder_of(path: Path, what: str) -> None:
 def model_info(path, what: str, kinds: tuple[str, ...] | None = None) -> ModelInfo:
     """Check that ``path`` is a model ppn_bayes reads (of one of ``kinds``, when given) and
     return what its small files say: its kind, maximum positions and vocabulary."""
-    from ..resize import checkpoint_kind, open_ranked
+    from ..deploy.artifacts import checkpoint_kind
+    from ..deploy.resize import open_ranked
 
     path = Path(path)
     recover_directory(path)
@@ -253,7 +254,7 @@ def model_info(path, what: str, kinds: tuple[str, ...] | None = None) -> ModelIn
         char = _check_tokenizer_files(path / "tokenizer", what) if (path / "tokenizer").is_dir() else False
         return ModelInfo(path, kind, _positions(config), config.get("vocab_size"), config, char)
     if kind == "fit":
-        from ..fit import read_state
+        from ..train import read_state
 
         read_state(path)
         lm_dir = path / "lm"
@@ -280,7 +281,7 @@ def check_seq_len(length: int, info: ModelInfo | None, what: str) -> None:
 
 
 def _check_masks(path, what: str = "--masks") -> None:
-    from ..maskfile import load_masks
+    from ..deploy.maskfile import load_masks
 
     path = Path(path)
     if not path.is_file():

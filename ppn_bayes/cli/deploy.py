@@ -6,7 +6,7 @@ import argparse
 import json
 
 from .options import nonnegative_float, nonnegative_int, positive_float, positive_int, size_fraction
-from ..schedule import SCHEDULES
+from ..core.schedule import SCHEDULES
 
 _DTYPES = ["float32", "bfloat16", "float16"]
 
@@ -88,7 +88,7 @@ def register(subparsers) -> None:
     distill.add_argument("--eval-data", default=None, help="held-out text (as --data): perplexity before and after")
     distill.add_argument("--eval-windows", type=positive_int, default=16,
                          help="held-out windows of --seq-len evaluated (default: 16)")
-    from ..finetune import DistillConfig
+    from ..deploy.finetune import DistillConfig
 
     defaults = DistillConfig()
     distill.add_argument("--steps", type=positive_int, default=defaults.steps, help=f"steps (default: {defaults.steps})")
@@ -152,7 +152,7 @@ def _dtype(name):
 
 
 def _masks(args: argparse.Namespace) -> int:
-    from ..maskfile import export_masks
+    from ..deploy.artifacts import export_masks
 
     written = export_masks(args.checkpoint, args.out, sizes=args.sizes, n_params=args.params,
                            overwrite=args.overwrite)
@@ -163,7 +163,8 @@ def _masks(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from ..resize import checkpoint_kind, export_ranked
+    from ..deploy.artifacts import checkpoint_kind
+    from ..deploy.resize import export_ranked
 
     if checkpoint_kind(args.checkpoint) != "fit":
         raise ValueError(f"{args.checkpoint} is not a fit checkpoint (it has no state.json)")
@@ -173,7 +174,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _resize(args: argparse.Namespace) -> int:
-    from ..resize import resize_checkpoint
+    from ..deploy.artifacts import resize_checkpoint
 
     result = resize_checkpoint(args.checkpoint, args.out, size=args.size, n_params=args.params,
                                overwrite=args.overwrite, keep_ranked=args.keep_ranked, dtype=_dtype(args.dtype))
@@ -182,7 +183,7 @@ def _resize(args: argparse.Namespace) -> int:
 
 
 def _distill(args: argparse.Namespace) -> int:
-    from ..finetune import DistillConfig, distill_checkpoint
+    from ..deploy.finetune import DistillConfig, distill_checkpoint
 
     config = DistillConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                            weight_decay=args.weight_decay, distill_weight=args.distill_weight,
@@ -202,7 +203,7 @@ def _distill(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from ..resize import evaluate_model
+    from ..inspect.evaluate_file import evaluate_model
 
     record = evaluate_model(args.model, args.data, seq_len=args.seq_len, limit=args.limit,
                             batch_size=args.batch_size, size=args.size, n_params=args.params,

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..config import FitConfig
+from ..core.config import FitConfig
 from ..store import DEFAULT_SHARD_TOKENS
 from .options import add_fit_options, fit_config_from, positive_float
 
@@ -119,7 +119,7 @@ def _fit(args: argparse.Namespace) -> int:
 
     from .. import distributed
     from ..data import load_tokens
-    from ..fit import fit
+    from ..train import fit
     from ..io import atomic_write_text
     from ..lm import load_lm, vocab_rows
     from ..store import open_mixture
@@ -164,7 +164,7 @@ def _teacher_text(args: argparse.Namespace) -> int:
 
     from ..data import check_token_path, load_tokens, save_tokens
     from ..lm import load_lm
-    from ..teacher import check_generation_settings, teacher_tokens, write_teacher_store
+    from ..decode.lm_text import check_generation_settings, teacher_tokens, write_teacher_store
 
     out = Path(args.out)
     single = out.suffix == ".safetensors"  # one token file, as before the store existed

@@ -8,7 +8,7 @@ import dataclasses
 import math
 import typing
 
-from ..config import FIT_HELP, FitConfig
+from ..core.config import FIT_HELP, FitConfig
 
 
 def _number(kind: type, text: str, what: str, ok) -> int | float:

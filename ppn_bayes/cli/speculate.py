@@ -60,7 +60,7 @@ def _read_prompts(args: argparse.Namespace, tokenizer) -> list:
     import torch
 
     from ..data import load_tokens
-    from ..speculative import prompts_from_tokens
+    from ..decode.speculative import prompts_from_tokens
 
     if args.prompt_file is not None:
         path = Path(args.prompt_file)
@@ -81,7 +81,7 @@ def _speculate(args: argparse.Namespace) -> int:
     import torch
 
     from ..io import atomic_write_text
-    from ..speculative import choose_draft, load_target
+    from ..decode.speculative import choose_draft, load_target
 
     if args.out is not None and Path(args.out).exists() and not args.overwrite:
         raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")

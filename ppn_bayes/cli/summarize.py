@@ -10,7 +10,7 @@ from .options import open_fraction, positive_int, size_fraction, unit_interval
 
 def register(subparsers) -> None:
     """Add the ``summarize`` subcommand."""
-    from ..posterior import DEFAULT_SIZES
+    from ..inspect.posterior import DEFAULT_SIZES
 
     summarize = subparsers.add_parser(
         "summarize", help="ArviZ summary, keep curves, forest plot and ambiguous units of a fit",
@@ -45,8 +45,8 @@ def register(subparsers) -> None:
 def _summarize(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..fit import load_fit
-    from ..posterior import check_sizes, write_summary
+    from ..train import load_fit
+    from ..inspect.posterior import check_sizes, write_summary
 
     # Refuse bad input before the (possibly large) checkpoint is loaded.
     check_sizes([*args.sizes, args.size, *(args.table_sizes or [])])

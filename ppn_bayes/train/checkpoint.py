@@ -20,11 +20,11 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
-from .. import __version__
-from ..architecture import Architecture
-from ..config import FitConfig
+from ..version import VERSION as __version__
+from ..core.architecture import Architecture
+from ..core.config import FitConfig
 from ..io import FileFormatError, atomic_directory, atomic_write_text, read_json
-from ..model import PuppetGuide
+from ..core.model import PuppetGuide
 from ..optim_state import load_tensors, optimizer_tensors, read_optimizer, restore_optimizer
 from ..store import check_same_data
 

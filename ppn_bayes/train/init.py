@@ -3,7 +3,7 @@
 ``neutral``: every unit location ``log λ_lu`` of the guide starts at 0 (plus
 ``init_jitter``), so the first masks are as good as a random cut. ``activation``: the LM's
 MLP channels are first put in order of their mean |activation| on the first training
-windows (:func:`~ppn_bayes.baselines.order_mlp_channels`; the LM computes the same
+windows (:func:`~ppn_bayes.inspect.baselines.order_mlp_channels`; the LM computes the same
 function, and a unit of ``g`` consecutive channels then holds channels of like
 activation), and the unit locations start spread by each unit's activation rank within
 its layer and kind (KV groups, MLP channel groups), from ``+ACTIVATION_SPREAD`` for the
@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..architecture import Architecture
-from ..baselines import activation_column_scores, order_mlp_channels, unit_scores_from_columns
+from ..core.architecture import Architecture
+from ..inspect.baselines import activation_column_scores, order_mlp_channels, unit_scores_from_columns
 
 __all__ = ["ACTIVATION_SPREAD", "CALIBRATION_WINDOWS", "activation_start", "rank_locations"]
 

@@ -1,7 +1,7 @@
 """Fitting: the guide and the LM's weights in one torch training loop.
 
 ``Trace_ELBO()(model, guide)`` is a torch module (Pyro's module-local parameters; here
-:class:`~ppn_bayes.model.PuppetELBO`, the same ELBO without host syncs), trained with a
+:class:`~ppn_bayes.core.model.PuppetELBO`, the same ELBO without host syncs), trained with a
 stock torch optimizer, as in Pyro's ``examples/svi_torch.py``. :func:`fit` reads as the
 story of a fit: build, resume, then for each step train (:func:`~ppn_bayes.train.step.train_step`),
 log, evaluate, save.
@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..architecture import Architecture, decoder_layers, describe
-from ..config import FitConfig
+from ..core.architecture import Architecture, decoder_layers, describe
+from ..core.config import FitConfig
 from ..data import TokenBlocks
 from ..io import FileFormatError, recover_directory
 from ..store import TokenSource
@@ -414,9 +414,9 @@ def _validate(lm: nn.Module, guide, tokens: torch.Tensor, config: FitConfig, ste
     ``ambiguous``, the share of units and layers whose inclusion frequency in the deployed
     masks of ``DIAGNOSTIC_DRAWS`` posterior draws lies inside ``AMBIGUOUS`` (0 when the
     posterior has settled on one mask at this size)."""
-    from ..evaluate import perplexity
-    from ..ranking import Ranking
-    from ..subnetwork import build_subnetwork
+    from ..inspect.evaluate import perplexity
+    from ..core.ranking import Ranking
+    from ..deploy.subnetwork import build_subnetwork
 
     ranking = Ranking.from_guide(guide)
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)

@@ -13,10 +13,10 @@ import pyro
 import torch
 from torch import nn
 
-from ..architecture import Architecture
-from ..config import FitConfig
-from ..gating import GatedLM
-from ..model import PuppetGuide, PuppetModel
+from ..core.architecture import Architecture
+from ..core.config import FitConfig
+from ..core.gating import GatedLM
+from ..core.model import PuppetGuide, PuppetModel
 from .checkpoint import versions
 
 __all__ = ["FitResult", "PuppetFit", "FitState", "build_guide", "build_model", "build_optimizer", "lm_parameters"]
@@ -80,12 +80,12 @@ class PuppetFit:
 
     @property
     def arch(self) -> Architecture:
-        """The units and costs of the LM (see :mod:`ppn_bayes.architecture`)."""
+        """The units and costs of the LM (see :mod:`ppn_bayes.core.architecture`)."""
         return self.guide.arch
 
     def ranking(self):
-        """The deterministic ranking of layers and units (see :mod:`ppn_bayes.ranking`)."""
-        from ..ranking import Ranking
+        """The deterministic ranking of layers and units (see :mod:`ppn_bayes.core.ranking`)."""
+        from ..core.ranking import Ranking
 
         return Ranking.from_guide(self.guide)
 

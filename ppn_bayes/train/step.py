@@ -4,7 +4,7 @@ The step's sizes follow the sandwich rule: the full LM (every gate on), the smal
 ``size_min`` and ``n_random_sizes`` sizes drawn from ``[size_min, size_max]``. Instead of
 one pass of the whole batch per size, the rows of the global batch are dealt to the sizes
 in turn (global row ``g`` to group ``g mod K``), and one pass of the gated LM reads every
-row under the gates of its own size (:class:`~ppn_bayes.model.StepPlan`). A step then
+row under the gates of its own size (:class:`~ppn_bayes.core.model.StepPlan`). A step then
 costs one teacher forward and one student forward and backward, as a plain distillation
 step does, whatever the number of sizes. Each size's rows weigh ``1 / K`` of the
 likelihood, spread evenly over them, so every size counts alike.
@@ -22,11 +22,11 @@ import contextlib
 import torch
 from torch import nn
 
-from ..config import FitConfig
-from ..gating import Gates
-from ..model import PuppetELBO, PuppetGuide, PuppetModel, StepPlan
-from ..objective import Teacher
-from ..schedule import lr_factor
+from ..core.config import FitConfig
+from ..core.gating import Gates
+from ..core.model import PuppetELBO, PuppetGuide, PuppetModel, StepPlan
+from ..core.objective import Teacher
+from ..core.schedule import lr_factor
 from . import seeds
 from .state import FitState, group
 

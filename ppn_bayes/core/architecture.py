@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["Family", "FAMILIES", "Architecture", "describe", "UnsupportedModelError"]
+__all__ = ["Family", "FAMILIES", "Architecture", "architecture_from_record", "describe", "UnsupportedModelError"]
 
 
 class UnsupportedModelError(ValueError):
@@ -35,6 +35,10 @@ class Family:
 
     Paths are attribute paths relative to the LM (``layers``) or to one decoder layer.
     ``fused_qkv`` marks GPT-2's single ``c_attn`` Conv1D holding q, k and v side by side.
+    Everything that differs between families (weight layout, where q, k and v rows live,
+    the config fields and attributes that count heads, a per-layer attention scale) is
+    answered by the methods below, so that other modules ask the family instead of
+    testing for a model type.
     """
 
     name: str
@@ -48,6 +52,71 @@ class Family:
     mlp_out: str  # projection whose input columns are MLP channels
     fused_qkv: bool = False
     conv1d: bool = False  # weights stored [in, out] (GPT-2's Conv1D) instead of [out, in]
+    #: a config flag that, when true, scales layer ``l``'s attention logits by ``1/(l + 1)``
+    layer_scale_flag: str | None = None
+
+    @property
+    def weight_dims(self) -> tuple[int, int]:
+        """``(output dim, input dim)`` of a projection's weight: ``(0, 1)`` for a Linear's
+        ``[out, in]``, ``(1, 0)`` for GPT-2's Conv1D ``[in, out]``."""
+        return (1, 0) if self.conv1d else (0, 1)
+
+    def out_features(self, weight: torch.Tensor) -> int:
+        """How many outputs a projection of this family with ``weight`` has."""
+        return weight.shape[self.weight_dims[0]]
+
+    def in_features(self, weight: torch.Tensor) -> int:
+        """How many inputs a projection of this family with ``weight`` has."""
+        return weight.shape[self.weight_dims[1]]
+
+    def out_in(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` as ``[out, in]`` (a view)."""
+        return weight.t() if self.conv1d else weight
+
+    def qkv_rows(self, *, n_heads: int, head_dim: int, heads_per_unit: int) -> tuple[tuple[str, int, int], ...]:
+        """Where an attention unit's query, key and value rows live: ``(projection path,
+        offset of the block, rows per unit)`` for q, k and v in turn.
+
+        Unit ``u`` owns rows ``offset + u·rows ... offset + (u+1)·rows`` of the path's
+        outputs. Separate projections start at 0; GPT-2's fused ``c_attn`` holds q, k and v
+        side by side, ``n_heads · head_dim`` outputs each.
+        """
+        q_rows = heads_per_unit * head_dim
+        if self.fused_qkv:
+            width = n_heads * head_dim
+            return (self.q, 0, q_rows), (self.q, width, head_dim), (self.q, 2 * width, head_dim)
+        return (self.q, 0, q_rows), (self.k, 0, head_dim), (self.v, 0, head_dim)
+
+    def qkv_outputs(self, *, units: int, heads_per_unit: int, head_dim: int, n_heads: int) -> dict[str, int]:
+        """``{projection path: outputs}`` of q, k and v with ``units`` attention units kept
+        (``n_heads`` is the full LM's, for the fused layout)."""
+        outputs: dict[str, int] = {}
+        for path, _, rows in self.qkv_rows(n_heads=n_heads, head_dim=head_dim, heads_per_unit=heads_per_unit):
+            outputs[path] = outputs.get(path, 0) + units * rows
+        return outputs
+
+    def attention_fields(self, *, heads: int, head_dim: int) -> dict[str, int]:
+        """Attributes of the attention module that count its heads and must follow a cut:
+        GPT-2 splits ``c_attn``'s output by ``split_size`` and reshapes by ``num_heads``;
+        the Llama-style attention reshapes with ``-1`` heads and needs nothing."""
+        if self.fused_qkv:
+            return {"split_size": heads * head_dim, "num_heads": heads}
+        return {}
+
+    def uniform_config_fields(self, config, *, heads: int, kv_heads: int, intermediate: int,
+                              head_dim: int) -> dict | None:
+        """Config fields that say a cut every layer shares, or ``None`` when this family's
+        config cannot say it (GPT-2 derives ``head_dim = n_embd / n_head``, so it can only
+        say "all heads")."""
+        if self.fused_qkv:
+            return {"n_inner": intermediate} if heads == config.n_head else None
+        return {"num_attention_heads": heads, "num_key_value_heads": kv_heads, "intermediate_size": intermediate,
+                "head_dim": head_dim}
+
+    def scales_attention_by_layer(self, config) -> bool:
+        """Whether ``config`` scales layer ``l``'s attention logits by ``1/(l + 1)``: a kept
+        layer that changes index then needs its queries rescaled."""
+        return self.layer_scale_flag is not None and bool(getattr(config, self.layer_scale_flag, False))
 
 
 _LLAMA = dict(
@@ -79,6 +148,7 @@ FAMILIES: dict[str, Family] = {
         mlp_out="mlp.c_proj",
         fused_qkv=True,
         conv1d=True,
+        layer_scale_flag="scale_attn_by_inverse_layer_idx",
     ),
 }
 
@@ -163,7 +233,7 @@ def family_of(lm: nn.Module) -> Family:
     if model_type not in FAMILIES:
         raise UnsupportedModelError(
             f"model_type '{model_type}' is not supported; supported: {sorted(FAMILIES)}. "
-            "Add an entry to ppn_bayes.architecture.FAMILIES for its layout."
+            "Add an entry to ppn_bayes.core.architecture.FAMILIES for its layout."
         )
     return FAMILIES[model_type]
 
@@ -177,10 +247,6 @@ def decoder_layers(lm: nn.Module) -> nn.ModuleList:
 
 def _n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def _out_features(weight: torch.Tensor, family: Family) -> int:
-    return weight.shape[1] if family.conv1d else weight.shape[0]
 
 
 def describe(lm: nn.Module, *, mlp_group: int = 64) -> Architecture:
@@ -201,7 +267,7 @@ def describe(lm: nn.Module, *, mlp_group: int = 64) -> Architecture:
         raise UnsupportedModelError(f"{n_heads} query heads do not split into {n_kv} groups")
     first = layers[0]
     mlp_out = get_module(first, family.mlp_out)
-    inter = mlp_out.weight.shape[0] if family.conv1d else mlp_out.weight.shape[1]
+    inter = family.in_features(mlp_out.weight)
     if mlp_group < 1 or inter % mlp_group:
         raise ValueError(
             f"mlp_group={mlp_group} must divide the intermediate size {inter}"
@@ -213,31 +279,21 @@ def describe(lm: nn.Module, *, mlp_group: int = 64) -> Architecture:
     for index, layer in enumerate(layers):
         # Attention: a unit owns q rows of its heads, k/v rows of its group, o columns.
         get_module(layer, family.o)  # o_proj must exist: its columns are the units'
-        if family.fused_qkv:
-            qkv = get_module(layer, family.q)
-            if _out_features(qkv.weight, family) != 3 * n_heads * head_dim:
-                raise UnsupportedModelError(f"layer {index}: fused q/k/v has an unexpected width")
-            qkv_bias = 3 * head_dim if qkv.bias is not None else 0
-            attn_unit = hidden * 3 * head_dim + qkv_bias
-        else:
-            q, k, v = (get_module(layer, p) for p in (family.q, family.k, family.v))
-            for proj, width in ((q, n_heads * head_dim), (k, n_kv * head_dim), (v, n_kv * head_dim)):
-                if proj.weight.shape[0] != width:
-                    raise UnsupportedModelError(
-                        f"layer {index}: projection of width {proj.weight.shape[0]}, expected {width}"
-                    )
-            q_rows = heads_per_unit * head_dim
-            k_rows = head_dim
-            attn_unit = hidden * (q_rows + 2 * k_rows)
-            attn_unit += sum(
-                rows for proj, rows in ((q, q_rows), (k, k_rows), (v, k_rows)) if proj.bias is not None
-            )
+        rows = family.qkv_rows(n_heads=n_heads, head_dim=head_dim, heads_per_unit=heads_per_unit)
+        widths = family.qkv_outputs(units=n_kv, heads_per_unit=heads_per_unit, head_dim=head_dim, n_heads=n_heads)
+        for path, width in widths.items():
+            proj = get_module(layer, path)
+            if family.out_features(proj.weight) != width:
+                raise UnsupportedModelError(
+                    f"layer {index}: {path} has {family.out_features(proj.weight)} outputs, expected {width}"
+                )
+        attn_unit = sum(hidden * r + (r if get_module(layer, path).bias is not None else 0) for path, _, r in rows)
         attn_unit += hidden * heads_per_unit * head_dim  # o columns
         # MLP: a unit owns g rows of every input projection and g columns of the output.
         mlp_unit = 0
         for path in family.mlp_in:
             proj = get_module(layer, path)
-            if _out_features(proj.weight, family) != inter:
+            if family.out_features(proj.weight) != inter:
                 raise UnsupportedModelError(f"layer {index}: {path} is not {inter} wide")
             mlp_unit += mlp_group * hidden + (mlp_group if proj.bias is not None else 0)
         mlp_unit += mlp_group * hidden
@@ -266,3 +322,31 @@ def describe(lm: nn.Module, *, mlp_group: int = 64) -> Architecture:
         outside_cost=outside,
     )
 
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def architecture_from_record(data) -> Architecture:
+    """The :class:`Architecture` a file records (its ``to_dict`` read back from JSON), with every
+    field checked: a ``ValueError`` names the first one that is missing or inconsistent."""
+    if not isinstance(data, dict):
+        raise ValueError("'architecture' must be an object")
+    ints = ("n_layers", "hidden_size", "n_heads", "n_kv_heads", "head_dim", "intermediate_size", "mlp_group",
+            "n_attention_units", "n_mlp_units", "outside_cost")
+    for key in ints:
+        if not _is_int(data.get(key)) or data[key] < (0 if key == "outside_cost" else 1):
+            raise ValueError(f"architecture.{key} must be a positive integer, got {data.get(key)!r}")
+    if data.get("family") not in FAMILIES or not isinstance(data.get("model_type"), str):
+        raise ValueError(f"architecture.family {data.get('family')!r} is not a supported family")
+    L, A, M = data["n_layers"], data["n_attention_units"], data["n_mlp_units"]
+    layer_cost, unit_cost = data.get("layer_cost"), data.get("unit_cost")
+    if not isinstance(layer_cost, list) or len(layer_cost) != L or not all(_is_int(c) and c >= 0 for c in layer_cost):
+        raise ValueError(f"architecture.layer_cost must list {L} non-negative integers")
+    if not isinstance(unit_cost, list) or len(unit_cost) != L or not all(
+            isinstance(row, list) and len(row) == A + M and all(_is_int(c) and c > 0 for c in row)
+            for row in unit_cost):
+        raise ValueError(f"architecture.unit_cost must be {L} rows of {A + M} positive integers")
+    if A != data["n_kv_heads"] or data["n_heads"] % A or M * data["mlp_group"] != data["intermediate_size"]:
+        raise ValueError("architecture: unit counts do not agree with heads and the intermediate size")
+    return Architecture.from_dict(data)

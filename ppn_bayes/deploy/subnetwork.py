@@ -1,6 +1,6 @@
 """The sub-network: a dense LM with what the masks drop physically removed.
 
-For hard masks (:class:`~ppn_bayes.ranking.Masks`), :func:`build_subnetwork` returns a new
+For hard masks (:class:`~ppn_bayes.core.ranking.Masks`), :func:`build_subnetwork` returns a new
 Hugging Face LM in which
 
 * dropped layers are gone (the kept ones re-indexed, so caches line up: ``layer_idx``,
@@ -9,7 +9,7 @@ Hugging Face LM in which
   q, k and v columns of the fused ``c_attn`` and the rows of ``c_proj``) and its kept MLP
   units (gate/up rows, down columns; GPT-2: ``c_fc`` columns, ``c_proj`` rows).
 
-Its logits equal the masked full LM's (:class:`~ppn_bayes.gating.GatedLM` under
+Its logits equal the masked full LM's (:class:`~ppn_bayes.core.gating.GatedLM` under
 ``masks.gates()``, the slow masked-dense reference), and it is an ordinary module:
 ``torch.compile``, static KV caches and ``generate`` work on it.
 
@@ -17,7 +17,7 @@ How it is built: a skeleton of the sub-network is made on the ``meta`` device fr
 config (no memory), each layer is narrowed to its own widths (one narrowing function per
 module type, keeping ``in_features``/``out_features`` in step with the weights), and every
 tensor is then filled from a *source*: the full LM in memory here, slices of a ranked
-safetensors checkpoint in :mod:`ppn_bayes.resize`. Which rows or columns of which source
+safetensors checkpoint in :mod:`ppn_bayes.deploy.resize`. Which rows or columns of which source
 tensor fill a sub-network tensor is a pure function of the family and the kept units
 (:func:`tensor_plan`), shared by both paths.
 
@@ -38,8 +38,8 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .architecture import Architecture, Family, FAMILIES, decoder_layers, describe, family_of, get_module
-from .io import FileFormatError, atomic_directory
+from ..core.architecture import Architecture, Family, FAMILIES, decoder_layers, describe, family_of, get_module
+from ..io import FileFormatError, atomic_directory
 
 __all__ = [
     "Widths",
@@ -55,6 +55,16 @@ __all__ = [
     "save_subnetwork",
     "load_subnetwork",
     "WIDTHS_VERSION",
+    # the builder's steps, shared with ppn_bayes.deploy.resize and ppn_bayes.decode.speculative
+    "layer_rules",
+    "empty_subnetwork",
+    "fill_tensors",
+    "take_rows",
+    "tensor_groups",
+    "is_parameter",
+    "fold_layer_scale",
+    "materialise_buffers",
+    "finish_subnetwork",
 ]
 
 WIDTHS_VERSION = 1
@@ -212,24 +222,19 @@ def _unit_ranges(units: Sequence[int], width: int, offset: int = 0) -> tuple[tup
     return _coalesce((offset + u * width, offset + (u + 1) * width) for u in units)
 
 
-def _layer_rules(family: Family, arch: Architecture, attention: Sequence[int], mlp: Sequence[int]) -> dict:
+def layer_rules(family: Family, arch: Architecture, attention: Sequence[int], mlp: Sequence[int]) -> dict:
     """``{name within the layer: (dim, ranges)}`` for the tensors a layer's units cut."""
     hd, hpu, g = arch.head_dim, arch.heads_per_unit, arch.mlp_group
     q_ranges = _unit_ranges(attention, hpu * hd)  # query heads of the kept units (= o's inputs)
-    kv_ranges = _unit_ranges(attention, hd)
     mlp_ranges = _unit_ranges(mlp, g)
     rules: dict[str, tuple[int, tuple]] = {}
-    # A Linear stores [out, in]; GPT-2's Conv1D stores [in, out].
-    out_dim, in_dim = (1, 0) if family.conv1d else (0, 1)
-    if family.fused_qkv:
-        width = arch.n_heads * hd  # q | k | v side by side
-        fused = q_ranges + _unit_ranges(attention, hd, width) + _unit_ranges(attention, hd, 2 * width)
-        rules[f"{family.q}.weight"] = (out_dim, _coalesce(fused))
-        rules[f"{family.q}.bias"] = (0, _coalesce(fused))
-    else:
-        for path, ranges in ((family.q, q_ranges), (family.k, kv_ranges), (family.v, kv_ranges)):
-            rules[f"{path}.weight"] = (out_dim, ranges)
-            rules[f"{path}.bias"] = (0, ranges)
+    out_dim, in_dim = family.weight_dims
+    qkv: dict[str, tuple] = {}
+    for path, offset, rows in family.qkv_rows(n_heads=arch.n_heads, head_dim=hd, heads_per_unit=hpu):
+        qkv[path] = qkv.get(path, ()) + _unit_ranges(attention, rows, offset)
+    for path, ranges in qkv.items():
+        rules[f"{path}.weight"] = (out_dim, _coalesce(ranges))
+        rules[f"{path}.bias"] = (0, _coalesce(ranges))
     rules[f"{family.o}.weight"] = (in_dim, q_ranges)
     for path in family.mlp_in:
         rules[f"{path}.weight"] = (out_dim, mlp_ranges)
@@ -247,7 +252,7 @@ def tensor_plan(arch: Architecture, selection: Selection, names: Iterable[str]) 
     """
     family = FAMILIES[arch.family]
     prefix = family.layers + "."
-    rules = [_layer_rules(family, arch, a, m) for a, m in zip(selection.attention, selection.mlp)]
+    rules = [layer_rules(family, arch, a, m) for a, m in zip(selection.attention, selection.mlp)]
     plan = {}
     for name in names:
         if not name.startswith(prefix):
@@ -298,10 +303,9 @@ def _narrow_projection(module: nn.Module, family: Family, *, inputs: int | None 
         narrow_linear(module, in_features=inputs, out_features=outputs)
 
 
-def _output_of_nothing(projection: nn.Module, like: torch.Tensor) -> torch.Tensor:
+def _output_of_nothing(projection: nn.Module, family: Family, like: torch.Tensor) -> torch.Tensor:
     """What a projection with no inputs outputs: its bias, or zeros ``[*like[:-1], out]``."""
-    out_features = projection.nf if hasattr(projection, "nf") else projection.out_features
-    output = like.new_zeros(*like.shape[:-1], out_features)
+    output = like.new_zeros(*like.shape[:-1], family.out_features(projection.weight))
     bias = getattr(projection, "bias", None)
     return output + bias.to(output.dtype) if bias is not None else output
 
@@ -322,6 +326,7 @@ class EmptyAttention(nn.Module):
             self.add_module(name, child)
         self.layer_idx = attention.layer_idx
         self.head_dim = head_dim
+        self.family = family
         self._output = family.o.rsplit(".", 1)[-1]
 
     def forward(self, hidden_states: torch.Tensor, *args, past_key_values=None, **kwargs):
@@ -331,7 +336,7 @@ class EmptyAttention(nn.Module):
             B, T = hidden_states.shape[:2]
             empty = hidden_states.new_zeros(B, 0, T, self.head_dim)  # [B, kv heads = 0, T, D]
             cache.update(empty, empty, self.layer_idx)
-        return _output_of_nothing(getattr(self, self._output), hidden_states), None
+        return _output_of_nothing(getattr(self, self._output), self.family, hidden_states), None
 
 
 class EmptyMLP(nn.Module):
@@ -342,11 +347,12 @@ class EmptyMLP(nn.Module):
         super().__init__()
         for name, child in mlp.named_children():
             self.add_module(name, child)
+        self.family = family
         self._output = family.mlp_out.rsplit(".", 1)[-1]
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """``output [B, T, H]``."""
-        return _output_of_nothing(getattr(self, self._output), hidden_states)
+        return _output_of_nothing(getattr(self, self._output), self.family, hidden_states)
 
 
 def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -357,21 +363,17 @@ def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
 def narrow_attention(layer: nn.Module, family: Family, *, units: int, heads_per_unit: int, head_dim: int) -> None:
     """Narrow layer ``layer``'s attention to ``units`` key/value groups (and their query
     heads); with ``units = 0`` it becomes an :class:`EmptyAttention`."""
-    heads, kv_heads = units * heads_per_unit, units
-    if family.fused_qkv:
-        _narrow_projection(get_module(layer, family.q), family, outputs=3 * heads * head_dim)
-    else:
-        _narrow_projection(get_module(layer, family.q), family, outputs=heads * head_dim)
-        _narrow_projection(get_module(layer, family.k), family, outputs=kv_heads * head_dim)
-        _narrow_projection(get_module(layer, family.v), family, outputs=kv_heads * head_dim)
+    heads = units * heads_per_unit
+    outputs = family.qkv_outputs(units=units, heads_per_unit=heads_per_unit, head_dim=head_dim, n_heads=heads)
+    for path, width in outputs.items():
+        _narrow_projection(get_module(layer, path), family, outputs=width)
     _narrow_projection(get_module(layer, family.o), family, inputs=heads * head_dim)
     parent, name = _parent(layer, family.o.rpartition(".")[0])
     attention = getattr(parent, name)
-    if family.fused_qkv:  # GPT-2 splits c_attn's output and counts heads by these
-        attention.split_size = heads * head_dim
-        attention.num_heads = heads
-    # Llama-style attention reshapes with -1 heads and repeats keys by
-    # num_key_value_groups = heads / kv heads, which stays heads_per_unit: nothing to change.
+    for field, value in family.attention_fields(heads=heads, head_dim=head_dim).items():
+        setattr(attention, field, value)
+    # Llama-style attention repeats keys by num_key_value_groups = heads / kv heads, which
+    # stays heads_per_unit: nothing to change.
     if units == 0:
         setattr(parent, name, EmptyAttention(attention, family, head_dim))
 
@@ -392,15 +394,9 @@ def _uniform_fields(family: Family, widths: Widths, config) -> dict | None:
     """Global config fields that describe every layer, or ``None`` if the config cannot."""
     if not widths.uniform:
         return None
-    heads = widths.attention_units[0] * widths.heads_per_unit
-    inter = widths.mlp_units[0] * widths.mlp_group
-    if family.fused_qkv:
-        # GPT-2 derives head_dim = n_embd / n_head: only "all heads" can be said.
-        if heads != config.n_head:
-            return None
-        return {"n_inner": inter}
-    return {"num_attention_heads": heads, "num_key_value_heads": widths.attention_units[0],
-            "intermediate_size": inter, "head_dim": widths.head_dim}
+    return family.uniform_config_fields(config, heads=widths.attention_units[0] * widths.heads_per_unit,
+                                        kv_heads=widths.attention_units[0],
+                                        intermediate=widths.mlp_units[0] * widths.mlp_group, head_dim=widths.head_dim)
 
 
 def subnetwork_config(base_config, family: Family, widths: Widths):
@@ -417,8 +413,9 @@ def subnetwork_config(base_config, family: Family, widths: Widths):
     return config
 
 
-def _skeleton(config, family: Family, widths: Widths, attn_implementation: str | None = None) -> nn.Module:
-    """The sub-network's modules on the meta device, every layer narrowed to its widths."""
+def empty_subnetwork(config, family: Family, widths: Widths, attn_implementation: str | None = None) -> nn.Module:
+    """The sub-network's modules on the meta device, every layer narrowed to its widths;
+    :func:`fill_tensors` then gives them values."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
@@ -435,23 +432,26 @@ def _skeleton(config, family: Family, widths: Widths, attn_implementation: str |
 
 
 @torch.no_grad()
-def _fold_layer_scale(lm: nn.Module, family: Family, widths: Widths) -> None:
-    """GPT-2 may scale attention logits by ``1/(layer index + 1)``. A kept layer's index
+def fold_layer_scale(lm: nn.Module, family: Family, widths: Widths) -> None:
+    """A family may scale attention logits by ``1/(layer index + 1)`` (GPT-2's
+    ``scale_attn_by_inverse_layer_idx``: :meth:`Family.scales_attention_by_layer`). A kept layer's index
     changes (``l`` to ``j``), so its queries are multiplied by ``(j + 1)/(l + 1)``: the
     logits keep the base layer's scale, and the config stays true for any loader."""
-    if not (family.fused_qkv and getattr(lm.config, "scale_attn_by_inverse_layer_idx", False)):
+    if not family.scales_attention_by_layer(lm.config):
         return
+    out_dim = family.weight_dims[0]
     for j, layer in enumerate(decoder_layers(lm)):
         source = widths.source_layers[j]
         if source == j:
             continue
         queries = widths.attention_units[j] * widths.heads_per_unit * widths.head_dim
-        qkv = get_module(layer, family.q)  # Conv1D [in, q | k | v]
-        qkv.weight[:, :queries] *= (j + 1) / (source + 1)
-        qkv.bias[:queries] *= (j + 1) / (source + 1)
+        q = get_module(layer, family.q)  # the query rows come first (GPT-2: q | k | v)
+        q.weight.narrow(out_dim, 0, queries).mul_((j + 1) / (source + 1))
+        if q.bias is not None:
+            q.bias[:queries] *= (j + 1) / (source + 1)
 
 
-def _tensor_groups(lm: nn.Module) -> list[list[str]]:
+def tensor_groups(lm: nn.Module) -> list[list[str]]:
     """Names of parameters and persistent buffers, grouped by shared tensor (tied weights)."""
     groups: dict[int, list[str]] = {}
     for name, param in lm.named_parameters(remove_duplicate=False):
@@ -476,12 +476,12 @@ def _assign(lm: nn.Module, name: str, tensor: torch.Tensor) -> None:
         module._buffers[short] = tensor
 
 
-def _fill(lm: nn.Module, arch: Architecture, selection: Selection, take) -> None:
+def fill_tensors(lm: nn.Module, arch: Architecture, selection: Selection, take) -> None:
     """Fill the skeleton ``lm`` tensor by tensor: ``take(Take) -> Tensor``."""
-    groups = _tensor_groups(lm)
+    groups = tensor_groups(lm)
     plan = tensor_plan(arch, selection, [name for group in groups for name in group])
     for group in groups:
-        expected = tuple(lm.get_parameter(group[0]).shape) if _is_param(lm, group[0]) \
+        expected = tuple(lm.get_parameter(group[0]).shape) if is_parameter(lm, group[0]) \
             else tuple(lm.get_buffer(group[0]).shape)
         tensor = take(plan[group[0]])
         if tuple(tensor.shape) != expected:
@@ -489,18 +489,19 @@ def _fill(lm: nn.Module, arch: Architecture, selection: Selection, take) -> None
                 f"{plan[group[0]].source} gives a tensor of shape {tuple(tensor.shape)} for {group[0]}, "
                 f"which needs {expected}"
             )
-        if _is_param(lm, group[0]):
+        if is_parameter(lm, group[0]):
             tensor = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
         for name in group:
             _assign(lm, name, tensor)
 
 
-def _is_param(lm: nn.Module, name: str) -> bool:
+def is_parameter(lm: nn.Module, name: str) -> bool:
+    """Whether ``name`` (a dotted state-dict name) is a parameter of ``lm`` rather than a buffer."""
     owner, _, short = name.rpartition(".")
     return short in (lm.get_submodule(owner) if owner else lm)._parameters
 
 
-def _materialise_buffers(lm: nn.Module, device, reference: nn.Module | None = None) -> None:
+def materialise_buffers(lm: nn.Module, device, reference: nn.Module | None = None) -> None:
     """Give the non-persistent buffers still on ``meta`` (rotary frequencies) their values:
     copied from ``reference`` when it has them, else recomputed by transformers' init
     (only for modules without parameters, whose init cannot touch a loaded weight)."""
@@ -525,13 +526,15 @@ def _materialise_buffers(lm: nn.Module, device, reference: nn.Module | None = No
         raise FileFormatError(f"the sub-network was left without values for {left[:5]}")
 
 
-def _finish(lm: nn.Module, device) -> nn.Module:
-    _materialise_buffers(lm, device)
+def finish_subnetwork(lm: nn.Module, device) -> nn.Module:
+    """Give a filled sub-network its remaining buffers (:func:`materialise_buffers`) and eval mode."""
+    materialise_buffers(lm, device)
     return lm.eval()
 
 
 # -- the builder ------------------------------------------------------------------------------
-def _gather(tensor: torch.Tensor, take: Take) -> torch.Tensor:
+def take_rows(tensor: torch.Tensor, take: Take) -> torch.Tensor:
+    """The part of a full tensor that ``take`` keeps (a copy: the whole tensor when ``take.dim`` is None)."""
     if take.dim is None:
         return tensor.detach().clone()
     index = torch.cat([torch.arange(a, b) for a, b in take.ranges]) if take.ranges else torch.zeros(0, dtype=torch.long)
@@ -550,19 +553,19 @@ def build_from_selection(lm: nn.Module, arch: Architecture, selection: Selection
     family = family_of(lm)
     widths = selection.widths(arch)
     config = subnetwork_config(lm.config, family, widths)
-    sub = _skeleton(config, family, widths, getattr(lm.config, "_attn_implementation", None))
+    sub = empty_subnetwork(config, family, widths, getattr(lm.config, "_attn_implementation", None))
     tensors = dict(lm.named_parameters(remove_duplicate=False))
     tensors.update(lm.named_buffers(remove_duplicate=False))
 
     def take(cut: Take) -> torch.Tensor:
         if cut.source not in tensors:
             raise ValueError(f"the LM has no tensor {cut.source}")
-        return _gather(tensors[cut.source], cut)
+        return take_rows(tensors[cut.source], cut)
 
-    _fill(sub, arch, selection, take)
-    _fold_layer_scale(sub, family, widths)
+    fill_tensors(sub, arch, selection, take)
+    fold_layer_scale(sub, family, widths)
     device = next(lm.parameters()).device
-    _materialise_buffers(sub, device, reference=lm)
+    materialise_buffers(sub, device, reference=lm)
     if getattr(lm, "generation_config", None) is not None:
         sub.generation_config = copy.deepcopy(lm.generation_config)
     return sub.eval()
@@ -576,7 +579,7 @@ def build_subnetwork(lm: nn.Module, masks) -> nn.Module:
     lm:
         A Hugging Face causal LM of a supported family; it is not modified.
     masks:
-        :class:`~ppn_bayes.ranking.Masks` made for ``lm`` (``masks.arch`` must equal
+        :class:`~ppn_bayes.core.ranking.Masks` made for ``lm`` (``masks.arch`` must equal
         ``describe(lm, mlp_group=masks.arch.mlp_group)``).
 
     Returns
@@ -676,8 +679,8 @@ def load_subnetwork(directory: str | Path, *, device: str | torch.device = "cpu"
     family = FAMILIES.get(config.model_type)
     if family is None:
         raise FileFormatError(f"{directory}: model_type {config.model_type!r} is not supported")
-    sub = _skeleton(config, family, widths)
-    expected = {name: group for group in _tensor_groups(sub) for name in group}
+    sub = empty_subnetwork(config, family, widths)
+    expected = {name: group for group in tensor_groups(sub) for name in group}
     seen: set[str] = set()
     try:
         for file in _safetensors_files(directory):
@@ -689,10 +692,10 @@ def load_subnetwork(directory: str | Path, *, device: str | torch.device = "cpu"
                     if dtype is not None and tensor.is_floating_point():
                         tensor = tensor.to(dtype)
                     group = expected[name]
-                    want = tuple((sub.get_parameter(name) if _is_param(sub, name) else sub.get_buffer(name)).shape)
+                    want = tuple((sub.get_parameter(name) if is_parameter(sub, name) else sub.get_buffer(name)).shape)
                     if tuple(tensor.shape) != want:
                         raise FileFormatError(f"{name} has shape {tuple(tensor.shape)}, ppn_widths say {want}")
-                    if _is_param(sub, name):
+                    if is_parameter(sub, name):
                         tensor = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
                     for alias in group:
                         _assign(sub, alias, tensor)
@@ -707,4 +710,4 @@ def load_subnetwork(directory: str | Path, *, device: str | torch.device = "cpu"
         from transformers import GenerationConfig
 
         sub.generation_config = GenerationConfig.from_pretrained(str(directory))
-    return _finish(sub, device)
+    return finish_subnetwork(sub, device)

@@ -1,7 +1,7 @@
 """Baselines that ppn_bayes is measured against.
 
 Structured, of the same granularity as ppn_bayes and with no training. Each returns a
-:class:`~ppn_bayes.ranking.Ranking`, so masks, sizes and sliced sub-networks work exactly
+:class:`~ppn_bayes.core.ranking.Ranking`, so masks, sizes and sliced sub-networks work exactly
 as for a fitted push puppet network:
 
 * :func:`shortgpt_ranking`: layer removal by block influence (ShortGPT),
@@ -38,9 +38,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .architecture import Architecture, decoder_layers, describe, family_of, get_module
-from .data import TokenBlocks
-from .ranking import Masks, Ranking, check_size
+from ..core.architecture import Architecture, Family, decoder_layers, describe, family_of, get_module
+from ..core.ranking import Masks, Ranking, check_size
+from ..data import TokenBlocks
 
 __all__ = [
     "calibration_windows",
@@ -150,10 +150,9 @@ def shortgpt_ranking(arch: Architecture, influence: torch.Tensor) -> Ranking:
 
 
 # -- per-unit scores of owned weights --------------------------------------------------------
-def _out_in(module: nn.Module, conv1d: bool) -> torch.Tensor:
+def _out_in(module: nn.Module, family: Family) -> torch.Tensor:
     """The weight as ``[out_features, in_features]`` (GPT-2's Conv1D stores it transposed)."""
-    weight = module.weight.detach()
-    return weight.t() if conv1d else weight
+    return family.out_in(module.weight.detach())
 
 
 @torch.no_grad()
@@ -161,7 +160,7 @@ def _owned_sums(lm: nn.Module, arch: Architecture, element_score) -> tuple[torch
     """``(sum [L, U], count [L, U])`` of ``element_score(layer, path, W)`` over the weights
     each unit owns. ``W`` is ``[out, in]``; ``element_score`` returns a tensor of its shape.
 
-    Ownership as in :func:`~ppn_bayes.architecture.describe`: an attention unit owns the q
+    Ownership as in :func:`~ppn_bayes.core.architecture.describe`: an attention unit owns the q
     rows of its heads, the k/v rows of its group and the matching o columns; an MLP unit
     owns ``g`` rows of every input projection and ``g`` columns of the output projection.
     """
@@ -179,24 +178,17 @@ def _owned_sums(lm: nn.Module, arch: Architecture, element_score) -> tuple[torch
 
     for index, layer in enumerate(decoder_layers(lm)):
         attention, mlp = slice(0, A), slice(A, A + M)
-        if family.fused_qkv:
-            path = family.q
-            weight = _out_in(get_module(layer, path), family.conv1d)  # [3 H hd, D]
-            score = element_score(index, path, weight)
-            q, k, v = score.split(arch.n_heads * hd, dim=0)
-            add(index, attention, q, True, hpu * hd)
-            add(index, attention, k, True, hd)
-            add(index, attention, v, True, hd)
-        else:
-            for path, width in ((family.q, hpu * hd), (family.k, hd), (family.v, hd)):
-                weight = _out_in(get_module(layer, path), family.conv1d)  # [rows, D]
-                add(index, attention, element_score(index, path, weight), True, width)
-        weight = _out_in(get_module(layer, family.o), family.conv1d)  # [D, H hd]
+        scores = {}  # one score per projection: GPT-2's fused c_attn holds q, k and v
+        for path, offset, rows in family.qkv_rows(n_heads=arch.n_heads, head_dim=hd, heads_per_unit=hpu):
+            if path not in scores:
+                scores[path] = element_score(index, path, _out_in(get_module(layer, path), family))  # [rows, D]
+            add(index, attention, scores[path][offset:offset + A * rows], True, rows)
+        weight = _out_in(get_module(layer, family.o), family)  # [D, H hd]
         add(index, attention, element_score(index, family.o, weight), False, hpu * hd)
         for path in family.mlp_in:
-            weight = _out_in(get_module(layer, path), family.conv1d)  # [I, D]
+            weight = _out_in(get_module(layer, path), family)  # [I, D]
             add(index, mlp, element_score(index, path, weight), True, g)
-        weight = _out_in(get_module(layer, family.mlp_out), family.conv1d)  # [D, I]
+        weight = _out_in(get_module(layer, family.mlp_out), family)  # [D, I]
         add(index, mlp, element_score(index, family.mlp_out, weight), False, g)
     return total, count
 
@@ -289,7 +281,7 @@ def order_mlp_channels(lm: nn.Module, mlp: torch.Tensor) -> torch.Tensor:
     mlp = torch.as_tensor(mlp, dtype=torch.float64).cpu()
     if mlp.dim() != 2 or mlp.shape[0] != len(layers):
         raise ValueError(f"channel scores of shape {tuple(mlp.shape)} for {len(layers)} layers")
-    out_dim, in_dim = (1, 0) if family.conv1d else (0, 1)
+    out_dim, in_dim = family.weight_dims
     for index, layer in enumerate(layers):
         order = mlp[index].argsort(descending=True, stable=True)
         for path, dim in ((p, out_dim) for p in family.mlp_in):

@@ -17,7 +17,7 @@ It has no ``config.json`` on purpose: it is not a Hugging Face directory and
 ``from_pretrained`` cannot mistake its permuted, transposed tensors for an LM.
 
 :func:`resize` reads only the prefixes it needs with ``safe_open(...).get_slice``, fills a
-sub-network built on the ``meta`` device (:mod:`ppn_bayes.subnetwork`), and saves it: the
+sub-network built on the ``meta`` device (:mod:`ppn_bayes.deploy.subnetwork`), and saves it: the
 full LM is never materialised and peak memory is about the sub-network's.
 """
 
@@ -34,31 +34,30 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__
-from .architecture import FAMILIES, Architecture, describe
-from .io import FileFormatError, atomic_directory, atomic_write_text, read_json
-from .ranking import Masks, Ranking
+from ..core.architecture import FAMILIES, Architecture, architecture_from_record, describe
+from ..version import VERSION as __version__
+from ..io import FileFormatError, atomic_directory, atomic_write_text, read_json
+from ..core.ranking import Masks, Ranking
 from .subnetwork import (
     Selection,
     Take,
     Widths,
-    _fill,
-    _finish,
-    _fold_layer_scale,
-    _gather,
-    _is_param,
-    _layer_rules,
-    _skeleton,
-    _tensor_groups,
+    fill_tensors,
+    finish_subnetwork,
+    fold_layer_scale,
+    take_rows,
+    is_parameter,
+    layer_rules,
+    empty_subnetwork,
+    tensor_groups,
     save_subnetwork,
     selection_from_masks,
     subnetwork_config,
     tensor_plan,
 )
 
-__all__ = ["export_ranked", "resize", "resize_checkpoint", "RankedCheckpoint", "ResizeResult", "open_ranked",
-           "checkpoint_kind", "open_model", "OpenedModel", "evaluate_model", "RANKED_FORMAT",
-           "RANKED_VERSION"]
+__all__ = ["export_ranked", "resize", "RankedCheckpoint", "ResizeResult", "open_ranked", "rank_order",
+           "ranked_ranking", "check_prefixes", "tokenizer_files", "RANKED_FORMAT", "RANKED_VERSION"]
 
 RANKED_FORMAT = "ppn_bayes.ranked"
 RANKED_VERSION = 1
@@ -84,7 +83,7 @@ def _block_rows(take: Take, rows: int, arch: Architecture, name: str) -> int:
     if take.dim is None:
         return max(rows, 1)
     family = FAMILIES[arch.family]
-    one = _layer_rules(family, arch, [0], [0])
+    one = layer_rules(family, arch, [0], [0])
     suffix = name.split(".", len(family.layers.split(".")) + 1)[-1]
     numbers = [x for a, b in one[suffix][1] for x in (a, b - a) if x]
     return math.gcd(*numbers)
@@ -105,7 +104,7 @@ def rank_order(ranking: Ranking) -> Selection:
                      mlp=tuple(map(tuple, mlp)))
 
 
-def _ranked_ranking(ranking: Ranking, order: Selection) -> Ranking:
+def ranked_ranking(ranking: Ranking, order: Selection) -> Ranking:
     """The ranking with each unit renamed by its position in the ranked tensors."""
     A = ranking.arch.n_attention_units
     position = {}
@@ -117,7 +116,7 @@ def _ranked_ranking(ranking: Ranking, order: Selection) -> Ranking:
 
 
 def _base_ranking(ranked: Ranking, order: Selection) -> Ranking:
-    """Inverse of :func:`_ranked_ranking`: unit positions back to the LM's own units."""
+    """Inverse of :func:`ranked_ranking`: unit positions back to the LM's own units."""
     A = ranked.arch.n_attention_units
     items = []
     for l, p in ranked.items.tolist():
@@ -131,7 +130,7 @@ def _base_ranking(ranked: Ranking, order: Selection) -> Ranking:
 
 
 # -- export -----------------------------------------------------------------------------------
-class _TokenizerFiles:
+class TokenizerFiles:
     """Stands in for a tokenizer: ``save_pretrained`` copies its files."""
 
     def __init__(self, files: list[Path]):
@@ -143,12 +142,13 @@ class _TokenizerFiles:
             shutil.copy2(file, Path(directory) / file.name)
 
 
-def _tokenizer_files(directory: Path) -> _TokenizerFiles | None:
+def tokenizer_files(directory: Path) -> TokenizerFiles | None:
+    """The tokenizer's files in ``directory`` (everything but the model's own), or None if there are none."""
     if not directory.is_dir():
         return None
     files = [p for p in sorted(directory.iterdir())
              if p.is_file() and p.name not in _MODEL_FILES and not p.name.endswith(".safetensors")]
-    return _TokenizerFiles(files) if files else None
+    return TokenizerFiles(files) if files else None
 
 
 def export_ranked(source, out: str | Path, *, ranking: Ranking | None = None, tokenizer=None,
@@ -167,15 +167,15 @@ def export_ranked(source, out: str | Path, *, ranking: Ranking | None = None, to
     tokenizer:
         Saved under ``tokenizer/`` (default: the fit checkpoint's tokenizer files, if any).
     """
-    from .maskfile import model_identity
+    from .identity import model_identity
 
     if isinstance(source, (str, Path)):
-        from .fit import load_fit
+        from ..train import load_fit
 
         checkpoint = Path(source)
         fitted = load_fit(checkpoint)
         if tokenizer is None:
-            tokenizer = _tokenizer_files(checkpoint / "lm")
+            tokenizer = tokenizer_files(checkpoint / "lm")
         source_name = str(checkpoint)
         source = fitted
     else:
@@ -193,13 +193,13 @@ def export_ranked(source, out: str | Path, *, ranking: Ranking | None = None, to
     order = rank_order(ranking)
     tensors = dict(lm.named_parameters(remove_duplicate=False))
     tensors.update(lm.named_buffers(remove_duplicate=False))
-    groups = _tensor_groups(lm)
+    groups = tensor_groups(lm)
     plan = tensor_plan(arch, order, [group[0] for group in groups])
     stored, transposed, aliases, checksums = {}, [], {}, {}
     for group in groups:
         name = group[0]
         take = plan[name]
-        tensor = _gather(tensors[take.source], take).cpu()
+        tensor = take_rows(tensors[take.source], take).cpu()
         if take.dim == 1 and tensor.dim() == 2:
             # Cut along columns later: store [in, out] so a cut is a run of whole rows.
             tensor = tensor.t().contiguous()
@@ -215,7 +215,7 @@ def export_ranked(source, out: str | Path, *, ranking: Ranking | None = None, to
         "format_version": RANKED_VERSION,
         "config": lm.config.to_dict(),
         "architecture": arch.to_dict(),
-        "ranking": _ranked_ranking(ranking, order).to_dict(),
+        "ranking": ranked_ranking(ranking, order).to_dict(),
         "permutation": {"attention": [list(a) for a in order.attention], "mlp": [list(m) for m in order.mlp]},
         "transposed": transposed,
         "aliases": aliases,
@@ -285,7 +285,7 @@ def _check_order(order, arch: Architecture) -> Selection:
     return Selection(layers=tuple(range(arch.n_layers)), attention=rows[0], mlp=rows[1])
 
 
-def _check_prefixes(ranking: Ranking) -> None:
+def check_prefixes(ranking: Ranking) -> None:
     """Every layer's units appear in the ranking in position order (prefix property)."""
     A = ranking.arch.n_attention_units
     seen_attention = [0] * ranking.arch.n_layers
@@ -309,7 +309,6 @@ def open_ranked(path: str | Path) -> RankedCheckpoint:
     from safetensors import SafetensorError, safe_open
     from transformers import AutoConfig
 
-    from .maskfile import _architecture
 
     path = Path(path)
     if not path.is_dir():
@@ -324,9 +323,9 @@ def open_ranked(path: str | Path) -> RankedCheckpoint:
         raise FileFormatError(f"ranked checkpoint {path}: {INDEX_FILE} was edited or is corrupt (its checksum "
                               "does not match); export the checkpoint again")
     try:
-        arch = _architecture(data.get("architecture"))
+        arch = architecture_from_record(data.get("architecture"))
         ranking = Ranking.from_dict(arch, data.get("ranking"))
-        _check_prefixes(ranking)
+        check_prefixes(ranking)
         order = _check_order(data.get("permutation"), arch)
         config_dict = data.get("config")
         if not isinstance(config_dict, dict) or config_dict.get("model_type") != arch.model_type:
@@ -347,7 +346,7 @@ def open_ranked(path: str | Path) -> RankedCheckpoint:
         # The architecture must be what the config builds (checked on the meta device).
         family = FAMILIES[arch.family]
         full = _full_widths(arch)
-        skeleton = _skeleton(subnetwork_config(config, family, full), family, full)
+        skeleton = empty_subnetwork(subnetwork_config(config, family, full), family, full)
         if describe(skeleton, mlp_group=arch.mlp_group).to_dict() != arch.to_dict():
             raise ValueError("the architecture does not match the config")
     except FileFormatError:
@@ -365,11 +364,11 @@ def open_ranked(path: str | Path) -> RankedCheckpoint:
     checkpoint = RankedCheckpoint(path=path, config=config, arch=arch, ranking=ranking, order=order,
                                   transposed=frozenset(transposed), aliases=dict(aliases),
                                   base_model=data["base_model"], shapes=shapes, checksums=checksums)
-    for group in _tensor_groups(skeleton):
+    for group in tensor_groups(skeleton):
         name = checkpoint.aliases.get(group[0], group[0])
         if name not in shapes:
             raise FileFormatError(f"ranked checkpoint {path}: {TENSORS_FILE} lacks tensor {name}")
-        tensor = skeleton.get_parameter(group[0]) if _is_param(skeleton, group[0]) else skeleton.get_buffer(group[0])
+        tensor = skeleton.get_parameter(group[0]) if is_parameter(skeleton, group[0]) else skeleton.get_buffer(group[0])
         want = tuple(tensor.shape)
         if name in checkpoint.transposed:
             want = want[::-1]
@@ -390,7 +389,7 @@ def _full_widths(arch: Architecture) -> Widths:
 
 # -- resize -----------------------------------------------------------------------------------
 class _SliceReader:
-    """Reads :class:`~ppn_bayes.subnetwork.Take` cuts from a ranked checkpoint and counts
+    """Reads :class:`~ppn_bayes.deploy.subnetwork.Take` cuts from a ranked checkpoint and counts
     the bytes it reads."""
 
     def __init__(self, handle, checkpoint: RankedCheckpoint, dtype, device):
@@ -495,24 +494,24 @@ def resize(ranked: str | Path | RankedCheckpoint, size: float | None = None, out
     selection = selection_from_masks(masks)
     family = FAMILIES[checkpoint.arch.family]
     widths = selection.widths(checkpoint.arch)
-    sub = _skeleton(subnetwork_config(checkpoint.config, family, widths), family, widths)
+    sub = empty_subnetwork(subnetwork_config(checkpoint.config, family, widths), family, widths)
     file = checkpoint.tensors_file
     header = 8 + int.from_bytes(file.open("rb").read(8), "little")
     try:
         with _open_for_reading(file) as handle:
             reader = _SliceReader(handle, checkpoint, dtype, device)
-            _fill(sub, checkpoint.arch, selection, reader)
-        _fold_layer_scale(sub, family, widths)
+            fill_tensors(sub, checkpoint.arch, selection, reader)
+        fold_layer_scale(sub, family, widths)
     except SafetensorError as err:
         raise FileFormatError(f"ranked checkpoint {checkpoint.path}: {TENSORS_FILE} is corrupt ({err})") from None
-    sub = _finish(sub, device)
+    sub = finish_subnetwork(sub, device)
     generation = checkpoint.path / "generation_config.json"
     if generation.is_file():
         from transformers import GenerationConfig
 
         sub.generation_config = GenerationConfig.from_pretrained(str(checkpoint.path))
     if out is not None:
-        save_subnetwork(sub, _tokenizer_files(checkpoint.path / "tokenizer"), out, overwrite=overwrite)
+        save_subnetwork(sub, tokenizer_files(checkpoint.path / "tokenizer"), out, overwrite=overwrite)
     return ResizeResult(
         size_requested=masks.size_requested,
         size_reached=masks.size_reached,
@@ -524,159 +523,3 @@ def resize(ranked: str | Path | RankedCheckpoint, size: float | None = None, out
         out=str(out) if out is not None else None,
         lm=sub,
     )
-
-
-# -- any checkpoint: what it is, resizing it, opening and evaluating it -----------------------
-def checkpoint_kind(path: str | Path) -> str:
-    """``'ranked'``, ``'fit'`` (a fit checkpoint), ``'subnetwork'``, ``'hf'`` (a Hugging
-    Face directory) or ``'gguf'``; ``FileNotFoundError`` for anything else."""
-    path = Path(path)
-    if path.is_file() and path.suffix == ".gguf":
-        return "gguf"
-    if path.is_dir():
-        if (path / INDEX_FILE).is_file():
-            return "ranked"
-        if (path / "state.json").is_file():
-            return "fit"
-        if (path / "config.json").is_file():
-            try:
-                config = json.loads((path / "config.json").read_text())
-            except ValueError:
-                raise FileFormatError(f"{path}/config.json is not valid JSON") from None
-            return "subnetwork" if isinstance(config, dict) and "ppn_widths" in config else "hf"
-    raise FileNotFoundError(
-        f"{path} is none of: a ranked checkpoint (ranked.json), a fit checkpoint (state.json), a Hugging Face "
-        "or sub-network directory (config.json), a .gguf file"
-    )
-
-
-def resize_checkpoint(checkpoint: str | Path, out: str | Path, *, size: float | None = None,
-                      n_params: int | None = None, overwrite: bool = False, keep_ranked: str | Path | None = None,
-                      dtype: torch.dtype | None = None) -> ResizeResult:
-    """:func:`resize` a ranked checkpoint, or a fit checkpoint through a ranked one.
-
-    A fit checkpoint is first exported with :func:`export_ranked` (which loads the full
-    LM) to ``keep_ranked``, or to a temporary directory removed afterwards; export once
-    and resize the ranked checkpoint to avoid loading the full LM at every size.
-    """
-    kind = checkpoint_kind(checkpoint)
-    if kind == "ranked":
-        return resize(checkpoint, size, out, n_params=n_params, overwrite=overwrite, dtype=dtype)
-    if kind != "fit":
-        raise ValueError(f"{checkpoint} is a {kind} model, not a fit or ranked checkpoint: nothing to resize")
-    if Path(out).exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
-    if keep_ranked is not None:
-        ranked = export_ranked(checkpoint, keep_ranked, overwrite=overwrite)
-        return resize(ranked, size, out, n_params=n_params, overwrite=overwrite, dtype=dtype)
-    import tempfile
-
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".ranked.", dir=Path(out).parent) as tmp:
-        ranked = export_ranked(checkpoint, Path(tmp) / "ranked")
-        return resize(ranked, size, out, n_params=n_params, overwrite=overwrite, dtype=dtype)
-
-
-@dataclass
-class OpenedModel:
-    """An LM opened for evaluation, with what it is and, if cut, the masks that cut it."""
-
-    lm: nn.Module
-    tokenizer: object
-    kind: str
-    masks: Masks | None = None
-    masked_dense: bool = False  # evaluate ``lm`` under ``masks`` instead of a sliced sub-network
-
-
-def open_model(path: str | Path, *, size: float | None = None, n_params: int | None = None,
-               masks_file: str | Path | None = None, masked_dense: bool = False,
-               device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> OpenedModel:
-    """Open any model ppn_bayes writes or reads, cut to ``size`` when asked.
-
-    * a ``.gguf`` file or Hugging Face directory: as it is, or cut by ``masks_file`` at
-      ``size``;
-    * a sub-network directory: as it is (:func:`~ppn_bayes.subnetwork.load_subnetwork`);
-    * a fit checkpoint: the fitted LM, cut at ``size`` by its ranking (or ``masks_file``);
-    * a ranked checkpoint: resized to ``size`` without loading the full LM.
-
-    A cut model is a sliced sub-network, or with ``masked_dense`` the full LM under the
-    masks (the slow reference).
-    """
-    from .lm import load_lm, load_tokenizer
-    from .maskfile import load_masks
-    from .subnetwork import build_subnetwork, load_subnetwork
-
-    path = Path(path)
-    kind = checkpoint_kind(path)
-    wants_cut = size is not None or n_params is not None
-    if masks_file is not None and not wants_cut:
-        raise ValueError("a mask file needs --size or --params to choose the mask")
-    if kind == "ranked":
-        if not wants_cut or masks_file is not None or masked_dense:
-            raise ValueError(f"{path} is a ranked checkpoint: give --size or --params (and no mask file)")
-        checkpoint = open_ranked(path)
-        result = resize(checkpoint, size, n_params=n_params, dtype=dtype, device=device)
-        tokenizer_dir = path / "tokenizer"
-        tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir.is_dir() else None
-        return OpenedModel(result.lm, tokenizer, kind, checkpoint.masks(size, n_params=n_params))
-    if kind == "subnetwork":
-        if wants_cut:
-            raise ValueError(f"{path} is already a sub-network: it cannot be cut again")
-        lm = load_subnetwork(path, device=device, dtype=dtype)
-        return OpenedModel(lm, load_tokenizer(path), kind)
-    if kind == "fit":
-        from .fit import load_fit
-
-        fitted = load_fit(path, device=device, dtype=dtype)
-        lm = fitted.lm
-        tokenizer_dir = path / "lm"
-        tokenizer = load_tokenizer(tokenizer_dir) if _tokenizer_files(tokenizer_dir) is not None else None
-        ranking = fitted.ranking() if masks_file is None else None
-    else:
-        lm, tokenizer = load_lm(path, dtype=dtype, device=device)
-        ranking = None
-        if wants_cut and masks_file is None:
-            raise ValueError(f"{path} holds no ranking: pass a mask file to cut it")
-    if not wants_cut:
-        return OpenedModel(lm, tokenizer, kind)
-    if masks_file is not None:
-        masks = load_masks(masks_file, lm).masks_for(size, n_params=n_params)
-    else:
-        masks = ranking.masks(size) if size is not None else ranking.masks_for_params(int(n_params))
-    if masked_dense:
-        return OpenedModel(lm, tokenizer, kind, masks, masked_dense=True)
-    sub = build_subnetwork(lm, masks)
-    del lm
-    return OpenedModel(sub, tokenizer, kind, masks)
-
-
-def evaluate_model(path: str | Path, data: str | Path, *, seq_len: int = 2048, limit: int | None = None,
-                   batch_size: int = 8, size: float | None = None, n_params: int | None = None,
-                   masks_file: str | Path | None = None, masked_dense: bool = False,
-                   device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                   progress: bool = False) -> dict:
-    """Perplexity of a model (any kind :func:`open_model` opens) on a text file.
-
-    The protocol of the benchmarks: the whole file tokenised at once with the model's
-    tokenizer, cut into non-overlapping windows of ``seq_len`` tokens (the remainder
-    dropped), at most ``limit`` windows. Returns a JSON-ready record.
-    """
-    from .data import load_tokens
-    from .evaluate import perplexity
-    from .subnetwork import decoder_params
-
-    opened = open_model(path, size=size, n_params=n_params, masks_file=masks_file, masked_dense=masked_dense,
-                        device=device, dtype=dtype)
-    if opened.tokenizer is None:
-        raise ValueError(f"{path} has no tokenizer to read {data} with")
-    tokens = load_tokens(data, opened.tokenizer)
-    result = perplexity(opened.lm, tokens, seq_len=seq_len, limit=limit, batch_size=batch_size,
-                        masks=opened.masks if opened.masked_dense else None, progress=progress)
-    record = {"model": str(path), "kind": opened.kind, "data": str(data), **result.to_dict(), "limit": limit,
-              "tokens": int(tokens.numel()), "dtype": str(dtype).replace("torch.", ""), "device": str(device)}
-    if opened.masks is not None:
-        record.update(size_requested=opened.masks.size_requested, size_reached=opened.masks.size_reached,
-                      kept_params=opened.masks.kept_params, total_params=opened.masks.total_params,
-                      evaluated="masked-dense" if opened.masked_dense else "sub-network")
-    record["decoder_params"] = decoder_params(opened.lm) if not opened.masked_dense else None
-    return record

@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import check_fields
-from .data import TokenBlocks, check_token_ids
-from .lm import check_same_vocabulary, vocab_rows
-from .objective import Teacher, fused_objective
-from .schedule import SCHEDULES, lr_factor
+from ..core.config import check_fields
+from ..data import TokenBlocks, check_token_ids
+from ..lm import check_same_vocabulary, vocab_rows
+from ..core.objective import Teacher, fused_objective
+from ..core.schedule import SCHEDULES, lr_factor
 
 __all__ = ["DistillConfig", "DistillResult", "distill", "distill_checkpoint"]
 
@@ -46,7 +46,7 @@ class DistillConfig:
     log_every: int = 10
     checkpoint_every: int = 0  # with a checkpoint directory: every this many steps (0: never)
     nll_weight: float = 1.0  # 0: the distillation term alone
-    lr_schedule: str = "constant"  # constant | cosine (ppn_bayes.schedule)
+    lr_schedule: str = "constant"  # constant | cosine (ppn_bayes.core.schedule)
     warmup_steps: int = 0
 
     def __post_init__(self):
@@ -104,8 +104,8 @@ def _save_checkpoint(path, student: nn.Module, optimizer, step: int, config: Dis
 
     from safetensors.torch import save_file, save_model
 
-    from .optim_state import optimizer_tensors
-    from .io import atomic_directory
+    from ..optim_state import optimizer_tensors
+    from ..io import atomic_directory
 
     opt_state = optimizer.state_dict()
     with atomic_directory(path, overwrite=True) as tmp:
@@ -124,8 +124,8 @@ def _resume(path, student: nn.Module, optimizer, config: DistillConfig) -> tuple
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
-    from .optim_state import read_optimizer, restore_optimizer
-    from .io import FileFormatError, read_json
+    from ..optim_state import read_optimizer, restore_optimizer
+    from ..io import FileFormatError, read_json
 
     path = Path(path)
     state = read_json(path / "state.json", "distill checkpoint")
@@ -250,12 +250,12 @@ def distill_checkpoint(checkpoint, data, out, *, size: float | None = None, n_pa
                        overwrite: bool = False, progress: bool = True, resume: bool = False) -> dict:
     """Cut the sub-network of ``size`` (or ``n_params``) from a fit or ranked ``checkpoint``,
     fine-tune it by :func:`distill` on ``data`` (text, or a ``.safetensors`` token file)
-    and save it to ``out`` (:func:`~ppn_bayes.subnetwork.save_subnetwork`, atomically, with
+    and save it to ``out`` (:func:`~ppn_bayes.deploy.subnetwork.save_subnetwork`, atomically, with
     ``distill.json``: settings, losses, and with ``eval_data`` the held-out perplexity of
     the sub-network before and after on its first ``eval_windows`` windows of ``seq_len``).
 
     The teacher is the checkpoint's full LM unless ``teacher`` names another model (any
-    path :func:`~ppn_bayes.resize.open_model` opens, e.g. the original pretrained LM).
+    path :func:`~ppn_bayes.deploy.artifacts.open_model` opens, e.g. the original pretrained LM).
     ``bf16`` runs the forward passes under bfloat16 autocast on CUDA. Returns the report
     that ``distill.json`` holds.
 
@@ -265,10 +265,10 @@ def distill_checkpoint(checkpoint, data, out, *, size: float | None = None, n_pa
     import shutil
     from pathlib import Path
 
-    from .data import load_tokens
-    from .evaluate import perplexity
-    from .fit import versions
-    from .resize import checkpoint_kind, open_model
+    from ..data import load_tokens
+    from ..inspect.evaluate import perplexity
+    from ..train import versions
+    from .artifacts import checkpoint_kind, open_model
     from .subnetwork import decoder_params, save_subnetwork
 
     out = Path(out)

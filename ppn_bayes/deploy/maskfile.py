@@ -6,7 +6,7 @@ One JSON file (small: a ranking has ``L·(1+U)`` items) holding
 * ``base_model``: the identity of the LM the masks apply to: its ``model_type``, a hash of
   its tensor names and shapes and of its config's shape fields, and a fingerprint of its
   weights (a few values of every tensor);
-* ``architecture``: the unit definitions and costs (:class:`~ppn_bayes.architecture.Architecture`),
+* ``architecture``: the unit definitions and costs (:class:`~ppn_bayes.core.architecture.Architecture`),
   with ``units`` spelling out what one attention unit and one MLP unit own;
 * ``ranking``: the deterministic ranking (items and costs);
 * ``masks``: one entry per requested size: its budget in parameters, the requested size,
@@ -23,7 +23,6 @@ therefore always the one the ranking gives.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from dataclasses import dataclass
@@ -34,46 +33,16 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from . import __version__
-from .architecture import FAMILIES, Architecture, describe
-from .io import FileFormatError, atomic_write_text, read_json
-from .ranking import Masks, Ranking, check_size
+from ..core.architecture import FAMILIES, Architecture, architecture_from_record, describe
+from .identity import model_identity
+from ..version import VERSION as __version__
+from ..io import FileFormatError, atomic_write_text, read_json
+from ..core.ranking import Masks, Ranking, check_size
 
-__all__ = ["MaskFile", "save_masks", "load_masks", "export_masks", "model_identity", "MASKS_FORMAT", "MASKS_VERSION"]
+__all__ = ["MaskFile", "save_masks", "load_masks", "model_identity", "MASKS_FORMAT", "MASKS_VERSION"]
 
 MASKS_FORMAT = "ppn_bayes.masks"
 MASKS_VERSION = 1
-
-_CONFIG_SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                        "num_key_value_heads", "head_dim", "intermediate_size", "n_inner")
-
-
-# -- identity of an LM ------------------------------------------------------------------------
-def _sha256(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-def model_identity(lm: nn.Module) -> dict:
-    """What identifies ``lm`` for a mask file.
-
-    ``shapes_sha256`` hashes the names and shapes of every tensor of its state dict and
-    the shape fields of its config: equal for the same model in any dtype or device.
-    ``weights_sha256`` hashes the first 16 values of every tensor (as float32): it tells a
-    fitted LM from its base model.
-    """
-    state = lm.state_dict()
-    config = {k: getattr(lm.config, k, None) for k in _CONFIG_SHAPE_FIELDS}
-    shapes = [[name, list(tensor.shape)] for name, tensor in sorted(state.items())]
-    fingerprint = hashlib.sha256()
-    for name, tensor in sorted(state.items()):
-        head = tensor.detach().flatten()[:16].to("cpu", torch.float32)
-        fingerprint.update(name.encode())
-        fingerprint.update(head.numpy().tobytes())
-    return {
-        "model_type": lm.config.model_type,
-        "shapes_sha256": _sha256({"tensors": shapes, "config": config}),
-        "weights_sha256": fingerprint.hexdigest(),
-    }
 
 
 def _unit_definitions(arch: Architecture) -> dict:
@@ -187,29 +156,6 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _architecture(data) -> Architecture:
-    if not isinstance(data, dict):
-        raise ValueError("'architecture' must be an object")
-    ints = ("n_layers", "hidden_size", "n_heads", "n_kv_heads", "head_dim", "intermediate_size", "mlp_group",
-            "n_attention_units", "n_mlp_units", "outside_cost")
-    for key in ints:
-        if not _is_int(data.get(key)) or data[key] < (0 if key == "outside_cost" else 1):
-            raise ValueError(f"architecture.{key} must be a positive integer, got {data.get(key)!r}")
-    if data.get("family") not in FAMILIES or not isinstance(data.get("model_type"), str):
-        raise ValueError(f"architecture.family {data.get('family')!r} is not a supported family")
-    L, A, M = data["n_layers"], data["n_attention_units"], data["n_mlp_units"]
-    layer_cost, unit_cost = data.get("layer_cost"), data.get("unit_cost")
-    if not isinstance(layer_cost, list) or len(layer_cost) != L or not all(_is_int(c) and c >= 0 for c in layer_cost):
-        raise ValueError(f"architecture.layer_cost must list {L} non-negative integers")
-    if not isinstance(unit_cost, list) or len(unit_cost) != L or not all(
-            isinstance(row, list) and len(row) == A + M and all(_is_int(c) and c > 0 for c in row)
-            for row in unit_cost):
-        raise ValueError(f"architecture.unit_cost must be {L} rows of {A + M} positive integers")
-    if A != data["n_kv_heads"] or data["n_heads"] % A or M * data["mlp_group"] != data["intermediate_size"]:
-        raise ValueError("architecture: unit counts do not agree with heads and the intermediate size")
-    return Architecture.from_dict(data)
-
-
 def _bool_grid(value, shape: tuple[int, ...], what: str) -> torch.Tensor:
     def ok(v, dims):
         if not dims:
@@ -299,7 +245,7 @@ def load_masks(path: str | Path, lm: nn.Module | None = None) -> MaskFile:
         identity = data.get("base_model")
         if not isinstance(identity, dict) or not isinstance(identity.get("shapes_sha256"), str):
             raise ValueError("'base_model' must hold the model's identity (shapes_sha256)")
-        arch = _architecture(data.get("architecture"))
+        arch = architecture_from_record(data.get("architecture"))
         if data.get("units") != _unit_definitions(arch):
             raise ValueError("'units' do not match the architecture's unit definitions")
         ranking = Ranking.from_dict(arch, data.get("ranking"))
@@ -313,33 +259,3 @@ def load_masks(path: str | Path, lm: nn.Module | None = None) -> MaskFile:
     if lm is not None:
         _check_identity(identity, lm, arch, path)
     return MaskFile(arch=arch, ranking=ranking, masks=masks, base_model=identity)
-
-
-def export_masks(checkpoint: str | Path, out: str | Path, *, sizes: Iterable[float] = (),
-                 n_params: Iterable[int] = (), overwrite: bool = False) -> MaskFile:
-    """Write the mask file of a fit checkpoint or a ranked checkpoint, and return it loaded.
-
-    A fit checkpoint gives the ranking at its guide's posterior median (the LM is loaded
-    to identify it); a ranked checkpoint carries its ranking and the fitted LM's identity
-    (nothing large is read), and its ranking is mapped back to the fitted LM's own unit
-    order, so the file applies to the fitted LM either way.
-    """
-    from .resize import checkpoint_kind, open_ranked
-
-    sizes, n_params = list(sizes), list(n_params)
-    if not sizes and not n_params:
-        raise ValueError("ask for at least one size (--sizes) or parameter count (--params)")
-    kind = checkpoint_kind(checkpoint)
-    if kind == "ranked":
-        ranked = open_ranked(checkpoint)
-        save_masks(out, ranked.base_ranking(), sizes=sizes, n_params=n_params, identity=ranked.base_model,
-                   overwrite=overwrite, source=str(checkpoint))
-    elif kind == "fit":
-        from .fit import load_fit
-
-        fitted = load_fit(checkpoint)
-        save_masks(out, fitted.ranking(), sizes=sizes, n_params=n_params, lm=fitted.lm, overwrite=overwrite,
-                   source=str(checkpoint))
-    else:
-        raise ValueError(f"{checkpoint} is a {kind} model, not a fit or ranked checkpoint: it has no ranking")
-    return load_masks(out)

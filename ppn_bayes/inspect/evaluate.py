@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import TokenBlocks
-from .gating import GatedLM, Gates
+from ..data import TokenBlocks
+from ..core.gating import GatedLM, Gates
 
 __all__ = ["Perplexity", "perplexity"]
 
@@ -45,7 +45,7 @@ def perplexity(
 ) -> Perplexity:
     """Perplexity of ``lm`` on ``tokens [N]``; under ``gates`` or hard ``masks`` if given
     (the masked-dense reference), else the LM as it is (a full LM or a sub-network).
-    ``arch`` is the :class:`~ppn_bayes.architecture.Architecture` the gates refer to
+    ``arch`` is the :class:`~ppn_bayes.core.architecture.Architecture` the gates refer to
     (masks carry their own)."""
     windows = TokenBlocks(tokens, seq_len).windows(limit)  # [W, T]
     if masks is not None:

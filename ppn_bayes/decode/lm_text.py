@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import check_token_ids
+from ..data import check_token_ids
 from .generation import Decoder, check_sampling, distinct_ngram_fraction
-from .lm import vocab_rows
-from .store import DEFAULT_SHARD_TOKENS, TokenStore, TokenStoreWriter, tokenizer_identity
+from ..lm import vocab_rows
+from ..store import DEFAULT_SHARD_TOKENS, TokenStore, TokenStoreWriter, tokenizer_identity
 
 __all__ = ["check_generation_settings", "teacher_tokens", "write_teacher_store"]
 
@@ -146,7 +146,7 @@ def teacher_tokens(
     ``top_p``, from the smallest set of them holding that probability) with a generator on
     the decoding device seeded with ``seed``, so a run repeats exactly on the same machine.
     A continuation whose fraction of distinct 4-grams is below ``min_distinct`` is dropped.
-    ``device``, ``dtype`` and ``compile`` go to :class:`~ppn_bayes.generation.Decoder`
+    ``device``, ``dtype`` and ``compile`` go to :class:`~ppn_bayes.decode.generation.Decoder`
     (static KV cache; on a GPU ``compile=True`` captures the decode step as a CUDA graph).
     """
     corpus = torch.as_tensor(corpus)
@@ -174,7 +174,7 @@ def teacher_tokens(
 def _round_seed(seed: int, round_index: int, stream: str) -> int:
     """A seed for round ``round_index``'s ``stream`` ("prompts" or "samples"): a pure
     function of the three, the two streams unrelated."""
-    digest = hashlib.sha256(f"ppn_bayes.teacher:{seed}:{round_index}:{stream}".encode()).digest()
+    digest = hashlib.sha256(f"ppn_bayes.decode.lm_text:{seed}:{round_index}:{stream}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 

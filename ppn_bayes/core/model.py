@@ -11,7 +11,7 @@ Read top to bottom, :class:`PuppetModel` is the story of docs/method.md:
    straight-through so gradients pass;
 4. the likelihood: every row of the batch is read by the LM under the gates of its own
    size (or with every gate on: the full LM), scored by its next-token log-likelihood and a
-   distillation term towards a teacher (:mod:`ppn_bayes.objective`), in one pass.
+   distillation term towards a teacher (:mod:`ppn_bayes.core.objective`), in one pass.
 
 :class:`PuppetGuide` is mean-field normal on the log-scales, ``q(log λ)``, amortised over
 sizes: it solves ``τ(s)`` for whatever size it is handed and draws gates from the same
@@ -135,7 +135,7 @@ def sample_gates(layer_plate, unit_plate, layer_logits, unit_logits, temperature
     logits ``[K, L]`` and ``[K, L, U]``, and ``size`` is then the sequence of the ``K`` sizes.
 
     ``coupling='independent'``: every gate its own relaxed Bernoulli draw, the unit's given its
-    layer (``unit_logits`` are the conditional logits of :func:`~ppn_bayes.budget.keep_logits`).
+    layer (``unit_logits`` are the conditional logits of :func:`~ppn_bayes.core.budget.keep_logits`).
     ``coupling='shared'``: one logistic draw ``ε`` per size (sample site ``gate_noise``, a
     uniform ``u`` read as ``ε = logit(u)``) drives every gate, ``z = 1[logit π + ε > 0]`` with
     the *marginal* ``π``: each gate is still ``Bernoulli(π)``, but the draws are comonotone, so
@@ -225,7 +225,7 @@ class _Push(PyroModule):
 
     def push(self, size, log_lambda_layer, log_lambda_unit, *, validate: bool = True):
         """``log τ`` for ``size``, and the gate logits it implies (``validate=False``: sizes
-        already checked on the host, see :func:`~ppn_bayes.budget.solve_log_tau`)."""
+        already checked on the host, see :func:`~ppn_bayes.core.budget.solve_log_tau`)."""
         log_tau = solve_log_tau(size, log_lambda_layer, log_lambda_unit, self.layer_cost, self.unit_cost,
                                 validate=validate)
         return (log_tau, *keep_logits(log_tau, log_lambda_layer, log_lambda_unit))
@@ -263,7 +263,7 @@ class PuppetModel(_Push):
 
     Call as ``model(input_ids, plan, teacher=None)``: ``input_ids [B, T]``; ``plan`` a
     :class:`StepPlan` (which row trains which size) or one size for every row; ``teacher`` a
-    :class:`~ppn_bayes.objective.Teacher` (or its logits ``[B, T, V]``) for the distillation
+    :class:`~ppn_bayes.core.objective.Teacher` (or its logits ``[B, T, V]``) for the distillation
     term, ``None`` for the next-token likelihood alone. Each row's loss is ``nll_weight`` ·
     its next-token NLL + ``distill_weight`` · KL(teacher ‖ LM), per token.
     """

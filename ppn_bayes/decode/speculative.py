@@ -30,17 +30,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from ..deploy.artifacts import RankedLM, open_ranked_lm
+from ..lm import check_same_vocabulary
 from .generation import Decoder, sample, synchronize
-from .lm import check_same_vocabulary
 
 if TYPE_CHECKING:
-    from .ranking import Ranking
+    from ..core.ranking import Ranking
 
 __all__ = [
     "Speculation", "speculative_generate", "accept_greedy", "accept_sampled", "check_draft",
@@ -192,7 +192,7 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens:
     """Generate ``max_new_tokens`` after ``input_ids [1, T]`` with ``draft`` drafting ``k``
     tokens a step for ``target``.
 
-    ``target`` and ``draft`` are :class:`~ppn_bayes.generation.Decoder` objects (reuse
+    ``target`` and ``draft`` are :class:`~ppn_bayes.decode.generation.Decoder` objects (reuse
     them across calls: compiled graphs and caches are kept) or LMs, then wrapped in
     decoders built with ``decoder_options`` (``compile``, ``device``, ``dtype``). Greedy
     at ``temperature == 0``; else sampled with the exact acceptance rule, drawing from
@@ -445,7 +445,7 @@ def _draft_source(target: nn.Module, source, shared: bool) -> Callable[[float], 
         if shared:
             draft = shared_draft(target, ranking, size)
             return draft, _size_of(draft, size)
-        from .subnetwork import build_subnetwork
+        from ..deploy.subnetwork import build_subnetwork
 
         masks = ranking.masks(size)
         return build_subnetwork(target, masks), masks.size_reached
@@ -458,7 +458,7 @@ def _size_of(draft: nn.Module, default: float) -> float:
 
 
 def _decoder_params(lm: nn.Module) -> int:
-    from .architecture import decoder_layers
+    from ..core.architecture import decoder_layers
 
     return sum(p.numel() for p in decoder_layers(lm).parameters())
 
@@ -480,7 +480,7 @@ def choose_draft(target: nn.Module, source, *, sizes: Sequence[float], ks: Seque
     source
         Where drafts come from: a :class:`Target` (from :func:`load_target`; ``target``
         is then ``source.lm``), a :class:`~ppn_bayes.fit.PuppetFit` or a
-        :class:`~ppn_bayes.ranking.Ranking` of ``target`` (each draft is then
+        :class:`~ppn_bayes.core.ranking.Ranking` of ``target`` (each draft is then
         ``build_subnetwork(target, ranking.masks(size))``), a mapping ``size -> draft LM``
         or a function ``size -> draft LM`` (called once per size).
     sizes, ks
@@ -597,14 +597,14 @@ def rank_sorted(lm: nn.Module, ranking) -> tuple[nn.Module, "Ranking"]:
     new module computing the same function), and the ranking in those sorted positions.
 
     In the sorted LM the units any size keeps are a prefix of every layer's tensors:
-    what :func:`shared_draft` needs. A ranked checkpoint (:mod:`ppn_bayes.resize`) stores
+    what :func:`shared_draft` needs. A ranked checkpoint (:mod:`ppn_bayes.deploy.resize`) stores
     the same thing; ``resize(checkpoint, 1.0).lm`` and ``checkpoint.ranking`` load it.
     """
-    from .resize import _ranked_ranking, rank_order
-    from .subnetwork import build_from_selection
+    from ..deploy.resize import ranked_ranking, rank_order
+    from ..deploy.subnetwork import build_from_selection
 
     order = rank_order(ranking)
-    return build_from_selection(lm, ranking.arch, order), _ranked_ranking(ranking, order)
+    return build_from_selection(lm, ranking.arch, order), ranked_ranking(ranking, order)
 
 
 def shared_draft(ranked_target: nn.Module, ranking, size: float) -> nn.Module:
@@ -622,24 +622,25 @@ def shared_draft(ranked_target: nn.Module, ranking, size: float) -> nn.Module:
 
     The draft must not be trained or modified in place: its weights are the target's.
     """
-    from .resize import _check_prefixes
-    from .ranking import check_size
-    from .subnetwork import (
-        FAMILIES, _fill, _finish, _materialise_buffers, _skeleton, selection_from_masks, subnetwork_config,
+    from ..core.architecture import FAMILIES
+    from ..core.ranking import check_size
+    from ..deploy.resize import check_prefixes
+    from ..deploy.subnetwork import (
+        empty_subnetwork, fill_tensors, finish_subnetwork, materialise_buffers, selection_from_masks, subnetwork_config,
     )
 
     check_size(size)
     arch = ranking.arch
-    _check_prefixes(ranking)
+    check_prefixes(ranking)
     family = FAMILIES[arch.family]
-    if family.fused_qkv and getattr(ranked_target.config, "scale_attn_by_inverse_layer_idx", False):
-        raise ValueError("a GPT-2 LM with scale_attn_by_inverse_layer_idx rescales its kept layers' weights: "
+    if family.scales_attention_by_layer(ranked_target.config):
+        raise ValueError(f"a {family.name} LM with {family.layer_scale_flag} rescales its kept layers' weights: "
                          "use build_subnetwork (a copy) for its drafts")
     masks = ranking.masks(size)
     selection = selection_from_masks(masks)
     widths = selection.widths(arch)
     config = subnetwork_config(ranked_target.config, family, widths)
-    draft = _skeleton(config, family, widths, getattr(ranked_target.config, "_attn_implementation", None))
+    draft = empty_subnetwork(config, family, widths, getattr(ranked_target.config, "_attn_implementation", None))
     tensors = dict(ranked_target.named_parameters(remove_duplicate=False))
     tensors.update(ranked_target.named_buffers(remove_duplicate=False))
 
@@ -655,10 +656,10 @@ def shared_draft(ranked_target: nn.Module, ranking, size: float) -> nn.Module:
             torch.zeros(0, dtype=torch.long)
         return tensor.index_select(first.dim, index.to(tensor.device))  # not a prefix: a copy
 
-    _fill(draft, arch, selection, take)
+    fill_tensors(draft, arch, selection, take)
     device = next(ranked_target.parameters()).device
-    _materialise_buffers(draft, device, reference=ranked_target)
-    draft = _finish(draft, device)
+    materialise_buffers(draft, device, reference=ranked_target)
+    draft = finish_subnetwork(draft, device)
     draft.config.ppn_size_reached = masks.size_reached
     if getattr(ranked_target, "generation_config", None) is not None:
         import copy
@@ -687,18 +688,12 @@ def new_parameter_bytes(draft: nn.Module, target: nn.Module, *, buffers: bool = 
 
 # -- loading a target and its ranking ------------------------------------------------------------
 @dataclass
-class Target:
+class Target(RankedLM):
     """A target LM with the ranking its drafts are cut by, and its tokenizer (if any).
 
     ``ranked`` says the LM's units are stored in rank order (a ranked checkpoint), so
     :func:`shared_draft` can cut drafts as views.
     """
-
-    lm: nn.Module
-    ranking: object
-    tokenizer: object
-    kind: str
-    ranked: bool
 
     def draft(self, size: float, *, shared: bool = False) -> nn.Module:
         """The draft of ``size``: views of the target (``shared``, ranked targets only) or a copy."""
@@ -707,7 +702,7 @@ class Target:
                 raise ValueError("shared drafts need a rank-sorted target: open a ranked checkpoint "
                                  "(`ppn-bayes export-ranked`) or use rank_sorted()")
             return shared_draft(self.lm, self.ranking, size)
-        from .subnetwork import build_subnetwork
+        from ..deploy.subnetwork import build_subnetwork
 
         masks = self.ranking.masks(size)
         draft = build_subnetwork(self.lm, masks)
@@ -719,50 +714,18 @@ def load_target(path, *, masks_file=None, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32, rank: bool = False) -> Target:
     """Open a target and the ranking its drafts come from.
 
-    ``path`` is a ranked checkpoint (the full LM read in rank order, no pyro needed), a
-    fit checkpoint (the fitted LM and its ranking), or a Hugging Face directory or
-    ``.gguf`` file with ``masks_file`` (a mask file of that LM, whose ranking is used).
-    With ``rank``, a target that is not rank-sorted is sorted in memory
-    (:func:`rank_sorted`) so that shared drafts can be cut from it.
+    ``path`` is anything :func:`~ppn_bayes.deploy.artifacts.open_ranked_lm` opens: a
+    ranked checkpoint (the full LM read in rank order, no pyro needed), a fit checkpoint
+    (the fitted LM and its ranking), or a Hugging Face directory or ``.gguf`` file with
+    ``masks_file`` (a mask file of that LM, whose ranking is used). With ``rank``, a
+    target that is not rank-sorted is sorted in memory (:func:`rank_sorted`) so that
+    shared drafts can be cut from it.
     """
-    from .lm import load_lm, load_tokenizer
-    from .resize import checkpoint_kind, open_ranked, resize
-
-    kind = checkpoint_kind(path)
-    if kind == "ranked":
-        if masks_file is not None:
-            raise ValueError(f"{path} is a ranked checkpoint: it carries its ranking, give no mask file")
-        checkpoint = open_ranked(path)
-        lm = resize(checkpoint, 1.0, dtype=dtype, device=device).lm
-        tokenizer_dir = Path(path) / "tokenizer"
-        tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir.is_dir() else None
-        return Target(lm, checkpoint.ranking, tokenizer, kind, ranked=True)
-    if kind == "fit":
-        from .fit import load_fit
-
-        fitted = load_fit(path, device=device, dtype=dtype)
-        lm, ranking = fitted.lm, fitted.ranking()
-        tokenizer_dir = Path(path) / "lm"
-        has_tokenizer = any(tokenizer_dir.glob("tokenizer*")) or (tokenizer_dir / "char_tokenizer.json").is_file()
-        tokenizer = load_tokenizer(tokenizer_dir) if has_tokenizer else None
-    elif kind in ("hf", "gguf"):
-        if masks_file is None:
-            raise ValueError(f"{path} holds no ranking: pass a mask file (`ppn-bayes masks`) to cut drafts from it")
-        from .maskfile import load_masks
-
-        lm, tokenizer = load_lm(path, dtype=dtype, device=device)
-        ranking = load_masks(masks_file, lm).ranking
-    else:
-        raise ValueError(f"{path} is a {kind}: give the full model (a fit or ranked checkpoint, or a model "
-                         "with a mask file), not a sub-network")
-    if masks_file is not None and kind == "fit":
-        from .maskfile import load_masks
-
-        ranking = load_masks(masks_file, lm).ranking
-    if rank:
-        lm, ranking = rank_sorted(lm, ranking)
-        return Target(lm, ranking, tokenizer, kind, ranked=True)
-    return Target(lm, ranking, tokenizer, kind, ranked=False)
+    opened = open_ranked_lm(path, masks_file=masks_file, device=device, dtype=dtype)
+    if rank and not opened.ranked:
+        lm, ranking = rank_sorted(opened.lm, opened.ranking)
+        return Target(lm, ranking, opened.tokenizer, opened.kind, ranked=True)
+    return Target(opened.lm, opened.ranking, opened.tokenizer, opened.kind, ranked=opened.ranked)
 
 
 def prompts_from_tokens(tokens: torch.Tensor, *, n_prompts: int, prompt_len: int) -> list[torch.Tensor]:
