@@ -154,7 +154,7 @@ def _resume(path, student: nn.Module, optimizer, config: DistillConfig) -> tuple
 def _distill_loss(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, config: DistillConfig):
     """``(loss, nll, kl)`` of one batch ``[B, T]``: ``nll_weight`` · the student's mean
     next-token NLL + ``distill_weight`` · the mean KL(teacher ‖ student) per token, from the
-    two LMs' final hidden states and heads in chunks (:func:`~ppn_bayes.objective.fused_objective`:
+    two LMs' final hidden states and heads in chunks (:func:`~ppn_bayes.core.objective.fused_objective`:
     no ``[B, T, V]`` logits are held; the same objective as the fit's)."""
     B = input_ids.shape[0]
     taught = None
