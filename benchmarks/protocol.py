@@ -134,8 +134,9 @@ REGISTRY = (
            fit=dict(posterior="point", prior_weight=0.0), fit_tokens="optional", default=True),
     Method("ppn_bayes-frozen", "ppn_bayes, frozen LM (gates only)", "ablation", "fit",
            fit=dict(train_lm=False), fit_tokens="optional", default=True),
+    # the next-token loss alone (set: the fit of record trains by distillation alone, nll_weight=0)
     Method("ppn_bayes-nodistill", "ppn_bayes, no self-distillation", "ablation", "fit",
-           fit=dict(distill_weight=0.0), fit_tokens="optional", default=True),
+           fit=dict(distill_weight=0.0, nll_weight=1.0), fit_tokens="optional", default=True),
     # variants: the fit of record under another budget (--fit-steps) or other settings
     Method("ppn_bayes-long", "ppn_bayes, a longer fit (same settings, more steps)", "variant", "fit"),
     Method("ppn_bayes-prefix", "ppn_bayes, prefix gates (training masks of the size asked)", "variant", "fit",

@@ -13,7 +13,7 @@ Methods (``--methods``)::
     ppn_bayes-flat        ablation: hierarchy=False (flat units, no layer gates)
     ppn_bayes-point       ablation: posterior='point', prior_weight=0 (no Bayesian prior)
     ppn_bayes-frozen      ablation: train_lm=False (gates only)
-    ppn_bayes-nodistill   ablation: distill_weight=0 (no self-distillation)
+    ppn_bayes-nodistill   ablation: distill_weight=0, nll_weight=1 (no self-distillation)
     ppn_bayes-long        variant: the same settings, recorded apart (give it more --fit-steps)
     ppn_bayes-prefix      variant: gate_coupling='prefix' (every training mask of the size asked)
     ppn_bayes-prefix-frozen, ppn_bayes-prefix-lr

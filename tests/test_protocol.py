@@ -55,11 +55,13 @@ def test_quality_reads_fit_changes_and_fit_tokens_from_the_registry():
     assert quality.ABLATIONS == {"ppn_bayes-flat": {"hierarchy": False},
                                  "ppn_bayes-point": {"posterior": "point", "prior_weight": 0.0},
                                  "ppn_bayes-frozen": {"train_lm": False},
-                                 "ppn_bayes-nodistill": {"distill_weight": 0.0}}
+                                 "ppn_bayes-nodistill": {"distill_weight": 0.0, "nll_weight": 1.0}}
     assert quality.FIT_TOKENS_METHODS == ("ppn_bayes-teacher", "ppn_bayes-kd-prefix-mix")
     assert quality.MIXING_METHODS == ("ppn_bayes", *quality.ABLATIONS, "ppn_bayes-kd-prefix-mix")
     fit = quality.DEFAULT_FIT
     config = quality.QualityConfig(model="m", eval_text="e", train_text="t")
+    for method in protocol.ids(builder="fit"):  # every fit's settings are valid from the fit of record
+        quality.fit_config_of(config, method)  # FitConfig refuses e.g. neither loss (nll_weight=distill_weight=0)
     assert quality.fit_config_of(config, "ppn_bayes") == fit
     assert quality.fit_config_of(config, "ppn_bayes-kd-prefix") == fit.replace(
         teacher="original", nll_weight=0.0, gate_coupling="prefix")
@@ -108,7 +110,10 @@ def test_the_check_finds_a_list_of_methods_or_sizes():
     assert own_lists('LABELS = {"dense": "dense", "wanda": "Wanda"}') != []
 
 
-@pytest.mark.parametrize("script", sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name != "protocol.py"))
+#: protocol.py holds the lists; jobs.py names the methods each step of the GPU job runs, as
+#: gpu_job.sh did (tests/test_jobs.py checks them against the registry).
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCHMARKS.glob("*.py")
+                                          if p.name not in ("protocol.py", "jobs.py")))
 def test_no_benchmark_script_keeps_its_own_list_of_methods_or_sizes(script):
     found = own_lists((BENCHMARKS / script).read_text(encoding="utf-8"))
     assert not found, f"{script} lists methods or sizes: take them from benchmarks/protocol.py: {found}"
