@@ -4,7 +4,8 @@ and how), the sizes, and the targets of BENCHMARKS.md.
 ``quality.py`` runs the methods, ``report.py`` labels and orders them and checks the
 targets, ``speed.py``, ``resize.py``, ``speculative.py`` and ``fit_recipes.py`` take their
 default sizes from here; none of them keeps a list of its own (``tests/test_protocol.py``
-checks that). The order of :data:`METHODS` is the order of the report's tables.
+checks that). The order of :data:`METHODS` is the order of the report's tables. The GPU
+job's parts, which name the methods each step runs, are data too: ``jobs.py``.
 
 A method is built by one of quality.py's runners (:data:`BUILDERS`), from the fit of record
 (``quality.DEFAULT_FIT``) changed by its ``fit`` settings where it is a fit.
@@ -200,21 +201,22 @@ REGISTRY = (
 )
 #: id -> :class:`Method`, in registry order.
 METHODS = MappingProxyType({m.id: m for m in REGISTRY})
+#: The id of the fit of record.
+RECORD = "ppn_bayes"
 
 
 def _check_registry() -> None:
     """Ids unique; every base a method of the registry, built as its +distill method says."""
     if len(METHODS) != len(REGISTRY):
         raise ValueError("two methods of the registry share an id")
+    if ids(family="fit of record") != (RECORD,):
+        raise ValueError(f"the registry's one fit of record must be {RECORD!r}")
     for entry in REGISTRY:
         built = entry.builder.split("+")[0]
         if entry.base is not None and (entry.base not in METHODS or METHODS[entry.base].builder != built):
             raise ValueError(f"{entry.id} fine-tunes {entry.base!r}, which is no {built} method of the registry")
 
 
-_check_registry()
-#: The id of the fit of record.
-RECORD = "ppn_bayes"
 
 
 def method(name: str) -> Method:
@@ -245,3 +247,6 @@ def listed(sizes) -> str:
 def fit_changes(name: str) -> dict:
     """The FitConfig changes of method ``name`` from the fit of record (none for a non-fit)."""
     return dict(METHODS[name].fit) if name in METHODS else {}
+
+
+_check_registry()
