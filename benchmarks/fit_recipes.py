@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from protocol import RECIPE_SIZES, listed  # noqa: E402
 from quality import SHARED, QualityConfig, Run, _autocast, _subnetwork, load_inputs  # noqa: E402
 
 from ppn_bayes.core.config import FitConfig  # noqa: E402
@@ -125,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=150, help="fit steps (default: 150)")
     p.add_argument("--batch", type=int, default=8, help="sequences per step (default: 8)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default: 1024)")
-    p.add_argument("--sizes", type=lambda s: tuple(float(x) for x in s.split(",")), default=(0.5, 0.3),
-                   help="sizes evaluated (default: 0.5,0.3)")
+    p.add_argument("--sizes", type=lambda s: tuple(float(x) for x in s.split(",")), default=RECIPE_SIZES,
+                   help=f"sizes evaluated (default: {listed(RECIPE_SIZES)})")
     p.add_argument("--mlp-group", type=int, default=64, help="intermediate channels per MLP unit (default: 64)")
     p.add_argument("--eval-seq-len", type=int, default=2048, help="evaluation window (default: 2048)")
     p.add_argument("--limit-windows", type=int, default=40, help="evaluation windows (default: 40)")

@@ -13,7 +13,7 @@ Methods (``--methods``)::
     ppn_bayes-flat        ablation: hierarchy=False (flat units, no layer gates)
     ppn_bayes-point       ablation: posterior='point', prior_weight=0 (no Bayesian prior)
     ppn_bayes-frozen      ablation: train_lm=False (gates only)
-    ppn_bayes-nodistill   ablation: distill_weight=0 (no self-distillation)
+    ppn_bayes-nodistill   ablation: distill_weight=0, nll_weight=1 (no self-distillation)
     ppn_bayes-long        variant: the same settings, recorded apart (give it more --fit-steps)
     ppn_bayes-prefix      variant: gate_coupling='prefix' (every training mask of the size asked)
     ppn_bayes-prefix-frozen, ppn_bayes-prefix-lr
@@ -78,50 +78,23 @@ from ppn_bayes.inspect.evaluate import perplexity
 from ppn_bayes.io import atomic_file, atomic_write_text
 from ppn_bayes.records import RECORDS_DIR, append_record
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from protocol import (FINETUNE_SIZES, N_M_SIZE, PROTOCOL_SIZES, RECORD, WIDTH_KD_SIZES, fit_changes,  # noqa: E402
+                      ids, listed)
+from protocol import method as method_of  # noqa: E402
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-PROTOCOL_SIZES = (0.9, 0.7, 0.5, 0.4, 0.3)
-ABLATIONS = {
-    "ppn_bayes-flat": dict(hierarchy=False),
-    "ppn_bayes-point": dict(posterior="point", prior_weight=0.0),
-    "ppn_bayes-frozen": dict(train_lm=False),
-    "ppn_bayes-nodistill": dict(distill_weight=0.0),
-}
-#: Not ablations: the fit of record's settings under another training budget (``--fit-steps``),
-#: recorded apart so that the table keeps the fit of record and its ablations side by side.
-VARIANTS = {
-    "ppn_bayes-long": {},
-    # training masks of the requested size in every draw (gate_coupling='prefix')
-    "ppn_bayes-prefix": dict(gate_coupling="prefix"),
-    "ppn_bayes-prefix-frozen": dict(gate_coupling="prefix", train_lm=False),
-    "ppn_bayes-prefix-lr": dict(gate_coupling="prefix", lr_lm=1e-4),
-    # the fit of record's settings on the token file of --fit-tokens (ppn-bayes teacher-text)
-    "ppn_bayes-teacher": {},
-    # a frozen copy of the LM as the teacher of every size, the full LM included
-    "ppn_bayes-original": dict(teacher="original"),
-    "ppn_bayes-original-long": dict(teacher="original"),  # recorded apart: give it more --fit-steps
-    # the one-pass fit trained by distillation alone: the frozen original teaches every size
-    # and the full LM, no next-token loss (the LM does not drift to the training text)
-    "ppn_bayes-kd": dict(teacher="original", nll_weight=0.0),
-    "ppn_bayes-kd-prefix": dict(teacher="original", nll_weight=0.0, gate_coupling="prefix"),
-    # the same on half training text, half the LM's own text (--fit-tokens), row by row
-    "ppn_bayes-kd-prefix-mix": dict(teacher="original", nll_weight=0.0, gate_coupling="prefix"),
-}
+#: The methods' FitConfig changes from the fit of record, by family (the records name them).
+ABLATIONS = {m: fit_changes(m) for m in ids(family="ablation")}
+VARIANTS = {m: fit_changes(m) for m in ids(family="variant")}
 #: Methods that need --fit-tokens: the teacher text alone, or mixed half and half with the training text.
-FIT_TOKENS_METHODS = ("ppn_bayes-teacher", "ppn_bayes-kd-prefix-mix")
+FIT_TOKENS_METHODS = tuple(m for m in ids(quality=True) if method_of(m).needs_fit_tokens)
 #: Methods that mix --fit-tokens half and half with the training text when it is given: the
 #: fit of record and its ablations, so that they train on the same text.
-MIXING_METHODS = ("ppn_bayes", *ABLATIONS, "ppn_bayes-kd-prefix-mix")
-#: Fits whose sub-networks the +distill methods fine-tune (``<fit>+distill``), and with
-#: ``LONG_FINETUNE`` times the fit's steps (``<fit>+distill-long``).
-FINETUNED_FITS = ("ppn_bayes", "ppn_bayes-frozen", "ppn_bayes-original")
-LONG_FINETUNE = 4
-STRUCTURED = ("shortgpt", "magnitude", "activation", "magnitude-uniform", "activation-uniform")
-WIDTH = ("width", "width-kd")
-SPARSE = ("sparsegpt", "wanda", "sparsegpt-2:4", "wanda-2:4")
-METHODS = ("dense", "ppn_bayes", *ABLATIONS, *VARIANTS, *STRUCTURED, *(f"{m}+distill" for m in STRUCTURED),
-           *(f"{m}+distill" for m in FINETUNED_FITS), *(f"{m}+distill-long" for m in FINETUNED_FITS), *WIDTH,
-           *SPARSE)
-DEFAULT_METHODS = ("dense", "ppn_bayes", *ABLATIONS, *STRUCTURED, *SPARSE)
+MIXING_METHODS = tuple(m for m in ids(quality=True) if method_of(m).mixes_fit_tokens)
+METHODS = ids(quality=True)
+DEFAULT_METHODS = ids(default=True)
 #: The fit of record: 2048-token windows, the sandwich rule down to the smallest size, every
 #: size taught by the frozen original LM with no next-token loss, deployed-style (prefix)
 #: training masks, units started from their activation ranks, a warm-up and a cosine
@@ -147,7 +120,7 @@ class QualityConfig:
     methods: tuple[str, ...] = DEFAULT_METHODS
     sizes: tuple[float, ...] = PROTOCOL_SIZES
     ablation_sizes: tuple[float, ...] = PROTOCOL_SIZES
-    finetune_sizes: tuple[float, ...] = (0.5,)
+    finetune_sizes: tuple[float, ...] = FINETUNE_SIZES
     seq_len: int = 2048
     limit_windows: int | None = None
     eval_batch: int = 8
@@ -166,7 +139,7 @@ class QualityConfig:
     quick: bool = False
     save_sparse: str | None = None  # method@size whose pruned weights are kept for speed.py
     fit_tokens: str | None = None  # the token file ppn_bayes-teacher fits on
-    width_kd_sizes: tuple[float, ...] = (0.5, 0.3)
+    width_kd_sizes: tuple[float, ...] = WIDTH_KD_SIZES
     width_kd_data: str | None = None  # text or token file width-kd trains on (default: train_text)
     width_kd_tokens: int | None = None  # training tokens of each width-kd run (default: the fit's)
     width_mlp_group: int = 32  # MLP channels per unit of the width cuts
@@ -379,8 +352,8 @@ def run_dense(run: Run, method: str) -> None:
 
 
 def fit_config_of(config: QualityConfig, method: str) -> FitConfig:
-    """The fit of ``method``: the fit of record, with the ablation's one change."""
-    return config.fit.replace(**ABLATIONS.get(method, {}), **VARIANTS.get(method, {}))
+    """The fit of ``method``: the fit of record, with the ablation's or variant's changes."""
+    return config.fit.replace(**fit_changes(method))
 
 
 def run_ppn(run: Run, method: str) -> None:
@@ -404,7 +377,9 @@ def run_ppn(run: Run, method: str) -> None:
         probe_seconds, probe_tokens = 0.0, 0
         with _autocast(c):
             if c.fit_time_budget is not None and not resume:
-                fit_config, probe = _time_boxed_steps(run, lm, fit_config, checkpoint, tokens)
+                # the probe trains a copy of its own: the fit resumes from the dense LM it started from
+                # (a teacher='original' fit checks that)
+                fit_config, probe = _time_boxed_steps(run, run.dense_copy(), fit_config, checkpoint, tokens)
                 probe_seconds, probe_tokens = probe.result.seconds, probe.result.train_tokens
                 atomic_write_text(target, json.dumps({"steps": fit_config.steps}))
                 resume = True
@@ -449,9 +424,9 @@ def run_ppn(run: Run, method: str) -> None:
         "checkpoint": str(checkpoint),
     }
     run.save_ranking(method, ranking, train_tokens=train_tokens, fit=fit_config.to_dict())
-    if method == "ppn_bayes":
+    if method == RECORD:
         _export_ranked(run, fitted)
-    sizes = c.sizes if method == "ppn_bayes" else c.ablation_sizes
+    sizes = c.sizes if method == RECORD else c.ablation_sizes
     evaluate_ranking(run, method, fitted.lm, ranking, sizes, train_tokens=train_tokens, settings=settings)
 
 
@@ -608,7 +583,7 @@ def structured_ranking(run: Run, method: str):
     MLP channels in the order of their scores)."""
     from ppn_bayes.inspect import baselines
 
-    base = method.split("+")[0]
+    base = method_of(method).base or method
     arch = run.arch
     to_ranking = baselines.ranking_from_scores
     if base.endswith("-uniform"):
@@ -693,15 +668,15 @@ def run_finetuned(run: Run, method: str) -> None:
 def run_ppn_finetuned(run: Run, method: str) -> None:
     """The sub-network of the fit ``<fit>`` of ``<fit>+distill`` (the fit of record for
     ppn_bayes+distill) at each ``finetune_sizes``, fine-tuned like the +distill baselines
-    (self-distillation from the dense LM, the fit's budget once more; ``LONG_FINETUNE``
+    (self-distillation from the dense LM, the fit's budget once more; ``protocol.LONG_FINETUNE``
     times that for ``<fit>+distill-long``): what a fit plus a
     fine-tune of one chosen size reaches. Fits ``<fit>`` first when ``work_dir`` holds no
     finished fit of it (recording its rows as that method does)."""
     from ppn_bayes.fit import load_fit, read_state
 
     c = run.config
-    base, _, kind = method.partition("+")
-    repeat = LONG_FINETUNE if kind == "distill-long" else 1
+    base = method_of(method).base
+    repeat = method_of(method).finetune_repeat
     fit_config = fit_config_of(c, base)
     checkpoint = Path(c.work_dir) / "fits" / base
     if not ((checkpoint / "state.json").is_file() and read_state(checkpoint)["step"] >= fit_config.steps):
@@ -827,7 +802,7 @@ def run_sparse(run: Run, method: str) -> None:
     c = run.config
     base, _, structure = method.partition("-")
     structure = structure or "0:0"
-    sizes = (0.5,) if structure == "2:4" else c.sizes
+    sizes = (N_M_SIZE,) if structure == "2:4" else c.sizes
     windows = run.calibration()
     for size in sizes:
         if run.out_of_time():
@@ -863,10 +838,10 @@ def _save_sparse(run: Run, method: str, size: float, lm) -> None:
     print(f"[quality] pruned weights of {method} at {size} written to {path}", flush=True)
 
 
-RUNNERS = {"dense": run_dense, "ppn_bayes": run_ppn, **{m: run_ppn for m in (*ABLATIONS, *VARIANTS)},
-           **{m: run_structured for m in STRUCTURED}, **{f"{m}+distill": run_finetuned for m in STRUCTURED},
-           **{f"{m}+{k}": run_ppn_finetuned for m in FINETUNED_FITS for k in ("distill", "distill-long")},
-           "width": run_width, "width-kd": run_width_kd, **{m: run_sparse for m in SPARSE}}
+#: What builds each kind of method (``protocol.BUILDERS``): every method quality.py runs has one.
+RUNNERS = {"dense LM": run_dense, "fit": run_ppn, "ranking": run_structured, "ranking+distill": run_finetuned,
+           "fit+distill": run_ppn_finetuned, "width cut": run_width, "width cut, distilled": run_width_kd,
+           "one-shot pruning": run_sparse}
 
 
 def run_quality(config: QualityConfig, *, keep_going: bool = True, skip_done: bool = False) -> list[dict]:
@@ -890,7 +865,7 @@ def run_quality(config: QualityConfig, *, keep_going: bool = True, skip_done: bo
             continue
         skipped = run.skipped
         try:
-            RUNNERS[method](run, method)
+            RUNNERS[method_of(method).builder](run, method)
         except Exception:  # one failed method must not cost the others' records
             if not keep_going:
                 raise
@@ -946,11 +921,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training and calibration text (default: the wiki summaries from ../shared)")
     p.add_argument("--methods", type=_names, default=DEFAULT_METHODS,
                    help=f"methods in the order they run, comma-separated; known: {', '.join(METHODS)}")
-    p.add_argument("--sizes", type=_floats, default=PROTOCOL_SIZES, help="sizes (default: 0.9,0.7,0.5,0.4,0.3)")
+    p.add_argument("--sizes", type=_floats, default=PROTOCOL_SIZES, help=f"sizes (default: {listed(PROTOCOL_SIZES)})")
     p.add_argument("--ablation-sizes", type=_floats, default=None,
                    help="sizes of the ppn_bayes ablations (default: --sizes)")
-    p.add_argument("--finetune-sizes", type=_floats, default=(0.5,),
-                   help="sizes of the fine-tuned structured baselines, the +distill methods (default: 0.5)")
+    p.add_argument("--finetune-sizes", type=_floats, default=FINETUNE_SIZES,
+                   help=f"sizes of the fine-tuned structured baselines, the +distill methods (default: "
+                        f"{listed(FINETUNE_SIZES)})")
     p.add_argument("--seq-len", type=int, default=2048, help="evaluation window (default: 2048)")
     p.add_argument("--limit-windows", type=int, default=None,
                    help="evaluate the first N windows only (a quick check: the records say quick)")
@@ -995,8 +971,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit-stop-after", type=float, default=None, metavar="SECONDS",
                    help="a fit stops after this long with a checkpoint and records nothing; the same command "
                         "again resumes it (for GPU time lent in stretches)")
-    p.add_argument("--width-kd-sizes", type=_floats, default=(0.5, 0.3),
-                   help="sizes of width-kd, one distillation each (default: 0.5,0.3)")
+    p.add_argument("--width-kd-sizes", type=_floats, default=WIDTH_KD_SIZES,
+                   help=f"sizes of width-kd, one distillation each (default: {listed(WIDTH_KD_SIZES)})")
     p.add_argument("--width-kd-data", default=None,
                    help="what width-kd trains on: a .safetensors token file or a text (default: --train-text); "
                         "give it the fit's data")

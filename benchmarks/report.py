@@ -28,12 +28,12 @@ from ppn_bayes.core.config import FitConfig
 from ppn_bayes.io import atomic_file, atomic_write_text
 from ppn_bayes.records import BENCHMARKS, RECORDS_DIR, curve_match, read_records
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from protocol import (DENSE_MARGIN, DENSE_TARGET_SIZE, METHODS, PROTOCOL_SIZES, RECORD, SPEED_TARGET,  # noqa: E402
+                      TARGET_RIVALS, TARGET_SIZES, WIDTH_KD_MARGIN, WIDTH_KD_SIZES, label)
+
 ROOT = Path(__file__).resolve().parents[1]
-PROTOCOL_SIZES = (0.9, 0.7, 0.5, 0.4, 0.3)
-TARGET_SIZES = (0.5, 0.4, 0.3)
-#: Sizes where ppn_bayes is held against width-kd trained on as many tokens, and the margin allowed.
-WIDTH_KD_SIZES = (0.5, 0.3)
-WIDTH_KD_MARGIN = 1.1
 #: The activation score before issue 15 (input-side weights averaged in: mostly weight magnitude).
 OLD_ACTIVATION_SCORE = "mean |W_ij| * rms(X_j) of owned weights"
 
@@ -41,47 +41,11 @@ OLD_ACTIVATION_SCORE = "mean |W_ij| * rms(X_j) of owned weights"
 def superseded(record: dict) -> bool:
     """A record that a fixed bug made obsolete: an activation baseline scored the old way."""
     return (record.get("settings") or {}).get("score") == OLD_ACTIVATION_SCORE
-LABELS = {
-    "dense": "dense",
-    "ppn_bayes": "ppn_bayes",
-    "ppn_bayes-flat": "ppn_bayes, flat units (no hierarchy)",
-    "ppn_bayes-point": "ppn_bayes, point estimates (no prior)",
-    "ppn_bayes-frozen": "ppn_bayes, frozen LM (gates only)",
-    "ppn_bayes-nodistill": "ppn_bayes, no self-distillation",
-    "ppn_bayes-long": "ppn_bayes, a longer fit (same settings, more steps)",
-    "ppn_bayes-prefix": "ppn_bayes, prefix gates (training masks of the size asked)",
-    "ppn_bayes-prefix-frozen": "ppn_bayes, prefix gates, frozen LM",
-    "ppn_bayes-prefix-lr": "ppn_bayes, prefix gates, lr_lm 1e-4",
-    "ppn_bayes-teacher": "ppn_bayes, fitted on teacher text",
-    "ppn_bayes-original": "ppn_bayes, the frozen original LM as teacher",
-    "ppn_bayes-original-long": "ppn_bayes, the frozen original LM as teacher, a longer fit",
-    "shortgpt": "ShortGPT (block influence), no training",
-    "magnitude": "magnitude-ranked units, no training",
-    "activation": "activation-ranked units, no training",
-    "magnitude-uniform": "magnitude-ranked units, uniform per layer, no training",
-    "activation-uniform": "activation-ranked units, uniform per layer (Wanda-sp), no training",
-    "shortgpt+distill": "ShortGPT + self-distillation",
-    "magnitude+distill": "magnitude-ranked + self-distillation",
-    "activation+distill": "activation-ranked + self-distillation",
-    "activation-uniform+distill": "activation-ranked, uniform per layer + self-distillation",
-    "ppn_bayes+distill": "ppn_bayes + self-distillation of the chosen size",
-    "ppn_bayes-frozen+distill": "ppn_bayes, frozen LM, + self-distillation of the chosen size",
-    "ppn_bayes-original+distill": "ppn_bayes, original teacher, + self-distillation of the chosen size",
-    "ppn_bayes-original+distill-long": "ppn_bayes, original teacher, + 4 x longer self-distillation",
-    "width": "uniform width cut (activation-ranked KV groups and MLP channels, alike in every layer), no training",
-    "width-kd": "uniform width cut + distillation from the dense LM (width-kd)",
-    "sparsegpt": "SparseGPT, unstructured",
-    "wanda": "Wanda, unstructured",
-    "sparsegpt-2:4": "SparseGPT, 2:4",
-    "wanda-2:4": "Wanda, 2:4",
-}
-ORDER = list(LABELS)
+
+
+#: Methods in the order of the tables: the registry's (ids it does not hold go last).
+ORDER = list(METHODS)
 BOOKKEEPING = {"benchmark", "model", "machine", "versions", "command", "date", "settings", "quick"}
-
-
-def label(method: str) -> str:
-    """The human name of a method id."""
-    return LABELS.get(method, method)
 
 
 def _order(method: str) -> tuple:
@@ -244,38 +208,40 @@ def quality_table(records: list[dict]) -> list[str]:
 
 
 def targets(records: list[dict]) -> list[str]:
-    """The issue's quality targets: below SparseGPT and Wanda at 0.5/0.4/0.3; within 1.3x dense at 0.5."""
+    """The issue's quality targets (``protocol``): the fit of record below SparseGPT and Wanda at
+    0.5/0.4/0.3; within 1.3x dense at 0.5; within 10% of width-kd at 0.5 and 0.3."""
     chosen = latest(records, lambda r: (r["method"], round(float(r.get("size_requested", 1.0)), 4)))
     lines = ["Targets (from the issue):", ""]
     rows = []
     for size in TARGET_SIZES:
-        ours = chosen.get(("ppn_bayes", size))
-        for rival in ("sparsegpt", "wanda"):
+        ours = chosen.get((RECORD, size))
+        for rival in TARGET_RIVALS:
             theirs = chosen.get((rival, size))
             if ours is None or theirs is None:
-                rows.append([f"ppn_bayes below {label(rival)} at {size:g}", "not yet measured", "–"])
+                rows.append([f"{RECORD} below {label(rival)} at {size:g}", "not yet measured", "–"])
                 continue
             met = ours["ppl"] < theirs["ppl"]
-            rows.append([f"ppn_bayes below {label(rival)} at {size:g}",
+            rows.append([f"{RECORD} below {label(rival)} at {size:g}",
                          f"{_fmt(ours['ppl'])} vs {_fmt(theirs['ppl'])}",
                          ("met" if met else "missed") + f" (ratio {ours['ppl'] / theirs['ppl']:.2f})"])
-    ours, dense = chosen.get(("ppn_bayes", 0.5)), chosen.get(("dense", 1.0))
+    ours, dense = chosen.get((RECORD, DENSE_TARGET_SIZE)), chosen.get(("dense", 1.0))
+    target = f"{RECORD} within {DENSE_MARGIN:g} x dense at {DENSE_TARGET_SIZE:g}"
     if ours is None or dense is None:
-        rows.append(["ppn_bayes within 1.3 x dense at 0.5", "not yet measured", "–"])
+        rows.append([target, "not yet measured", "–"])
     else:
         ratio = ours["ppl"] / dense["ppl"]
-        rows.append(["ppn_bayes within 1.3 x dense at 0.5", f"{_fmt(ours['ppl'])} vs {_fmt(dense['ppl'])}",
-                     ("met" if ratio <= 1.3 else "missed") + f" ({ratio:.2f} x dense)"])
+        rows.append([target, f"{_fmt(ours['ppl'])} vs {_fmt(dense['ppl'])}",
+                     ("met" if ratio <= DENSE_MARGIN else "missed") + f" ({ratio:.2f} x dense)"])
     rows += width_kd_targets(records, chosen)
     lines += _table(["target", "perplexity", "result"], rows) + [""]
     # not the claim (one fit, no further computation): the optional fine-tunes, beside it
     tuned = [(method, size, chosen[(method, size)]) for method in sorted({m for m, _ in chosen}, key=_order)
-             if method.startswith("ppn_bayes") and "+distill" in method
+             if method in METHODS and METHODS[method].builder == "fit+distill"
              for size in TARGET_SIZES if (method, size) in chosen]
     if tuned:
         rows = []
         for method, size, ours in tuned:
-            for rival in ("sparsegpt", "wanda"):
+            for rival in TARGET_RIVALS:
                 theirs = chosen.get((rival, size))
                 if theirs is not None:
                     met = ours["ppl"] < theirs["ppl"]
@@ -293,8 +259,8 @@ def width_kd_targets(records: list[dict], chosen: dict) -> list[list[str]]:
     tokens: within 10% (ratio at most 1.1) is met; below 1 is better."""
     rows = []
     for size in WIDTH_KD_SIZES:
-        ours = chosen.get(("ppn_bayes", size))
-        target = f"ppn_bayes within 10% of width-kd at {size:g}, equal training tokens"
+        ours = chosen.get((RECORD, size))
+        target = f"{RECORD} within {round((WIDTH_KD_MARGIN - 1) * 100)}% of width-kd at {size:g}, equal training tokens"
         if ours is None:
             rows.append([target, "not yet measured", "–"])
             continue
@@ -351,12 +317,13 @@ def _machine_kind(record: dict) -> str:
 
 
 def speed_section(records: list[dict], images: Path, image_prefix: str) -> list[str]:
-    """Tokens/s and speed-ups against the dense model, per machine and phase, with the 0.9/s target."""
+    """Tokens/s and speed-ups against the dense model, per machine and phase, with the 0.9/s target
+    (``protocol.SPEED_TARGET``)."""
     lines = ["## Speed: sub-networks against the dense model", ""]
     if not records:
         return lines + ["Not yet measured (`benchmarks/speed.py` writes `speed.jsonl`).", ""]
     lines += ["Ratios are measured in one run against the dense model. Target (from the issue): "
-              "speed-up of at least 0.9 / s at size s.", ""]
+              f"speed-up of at least {SPEED_TARGET:g} / s at size s.", ""]
     for title, group in (("Protocol runs", [r for r in records if not _is_quick(r)]),
                          ("Quick checks (smoke runs: not the protocol)", [r for r in records if _is_quick(r)])):
         if not group:
@@ -375,12 +342,13 @@ def speed_section(records: list[dict], images: Path, image_prefix: str) -> list[
             table = []
             for (method, size), r in sorted(chosen.items(), key=lambda kv: (_order(kv[0][0]), -kv[0][1])):
                 ratio, reached = r.get("ratio_vs_dense"), r.get("size_reached")
-                target = 0.9 / reached if reached and method != "dense" else None
+                target = SPEED_TARGET / reached if reached and method != "dense" else None
                 verdict = "–" if ratio is None or target is None or method == "dense" else (
                     ("met" if ratio >= target else "missed") + f" ({ratio / target:.2f} of target)")
                 table.append([label(method), f"{size:g}", _fmt(reached), _fmt(r.get("tokens_per_s")),
                               _fmt(ratio), _fmt(target), verdict])
-            lines += _table(["method", "size", "size reached", "tokens/s", "speed-up", "target 0.9/s", "result"],
+            lines += _table(["method", "size", "size reached", "tokens/s", "speed-up", f"target {SPEED_TARGET:g}/s",
+                             "result"],
                             table)
             lines += provenance(rows)
             lines.append("")
@@ -402,7 +370,7 @@ def plot_speed(records: list[dict], path: Path, title: str) -> bool:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     grid = [0.25 + i * 0.01 for i in range(76)]
-    ax.plot(grid, [0.9 / s for s in grid], ":", color="grey", label="target 0.9 / s")
+    ax.plot(grid, [SPEED_TARGET / s for s in grid], ":", color="grey", label=f"target {SPEED_TARGET:g} / s")
     ax.axhline(1.0, color="black", linewidth=0.8)
     for method in sorted(series, key=_order):
         points = sorted(series[method])

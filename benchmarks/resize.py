@@ -33,6 +33,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from protocol import PROTOCOL_SIZES  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 RANKING_NOTE = "random log-lambdas (unfitted guide, seed 0): resize cost does not depend on fit quality"
 
@@ -186,7 +190,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="GGUF file or HF directory (default: ../shared/tools/smollm2)")
     parser.add_argument("--model-name", default="SmolLM2-135M-Instruct", help="the model's name in the records")
-    parser.add_argument("--sizes", type=float, nargs="+", default=[0.9, 0.7, 0.5, 0.4, 0.3], help="sizes to cut")
+    parser.add_argument("--sizes", type=float, nargs="+", default=list(PROTOCOL_SIZES),
+                        help=f"sizes to cut (default: {' '.join(f'{s:g}' for s in PROTOCOL_SIZES)})")
     parser.add_argument("--mlp-group", type=int, default=64, help="intermediate channels per MLP unit")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in each child")
     parser.add_argument("--records-dir", default=str(ROOT / "docs/benchmarks/records"), help="where resize.jsonl goes")

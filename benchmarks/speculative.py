@@ -53,8 +53,11 @@ import torch
 
 from ppn_bayes.records import RECORDS_DIR, append_record
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from protocol import RECORD, SPECULATIVE_QUICK_SIZES, SPECULATIVE_SIZES, listed  # noqa: E402
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-SIZES = (0.3, 0.4, 0.5, 0.6, 0.7)
 KS = (2, 3, 4, 5, 6, 7, 8)
 
 
@@ -65,9 +68,9 @@ class SpeculativeConfig:
     model: str
     target: str | None = None
     rankings: str | None = None
-    method: str = "ppn_bayes"
+    method: str = RECORD
     masks: str | None = None
-    sizes: tuple[float, ...] = SIZES
+    sizes: tuple[float, ...] = SPECULATIVE_SIZES
     ks: tuple[int, ...] = KS
     data: str | None = None
     n_prompts: int = 4
@@ -124,7 +127,6 @@ def open_target(config: SpeculativeConfig):
         return load_target(config.model, masks_file=config.masks, dtype=dtype, rank=config.shared)
     if checkpoint_kind(config.model) not in ("hf", "gguf"):
         raise ValueError("--rankings cuts a Hugging Face directory or a .gguf file; give such a --model")
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from speed import load_ranking  # the rankings file of benchmarks/quality.py
 
     lm, tokenizer = load_lm(config.model, dtype=dtype)
@@ -295,12 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default=None,
                    help="the target LM (default: the full network of --model, the drafts' own weights)")
     p.add_argument("--rankings", default=None, help="rankings file written by benchmarks/quality.py")
-    p.add_argument("--method", default="ppn_bayes",
+    p.add_argument("--method", default=RECORD,
                    help="the method in the records, and which ranking of --rankings cuts the drafts; 'magnitude' "
-                        "without --rankings or --masks ranks units by weight magnitude here (default: ppn_bayes)")
+                        f"without --rankings or --masks ranks units by weight magnitude here (default: {RECORD})")
     p.add_argument("--masks", default=None, help="a mask file (`ppn-bayes masks`) instead of --rankings")
     p.add_argument("--sizes", type=_floats, default=None,
-                   help="draft sizes (default: 0.3,0.4,0.5,0.6,0.7; with --quick 0.3,0.5,0.7)")
+                   help=f"draft sizes (default: {listed(SPECULATIVE_SIZES)}; with --quick "
+                        f"{listed(SPECULATIVE_QUICK_SIZES)})")
     p.add_argument("--ks", type=_ints, default=None, help="draft lengths k (default: 2,3,4,5,6,7,8; with --quick 2,4)")
     p.add_argument("--data", default=str(SHARED / "data/wikitext-2-raw/wiki.test.raw"),
                    help="text the prompts are cut from (default: WikiText-2 test; random ids if absent)")
@@ -329,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None, help="model name in the records (default: from --model)")
     p.add_argument("--time-budget", type=float, default=None, help="seconds after which no new size is started")
     p.add_argument("--quick", action="store_true",
-                   help="a smoke run: 2 prompts x 32 new tokens, sizes 0.3,0.5,0.7 and k 2,4 unless given "
+                   help=f"a smoke run: 2 prompts x 32 new tokens, sizes {listed(SPECULATIVE_QUICK_SIZES)} and k 2,4 "
+                        "unless given "
                         "(the records say quick)")
     return p
 
@@ -340,7 +344,8 @@ def config_from(args: argparse.Namespace) -> SpeculativeConfig:
     quick = args.quick
     return SpeculativeConfig(
         model=args.model, target=args.target, rankings=args.rankings, method=args.method, masks=args.masks,
-        sizes=args.sizes or ((0.3, 0.5, 0.7) if quick else SIZES), ks=args.ks or ((2, 4) if quick else KS),
+        sizes=args.sizes or (SPECULATIVE_QUICK_SIZES if quick else SPECULATIVE_SIZES),
+        ks=args.ks or ((2, 4) if quick else KS),
         data=args.data,
         n_prompts=2 if quick else args.n_prompts, prompt_len=args.prompt_len,
         new_tokens=32 if quick else args.new_tokens, repeats=args.repeats, device=args.device,

@@ -42,8 +42,11 @@ from ppn_bayes.io import FileFormatError, read_json
 from ppn_bayes.core.ranking import Ranking
 from ppn_bayes.records import RECORDS_DIR, append_record
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from protocol import PROTOCOL_SIZES, RECORD, listed  # noqa: E402
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-PROTOCOL_SIZES = (0.9, 0.7, 0.5, 0.4, 0.3)
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ class SpeedConfig:
 
     model: str
     rankings: str | None = None
-    method: str = "ppn_bayes"
+    method: str = RECORD
     sizes: tuple[float, ...] = PROTOCOL_SIZES
     phases: tuple[str, ...] = ("prefill", "decode")
     device: str = "cpu"
@@ -301,8 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True,
                    help="the LM: a .gguf file or a Hugging Face directory (e.g. a fit checkpoint's lm/)")
     p.add_argument("--rankings", default=None, help="rankings file written by benchmarks/quality.py")
-    p.add_argument("--method", default="ppn_bayes", help="which ranking of the file to cut (default: ppn_bayes)")
-    p.add_argument("--sizes", type=_floats, default=PROTOCOL_SIZES, help="sizes (default: 0.9,0.7,0.5,0.4,0.3)")
+    p.add_argument("--method", default=RECORD, help=f"which ranking of the file to cut (default: {RECORD})")
+    p.add_argument("--sizes", type=_floats, default=PROTOCOL_SIZES, help=f"sizes (default: {listed(PROTOCOL_SIZES)})")
     p.add_argument("--phases", default="prefill,decode",
                    help="prefill, decode or both, comma-separated (default: both)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",

@@ -280,8 +280,10 @@ def test_gpu_job_rehearsal_on_cpu(tiny_setup, tmp_path):
     assert {r["recipe"] for r in recipes} == {"default", "lr1e-5", "warm", "shared", "shared-warm", "shared-1e-4"}
     quality = read_records("quality", tmp_path / "out" / "records")
     methods = {r["method"] for r in quality}
-    assert {"dense", "ppn_bayes", "sparsegpt", "wanda", "ppn_bayes-flat", "ppn_bayes-point",
-            "ppn_bayes-frozen", "ppn_bayes-nodistill"} <= methods
+    assert {"dense", "ppn_bayes", "ppn_bayes-flat", "ppn_bayes-point", "ppn_bayes-frozen",
+            "ppn_bayes-nodistill"} <= methods
+    if importlib.util.find_spec("llmcompressor") is not None:  # SparseGPT and Wanda need it
+        assert {"sparsegpt", "wanda"} <= methods
     main_steps = {r["settings"]["fit"]["steps"] for r in quality if r["method"] == "ppn_bayes"}
     ablation_steps = {r["settings"]["fit"]["steps"] for r in quality if r["method"].startswith("ppn_bayes-")}
     assert len(main_steps) == 1 and ablation_steps == main_steps
