@@ -12,6 +12,13 @@
 #                                 # reference), held-out diagnostics every 250 steps; it stops with a
 #                                 # checkpoint before LIMIT and the next call (machine still warm)
 #                                 # resumes it; SEED (0) picks the fit; masks at all five sizes at the end
+#                                 # (RECORD_STEPS=1830: the 60M-token fits of 1 Dec 2026)
+#   benchmarks/gpu_job.sh part10  # issue 15: the activation baselines again (their score was fixed), the
+#                                 # width cuts, and width-kd at WIDTH_KD_SIZES (0.5,0.3) distilled on the
+#                                 # same text, tokens (RECORD_STEPS x 16 x 2048) and schedule as the fit of
+#                                 # record, checkpointed every 100 steps: call again to go on
+#   benchmarks/gpu_job.sh part11  # issue 15: ABLATION (ppn_bayes-flat; or ppn_bayes-point) with the fit of
+#                                 # record's recipe and tokens, as part9 runs it
 #
 # (Structured baselines without training, shortgpt, magnitude, activation, run as before:
 # benchmarks/quality.py --methods shortgpt,magnitude,...; their records do not depend on the fit.)
@@ -27,7 +34,7 @@
 # model and working paths, FIT_STEPS, LIMIT, the *_EXTRA flags of a CPU rehearsal with a tiny LM:
 # DEVICE=cpu, QUALITY_EXTRA, SPEED_EXTRA, ..., as tests/test_report.py does); part9's own below.
 set -uo pipefail
-part="${1:?usage: gpu_job.sh check|part1|part2|part3|part4|part5|part6|part7|part8|part9}"
+part="${1:?usage: gpu_job.sh check|part1|part2|part3|part4|part5|part6|part7|part8|part9|part10|part11}"
 START=$(date +%s)
 export GPU_JOB_START=$START
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 LLM_COMPRESSOR_LOG_LEVEL=WARNING TOKENIZERS_PARALLELISM=false
@@ -57,6 +64,40 @@ prepare() {  # GGUF -> Hugging Face directory, and the tokens, cached under $WOR
   python3 benchmarks/run_job.py --prepare || exit 2
 }
 
+teacher_text() {  # part9-11: the LM's own text, written once into $WORK/gen (resumes an unfinished store)
+  local lm="$WORK/model"; [[ -f "$lm/config.json" ]] || lm="$MODEL"
+  [[ -f "$WORK/gen.done" ]] && return 0
+  local resume=(); [[ -d "$WORK/gen" ]] && resume=(--resume)
+  echo "[gpu_job] $(date +%T) teacher text" >> "$OUT/gen.log"
+  timeout --signal=TERM "$(( $(left) - 60 ))s" python3 -m ppn_bayes teacher-text --model "$lm" \
+    --data "$TEXTS/wiki_summaries_en.txt" --out "$WORK/gen" --tokens "${GEN_TOKENS:-16000000}" --prompt-len 32 \
+    --new-tokens 992 --temperature 1.0 --top-k 64 --batch-size 2048 --device "$DEVICE" --dtype bfloat16 \
+    --compile --quiet "${resume[@]}" >> "$OUT/gen.log" 2>&1 && touch "$WORK/gen.done"
+  tail -n 3 "$OUT/gen.log"
+}
+
+workdir() {  # a work folder of its own that shares the cached model and tokens
+  local work="$WORK/$1"; mkdir -p "$work"
+  [[ -e "$work/model" ]] || ln -s "$WORK/model" "$work/model"
+  [[ -e "$work/tokens" ]] || ln -s "$WORK/tokens" "$work/tokens"
+  echo "$work"
+}
+
+record_fit() {  # record_fit METHOD FOLDER: the fit of record's recipe for METHOD, stopped before LIMIT, resumable
+  local method="$1" seed="${SEED:-0}" work budget
+  work=$(workdir "$2")
+  budget=$(( $(left) - 20 ))
+  echo "[gpu_job] $(date +%T) $method seed $seed ($budget s)" >> "$OUT/gpu0.log"
+  timeout --signal=TERM "${budget}s" python3 benchmarks/quality.py "${COMMON[@]}" --work-dir "$work" \
+    --rankings "$work/rankings.json" --methods "$method" --fit-tokens "$WORK/gen" --fit-batch 16 \
+    --fit-steps "${RECORD_STEPS:-3052}" --fit-set seed="$seed" --fit-set warmup_steps=100 \
+    --fit-set n_random_sizes=2 --fit-set compile=inductor --fit-set autocast=bfloat16 \
+    --fit-set checkpoint_every=1000 --fit-set eval_every=250 --fit-set eval_sizes=0.9,0.5,0.3 \
+    --fit-eval-windows 8 --fit-stop-after "$(( budget - 60 ))" ${RECORD_EXTRA:-} >> "$OUT/gpu0.log" 2>&1
+  cp "$work/fits/$method.validation.jsonl" "$OUT/validation-$2.jsonl" 2>/dev/null || true
+  cp "$work/rankings.json" "$OUT/rankings-$2.json" 2>/dev/null || true
+}
+
 case "$part" in
   check) check ;;
   part1)
@@ -66,34 +107,30 @@ case "$part" in
     python3 benchmarks/run_job.py "$part" || exit $? ;;
   part9)
     prepare
-    lm="$WORK/model"; [[ -f "$lm/config.json" ]] || lm="$MODEL"
-    gen="$WORK/gen"
-    if [[ ! -f "$WORK/gen.done" ]]; then
-      resume=(); [[ -d "$gen" ]] && resume=(--resume)
-      echo "[gpu_job] $(date +%T) teacher text" >> "$OUT/gen.log"
-      timeout --signal=TERM "$(( $(left) - 60 ))s" python3 -m ppn_bayes teacher-text --model "$lm" \
-        --data "$TEXTS/wiki_summaries_en.txt" --out "$gen" --tokens "${GEN_TOKENS:-16000000}" --prompt-len 32 \
-        --new-tokens 992 --temperature 1.0 --top-k 64 --batch-size 2048 --device "$DEVICE" --dtype bfloat16 \
-        --compile --quiet "${resume[@]}" >> "$OUT/gen.log" 2>&1 && touch "$WORK/gen.done"
-      tail -n 3 "$OUT/gen.log"
-    fi
+    teacher_text
+    [[ -f "$WORK/gen.done" ]] && record_fit ppn_bayes "seed${SEED:-0}"
+    ;;
+  part10)
+    prepare
+    teacher_text
     if [[ -f "$WORK/gen.done" ]]; then
-      seed="${SEED:-0}"; work="$WORK/seed$seed"; mkdir -p "$work"
-      [[ -d "$work/model" ]] || ln -s "$WORK/model" "$work/model"
-      [[ -d "$work/tokens" ]] || ln -s "$WORK/tokens" "$work/tokens"
+      work=$(workdir wkd)
       budget=$(( $(left) - 20 ))
-      echo "[gpu_job] $(date +%T) fit seed $seed ($budget s)" >> "$OUT/gpu0.log"
+      echo "[gpu_job] $(date +%T) width-kd and the activation baselines ($budget s)" >> "$OUT/gpu0.log"
       timeout --signal=TERM "${budget}s" python3 benchmarks/quality.py "${COMMON[@]}" --work-dir "$work" \
-        --rankings "$work/rankings.json" --methods ppn_bayes --fit-tokens "$gen" --fit-batch 16 \
-        --fit-steps "${RECORD_STEPS:-3052}" --fit-set seed="$seed" --fit-set warmup_steps=100 \
-        --fit-set n_random_sizes=2 --fit-set compile=inductor --fit-set autocast=bfloat16 \
-        --fit-set checkpoint_every=1000 --fit-set eval_every=250 --fit-set eval_sizes=0.9,0.5,0.3 \
-        --fit-eval-windows 8 --fit-stop-after "$(( budget - 60 ))" ${RECORD_EXTRA:-} >> "$OUT/gpu0.log" 2>&1
-      cp "$work/fits/ppn_bayes.validation.jsonl" "$OUT/validation-seed$seed.jsonl" 2>/dev/null || true
-      cp "$work/rankings.json" "$OUT/rankings-seed$seed.json" 2>/dev/null || true
+        --rankings "$work/rankings.json" --methods activation,activation-uniform,width,width-kd \
+        --width-kd-sizes "${WIDTH_KD_SIZES:-0.5,0.3}" --width-kd-data "$WORK/gen" --fit-batch 16 \
+        --fit-steps "${RECORD_STEPS:-3052}" --width-kd-tokens "$(( ${RECORD_STEPS:-3052} * 16 * 2048 ))" \
+        --fit-set warmup_steps=100 --fit-eval-windows 8 --width-kd-checkpoint-every 100 \
+        --time-budget "$(( budget * 8 / 10 ))" >> "$OUT/gpu0.log" 2>&1
     fi
     ;;
-  *) echo "unknown part $part: check, part1 to part9"; exit 2 ;;
+  part11)
+    prepare
+    teacher_text
+    [[ -f "$WORK/gen.done" ]] && record_fit "${ABLATION:-ppn_bayes-flat}" "${ABLATION:-ppn_bayes-flat}"
+    ;;
+  *) echo "unknown part $part: check, part1 to part11"; exit 2 ;;
 esac
 [[ -f "$RANKINGS" ]] && cp "$RANKINGS" "$OUT/rankings.json"
 echo "[gpu_job] $part done in $(( $(date +%s) - START )) s; records:"

@@ -531,19 +531,16 @@ def _time_boxed_steps(run: Run, lm, fit_config: FitConfig, checkpoint: Path, tok
 
 
 def _export_ranked(run: Run, fitted) -> None:
-    """A ranked checkpoint for resizing, when the deployment helper's resize module offers one."""
-    try:
-        from ppn_bayes import resize
-    except ImportError:
-        return
-    export = getattr(resize, "export_ranked", None)
-    if export is None:
-        return
+    """A ranked checkpoint of the fit of record under ``work_dir/ranked/ppn_bayes``, for
+    benchmarks/resize.py and speed.py (before, a name clash, ``ppn_bayes.resize`` the function
+    and not the module, made this silently write nothing)."""
+    from ppn_bayes import export_ranked
+
     target = Path(run.config.work_dir) / "ranked" / "ppn_bayes"
     if target.exists():
         return
     try:
-        export(fitted, target, tokenizer=run.tokenizer)
+        export_ranked(fitted, target, tokenizer=run.tokenizer)
         print(f"[quality] ranked checkpoint written to {target}", flush=True)
     except Exception as err:  # the benchmark goes on; the failure is reported
         print(f"[quality] ranked export failed: {err!r}", file=sys.stderr, flush=True)
