@@ -581,9 +581,13 @@ class TensorSource(Protocol):
     reference: nn.Module | None
     shares_storage: bool
 
-    def take(self, cut: Take) -> torch.Tensor: ...
+    def take(self, cut: Take) -> torch.Tensor:
+        """The full LM's tensor ``cut.source``, whole or cut as ``cut`` says."""
+        ...
 
-    def generation_config(self): ...
+    def generation_config(self):
+        """The sub-network's generation config, or None."""
+        ...
 
 
 class LMTensors:
