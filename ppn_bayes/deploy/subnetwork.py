@@ -67,13 +67,13 @@ __all__ = [
     "save_subnetwork",
     "load_subnetwork",
     "WIDTHS_VERSION",
-    # the builder's steps, shared with ppn_bayes.deploy.resize and ppn_bayes.decode.speculative
+    # the builder's steps (the first four also check and write ranked checkpoints in ppn_bayes.deploy.resize)
     "layer_rules",
     "empty_subnetwork",
-    "fill_tensors",
-    "take_rows",
     "tensor_groups",
     "is_parameter",
+    "fill_tensors",
+    "take_rows",
     "fold_layer_scale",
     "materialise_buffers",
     "finish_subnetwork",
