@@ -277,3 +277,77 @@ def test_gpt2_layer_scaled_attention_keeps_its_base_layer_scale(tmp_path):
 
     plain = AutoModelForCausalLM.from_pretrained(save_subnetwork(sub, None, tmp_path / "sub")).eval()
     torch.testing.assert_close(_logits(plain), _logits(sub), atol=ATOL, rtol=1e-5)
+
+
+# -- one builder, three tensor sources ----------------------------------------------------------
+def _tensors(lm) -> dict:
+    """Every parameter and buffer (persistent or not, tied names included) by name."""
+    return dict(list(lm.named_parameters(remove_duplicate=False)) + list(lm.named_buffers(remove_duplicate=False)))
+
+
+def _assert_identical(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape, name
+        assert torch.equal(got[name], tensor), name
+
+
+def _check_the_three_sources(lm, ranking, folder, sizes) -> tuple[int, int]:
+    """Build ``ranking``'s masks at ``sizes`` through the three tensor sources and compare
+    every tensor exactly; returns how many sizes re-index layers and empty some layer."""
+    from ppn_bayes.decode.speculative import rank_sorted, shared_draft
+    from ppn_bayes.deploy.resize import export_ranked, open_ranked, resize
+    from ppn_bayes.deploy.subnetwork import selection_from_masks, tensor_plan
+
+    checkpoint = open_ranked(export_ranked(lm, folder / "ranked", ranking=ranking))
+    sorted_lm, ranked = rank_sorted(lm, ranking)  # the LM the ranked file stores, in memory
+    assert checkpoint.ranking.to_dict() == ranked.to_dict()
+    scaled = getattr(lm.config, "scale_attn_by_inverse_layer_idx", False)
+    full = _tensors(sorted_lm)
+    reindexed = emptied = 0
+    for size in sizes:
+        masks = ranked.masks(size)
+        selection = selection_from_masks(masks)
+        reindexed += selection.layers != tuple(range(len(selection.layers)))
+        emptied += any(not units for units in selection.attention + selection.mlp)
+        in_memory = build_subnetwork(sorted_lm, masks)
+        expected = _tensors(in_memory)
+        _assert_identical(_tensors(resize(checkpoint, size).lm), expected)
+        if scaled:  # views cannot be rescaled: the builder refuses them
+            with pytest.raises(ValueError, match="rescales its kept layers' weights"):
+                shared_draft(sorted_lm, ranked, size)
+            continue
+        views = shared_draft(sorted_lm, ranked, size)
+        got = _tensors(views)
+        _assert_identical(got, expected)
+        assert views.config.ppn_widths == in_memory.config.ppn_widths
+        assert not any(p.requires_grad for p in views.parameters())
+        # A rank-sorted LM keeps prefixes, so every non-empty tensor of the views is a view
+        # of its full tensor; GPT-2's fused q|k|v is no prefix when some attention units go.
+        names = [name for name, _ in views.named_parameters(remove_duplicate=False)]
+        for name, take in tensor_plan(ranked.arch, selection, names).items():
+            if got[name].numel() == 0:
+                continue
+            shares = got[name].untyped_storage().data_ptr() == full[take.source].untyped_storage().data_ptr()
+            assert shares != ("c_attn" in name and got[name].numel() < full[take.source].numel()), name
+    return reindexed, emptied
+
+
+@pytest.mark.parametrize("family,overrides", [("llama", {"tie_word_embeddings": True}), ("qwen3", {}),
+                                              ("gpt2", {}), ("gpt2", {"scale_attn_by_inverse_layer_idx": True})])
+def test_the_three_tensor_sources_build_identical_sub_networks(tmp_path, family, overrides):
+    """The same masks through the LM in memory (copies), the ranked file (slices read from
+    disk) and views of the LM (shared storage) give the same tensors, bit for bit."""
+    lm = tiny_lm(family, **overrides)
+    reindexed, emptied = _check_the_three_sources(lm, Ranking.random(_arch(lm), seed=4), tmp_path,
+                                                  (0.1, 0.25, 0.55, 1.0))
+    assert reindexed and emptied  # the sizes cover dropped layers and layers with no units of a kind
+
+
+@pytest.mark.slow
+def test_the_three_tensor_sources_agree_on_smollm2(smollm2_path, tmp_path):
+    """The same on the real model (SmolLM2-135M), at two sizes."""
+    from ppn_bayes.lm import load_lm
+
+    lm, _ = load_lm(smollm2_path)
+    _check_the_three_sources(lm, Ranking.random(describe(lm, mlp_group=64), seed=4), tmp_path, (0.3, 0.7))

@@ -601,10 +601,10 @@ def rank_sorted(lm: nn.Module, ranking) -> tuple[nn.Module, "Ranking"]:
     the same thing; ``resize(checkpoint, 1.0).lm`` and ``checkpoint.ranking`` load it.
     """
     from ..deploy.resize import ranked_ranking, rank_order
-    from ..deploy.subnetwork import build_from_selection
+    from ..deploy.subnetwork import LMTensors, build_from_source
 
     order = rank_order(ranking)
-    return build_from_selection(lm, ranking.arch, order), ranked_ranking(ranking, order)
+    return build_from_source(LMTensors(lm), ranking.arch, order), ranked_ranking(ranking, order)
 
 
 def shared_draft(ranked_target: nn.Module, ranking, size: float) -> nn.Module:
@@ -618,55 +618,21 @@ def shared_draft(ranked_target: nn.Module, ranking, size: float) -> nn.Module:
     that matrix multiplication reads in place); embeddings, norms and the LM head are the
     target's own tensors. A tensor that is not a prefix (GPT-2's fused q/k/v when some
     attention units are dropped) is copied. :func:`new_parameter_bytes` measures what the
-    draft added.
+    draft added. It is the one sub-network builder
+    (:func:`~ppn_bayes.deploy.subnetwork.build_from_source`) reading
+    :class:`~ppn_bayes.deploy.subnetwork.SharedTensors`.
 
     The draft must not be trained or modified in place: its weights are the target's.
     """
-    from ..core.architecture import FAMILIES
     from ..core.ranking import check_size
     from ..deploy.resize import check_prefixes
-    from ..deploy.subnetwork import (
-        empty_subnetwork, fill_tensors, finish_subnetwork, materialise_buffers, selection_from_masks, subnetwork_config,
-    )
+    from ..deploy.subnetwork import SharedTensors, build_from_source, selection_from_masks
 
     check_size(size)
-    arch = ranking.arch
     check_prefixes(ranking)
-    family = FAMILIES[arch.family]
-    if family.scales_attention_by_layer(ranked_target.config):
-        raise ValueError(f"a {family.name} LM with {family.layer_scale_flag} rescales its kept layers' weights: "
-                         "use build_subnetwork (a copy) for its drafts")
     masks = ranking.masks(size)
-    selection = selection_from_masks(masks)
-    widths = selection.widths(arch)
-    config = subnetwork_config(ranked_target.config, family, widths)
-    draft = empty_subnetwork(config, family, widths, getattr(ranked_target.config, "_attn_implementation", None))
-    tensors = dict(ranked_target.named_parameters(remove_duplicate=False))
-    tensors.update(ranked_target.named_buffers(remove_duplicate=False))
-
-    def take(first, *_) -> torch.Tensor:
-        if first.source not in tensors:
-            raise ValueError(f"the target has no tensor {first.source}: is it the ranked LM of this ranking?")
-        tensor = tensors[first.source].detach()  # shares the storage
-        if first.dim is None:
-            return tensor
-        if len(first.ranges) == 1 and first.ranges[0][0] == 0:
-            return tensor.narrow(first.dim, 0, first.ranges[0][1])  # a prefix: a view
-        index = torch.cat([torch.arange(a, b) for a, b in first.ranges]) if first.ranges else \
-            torch.zeros(0, dtype=torch.long)
-        return tensor.index_select(first.dim, index.to(tensor.device))  # not a prefix: a copy
-
-    fill_tensors(draft, arch, selection, take)
-    device = next(ranked_target.parameters()).device
-    materialise_buffers(draft, device, reference=ranked_target)
-    draft = finish_subnetwork(draft, device)
+    draft = build_from_source(SharedTensors(ranked_target), ranking.arch, selection_from_masks(masks))
     draft.config.ppn_size_reached = masks.size_reached
-    if getattr(ranked_target, "generation_config", None) is not None:
-        import copy
-
-        draft.generation_config = copy.deepcopy(ranked_target.generation_config)
-    for parameter in draft.parameters():
-        parameter.requires_grad_(False)
     return draft
 
 

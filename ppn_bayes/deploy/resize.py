@@ -16,9 +16,11 @@ unchanged) makes the units a layer keeps at *any* size a prefix of that layer's 
 It has no ``config.json`` on purpose: it is not a Hugging Face directory and
 ``from_pretrained`` cannot mistake its permuted, transposed tensors for an LM.
 
-:func:`resize` reads only the prefixes it needs with ``safe_open(...).get_slice``, fills a
-sub-network built on the ``meta`` device (:mod:`ppn_bayes.deploy.subnetwork`), and saves it: the
-full LM is never materialised and peak memory is about the sub-network's.
+:func:`resize` reads only the prefixes it needs with ``safe_open(...).get_slice``
+(:class:`RankedTensors`, a tensor source of the one sub-network builder,
+:func:`~ppn_bayes.deploy.subnetwork.build_from_source`), fills a sub-network built on the
+``meta`` device, and saves it: the full LM is never materialised and peak memory is about
+the sub-network's.
 """
 
 from __future__ import annotations
@@ -39,13 +41,11 @@ from ..version import VERSION as __version__
 from ..io import FileFormatError, atomic_directory, atomic_write_text, read_json
 from ..core.ranking import Masks, Ranking
 from .subnetwork import (
+    LMTensors,
     Selection,
     Take,
     Widths,
-    fill_tensors,
-    finish_subnetwork,
-    fold_layer_scale,
-    take_rows,
+    build_from_source,
     is_parameter,
     layer_rules,
     empty_subnetwork,
@@ -56,7 +56,7 @@ from .subnetwork import (
     tensor_plan,
 )
 
-__all__ = ["export_ranked", "resize", "RankedCheckpoint", "ResizeResult", "open_ranked", "rank_order",
+__all__ = ["export_ranked", "resize", "RankedCheckpoint", "RankedTensors", "ResizeResult", "open_ranked", "rank_order",
            "ranked_ranking", "check_prefixes", "tokenizer_files", "RANKED_FORMAT", "RANKED_VERSION"]
 
 RANKED_FORMAT = "ppn_bayes.ranked"
@@ -191,15 +191,14 @@ def export_ranked(source, out: str | Path, *, ranking: Ranking | None = None, to
     if arch.to_dict() != ranking.arch.to_dict():
         raise ValueError("the ranking was made for another model (the LM's architecture differs)")
     order = rank_order(ranking)
-    tensors = dict(lm.named_parameters(remove_duplicate=False))
-    tensors.update(lm.named_buffers(remove_duplicate=False))
+    source = LMTensors(lm)
     groups = tensor_groups(lm)
     plan = tensor_plan(arch, order, [group[0] for group in groups])
     stored, transposed, aliases, checksums = {}, [], {}, {}
     for group in groups:
         name = group[0]
         take = plan[name]
-        tensor = take_rows(tensors[take.source], take).cpu()
+        tensor = source.take(take).cpu()
         if take.dim == 1 and tensor.dim() == 2:
             # Cut along columns later: store [in, out] so a cut is a run of whole rows.
             tensor = tensor.t().contiguous()
@@ -388,16 +387,32 @@ def _full_widths(arch: Architecture) -> Widths:
 
 
 # -- resize -----------------------------------------------------------------------------------
-class _SliceReader:
-    """Reads :class:`~ppn_bayes.deploy.subnetwork.Take` cuts from a ranked checkpoint and counts
-    the bytes it reads."""
+class RankedTensors:
+    """A ranked checkpoint as a :class:`~ppn_bayes.deploy.subnetwork.TensorSource`: reads
+    the cuts asked for (:class:`~ppn_bayes.deploy.subnetwork.Take`) from the open tensor
+    file ``handle`` slice by slice, checks each against its checksums, converts it to
+    ``dtype`` (None: as stored) on ``device``, and counts the bytes it reads. Names are
+    those of the rank-sorted LM the checkpoint stores."""
+
+    shares_storage = False
+    attn_implementation = None
+    reference = None
 
     def __init__(self, handle, checkpoint: RankedCheckpoint, dtype, device):
         self.handle = handle
         self.checkpoint = checkpoint
+        self.config = checkpoint.config
         self.dtype = dtype
         self.device = device
         self.bytes_read = 0
+
+    def generation_config(self):
+        """The checkpoint's generation config, or None if it has none."""
+        if not (self.checkpoint.path / "generation_config.json").is_file():
+            return None
+        from transformers import GenerationConfig
+
+        return GenerationConfig.from_pretrained(str(self.checkpoint.path))
 
     def _verify(self, name: str, start: int, rows: torch.Tensor) -> None:
         """Check the blocks of rows ``start ..`` just read against the stored digests."""
@@ -413,7 +428,8 @@ class _SliceReader:
                     f"ranked checkpoint {self.checkpoint.path}: {name} rows {start + offset}.. fail their "
                     "checksum (the tensor file is corrupt); export the checkpoint again")
 
-    def __call__(self, take: Take) -> torch.Tensor:
+    def take(self, take: Take) -> torch.Tensor:
+        """The rows ``take`` keeps, read from the file."""
         name = self.checkpoint.aliases.get(take.source, take.source)
         if name not in self.checkpoint.shapes:
             raise FileFormatError(f"ranked checkpoint {self.checkpoint.path}: lacks tensor {name}")
@@ -492,24 +508,14 @@ def resize(ranked: str | Path | RankedCheckpoint, size: float | None = None, out
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     masks = checkpoint.masks(size, n_params=n_params)
     selection = selection_from_masks(masks)
-    family = FAMILIES[checkpoint.arch.family]
-    widths = selection.widths(checkpoint.arch)
-    sub = empty_subnetwork(subnetwork_config(checkpoint.config, family, widths), family, widths)
     file = checkpoint.tensors_file
     header = 8 + int.from_bytes(file.open("rb").read(8), "little")
     try:
         with _open_for_reading(file) as handle:
-            reader = _SliceReader(handle, checkpoint, dtype, device)
-            fill_tensors(sub, checkpoint.arch, selection, reader)
-        fold_layer_scale(sub, family, widths)
+            reader = RankedTensors(handle, checkpoint, dtype, device)
+            sub = build_from_source(reader, checkpoint.arch, selection)
     except SafetensorError as err:
         raise FileFormatError(f"ranked checkpoint {checkpoint.path}: {TENSORS_FILE} is corrupt ({err})") from None
-    sub = finish_subnetwork(sub, device)
-    generation = checkpoint.path / "generation_config.json"
-    if generation.is_file():
-        from transformers import GenerationConfig
-
-        sub.generation_config = GenerationConfig.from_pretrained(str(checkpoint.path))
     if out is not None:
         save_subnetwork(sub, tokenizer_files(checkpoint.path / "tokenizer"), out, overwrite=overwrite)
     return ResizeResult(

@@ -13,13 +13,21 @@ Its logits equal the masked full LM's (:class:`~ppn_bayes.core.gating.GatedLM` u
 ``masks.gates()``, the slow masked-dense reference), and it is an ordinary module:
 ``torch.compile``, static KV caches and ``generate`` work on it.
 
-How it is built: a skeleton of the sub-network is made on the ``meta`` device from the
-config (no memory), each layer is narrowed to its own widths (one narrowing function per
-module type, keeping ``in_features``/``out_features`` in step with the weights), and every
-tensor is then filled from a *source*: the full LM in memory here, slices of a ranked
-safetensors checkpoint in :mod:`ppn_bayes.deploy.resize`. Which rows or columns of which source
-tensor fill a sub-network tensor is a pure function of the family and the kept units
-(:func:`tensor_plan`), shared by both paths.
+How it is built (:func:`build_from_source`, the one builder): a skeleton of the
+sub-network is made on the ``meta`` device from the config (no memory), each layer is
+narrowed to its own widths (one narrowing function per module type, keeping
+``in_features``/``out_features`` in step with the weights), and every tensor is then
+filled from a :class:`TensorSource`, which gives a full LM's tensor by name, whole or cut
+to the rows or columns asked for. Three sources:
+
+* :class:`LMTensors`: an LM in memory, copied (:func:`build_subnetwork`);
+* ``RankedTensors`` (:mod:`ppn_bayes.deploy.resize`): slices of a ranked safetensors
+  checkpoint, read from disk (``resize``);
+* :class:`SharedTensors`: views that share an LM's storage where the cut is a prefix
+  (the drafts of :func:`ppn_bayes.decode.speculative.shared_draft`).
+
+Which rows or columns of which source tensor fill a sub-network tensor is a pure function
+of the family and the kept units (:func:`tensor_plan`), the same for every source.
 
 Per-layer widths are first-class data (:class:`Widths`), stored in the saved config as
 ``ppn_widths``. When every layer keeps the same widths and the family's config can say
@@ -33,12 +41,12 @@ import copy
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
 
-from ..core.architecture import Architecture, Family, FAMILIES, decoder_layers, describe, family_of, get_module
+from ..core.architecture import Architecture, Family, FAMILIES, decoder_layers, describe, get_module
 from ..io import FileFormatError, atomic_directory
 
 __all__ = [
@@ -48,6 +56,10 @@ __all__ = [
     "EmptyAttention",
     "EmptyMLP",
     "build_subnetwork",
+    "build_from_source",
+    "TensorSource",
+    "LMTensors",
+    "SharedTensors",
     "selection_from_masks",
     "tensor_plan",
     "subnetwork_widths",
@@ -55,13 +67,13 @@ __all__ = [
     "save_subnetwork",
     "load_subnetwork",
     "WIDTHS_VERSION",
-    # the builder's steps, shared with ppn_bayes.deploy.resize and ppn_bayes.decode.speculative
+    # the builder's steps (the first four also check and write ranked checkpoints in ppn_bayes.deploy.resize)
     "layer_rules",
     "empty_subnetwork",
-    "fill_tensors",
-    "take_rows",
     "tensor_groups",
     "is_parameter",
+    "fill_tensors",
+    "take_rows",
     "fold_layer_scale",
     "materialise_buffers",
     "finish_subnetwork",
@@ -548,26 +560,108 @@ def _check_masks_fit(lm: nn.Module, arch: Architecture) -> None:
         raise ValueError(f"the masks were made for another model (its architecture differs in {different})")
 
 
-def build_from_selection(lm: nn.Module, arch: Architecture, selection: Selection) -> nn.Module:
-    """The sub-network of ``lm`` holding ``selection`` (a new module; ``lm`` untouched)."""
-    family = family_of(lm)
-    widths = selection.widths(arch)
-    config = subnetwork_config(lm.config, family, widths)
-    sub = empty_subnetwork(config, family, widths, getattr(lm.config, "_attn_implementation", None))
-    tensors = dict(lm.named_parameters(remove_duplicate=False))
-    tensors.update(lm.named_buffers(remove_duplicate=False))
+class TensorSource(Protocol):
+    """Where :func:`build_from_source` reads a sub-network's tensors from: a full LM's
+    tensors, by name.
 
-    def take(cut: Take) -> torch.Tensor:
-        if cut.source not in tensors:
+    ``take(cut)`` returns the full LM's tensor ``cut.source`` whole (``cut.dim`` is None)
+    or cut to the concatenation of ``cut.ranges`` along ``cut.dim``
+    (:class:`Take`). ``config`` is the full LM's config; ``device`` where buffers that
+    must be recomputed go; ``attn_implementation`` the attention the skeleton is built
+    with (None: transformers' default); ``reference`` a module whose non-persistent
+    buffers (rotary frequencies) are copied, or None to recompute them;
+    ``generation_config()`` the sub-network's generation config, or None.
+    ``shares_storage`` says that what ``take`` returns may be the LM's own storage: the
+    builder then changes no value in place and freezes the parameters.
+    """
+
+    config: object
+    device: torch.device
+    attn_implementation: str | None
+    reference: nn.Module | None
+    shares_storage: bool
+
+    def take(self, cut: Take) -> torch.Tensor:
+        """The full LM's tensor ``cut.source``, whole or cut as ``cut`` says."""
+        ...
+
+    def generation_config(self):
+        """The sub-network's generation config, or None."""
+        ...
+
+
+class LMTensors:
+    """The tensors of an LM in memory; every cut is a copy (the LM is left untouched)."""
+
+    shares_storage = False
+
+    def __init__(self, lm: nn.Module):
+        self.lm = lm
+        self.config = lm.config
+        self.attn_implementation = getattr(lm.config, "_attn_implementation", None)
+        self.device = next(lm.parameters()).device
+        self.reference = lm
+        self.tensors = dict(lm.named_parameters(remove_duplicate=False))
+        self.tensors.update(lm.named_buffers(remove_duplicate=False))
+
+    def full(self, cut: Take) -> torch.Tensor:
+        """The whole tensor ``cut.source`` (the LM's own storage, detached)."""
+        if cut.source not in self.tensors:
             raise ValueError(f"the LM has no tensor {cut.source}")
-        return take_rows(tensors[cut.source], cut)
+        return self.tensors[cut.source].detach()
 
-    fill_tensors(sub, arch, selection, take)
+    def take(self, cut: Take) -> torch.Tensor:
+        """A copy of what ``cut`` keeps."""
+        return take_rows(self.full(cut), cut)
+
+    def generation_config(self):
+        """A copy of the LM's generation config (None if it has none)."""
+        generation = getattr(self.lm, "generation_config", None)
+        return copy.deepcopy(generation) if generation is not None else None
+
+
+class SharedTensors(LMTensors):
+    """The tensors of an LM in memory as views: a whole tensor is the LM's own, a cut that
+    is a prefix along its dimension (rows: ``weight[:rows]``, contiguous; columns:
+    ``weight[:, :cols]``, a strided view) shares the LM's storage; any other cut is copied.
+    In a rank-sorted LM every kept unit is a prefix (GPT-2's fused q/k/v excepted)."""
+
+    shares_storage = True
+
+    def take(self, cut: Take) -> torch.Tensor:
+        """A view of what ``cut`` keeps where it is a prefix, else a copy."""
+        tensor = self.full(cut)
+        if cut.dim is None:
+            return tensor
+        if len(cut.ranges) == 1 and cut.ranges[0][0] == 0:
+            return tensor.narrow(cut.dim, 0, cut.ranges[0][1])
+        return take_rows(tensor, cut)
+
+
+def build_from_source(source: TensorSource, arch: Architecture, selection: Selection) -> nn.Module:
+    """The sub-network holding ``selection`` of the LM described by ``arch``, its tensors
+    taken from ``source`` (a new module in eval mode; the source is not modified).
+
+    Raises ``ValueError`` when ``source`` shares storage and the family rescales the kept
+    layers' weights (GPT-2's ``scale_attn_by_inverse_layer_idx``), and
+    :class:`~ppn_bayes.io.FileFormatError` when a tensor the source gives has the wrong shape.
+    """
+    family = FAMILIES[arch.family]
+    if source.shares_storage and family.scales_attention_by_layer(source.config):
+        raise ValueError(f"a {family.name} LM with {family.layer_scale_flag} rescales its kept layers' weights: "
+                         "use build_subnetwork (a copy) for its drafts")
+    widths = selection.widths(arch)
+    config = subnetwork_config(source.config, family, widths)
+    sub = empty_subnetwork(config, family, widths, source.attn_implementation)
+    fill_tensors(sub, arch, selection, source.take)
     fold_layer_scale(sub, family, widths)
-    device = next(lm.parameters()).device
-    materialise_buffers(sub, device, reference=lm)
-    if getattr(lm, "generation_config", None) is not None:
-        sub.generation_config = copy.deepcopy(lm.generation_config)
+    materialise_buffers(sub, source.device, reference=source.reference)
+    generation = source.generation_config()
+    if generation is not None:
+        sub.generation_config = generation
+    if source.shares_storage:
+        for parameter in sub.parameters():
+            parameter.requires_grad_(False)
     return sub.eval()
 
 
@@ -597,7 +691,7 @@ def build_subnetwork(lm: nn.Module, masks) -> nn.Module:
         The masks are for another model, keep a unit of a dropped layer, or keep no layer.
     """
     _check_masks_fit(lm, masks.arch)
-    return build_from_selection(lm, masks.arch, selection_from_masks(masks))
+    return build_from_source(LMTensors(lm), masks.arch, selection_from_masks(masks))
 
 
 def subnetwork_widths(sub: nn.Module) -> Widths:
