@@ -623,13 +623,13 @@ def shared_draft(ranked_target: nn.Module, ranking, size: float) -> nn.Module:
     The draft must not be trained or modified in place: its weights are the target's.
     """
     from ..core.architecture import FAMILIES
-    from ..core.ranking import check_size
+    from ..core.budget import Budget
     from ..deploy.resize import check_prefixes
     from ..deploy.subnetwork import (
         empty_subnetwork, fill_tensors, finish_subnetwork, materialise_buffers, selection_from_masks, subnetwork_config,
     )
 
-    check_size(size)
+    Budget(size=size)  # checked before any work
     arch = ranking.arch
     check_prefixes(ranking)
     family = FAMILIES[arch.family]

@@ -286,8 +286,7 @@ def distill_checkpoint(checkpoint, data, out, *, size: float | None = None, n_pa
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
-    if (size is None) == (n_params is None):
-        raise ValueError("give exactly one of size and n_params")
+    Budget(size, n_params)  # checked before any work
     if eval_windows < 1:
         raise ValueError(f"eval_windows must be positive, got {eval_windows}")
     work = out.with_name(out.name + ".distill-checkpoint")
