@@ -24,7 +24,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from ppn_bayes.core.config import FitConfig
+from ppn_bayes.core.config import NOT_IDENTIFYING, FitConfig
 from ppn_bayes.io import atomic_file, atomic_write_text
 from ppn_bayes.records import BENCHMARKS, RECORDS_DIR, curve_match, read_records
 
@@ -140,10 +140,6 @@ def _slug(text) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in str(text))
 
 
-#: Fit settings that do not change what a fit computes.
-_BOOKKEEPING_FIT = ("checkpoint_every", "log_every", "parallel", "eval_every", "eval_windows")
-
-
 def _same_settings(record: dict) -> tuple:
     """What two runs must share to be repeats: the fit's settings (defaults filled in for
     records written before a field existed), the training tokens and the windows."""
@@ -152,7 +148,7 @@ def _same_settings(record: dict) -> tuple:
         fit = FitConfig.from_dict(fit).to_dict() if fit else {}
     except (TypeError, ValueError):
         pass
-    fit = {k: v for k, v in fit.items() if k not in _BOOKKEEPING_FIT}
+    fit = {k: v for k, v in fit.items() if k not in NOT_IDENTIFYING}
     return json.dumps(fit, sort_keys=True), record.get("train_tokens"), record.get("windows")
 
 

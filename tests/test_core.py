@@ -242,7 +242,7 @@ def test_layers_rank_before_their_units():
 def test_masks_refuse_bad_sizes():
     ranking = Ranking.random(describe(tiny_lm("llama"), mlp_group=32))
     for bad in (0, -0.5, 1.5):
-        with pytest.raises(ValueError, match=r"size must be a fraction in \(0, 1\]"):
+        with pytest.raises(ValueError, match=r"size must lie in \(0, 1\]"):
             ranking.masks(bad)
     with pytest.raises(ValueError, match="below the smallest sub-network"):
         ranking.masks_for_params(1)

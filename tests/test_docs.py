@@ -171,7 +171,6 @@ KNOWN_UNDOCUMENTED = {
     "ppn_bayes.data.CharTokenizer.from_pretrained", "ppn_bayes.demo.DemoResult.table",
     "ppn_bayes.inspect.evaluate.Perplexity.to_dict", "ppn_bayes.core.gating.Gates.ones", "ppn_bayes.lm.load_tokenizer",
     "ppn_bayes.core.ranking.Masks.size_reached", "ppn_bayes.core.ranking.Ranking.total_params",
-    "ppn_bayes.core.ranking.check_size",
     "ppn_bayes.decode.speculative.Speculation.accepted", "ppn_bayes.decode.speculative.Speculation.acceptance_rate",
     "ppn_bayes.decode.speculative.Speculation.mean_accepted", "ppn_bayes.decode.speculative.Speculation.tokens_per_step",
     "ppn_bayes.decode.speculative.Speculation.tokens_per_s",

@@ -414,3 +414,14 @@ def test_targets_hold_ppn_bayes_against_width_kd_at_equal_tokens(tmp_path):
     table = text.split("### Protocol runs")[1].split("Produced by")[0]
     assert "activation-ranked units, uniform per layer (Wanda-sp), no training (superseded\\*)" in table
     assert "\\* Superseded: measured with the activation score of before issue 15" in table
+
+
+def test_the_report_groups_repeats_by_the_identifying_settings():
+    from ppn_bayes.core.config import FitConfig
+
+    def key(**fit):
+        return report._same_settings({"settings": {"fit": FitConfig(**fit).to_dict()}, "train_tokens": 10,
+                                      "windows": 2})
+
+    assert key(eval_sizes=(0.5,), compile="eager", log_every=3, parallel="none") == key()  # do not identify a fit
+    assert key(seed=1) != key() and key(steps=300) != key() and key(autocast="bfloat16") != key()

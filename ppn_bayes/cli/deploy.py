@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .options import nonnegative_float, nonnegative_int, positive_float, positive_int, size_fraction
-from ..core.schedule import SCHEDULES
+from .options import add_config_options, config_from, positive_int, size_fraction
 
 _DTYPES = ["float32", "bfloat16", "float16"]
 
@@ -90,31 +89,7 @@ def register(subparsers) -> None:
                          help="held-out windows of --seq-len evaluated (default: 16)")
     from ..deploy.finetune import DistillConfig
 
-    defaults = DistillConfig()
-    distill.add_argument("--steps", type=positive_int, default=defaults.steps, help=f"steps (default: {defaults.steps})")
-    distill.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
-                         help=f"windows per step (default: {defaults.batch_size})")
-    distill.add_argument("--seq-len", type=positive_int, default=defaults.seq_len,
-                         help=f"tokens per window (default: {defaults.seq_len})")
-    distill.add_argument("--lr", type=positive_float, default=defaults.lr, help=f"AdamW learning rate (default: {defaults.lr})")
-    distill.add_argument("--weight-decay", type=nonnegative_float, default=defaults.weight_decay,
-                         help=f"AdamW weight decay (default: {defaults.weight_decay})")
-    distill.add_argument("--distill-weight", type=nonnegative_float, default=defaults.distill_weight,
-                         help=f"weight of the KL term; 0: plain fine-tuning (default: {defaults.distill_weight})")
-    distill.add_argument("--nll-weight", type=nonnegative_float, default=defaults.nll_weight,
-                         help=f"weight of the next-token loss; 0: the KL term alone (default: {defaults.nll_weight})")
-    distill.add_argument("--lr-schedule", choices=SCHEDULES, default=defaults.lr_schedule,
-                         help="'constant', or 'cosine': after the warm-up a half cosine down to a tenth of --lr "
-                              f"(default: {defaults.lr_schedule})")
-    distill.add_argument("--warmup-steps", type=nonnegative_int, default=defaults.warmup_steps,
-                         help=f"the rate rises linearly over this many first steps (default: {defaults.warmup_steps})")
-    distill.add_argument("--grad-clip", type=nonnegative_float, default=defaults.grad_clip,
-                         help=f"gradient-norm clipping; 0: none (default: {defaults.grad_clip})")
-    distill.add_argument("--seed", type=int, default=defaults.seed, help=f"seed of the windows (default: {defaults.seed})")
-    distill.add_argument("--log-every", type=positive_int, default=defaults.log_every,
-                         help=f"log the losses every this many steps (default: {defaults.log_every})")
-    distill.add_argument("--checkpoint-every", type=nonnegative_int, default=0,
-                         help="checkpoint to OUT.distill-checkpoint every this many steps (0: never; default: 0)")
+    add_config_options(distill, DistillConfig, DistillConfig())
     distill.add_argument("--resume", action="store_true", help="continue from OUT.distill-checkpoint")
     distill.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     distill.add_argument("--bf16", action="store_true", help="bfloat16 autocast of the forward passes (CUDA only)")
@@ -185,11 +160,7 @@ def _resize(args: argparse.Namespace) -> int:
 def _distill(args: argparse.Namespace) -> int:
     from ..deploy.finetune import DistillConfig, distill_checkpoint
 
-    config = DistillConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                           weight_decay=args.weight_decay, distill_weight=args.distill_weight,
-                           grad_clip=args.grad_clip, seed=args.seed, log_every=args.log_every,
-                           checkpoint_every=args.checkpoint_every, nll_weight=args.nll_weight,
-                           lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps)
+    config = DistillConfig(**config_from(args, DistillConfig))
     report = distill_checkpoint(args.checkpoint, args.data, args.out, size=args.size, n_params=args.params,
                                 teacher=args.teacher, config=config, eval_data=args.eval_data,
                                 eval_windows=args.eval_windows, device=args.device, bf16=args.bf16,

@@ -8,7 +8,7 @@ import dataclasses
 import math
 import typing
 
-from ..core.config import FIT_HELP, FitConfig
+from ..core.config import CONCERNS, FitConfig
 
 
 def _number(kind: type, text: str, what: str, ok) -> int | float:
@@ -70,29 +70,53 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_fit_options(parser: argparse.ArgumentParser, defaults: FitConfig = FitConfig(), *,
-                    skip: tuple[str, ...] = ()) -> None:
-    """One flag per :class:`FitConfig` field, documented from ``FIT_HELP``."""
-    group = parser.add_argument_group("fit settings (FitConfig)")
-    hints = typing.get_type_hints(FitConfig)
-    for f in dataclasses.fields(FitConfig):
+#: Argument types by a field's ``bound`` metadata and its type.
+_CONVERT = {(None, int): int, (None, float): finite_float, ("positive", int): positive_int,
+            ("positive", float): positive_float, ("nonnegative", int): nonnegative_int,
+            ("nonnegative", float): nonnegative_float}
+
+
+def add_config_options(parser: argparse.ArgumentParser, cls: type, defaults, *, skip: tuple[str, ...] = (),
+                       groups: dict | None = None) -> None:
+    """One flag ``--field-name`` per field of the settings dataclass ``cls``, documented
+    from its ``help`` metadata with its default in ``defaults``; the flag's values are
+    checked by its ``bound`` (``positive``, ``nonnegative``) and ``choices`` metadata where
+    it has them. ``groups`` maps a field's ``concern`` to the argument group its flag
+    joins (default: ``parser`` itself)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         default = getattr(defaults, f.name)
         kind = hints[f.name]
-        help_text = f"{FIT_HELP[f.name]} (default: {default})"
+        target = (groups or {}).get(f.metadata["concern"], parser)
+        help_text = f"{f.metadata['help']} (default: {default})"
         if kind is bool:
-            group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
-                               default=default, help=help_text)
+            target.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=default, help=help_text)
         elif typing.get_origin(kind) is tuple:  # sizes
-            group.add_argument(_flag(f.name), dest=f.name, type=size_fraction, nargs="*", default=default,
-                               metavar="SIZE", help=help_text)
+            target.add_argument(_flag(f.name), dest=f.name, type=size_fraction, nargs="*", default=default,
+                                metavar="SIZE", help=help_text)
         else:
-            convert = {int: int, float: finite_float, str: str}.get(kind, int if "int" in str(kind) else str)
-            group.add_argument(_flag(f.name), dest=f.name, type=convert, default=default, help=help_text)
+            plain = kind if kind in (int, float, str) else next(a for a in typing.get_args(kind) if a is not type(None))
+            convert = _CONVERT.get((f.metadata.get("bound"), plain), str)
+            target.add_argument(_flag(f.name), dest=f.name, type=convert, default=default,
+                                choices=f.metadata.get("choices"), help=help_text)
+
+
+def config_from(args: argparse.Namespace, cls: type, *, skip: tuple[str, ...] = ()) -> dict:
+    """The values of the flags of :func:`add_config_options` for ``cls``, as ``{field: value}``."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name not in skip}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
+def add_fit_options(parser: argparse.ArgumentParser, defaults: FitConfig = FitConfig(), *,
+                    skip: tuple[str, ...] = ()) -> None:
+    """One flag per :class:`FitConfig` field, documented from its metadata, in one group
+    per concern (:data:`~ppn_bayes.core.config.CONCERNS`)."""
+    groups = {name: parser.add_argument_group(f"fit settings: {name} (FitConfig)") for name in CONCERNS}
+    add_config_options(parser, FitConfig, defaults, skip=skip, groups=groups)
 
 
 def fit_config_from(args: argparse.Namespace, *, base: FitConfig = FitConfig(), skip: tuple[str, ...] = ()) -> FitConfig:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(FitConfig) if f.name not in skip}
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    return base.replace(**values)
+    return base.replace(**config_from(args, FitConfig, skip=skip))

@@ -18,9 +18,56 @@ All functions broadcast over leading dimensions (draws, sizes).
 
 from __future__ import annotations
 
+import math
+
+from dataclasses import dataclass
+
 import torch
 
-__all__ = ["keep_logits", "keep_probs", "expected_size", "solve_log_tau"]
+__all__ = ["Budget", "check_size", "keep_logits", "keep_probs", "expected_size", "solve_log_tau"]
+
+
+def check_size(size) -> float:
+    """``size`` as a float: a fraction of the decoder's parameters in ``(0, 1]``, else
+    ``ValueError`` (the one message every refused size gets)."""
+    try:
+        value = float(size) if not isinstance(size, bool) else math.nan
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 0 < value <= 1:  # NaN too
+        raise ValueError(f"size must lie in (0, 1], got {size!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a sub-network may keep: a ``size`` (the kept fraction of the decoder's
+    parameters, in ``(0, 1]``) or a parameter count ``n_params`` (an integer of at least
+    1), exactly one of them. Checked once, when built; ``Budget(size=0.5).size`` is a float
+    and ``Budget(n_params=10**6).n_params`` an int whatever number type they were given as."""
+
+    size: float | None = None
+    n_params: int | None = None
+
+    def __post_init__(self):
+        if (self.size is None) == (self.n_params is None):
+            raise ValueError(f"give exactly one of a size and a parameter count, got size={self.size!r} "
+                             f"and n_params={self.n_params!r}")
+        if self.size is not None:
+            object.__setattr__(self, "size", check_size(self.size))
+            return
+        count = self.n_params
+        try:
+            whole = not isinstance(count, bool) and int(count) == count
+        except (TypeError, ValueError, OverflowError):
+            whole = False
+        if not whole or count < 1:
+            raise ValueError(f"a parameter count must be an integer of at least 1, got {count!r}")
+        object.__setattr__(self, "n_params", int(count))
+
+    def params(self, total_params: int) -> int:
+        """The budget in parameters, of a decoder of ``total_params`` (a size rounds down)."""
+        return int(self.size * total_params) if self.size is not None else self.n_params
 
 
 def keep_logits(log_tau, log_lambda_layer, log_lambda_unit):
@@ -87,9 +134,7 @@ def solve_log_tau(size, log_lambda_layer, log_lambda_unit, layer_cost, unit_cost
     batch = log_lambda_layer.shape[:-1]
     device = log_lambda_layer.device
     if isinstance(size, (int, float)):  # checked on the host, filled on the device: no sync
-        if not 0 < size <= 1:
-            raise ValueError(f"size must lie in (0, 1], got {size}")
-        size = torch.full(batch, float(size), dtype=torch.float64, device=device)
+        size = torch.full(batch, check_size(size), dtype=torch.float64, device=device)
     else:
         size = torch.as_tensor(size, dtype=torch.float64, device=device)
         if validate and bool(((size <= 0) | (size > 1)).any()):  # a host sync: callers that checked skip it

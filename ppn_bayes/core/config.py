@@ -12,7 +12,25 @@ from dataclasses import dataclass
 
 from .schedule import SCHEDULES
 
-__all__ = ["FitConfig", "check_fields"]
+__all__ = ["FitConfig", "check_fields", "setting", "CONCERNS", "FIT_HELP", "NOT_IDENTIFYING"]
+
+#: The concerns a fit's settings fall into, in ``--help`` order: ``prior`` (the Bayesian
+#: model and its guide: units, hierarchy, the prior's weight, the guide's start),
+#: ``objective`` (the likelihood each step: the sizes trained, the gates' relaxation, the
+#: NLL and distillation terms), ``optimisation`` (how the parameters move: steps, batches,
+#: rates, schedule) and ``run`` (seeding, checkpoints, evaluation, devices and precision).
+CONCERNS = ("prior", "objective", "optimisation", "run")
+PRIOR, OBJECTIVE, OPTIMISATION, RUN = CONCERNS
+
+
+def setting(default, concern: str, help: str, *, identifies: bool = True, **metadata):
+    """A settings field: its ``default``, its ``concern`` (one of :data:`CONCERNS` for a
+    :class:`FitConfig`, free for other settings classes), its one-line ``help`` (the CLI's
+    text) and whether it ``identifies`` a fit (``False``: it does not change what a fit
+    computes, only when it saves, logs or evaluates, or how the work is spread). Any further
+    ``metadata`` (e.g. ``bound="positive"``, ``choices=...``) goes to the CLI's flag."""
+    return dataclasses.field(default=default, metadata={"concern": concern, "help": help,
+                                                         "identifies": identifies, **metadata})
 
 
 #: How the gates of one training draw depend on each other (``FitConfig.gate_coupling``).
@@ -38,46 +56,108 @@ class FitConfig:
     each size weighs alike; the prior KL is scaled by ``prior_weight / prior_tokens``
     (``prior_tokens`` defaults to the number of training tokens, which makes the loss the
     ELBO per token).
+
+    Every field is a :func:`setting`: its metadata holds its help text (the CLI's), its
+    concern (:data:`CONCERNS`; :meth:`concern` returns one concern's settings, and
+    ``ppn-bayes fit --help`` groups the flags by concern) and whether it identifies a fit.
+    Those that do not (:data:`NOT_IDENTIFYING`: when to checkpoint, log and evaluate, how the
+    work is spread and compiled) may change on a resume, and the benchmark report counts runs
+    that differ only in them as repeats of one fit.
     """
 
-    steps: int = 200
-    batch_size: int = 8
-    accumulate: int = 1  # micro-batches of batch_size per process and step
-    seq_len: int = 128
-    lr_lm: float = 3e-5
-    lr_guide: float = 5e-2
-    weight_decay: float = 0.0
-    size_min: float = 0.3
-    size_max: float = 1.0
-    n_random_sizes: int = 1
-    temperature: float = 0.5
-    gate_coupling: str = "independent"  # "independent", "shared" (comonotone gates) or "prefix"
-    distill_weight: float = 1.0
-    nll_weight: float = 1.0
-    teacher: str = "self"  # "self": the full LM as it trains; "original": a frozen copy of the LM given to fit
-    prior_weight: float = 1.0
-    prior_tokens: int | None = None
-    posterior: str = "normal"  # "normal" (mean-field) or "point" (ablation)
-    hierarchy: bool = True  # False: flat units, no layer gates (ablation)
-    train_lm: bool = True  # False: frozen LM, gates only (ablation)
-    layer_init: float = 1.0
-    init_scale: float = 0.1
-    init_jitter: float = 0.0
-    freeze_lm_steps: int = 0
-    mlp_group: int = 64
-    grad_clip: float = 1.0
-    seed: int = 0
-    checkpoint_every: int = 0  # 0: only at the end
-    log_every: int = 10
-    eval_every: int = 0  # with held-out tokens: every this many steps (0: at the end only)
-    eval_windows: int = 16  # held-out windows of seq_len per evaluation
-    eval_sizes: tuple[float, ...] = ()  # deployed masks evaluated at each evaluation (empty: size_min)
-    lr_schedule: str = "constant"  # constant | cosine (warm-up, then a half cosine to a tenth)
-    warmup_steps: int = 0
-    init: str = "neutral"  # neutral | activation (channels ordered, unit locations ranked by activation)
-    parallel: str = "auto"  # auto | none | ddp | fsdp (several processes under torchrun)
-    autocast: str = "none"  # none | bfloat16 | float16
-    compile: str = "none"  # none | inductor | aot_eager | eager
+    steps: int = setting(200, OPTIMISATION,
+            "training steps")
+    batch_size: int = setting(8, OPTIMISATION,
+            "sequences per step (per process under torchrun), or per micro-batch with accumulate")
+    accumulate: int = setting(1, OPTIMISATION,
+            "micro-batches per step: each process runs batch_size sequences this many times before the optimizer "
+            "steps (global batch = batch_size x accumulate x processes; the same sizes and gate draws in every "
+            "micro-batch, so the result equals one batch of that size, in less memory)")
+    seq_len: int = setting(128, OPTIMISATION,
+            "tokens per training sequence")
+    lr_lm: float = setting(3e-5, OPTIMISATION,
+            "AdamW learning rate of the LM's weights")
+    lr_guide: float = setting(0.05, OPTIMISATION,
+            "AdamW learning rate of the guide's parameters (loc and log-scale of log λ)")
+    weight_decay: float = setting(0.0, OPTIMISATION,
+            "AdamW weight decay of the LM's weights")
+    size_min: float = setting(0.3, OBJECTIVE,
+            "smallest size trained each step (sandwich rule)")
+    size_max: float = setting(1.0, OBJECTIVE,
+            "largest size drawn for the random sizes")
+    n_random_sizes: int = setting(1, OBJECTIVE,
+            "random sizes in [size_min, size_max] trained each step")
+    temperature: float = setting(0.5, OBJECTIVE,
+            "temperature of the relaxed Bernoulli gates (straight-through)")
+    gate_coupling: str = setting("independent", OBJECTIVE,
+            "'independent' (every gate its own draw) or 'shared' (one noise draw for all gates: comonotone gates, "
+            "so every training mask is a prefix of a ranking, like the deployed masks) or 'prefix' (every "
+            "training mask the longest prefix of the draw's ranking that fits the size: deployed-style masks of "
+            "the requested size)")
+    distill_weight: float = setting(1.0, OBJECTIVE,
+            "weight of KL(teacher || LM) per token in every row's loss (the full LM's and the sub-networks'); 0 "
+            "turns the distillation off")
+    nll_weight: float = setting(1.0, OBJECTIVE,
+            "weight of the next-token NLL per token in every row's loss; 0 trains on the distillation term alone")
+    teacher: str = setting("self", OBJECTIVE,
+            "'self' (the distillation teacher is the full LM, all gates on, as it trains) or 'original' (a frozen "
+            "copy of the LM the fit started from; the full LM then trains towards it too, so that the LM does not "
+            "drift to the training text)")
+    prior_weight: float = setting(1.0, PRIOR,
+            "weight of the prior KL against the per-token likelihood")
+    prior_tokens: int | None = setting(None, PRIOR,
+            "tokens the prior KL is spread over (default: the training text's length)")
+    posterior: str = setting("normal", PRIOR,
+            "'normal' (mean-field normal on log λ) or 'point' (point estimates; ablation)")
+    hierarchy: bool = setting(True, PRIOR,
+            "layer gates above unit gates; --no-hierarchy fits flat units (ablation)")
+    train_lm: bool = setting(True, OPTIMISATION,
+            "train the LM's weights with the gates; --no-train-lm freezes the LM (ablation)")
+    layer_init: float = setting(1.0, PRIOR,
+            "initial posterior location of every log λ_l (above 0: layers start safer than units)")
+    init_scale: float = setting(0.1, PRIOR,
+            "initial posterior scale of every log λ")
+    init_jitter: float = setting(0.0, PRIOR,
+            "standard deviation of a seeded random spread of the initial unit locations log λ_lu")
+    freeze_lm_steps: int = setting(0, OPTIMISATION,
+            "the LM's weights stay fixed for this many first steps (the gates settle first)")
+    mlp_group: int = setting(64, PRIOR,
+            "intermediate channels per MLP unit (g)")
+    grad_clip: float = setting(1.0, OPTIMISATION,
+            "clip the gradient norm to this; 0 turns clipping off")
+    seed: int = setting(0, RUN,
+            "seed of data order, sizes and gate draws")
+    checkpoint_every: int = setting(0, RUN,
+            "write a checkpoint every this many steps (0: only at the end)", identifies=False)
+    log_every: int = setting(10, RUN,
+            "record the loss every this many steps", identifies=False)
+    eval_every: int = setting(0, RUN,
+            "with held-out text (fit --eval-data): its NLL every this many steps and at the end (0: at the end "
+            "only), for the full LM and the sub-network at size_min", identifies=False)
+    eval_windows: int = setting(16, RUN,
+            "held-out windows of seq_len tokens per evaluation", identifies=False)
+    eval_sizes: tuple[float, ...] = setting((), RUN,
+            "sizes whose deployed masks (the longest prefix of the posterior's median ranking) are evaluated on "
+            "the held-out text at every evaluation, with the ranking's stability and the share of ambiguous units "
+            "at each (default: size_min)", identifies=False)
+    lr_schedule: str = setting("constant", OPTIMISATION,
+            "'constant' or 'cosine' (after the warm-up, a half cosine from the base rates down to a tenth of them "
+            "at the last step), for the LM's and the guide's rates alike")
+    warmup_steps: int = setting(0, OPTIMISATION,
+            "the rates rise linearly over this many first steps (0: no warm-up)")
+    init: str = setting("neutral", PRIOR,
+            "'neutral' (every unit location log λ_lu starts at 0) or 'activation' (each layer's MLP channels are "
+            "put in order of their mean |activation| on the first training windows, which leaves the LM's "
+            "function unchanged, and the unit locations start spread by their rank within their layer and kind, "
+            "so the first masks are close to the uniform activation cut)")
+    parallel: str = setting("auto", RUN,
+            "under torchrun: 'auto' (DDP when there are several processes), 'ddp' (every process holds the whole "
+            "LM), 'fsdp' (FSDP2: every process holds a shard of each layer) or 'none'", identifies=False)
+    autocast: str = setting("none", RUN,
+            "mixed precision of the forward passes: 'none', 'bfloat16' or 'float16' (GPU)")
+    compile: str = setting("none", RUN,
+            "torch.compile backend of the gated LM's forward ('inductor' on a GPU; 'aot_eager' or 'eager' to "
+            "check the graph; 'none': eager): one graph serves every step and size", identifies=False)
 
     def __post_init__(self):
         check_fields(self)
@@ -139,6 +219,12 @@ class FitConfig:
     def replace(self, **changes) -> "FitConfig":
         return dataclasses.replace(self, **changes)
 
+    def concern(self, name: str) -> dict:
+        """The settings of concern ``name`` (one of :data:`CONCERNS`), as ``{field: value}``."""
+        if name not in CONCERNS:
+            raise ValueError(f"concern must be one of {', '.join(map(repr, CONCERNS))}, got {name!r}")
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["concern"] == name}
+
 
 @functools.cache
 def _field_types(cls: type) -> dict[str, tuple[type, ...]]:
@@ -174,62 +260,10 @@ def check_fields(settings) -> None:
                 raise ValueError(f"{f.name} must be a finite number, got {item}")
 
 
-#: One line of documentation per :class:`FitConfig` field (used by ``ppn-bayes fit --help``).
-FIT_HELP: dict[str, str] = {
-    "steps": "training steps",
-    "batch_size": "sequences per step (per process under torchrun), or per micro-batch with accumulate",
-    "accumulate": "micro-batches per step: each process runs batch_size sequences this many times before the "
-                  "optimizer steps (global batch = batch_size x accumulate x processes; the same sizes and gate "
-                  "draws in every micro-batch, so the result equals one batch of that size, in less memory)",
-    "seq_len": "tokens per training sequence",
-    "lr_lm": "AdamW learning rate of the LM's weights",
-    "lr_guide": "AdamW learning rate of the guide's parameters (loc and log-scale of log λ)",
-    "weight_decay": "AdamW weight decay of the LM's weights",
-    "size_min": "smallest size trained each step (sandwich rule)",
-    "size_max": "largest size drawn for the random sizes",
-    "n_random_sizes": "random sizes in [size_min, size_max] trained each step",
-    "temperature": "temperature of the relaxed Bernoulli gates (straight-through)",
-    "gate_coupling": "'independent' (every gate its own draw) or 'shared' (one noise draw for all gates: "
-                     "comonotone gates, so every training mask is a prefix of a ranking, like the deployed masks) "
-                     "or 'prefix' (every training mask the longest prefix of the draw's ranking that fits the size: "
-                     "deployed-style masks of the requested size)",
-    "distill_weight": "weight of KL(teacher || LM) per token in every row's loss (the full LM's and the "
-                      "sub-networks'); 0 turns the distillation off",
-    "nll_weight": "weight of the next-token NLL per token in every row's loss; 0 trains on the distillation "
-                  "term alone",
-    "teacher": "'self' (the distillation teacher is the full LM, all gates on, as it trains) or 'original' (a "
-               "frozen copy of the LM the fit started from; the full LM then trains towards it too, so that the "
-               "LM does not drift to the training text)",
-    "prior_weight": "weight of the prior KL against the per-token likelihood",
-    "prior_tokens": "tokens the prior KL is spread over (default: the training text's length)",
-    "posterior": "'normal' (mean-field normal on log λ) or 'point' (point estimates; ablation)",
-    "hierarchy": "layer gates above unit gates; --no-hierarchy fits flat units (ablation)",
-    "train_lm": "train the LM's weights with the gates; --no-train-lm freezes the LM (ablation)",
-    "layer_init": "initial posterior location of every log λ_l (above 0: layers start safer than units)",
-    "init_scale": "initial posterior scale of every log λ",
-    "init_jitter": "standard deviation of a seeded random spread of the initial unit locations log λ_lu",
-    "freeze_lm_steps": "the LM's weights stay fixed for this many first steps (the gates settle first)",
-    "mlp_group": "intermediate channels per MLP unit (g)",
-    "grad_clip": "clip the gradient norm to this; 0 turns clipping off",
-    "seed": "seed of data order, sizes and gate draws",
-    "checkpoint_every": "write a checkpoint every this many steps (0: only at the end)",
-    "log_every": "record the loss every this many steps",
-    "eval_every": "with held-out text (fit --eval-data): its NLL every this many steps and at the end "
-                  "(0: at the end only), for the full LM and the sub-network at size_min",
-    "eval_windows": "held-out windows of seq_len tokens per evaluation",
-    "eval_sizes": "sizes whose deployed masks (the longest prefix of the posterior's median ranking) are "
-                  "evaluated on the held-out text at every evaluation, with the ranking's stability and the share "
-                  "of ambiguous units at each (default: size_min)",
-    "lr_schedule": "'constant' or 'cosine' (after the warm-up, a half cosine from the base rates down to a tenth "
-                   "of them at the last step), for the LM's and the guide's rates alike",
-    "warmup_steps": "the rates rise linearly over this many first steps (0: no warm-up)",
-    "init": "'neutral' (every unit location log λ_lu starts at 0) or 'activation' (each layer's MLP channels "
-            "are put in order of their mean |activation| on the first training windows, which leaves the LM's "
-            "function unchanged, and the unit locations start spread by their rank within their layer and kind, "
-            "so the first masks are close to the uniform activation cut)",
-    "autocast": "mixed precision of the forward passes: 'none', 'bfloat16' or 'float16' (GPU)",
-    "compile": "torch.compile backend of the gated LM's forward ('inductor' on a GPU; 'aot_eager' or 'eager' "
-               "to check the graph; 'none': eager): one graph serves every step and size",
-    "parallel": "under torchrun: 'auto' (DDP when there are several processes), 'ddp' (every process "
-                "holds the whole LM), 'fsdp' (FSDP2: every process holds a shard of each layer) or 'none'",
-}
+#: One line of documentation per :class:`FitConfig` field (its ``help`` metadata).
+FIT_HELP: dict[str, str] = {f.name: f.metadata["help"] for f in dataclasses.fields(FitConfig)}
+
+#: The :class:`FitConfig` fields that do not change what a fit computes (``identifies=False``
+#: in their metadata): two fits that differ only in these are the same fit.
+NOT_IDENTIFYING: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(FitConfig)
+                                         if not f.metadata["identifies"])

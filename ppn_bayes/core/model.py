@@ -37,7 +37,7 @@ from pyro.distributions.util import is_identically_zero
 from torch import nn
 
 from .architecture import Architecture
-from .budget import expected_size, keep_logits, solve_log_tau
+from .budget import check_size, expected_size, keep_logits, solve_log_tau
 from .config import COUPLINGS
 from .gating import GatedLM, Gates
 from .objective import Teacher, fused_objective
@@ -72,8 +72,7 @@ class StepPlan:
         if not self.sizes:
             raise ValueError("a step plan needs one size at least")
         for size in self.sizes:
-            if not 0 < size <= 1:
-                raise ValueError(f"size must lie in (0, 1], got {size}")
+            check_size(size)
 
     @classmethod
     def single(cls, size: float, batch_size: int, device=None) -> "StepPlan":

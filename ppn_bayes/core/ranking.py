@@ -17,16 +17,10 @@ from dataclasses import dataclass
 import torch
 
 from .architecture import Architecture
+from .budget import Budget
 from .gating import Gates
 
-__all__ = ["Masks", "Ranking", "crossing_log_tau", "check_size"]
-
-
-def check_size(size: float) -> float:
-    size = float(size)
-    if not 0 < size <= 1:
-        raise ValueError(f"size must be a fraction in (0, 1], got {size}")
-    return size
+__all__ = ["Masks", "Ranking", "crossing_log_tau"]
 
 
 def crossing_log_tau(log_lambda_layer: torch.Tensor, log_lambda_unit: torch.Tensor, *, steps: int = 80):
@@ -133,8 +127,11 @@ class Ranking:
 
     def masks(self, size: float) -> Masks:
         """Masks for a fraction ``size`` of the decoder's parameters."""
-        size = check_size(size)
-        return self.masks_for_params(int(size * self.total_params), size_requested=size)
+        return self.masks_for(Budget(size=size))
+
+    def masks_for(self, budget: Budget) -> Masks:
+        """Masks for a :class:`~ppn_bayes.core.budget.Budget` (a size or a parameter count)."""
+        return self.masks_for_params(budget.params(self.total_params), size_requested=budget.size)
 
     def masks_for_params(self, n_params: int, *, size_requested: float | None = None) -> Masks:
         """Masks for a budget of ``n_params`` decoder parameters."""

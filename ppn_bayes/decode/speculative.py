@@ -624,11 +624,11 @@ def shared_draft(ranked_target: nn.Module, ranking, size: float) -> nn.Module:
 
     The draft must not be trained or modified in place: its weights are the target's.
     """
-    from ..core.ranking import check_size
+    from ..core.budget import Budget
     from ..deploy.resize import check_prefixes
     from ..deploy.subnetwork import SharedTensors, build_from_source, selection_from_masks
 
-    check_size(size)
+    Budget(size=size)  # checked before any work
     check_prefixes(ranking)
     masks = ranking.masks(size)
     draft = build_from_source(SharedTensors(ranked_target), ranking.arch, selection_from_masks(masks))

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..io import FileFormatError
 from .maskfile import MaskFile, load_masks, save_masks
+from ..core.budget import Budget
 from ..core.ranking import Masks
 from .resize import INDEX_FILE, ResizeResult, export_ranked, open_ranked, resize, tokenizer_files
 
@@ -164,7 +165,7 @@ def open_model(path: str | Path, *, size: float | None = None, n_params: int | N
     if masks_file is not None:
         masks = load_masks(masks_file, lm).masks_for(size, n_params=n_params)
     else:
-        masks = ranking.masks(size) if size is not None else ranking.masks_for_params(int(n_params))
+        masks = ranking.masks_for(Budget(size, n_params))
     if masked_dense:
         return OpenedModel(lm, tokenizer, kind, masks, masked_dense=True)
     sub = build_subnetwork(lm, masks)

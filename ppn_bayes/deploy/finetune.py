@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..core.config import check_fields
+from ..core.budget import Budget
+from ..core.config import check_fields, setting
 from ..data import TokenBlocks, check_token_ids
 from ..lm import check_same_vocabulary, vocab_rows
 from ..core.objective import Teacher, fused_objective
@@ -33,21 +34,30 @@ __all__ = ["DistillConfig", "DistillResult", "distill", "distill_checkpoint"]
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """Settings of :func:`distill`."""
+    """Settings of :func:`distill`. Each field's metadata (:func:`~ppn_bayes.core.config.setting`)
+    holds its help text and its bound, from which ``ppn-bayes distill`` builds its flags, and
+    whether it changes what the fine-tune computes (a resume may change those that do not,
+    and ``steps``)."""
 
-    steps: int = 200
-    batch_size: int = 8
-    seq_len: int = 512
-    lr: float = 3e-5
-    weight_decay: float = 0.0
-    distill_weight: float = 1.0
-    grad_clip: float = 1.0
-    seed: int = 0
-    log_every: int = 10
-    checkpoint_every: int = 0  # with a checkpoint directory: every this many steps (0: never)
-    nll_weight: float = 1.0  # 0: the distillation term alone
-    lr_schedule: str = "constant"  # constant | cosine (ppn_bayes.core.schedule)
-    warmup_steps: int = 0
+    steps: int = setting(200, "optimisation", "steps", bound="positive")
+    batch_size: int = setting(8, "optimisation", "windows per step", bound="positive")
+    seq_len: int = setting(512, "optimisation", "tokens per window", bound="positive")
+    lr: float = setting(3e-5, "optimisation", "AdamW learning rate", bound="positive")
+    weight_decay: float = setting(0.0, "optimisation", "AdamW weight decay", bound="nonnegative")
+    distill_weight: float = setting(1.0, "objective", "weight of the KL term; 0: plain fine-tuning",
+                                    bound="nonnegative")
+    grad_clip: float = setting(1.0, "optimisation", "gradient-norm clipping; 0: none", bound="nonnegative")
+    seed: int = setting(0, "run", "seed of the windows")
+    log_every: int = setting(10, "run", "log the losses every this many steps", bound="positive",
+                             identifies=False)
+    checkpoint_every: int = setting(0, "run", "checkpoint to OUT.distill-checkpoint every this many steps "
+                                    "(0: never)", bound="nonnegative", identifies=False)
+    nll_weight: float = setting(1.0, "objective", "weight of the next-token loss; 0: the KL term alone",
+                                bound="nonnegative")
+    lr_schedule: str = setting("constant", "optimisation", "'constant', or 'cosine': after the warm-up a half "
+                               "cosine down to a tenth of --lr", choices=SCHEDULES)
+    warmup_steps: int = setting(0, "optimisation", "the rate rises linearly over this many first steps",
+                                bound="nonnegative")
 
     def __post_init__(self):
         check_fields(self)  # types, and no NaN or infinity anywhere
@@ -92,8 +102,10 @@ class DistillResult:
 
 
 CHECKPOINT_FORMAT = "ppn_bayes.distill-checkpoint"
-#: Settings a resumed fine-tune may change: they do not alter the steps it takes.
-_RESUMABLE_CHANGES = ("steps", "log_every", "checkpoint_every")
+#: Settings a resumed fine-tune may change: those that do not alter the steps it takes, and
+#: ``steps`` (not under a cosine schedule: checked in :func:`_resume`).
+_RESUMABLE_CHANGES = ("steps",) + tuple(f.name for f in dataclasses.fields(DistillConfig)
+                                        if not f.metadata["identifies"])
 
 
 def _save_checkpoint(path, student: nn.Module, optimizer, step: int, config: DistillConfig,
@@ -274,8 +286,7 @@ def distill_checkpoint(checkpoint, data, out, *, size: float | None = None, n_pa
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
-    if (size is None) == (n_params is None):
-        raise ValueError("give exactly one of size and n_params")
+    Budget(size, n_params)  # checked before any work
     if eval_windows < 1:
         raise ValueError(f"eval_windows must be positive, got {eval_windows}")
     work = out.with_name(out.name + ".distill-checkpoint")

@@ -37,7 +37,8 @@ from ..core.architecture import FAMILIES, Architecture, architecture_from_record
 from .identity import model_identity
 from ..version import VERSION as __version__
 from ..io import FileFormatError, atomic_write_text, read_json
-from ..core.ranking import Masks, Ranking, check_size
+from ..core.budget import Budget
+from ..core.ranking import Masks, Ranking
 
 __all__ = ["MaskFile", "save_masks", "load_masks", "model_identity", "MASKS_FORMAT", "MASKS_VERSION"]
 
@@ -79,11 +80,7 @@ class MaskFile:
     def masks_for(self, size: float | None = None, *, n_params: int | None = None) -> Masks:
         """Masks for ``size`` (a fraction) or ``n_params``: from the ranking, which gives the
         stored masks for the stored sizes and any other size as well."""
-        if (size is None) == (n_params is None):
-            raise ValueError("give either a size or a number of parameters")
-        if size is not None:
-            return self.ranking.masks(size)
-        return self.ranking.masks_for_params(int(n_params))
+        return self.ranking.masks_for(Budget(size, n_params))
 
 
 def _mask_entry(masks: Masks, budget: int) -> dict:
@@ -127,14 +124,8 @@ def save_masks(path: str | Path, ranking: Ranking, *, sizes: Iterable[float] = (
             raise ValueError("the ranking was made for another model (the LM's architecture differs)")
         identity = model_identity(lm)
     entries = []
-    for size in sizes:
-        size = check_size(size)
-        budget = int(size * ranking.total_params)
-        entries.append(_mask_entry(ranking.masks(size), budget))
-    for count in n_params:
-        if isinstance(count, bool) or int(count) != count:
-            raise ValueError(f"a parameter count must be an integer, got {count!r}")
-        entries.append(_mask_entry(ranking.masks_for_params(int(count)), int(count)))
+    for budget in [Budget(size=size) for size in sizes] + [Budget(n_params=count) for count in n_params]:
+        entries.append(_mask_entry(ranking.masks_for(budget), budget.params(ranking.total_params)))
     entries.sort(key=lambda e: e["budget"])
     data = {
         "format": MASKS_FORMAT,

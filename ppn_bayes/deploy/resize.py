@@ -39,6 +39,7 @@ from torch import nn
 from ..core.architecture import FAMILIES, Architecture, architecture_from_record, describe
 from ..version import VERSION as __version__
 from ..io import FileFormatError, atomic_directory, atomic_write_text, read_json
+from ..core.budget import Budget
 from ..core.ranking import Masks, Ranking
 from .subnetwork import (
     LMTensors,
@@ -265,9 +266,7 @@ class RankedCheckpoint:
 
     def masks(self, size: float | None = None, *, n_params: int | None = None) -> Masks:
         """Masks in ranked positions for ``size`` or ``n_params`` (exactly one)."""
-        if (size is None) == (n_params is None):
-            raise ValueError("give either a size or a number of parameters")
-        return self.ranking.masks(size) if size is not None else self.ranking.masks_for_params(int(n_params))
+        return self.ranking.masks_for(Budget(size, n_params))
 
 
 def _check_order(order, arch: Architecture) -> Selection:

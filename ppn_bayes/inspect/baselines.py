@@ -39,7 +39,8 @@ import torch
 from torch import nn
 
 from ..core.architecture import Architecture, Family, decoder_layers, describe, family_of, get_module
-from ..core.ranking import Masks, Ranking, check_size
+from ..core.budget import check_size
+from ..core.ranking import Masks, Ranking
 from ..data import TokenBlocks
 
 __all__ = [

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..version import VERSION as __version__
 from ..core.architecture import Architecture
-from ..core.config import FitConfig
+from ..core.config import NOT_IDENTIFYING, FitConfig
 from ..io import FileFormatError, atomic_directory, atomic_write_text, read_json
 from ..core.model import PuppetGuide
 from ..optim_state import load_tensors, optimizer_tensors, read_optimizer, restore_optimizer
@@ -35,10 +35,12 @@ __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "save_checkpoint", "read_s
 CHECKPOINT_FORMAT = "ppn_bayes.checkpoint"
 CHECKPOINT_VERSION = 1
 
-#: Settings that may change between a checkpoint and its resume: they do not change what a
-#: step computes (``steps`` may grow; the global batch is checked on its own).
-RESUMABLE_SETTINGS = ("steps", "checkpoint_every", "log_every", "parallel", "batch_size", "accumulate",
-                      "eval_every", "eval_windows", "eval_sizes", "compile")
+#: Settings that may change between a checkpoint and its resume: those that do not identify a
+#: fit (``identifies=False`` in their metadata, :data:`~ppn_bayes.core.config.NOT_IDENTIFYING`),
+#: and three that do but have their own rules in :func:`check_resumable`: ``steps`` may grow
+#: (not under ``lr_schedule='cosine'``, whose curve it sets), and ``batch_size`` and
+#: ``accumulate`` may trade with the number of processes while the global batch stays.
+RESUMABLE_SETTINGS = NOT_IDENTIFYING + ("steps", "batch_size", "accumulate")
 
 
 def versions() -> dict:
