@@ -84,7 +84,7 @@ def test_report_tables_targets_and_plots(tmp_path):
     assert "99" not in text.split("Run-to-run spread")[0]
     # the superseded run is in the spread of the runs with the same settings, with its size only
     spread = text.split("Run-to-run spread")[1].split("Targets")[0]
-    assert "| method | 0.5 |" in spread and "| ppn_bayes | 25 to 99 (2) |" in spread
+    assert "| method | training tokens | 0.5 |" in spread and "| ppn_bayes | 0 | 25 to 99 (2) |" in spread
     # targets: 25 < 30 and 33; 31 < 45 and 50; 60 > 50 (missed by ratio 1.20), 60 < 140; 25/20 = 1.25 <= 1.3
     assert "| ppn_bayes below SparseGPT, unstructured at 0.3 | 60 vs 50 | missed (ratio 1.20) |" in text
     assert "| ppn_bayes below Wanda, unstructured at 0.3 | 60 vs 140 | met (ratio 0.43) |" in text
@@ -424,4 +424,23 @@ def test_the_report_groups_repeats_by_the_identifying_settings():
                                       "windows": 2})
 
     assert key(eval_sizes=(0.5,), compile="eager", log_every=3, parallel="none") == key()  # do not identify a fit
-    assert key(seed=1) != key() and key(steps=300) != key() and key(autocast="bfloat16") != key()
+    assert key(seed=1) == key()  # another seed is a repeat: the spread and the targets read every seed
+    assert key(steps=300) != key() and key(autocast="bfloat16") != key()
+
+
+def test_a_target_holds_only_when_every_seed_meets_it():
+    """Two seeds of the fit of record at 0.4: one below SparseGPT, one above; the target is
+    missed, by the worst run's ratio. An older run of the same seed does not count."""
+    from ppn_bayes.core.config import FitConfig
+
+    def run(method, ppl, seed=0, date="2026-12-01T10:00:00", size=0.4):
+        return {"method": method, "size_requested": size, "ppl": ppl, "train_tokens": 10, "windows": 2, "date": date,
+                "settings": {"fit": FitConfig(seed=seed).to_dict()} if method == "ppn_bayes" else {}}
+
+    records = [run("sparsegpt", 100.0), run("wanda", 140.0), run("ppn_bayes", 500.0, seed=1, date="2026-11-30"),
+               run("ppn_bayes", 90.0), run("ppn_bayes", 120.0, seed=1)]
+    text = "\n".join(report.targets(records))
+    assert "| ppn_bayes below SparseGPT, unstructured at 0.4 | 90 to 120 (2 runs) vs 100 | missed (ratio 1.20, " \
+           "the worst run) |" in text
+    assert "| ppn_bayes below Wanda, unstructured at 0.4 | 90 to 120 (2 runs) vs 140 | met (ratio 0.86, " \
+           "the worst run) |" in text
