@@ -438,18 +438,25 @@ def _fit_tokens(run: Run, method: str) -> tuple[torch.Tensor, dict]:
     train, _ = _fit_split(run)
     held = {"fit_eval_windows": c.fit_eval_windows} if c.fit_eval_windows else {}
     if c.fit_tokens is not None and method in MIXING_METHODS:
-        from ppn_bayes.store import Mixture, TokenSource, open_source
-
-        generated = open_source(c.fit_tokens, vocab_size=vocab_rows(run.lm))
-        mixture = Mixture([TokenSource.from_tensor(train), generated], [0.5, 0.5],
-                          seq_len=c.fit.seq_len, seed=c.fit.seed)
-        return mixture, {"train_text": f"{Path(c.train_text).name} + {Path(c.fit_tokens).name}, half and half",
-                         "fit_data": mixture.identity(), **held}
+        mixture, name = _half_and_half(run, c.fit_tokens)
+        return mixture, {"train_text": name, "fit_data": mixture.identity(), **held}
     if method not in FIT_TOKENS_METHODS:
         return train, {"train_text": Path(c.train_text).name, **held}
     tokens, header = _token_file(run, c.fit_tokens)
     return tokens, {"train_text": Path(c.fit_tokens).name, "fit_tokens_header": header,
                     "fit_tokens_count": tokens.numel(), "prompts_from": Path(c.train_text).name}
+
+
+def _half_and_half(run: Run, store) -> tuple[object, str]:
+    """The training text (less its held-out end) and the token file or store ``store``, mixed
+    half and half row by row with the fit's windows and seed, and its name for the records."""
+    from ppn_bayes.store import Mixture, TokenSource, open_source
+
+    c = run.config
+    train, _ = _fit_split(run)
+    mixture = Mixture([TokenSource.from_tensor(train), open_source(store, vocab_size=vocab_rows(run.lm))],
+                      [0.5, 0.5], seq_len=c.fit.seq_len, seed=c.fit.seed)
+    return mixture, f"{Path(c.train_text).name} + {Path(store).name}, half and half"
 
 
 def _fit_split(run: Run) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -495,13 +502,8 @@ def width_kd_data(run: Run) -> tuple[torch.Tensor, dict]:
     c = run.config
     path = Path(c.width_kd_data or c.train_text)
     if path.is_dir():
-        from ppn_bayes.store import Mixture, TokenSource, open_source
-
-        train, _ = _fit_split(run)
-        mixture = Mixture([TokenSource.from_tensor(train), open_source(path, vocab_size=vocab_rows(run.lm))],
-                          [0.5, 0.5], seq_len=c.fit.seq_len, seed=c.fit.seed)
-        return mixture, {"data": f"{Path(c.train_text).name} + {path.name}, half and half",
-                         "fit_data": mixture.identity()}
+        mixture, name = _half_and_half(run, path)
+        return mixture, {"data": name, "fit_data": mixture.identity()}
     if path.suffix == ".safetensors":
         tokens, header = _token_file(run, path)
     elif c.width_kd_data is None:
