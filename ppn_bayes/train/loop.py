@@ -408,8 +408,8 @@ def _validate(lm: nn.Module, guide, tokens: torch.Tensor, config: FitConfig, ste
     ``nll_full``: the held-out mean next-token NLL of the full LM on ``tokens`` (whole
     windows of ``seq_len``), by the perplexity harness. For each of :func:`eval_sizes`, a row
     of ``sizes``: ``nll`` of the deployed sub-network (the LM sliced to the longest prefix of
-    the posterior median's ranking, as ``ppn-bayes export`` builds it), ``size_reached``, ``kept`` (those masks as a string of 0 and 1, the layers then
-    the units); ``stability``, the share of the units and layers kept now or
+    the posterior median's ranking, as ``ppn-bayes resize`` builds it), ``size_reached``,
+    ``kept`` (those masks as a string of 0 and 1, the layers then the units); ``stability``, the share of the units and layers kept now or
     at the ``previous`` evaluation that both keep (Jaccard; ``None`` at the first);
     ``ambiguous``, the share of units and layers whose inclusion frequency in the deployed
     masks of ``DIAGNOSTIC_DRAWS`` posterior draws lies inside ``AMBIGUOUS`` (0 when the
