@@ -10,7 +10,7 @@ import types
 import typing
 from dataclasses import dataclass
 
-from .schedule import SCHEDULES
+from .schedule import check_schedule
 
 __all__ = ["FitConfig", "check_fields", "setting", "CONCERNS", "FIT_HELP", "NOT_IDENTIFYING"]
 
@@ -190,9 +190,7 @@ class FitConfig:
             raise ValueError(f"autocast must be one of {', '.join(map(repr, AUTOCASTS))}, got {self.autocast!r}")
         if self.compile not in COMPILERS:
             raise ValueError(f"compile must be one of {', '.join(map(repr, COMPILERS))}, got {self.compile!r}")
-        if self.lr_schedule not in SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {', '.join(map(repr, SCHEDULES))}, "
-                             f"got {self.lr_schedule!r}")
+        check_schedule(self.lr_schedule)
         if self.init not in INITS:
             raise ValueError(f"init must be one of {', '.join(map(repr, INITS))}, got {self.init!r}")
         for size in self.eval_sizes:

@@ -27,7 +27,7 @@ from ..core.config import check_fields, setting
 from ..data import TokenBlocks, check_token_ids
 from ..lm import check_same_vocabulary, vocab_rows
 from ..core.objective import Teacher, fused_objective
-from ..core.schedule import SCHEDULES, lr_factor
+from ..core.schedule import SCHEDULES, check_schedule, lr_factor
 
 __all__ = ["DistillConfig", "DistillResult", "distill", "distill_checkpoint"]
 
@@ -69,9 +69,7 @@ class DistillConfig:
         for name in ("weight_decay", "distill_weight", "grad_clip", "checkpoint_every", "nll_weight", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
-        if self.lr_schedule not in SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {', '.join(map(repr, SCHEDULES))}, "
-                             f"got {self.lr_schedule!r}")
+        check_schedule(self.lr_schedule)
         if self.nll_weight == 0 and self.distill_weight == 0:
             raise ValueError("nll_weight and distill_weight are both 0: the loss would be empty")
 
