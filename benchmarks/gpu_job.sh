@@ -12,13 +12,17 @@
 #                                 # reference), held-out diagnostics every 250 steps; it stops with a
 #                                 # checkpoint before LIMIT and the next call (machine still warm)
 #                                 # resumes it; SEED (0) picks the fit; masks at all five sizes at the end
-#                                 # (RECORD_STEPS=1830: the 60M-token fits of 1 Dec 2026)
+#                                 # (RECORD_STEPS=1830: the 60M-token fits of 1 Dec 2026); RECORD_EXTRA
+#                                 # adds quality.py flags, e.g. --fit-set size_power=2
 #   benchmarks/gpu_job.sh part10  # issue 15: the activation baselines again (their score was fixed), the
 #                                 # width cuts, and width-kd at WIDTH_KD_SIZES (0.5,0.3) distilled on the
 #                                 # same text, tokens (RECORD_STEPS x 16 x 2048) and schedule as the fit of
-#                                 # record, checkpointed every 100 steps: call again to go on
+#                                 # record, checkpointed every 100 steps: call again to go on; both LMs'
+#                                 # bodies compiled (WIDTH_KD_COMPILE, default inductor; none: eager)
 #   benchmarks/gpu_job.sh part11  # issue 15: ABLATION (ppn_bayes-flat; or ppn_bayes-point) with the fit of
 #                                 # record's recipe and tokens, as part9 runs it
+#   benchmarks/gpu_job.sh gen-out # the teacher text of part9-11 into $OUT/gen (a store of ~32 MB in
+#                                 # ~8 MB shards), to carry to a later machine: GEN_STORE=that folder
 #
 # (Structured baselines without training, shortgpt, magnitude, activation, run as before:
 # benchmarks/quality.py --methods shortgpt,magnitude,...; their records do not depend on the fit.)
@@ -34,7 +38,7 @@
 # model and working paths, FIT_STEPS, LIMIT, the *_EXTRA flags of a CPU rehearsal with a tiny LM:
 # DEVICE=cpu, QUALITY_EXTRA, SPEED_EXTRA, ..., as tests/test_report.py does); part9's own below.
 set -uo pipefail
-part="${1:?usage: gpu_job.sh check|part1|part2|part3|part4|part5|part6|part7|part8|part9|part10|part11}"
+part="${1:?usage: gpu_job.sh check|part1|part2|part3|part4|part5|part6|part7|part8|part9|part10|part11|gen-out}"
 START=$(date +%s)
 export GPU_JOB_START=$START
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 LLM_COMPRESSOR_LOG_LEVEL=WARNING TOKENIZERS_PARALLELISM=false
@@ -64,14 +68,23 @@ prepare() {  # GGUF -> Hugging Face directory, and the tokens, cached under $WOR
   python3 benchmarks/run_job.py --prepare || exit 2
 }
 
-teacher_text() {  # part9-11: the LM's own text, written once into $WORK/gen (resumes an unfinished store)
+teacher_text() {  # part9-11: the LM's own text, written once into $WORK/gen (resumes an unfinished store),
+  # or GEN_STORE: a store an earlier session wrote and brought back (part gen-out), carried here
   local lm="$WORK/model"; [[ -f "$lm/config.json" ]] || lm="$MODEL"
   [[ -f "$WORK/gen.done" ]] && return 0
+  if [[ -n "${GEN_STORE:-}" ]]; then  # checked whole (every shard's SHA-256) before it is used
+    python3 -c 'import sys; from ppn_bayes.store import TokenStore; print("[gpu_job] teacher text:", TokenStore(sys.argv[1]).numel(), "tokens from", sys.argv[1])' \
+      "$GEN_STORE" >> "$OUT/gen.log" 2>&1 || { echo "[gpu_job] GEN_STORE $GEN_STORE is no whole token store" >> "$OUT/gen.log"; return 1; }
+    rm -rf "$WORK/gen" && cp -r "$GEN_STORE" "$WORK/gen" && touch "$WORK/gen.done"
+    tail -n 1 "$OUT/gen.log"
+    return 0
+  fi
   local resume=(); [[ -d "$WORK/gen" ]] && resume=(--resume)
   echo "[gpu_job] $(date +%T) teacher text" >> "$OUT/gen.log"
   timeout --signal=TERM "$(( $(left) - 60 ))s" python3 -m ppn_bayes teacher-text --model "$lm" \
     --data "$TEXTS/wiki_summaries_en.txt" --out "$WORK/gen" --tokens "${GEN_TOKENS:-16000000}" --prompt-len 32 \
-    --new-tokens 992 --temperature 1.0 --top-k 64 --batch-size 2048 --device "$DEVICE" --dtype bfloat16 \
+    --new-tokens 992 --temperature 1.0 --top-k 64 --batch-size 2048 --shard-tokens 4000000 --device "$DEVICE" \
+    --dtype bfloat16 \
     --compile --quiet "${resume[@]}" >> "$OUT/gen.log" 2>&1 && touch "$WORK/gen.done"
   tail -n 3 "$OUT/gen.log"
 }
@@ -121,7 +134,8 @@ case "$part" in
         --rankings "$work/rankings.json" --methods activation,activation-uniform,width,width-kd \
         --width-kd-sizes "${WIDTH_KD_SIZES:-0.5,0.3}" --width-kd-data "$WORK/gen" --fit-batch 16 \
         --fit-steps "${RECORD_STEPS:-3052}" --width-kd-tokens "$(( ${RECORD_STEPS:-3052} * 16 * 2048 ))" \
-        --fit-set warmup_steps=100 --fit-eval-windows 8 --width-kd-checkpoint-every 100 \
+        --fit-set warmup_steps=100 --fit-set compile="${WIDTH_KD_COMPILE:-inductor}" --fit-eval-windows 8 \
+        --width-kd-checkpoint-every 100 \
         --time-budget "$(( budget * 8 / 10 ))" >> "$OUT/gpu0.log" 2>&1
     fi
     ;;
@@ -130,7 +144,12 @@ case "$part" in
     teacher_text
     [[ -f "$WORK/gen.done" ]] && record_fit "${ABLATION:-ppn_bayes-flat}" "${ABLATION:-ppn_bayes-flat}"
     ;;
-  *) echo "unknown part $part: check, part1 to part11"; exit 2 ;;
+  gen-out)  # the teacher text's store (shards of about 8 MB: part9-11 write 4M-token shards) into $OUT/gen,
+    # to bring back and carry to a later machine as GEN_STORE (saves its ~4 minutes of generation)
+    [[ -f "$WORK/gen.done" ]] || { echo "no finished teacher text in $WORK/gen"; exit 2; }
+    mkdir -p "$OUT/gen" && cp "$WORK"/gen/manifest.json "$WORK"/gen/shard-*.safetensors "$OUT/gen/" && ls -la "$OUT/gen"
+    exit 0 ;;
+  *) echo "unknown part $part: check, part1 to part11, gen-out"; exit 2 ;;
 esac
 [[ -f "$RANKINGS" ]] && cp "$RANKINGS" "$OUT/rankings.json"
 echo "[gpu_job] $part done in $(( $(date +%s) - START )) s; records:"

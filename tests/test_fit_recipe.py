@@ -16,6 +16,7 @@ from ppn_bayes.fit import fit, read_state
 from ppn_bayes.deploy.finetune import DistillConfig, distill
 from ppn_bayes.core.schedule import COSINE_FLOOR, lr_factor
 from ppn_bayes.train.init import ACTIVATION_SPREAD, activation_start, rank_locations
+from ppn_bayes.train.step import step_groups, step_sizes
 
 TOKENS = torch.randint(0, 97, (400,), generator=torch.Generator().manual_seed(5))
 CONFIG = FitConfig(steps=4, batch_size=2, seq_len=12, mlp_group=32, log_every=1, lr_lm=1e-3, teacher="original",
@@ -108,3 +109,30 @@ def test_distillation_without_the_next_token_loss_trains_on_the_kl_alone():
     assert all(row["loss"] == row["kl"] for row in result.history)
     with pytest.raises(ValueError, match="both 0"):
         DistillConfig(nll_weight=0.0, distill_weight=0.0)
+
+
+def test_size_power_bends_the_same_uniform_draws_towards_the_small_sizes():
+    """Both configs read the same seeded uniforms u; with size_power p the k-th size is
+    size_min + (size_max - size_min) u^p (float64: a few roundings, hence rel 1e-12)."""
+    uniform = FitConfig(size_min=0.3, size_max=0.9, n_random_sizes=5, seed=3)
+    bent = uniform.replace(size_power=2.5)
+    for step in range(4):
+        a, b = step_sizes(uniform, step), step_sizes(bent, step)
+        assert a[0] == b[0] == 0.3
+        for x, y in zip(a[1:], b[1:]):
+            u = (x - 0.3) / 0.6
+            assert y == pytest.approx(0.3 + 0.6 * u ** 2.5, rel=1e-12)
+            assert 0.3 <= y <= x
+    with pytest.raises(ValueError, match="size_power must be positive"):
+        FitConfig(size_power=0.0)
+
+
+def test_without_the_full_lm_every_row_trains_a_gated_size(tmp_path):
+    config = CONFIG.replace(train_full_lm=False, n_random_sizes=2, batch_size=3)
+    for step in range(3):
+        sizes, groups = step_groups(config, step, 6)
+        assert sorted(groups.tolist()) == [1, 1, 2, 2, 3, 3]  # no row of group 0, the rows dealt evenly
+        assert sorted(step_groups(config.replace(train_full_lm=True), step, 8)[1].tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
+    history = fit(tiny_lm("llama"), TOKENS, config, checkpoint=tmp_path / "c", progress=False).result.history
+    assert [row["nll_full"] for row in history] == [None] * config.steps
+    assert all(kl is not None and kl >= 0 for row in history for kl in row["kl"])

@@ -49,9 +49,10 @@ INITS = ("neutral", "activation")
 class FitConfig:
     """How a push puppet network is fitted.
 
-    Sizes: every step trains the full LM, the smallest size ``size_min`` and
-    ``n_random_sizes`` sizes drawn uniformly from ``[size_min, size_max]`` (the sandwich
-    rule), each on its share of the batch's rows, in one pass. Weighting: each row's loss is
+    Sizes: every step trains the full LM (unless ``train_full_lm`` is off), the smallest
+    size ``size_min`` and ``n_random_sizes`` sizes drawn from ``[size_min, size_max]``
+    (uniformly, or more often small with ``size_power`` above 1; the sandwich rule), each on
+    its share of the batch's rows, in one pass. Weighting: each row's loss is
     ``nll_weight`` · its next-token NLL + ``distill_weight`` · KL(teacher ‖ LM), per token;
     each size weighs alike; the prior KL is scaled by ``prior_weight / prior_tokens``
     (``prior_tokens`` defaults to the number of training tokens, which makes the loss the
@@ -87,6 +88,13 @@ class FitConfig:
             "largest size drawn for the random sizes")
     n_random_sizes: int = setting(1, OBJECTIVE,
             "random sizes in [size_min, size_max] trained each step")
+    size_power: float = setting(1.0, OBJECTIVE,
+            "the random sizes are size_min + (size_max - size_min) * u ** size_power with u uniform on [0, 1): 1 "
+            "draws them uniformly, above 1 draws the small sizes (the hard ones) more often")
+    train_full_lm: bool = setting(True, OBJECTIVE,
+            "give the full LM (every gate on) its share of each step's rows, the top of the sandwich rule; "
+            "--no-train-full-lm gives every row to a gated size (with teacher='original' the full LM, which no "
+            "one deploys, then only moves with the sub-networks it holds)")
     temperature: float = setting(0.5, OBJECTIVE,
             "temperature of the relaxed Bernoulli gates (straight-through)")
     gate_coupling: str = setting("independent", OBJECTIVE,
@@ -162,7 +170,7 @@ class FitConfig:
     def __post_init__(self):
         check_fields(self)
         positive = ("steps", "batch_size", "accumulate", "lr_guide", "temperature", "mlp_group", "log_every",
-                    "eval_windows", "init_scale")
+                    "eval_windows", "init_scale", "size_power")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

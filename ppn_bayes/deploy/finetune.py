@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..core.budget import Budget
-from ..core.config import check_fields, setting
+from ..core.config import COMPILERS, check_fields, setting
 from ..data import TokenBlocks, check_token_ids
 from ..lm import check_same_vocabulary, vocab_rows
 from ..core.objective import Teacher, fused_objective
@@ -58,6 +58,8 @@ class DistillConfig:
                                "cosine down to a tenth of --lr", choices=SCHEDULES)
     warmup_steps: int = setting(0, "optimisation", "the rate rises linearly over this many first steps",
                                 bound="nonnegative")
+    compile: str = setting("none", "run", "torch.compile backend of both LMs' decoder bodies ('inductor' on a GPU; "
+                           "'none': eager)", choices=COMPILERS, identifies=False)
 
     def __post_init__(self):
         check_fields(self)  # types, and no NaN or infinity anywhere
@@ -70,6 +72,8 @@ class DistillConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         check_schedule(self.lr_schedule)
+        if self.compile not in COMPILERS:
+            raise ValueError(f"compile must be one of {', '.join(map(repr, COMPILERS))}, got {self.compile!r}")
         if self.nll_weight == 0 and self.distill_weight == 0:
             raise ValueError("nll_weight and distill_weight are both 0: the loss would be empty")
 
@@ -161,18 +165,31 @@ def _resume(path, student: nn.Module, optimizer, config: DistillConfig) -> tuple
     return int(state["step"]), list(state["history"])
 
 
-def _distill_loss(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, config: DistillConfig):
+def _bodies(student: nn.Module, teacher: nn.Module, backend: str) -> tuple:
+    """The decoder bodies (the LMs without their heads) of ``student`` and ``teacher``,
+    compiled with ``backend`` unless it is ``'none'`` (one static shape: every batch is
+    ``[batch_size, seq_len]``)."""
+    bodies = tuple(getattr(lm, lm.base_model_prefix) for lm in (student, teacher))
+    if backend == "none":
+        return bodies
+    return tuple(torch.compile(body, dynamic=False, backend=backend) for body in bodies)
+
+
+def _distill_loss(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, config: DistillConfig,
+                  bodies: tuple | None = None):
     """``(loss, nll, kl)`` of one batch ``[B, T]``: ``nll_weight`` · the student's mean
     next-token NLL + ``distill_weight`` · the mean KL(teacher ‖ student) per token, from the
     two LMs' final hidden states and heads in chunks (:func:`~ppn_bayes.core.objective.fused_objective`:
-    no ``[B, T, V]`` logits are held; the same objective as the fit's)."""
+    no ``[B, T, V]`` logits are held; the same objective as the fit's). ``bodies``: the two
+    decoder bodies to run (:func:`_bodies`; default: eager)."""
+    student_body, teacher_body = bodies or _bodies(student, teacher, "none")
     B = input_ids.shape[0]
     taught = None
     if config.distill_weight > 0:
         with torch.no_grad():
-            hidden = getattr(teacher, teacher.base_model_prefix)(input_ids=input_ids, use_cache=False)
+            hidden = teacher_body(input_ids=input_ids, use_cache=False)
             taught = Teacher(hidden=hidden.last_hidden_state, head=teacher.get_output_embeddings().weight)
-    hidden = getattr(student, student.base_model_prefix)(input_ids=input_ids, use_cache=False).last_hidden_state
+    hidden = student_body(input_ids=input_ids, use_cache=False).last_hidden_state
     weights = torch.full((B,), 1.0 / B, device=input_ids.device)  # every row alike: the batch mean
     loss, rows = fused_objective(hidden, student.get_output_embeddings().weight, input_ids, weights, taught,
                                  nll_weight=config.nll_weight, kl_weight=config.distill_weight)
@@ -218,6 +235,7 @@ def distill(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor | Token
             raise ValueError("resume=True needs the checkpoint directory")
         start, history = _resume(checkpoint, student, optimizer, config)
     student.train()
+    bodies = _bodies(student, teacher, config.compile)
     began = time.perf_counter()
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not progress,
                desc="distill", unit="step")
@@ -227,7 +245,7 @@ def distill(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor | Token
                 group["lr"] = config.lr * lr_factor(config.lr_schedule, step, config.steps, config.warmup_steps)
             input_ids = blocks.batch(step, config.batch_size).to(device)  # [B, T]
             with autocast():
-                loss, nll, kl = _distill_loss(student, teacher, input_ids, config)
+                loss, nll, kl = _distill_loss(student, teacher, input_ids, config, bodies)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip > 0:

@@ -1,7 +1,8 @@
 """One training step: every size of the step in one forward and one backward pass.
 
-The step's sizes follow the sandwich rule: the full LM (every gate on), the smallest size
-``size_min`` and ``n_random_sizes`` sizes drawn from ``[size_min, size_max]``. Instead of
+The step's sizes follow the sandwich rule: the full LM (every gate on; unless
+``train_full_lm`` is off), the smallest size ``size_min`` and ``n_random_sizes`` sizes drawn
+from ``[size_min, size_max]``. Instead of
 one pass of the whole batch per size, the rows of the global batch are dealt to the sizes
 in turn (global row ``g`` to group ``g mod K``), and one pass of the gated LM reads every
 row under the gates of its own size (:class:`~ppn_bayes.core.model.StepPlan`). A step then
@@ -59,20 +60,21 @@ def self_teacher(gated, input_ids: torch.Tensor) -> Teacher:
 
 
 def step_sizes(config: FitConfig, step: int) -> list[float]:
-    """The gated sizes of ``step``: ``size_min``, then ``n_random_sizes`` uniform draws."""
+    """The gated sizes of ``step``: ``size_min``, then ``n_random_sizes`` draws
+    ``size_min + (size_max - size_min) · u^size_power``, ``u`` uniform on [0, 1)."""
     draws = torch.rand(config.n_random_sizes, generator=seeds.stream("sizes", config.seed, step), dtype=torch.float64)
-    between = config.size_min + (config.size_max - config.size_min) * draws
+    between = config.size_min + (config.size_max - config.size_min) * draws ** config.size_power
     return [config.size_min, *between.tolist()]
 
 
 def step_groups(config: FitConfig, step: int, global_rows: int) -> tuple[list[float], torch.Tensor]:
     """The gated sizes of ``step`` and the group of each global row ``[G]`` (0, the full LM,
-    only while the LM trains; ``k`` for the ``k``-th gated size).
+    only while the LM trains and ``train_full_lm`` is on; ``k`` for the ``k``-th gated size).
 
     Rows are dealt to the groups in turn, starting at group ``step mod K``: a global batch
     smaller than the number of groups trains some groups each step, all of them in turn."""
     sizes = step_sizes(config, step)
-    groups = ([0] if config.train_lm else []) + list(range(1, len(sizes) + 1))
+    groups = ([0] if config.train_lm and config.train_full_lm else []) + list(range(1, len(sizes) + 1))
     member = (torch.arange(global_rows) + step) % len(groups)  # [G] index into groups
     return sizes, torch.tensor(groups)[member]
 
