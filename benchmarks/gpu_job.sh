@@ -8,12 +8,13 @@
 #                                 # them; `python3 benchmarks/run_job.py part6 --dry-run` shows the commands)
 #   benchmarks/gpu_job.sh part9   # issue 15: the fit of record (quality.py's DEFAULT_FIT) at 100M tokens,
 #                                 # 16 x 2048 a step, half wiki summaries, half teacher text (GEN_TOKENS
-#                                 # written once, 1024-token sequences, top-k 64, temperature 1, as the
-#                                 # reference), held-out diagnostics every 250 steps; it stops with a
-#                                 # checkpoint before LIMIT and the next call (machine still warm)
-#                                 # resumes it; SEED (0) picks the fit; masks at all five sizes at the end
-#                                 # (RECORD_STEPS=1830: the 60M-token fits of 1 Dec 2026); RECORD_EXTRA
-#                                 # adds quality.py flags, e.g. --fit-set size_power=2
+#                                 # written once from 32-token prompts, 1024-token sequences, top-k 64,
+#                                 # temperature 1, as the reference; FREE_TEXT=1 adds the LM's free text from
+#                                 # 1-token prompts and mixes the three a third each), held-out diagnostics
+#                                 # every 250 steps; it stops with a checkpoint before LIMIT and the next
+#                                 # call (machine still warm) resumes it; SEED (0) picks the fit; masks at all
+#                                 # five sizes at the end (RECORD_STEPS=1830: the 60M-token fits of 1 Dec
+#                                 # 2026); RECORD_EXTRA adds quality.py flags, e.g. --fit-set size_power=1
 #   benchmarks/gpu_job.sh part10  # issue 15: the activation baselines again (their score was fixed), the
 #                                 # width cuts, and width-kd at WIDTH_KD_SIZES (0.5,0.3) distilled on the
 #                                 # same text, tokens (RECORD_STEPS x 16 x 2048) and schedule as the fit of
@@ -21,8 +22,9 @@
 #                                 # bodies compiled (WIDTH_KD_COMPILE, default inductor; none: eager)
 #   benchmarks/gpu_job.sh part11  # issue 15: ABLATION (ppn_bayes-flat; or ppn_bayes-point) with the fit of
 #                                 # record's recipe and tokens, as part9 runs it
-#   benchmarks/gpu_job.sh gen-out # the teacher text of part9-11 into $OUT/gen (a store of ~32 MB in
-#                                 # ~8 MB shards), to carry to a later machine: GEN_STORE=that folder
+#   benchmarks/gpu_job.sh gen-out [gen-free]  # a teacher text of part9-11 into $OUT/gen (or gen-free):
+#                                 # a store of ~32 MB in ~8 MB shards, to carry to a later machine as
+#                                 # GEN_STORE (GEN_FREE_STORE) = that folder, instead of writing it again
 #
 # (Structured baselines without training, shortgpt, magnitude, activation, run as before:
 # benchmarks/quality.py --methods shortgpt,magnitude,...; their records do not depend on the fit.)
@@ -68,27 +70,41 @@ prepare() {  # GGUF -> Hugging Face directory, and the tokens, cached under $WOR
   python3 benchmarks/run_job.py --prepare || exit 2
 }
 
-teacher_text() {  # part9-11: the LM's own text, written once into $WORK/gen (resumes an unfinished store),
-  # or GEN_STORE: a store an earlier session wrote and brought back (part gen-out), carried here
+teacher_text() {  # teacher_text NAME PROMPT_LEN CARRIED: the LM's own text, written once into $WORK/NAME
+  # (resumes an unfinished store) from PROMPT_LEN-token prompts of the summaries, or CARRIED: a store an
+  # earlier session wrote and brought back (part gen-out), carried here
+  local name="$1" prompt_len="$2" carried="${3:-}"
   local lm="$WORK/model"; [[ -f "$lm/config.json" ]] || lm="$MODEL"
-  [[ -f "$WORK/gen.done" ]] && return 0
-  if [[ -n "${GEN_STORE:-}" ]]; then  # checked whole (every shard's SHA-256) before it is used
+  [[ -f "$WORK/$name.done" ]] && return 0
+  if [[ -n "$carried" ]]; then  # checked whole (every shard's SHA-256) before it is used
     python3 -c 'import sys; from ppn_bayes.store import TokenStore; print("[gpu_job] teacher text:", TokenStore(sys.argv[1]).numel(), "tokens from", sys.argv[1])' \
-      "$GEN_STORE" >> "$OUT/gen.log" 2>&1 || { echo "[gpu_job] GEN_STORE $GEN_STORE is no whole token store" >> "$OUT/gen.log"; return 1; }
-    rm -rf "$WORK/gen" && cp -r "$GEN_STORE" "$WORK/gen" && touch "$WORK/gen.done"
+      "$carried" >> "$OUT/gen.log" 2>&1 || { echo "[gpu_job] $carried is no whole token store" >> "$OUT/gen.log"; return 1; }
+    rm -rf "$WORK/$name" && cp -r "$carried" "$WORK/$name" && touch "$WORK/$name.done"
     tail -n 1 "$OUT/gen.log"
     return 0
   fi
-  local resume=(); [[ -d "$WORK/gen" ]] && resume=(--resume)
-  echo "[gpu_job] $(date +%T) teacher text" >> "$OUT/gen.log"
+  local resume=(); [[ -d "$WORK/$name" ]] && resume=(--resume)
+  local compiled=(); [[ "$DEVICE" == cuda* ]] && compiled=(--compile)  # the decode step's CUDA graphs
+  echo "[gpu_job] $(date +%T) teacher text $name" >> "$OUT/gen.log"
   timeout --signal=TERM "$(( $(left) - 60 ))s" python3 -m ppn_bayes teacher-text --model "$lm" \
-    --data "$TEXTS/wiki_summaries_en.txt" --out "$WORK/gen" --tokens "${GEN_TOKENS:-16000000}" --prompt-len 32 \
-    --new-tokens 992 --temperature 1.0 --top-k 64 --batch-size 2048 --shard-tokens 4000000 --device "$DEVICE" \
-    --dtype bfloat16 \
-    --compile --quiet "${resume[@]}" >> "$OUT/gen.log" 2>&1 && touch "$WORK/gen.done"
+    --data "$TEXTS/wiki_summaries_en.txt" --out "$WORK/$name" --tokens "${GEN_TOKENS:-16000000}" \
+    --prompt-len "$prompt_len" --new-tokens $(( 1024 - prompt_len )) --temperature 1.0 --top-k 64 \
+    --batch-size "${GEN_BATCH:-2048}" --shard-tokens 4000000 --device "$DEVICE" --dtype bfloat16 "${compiled[@]}" \
+    --quiet "${resume[@]}" \
+    >> "$OUT/gen.log" 2>&1 && touch "$WORK/$name.done"
   tail -n 3 "$OUT/gen.log"
 }
-
+fit_data() {  # the teacher texts the fits and width-kd mix with the summaries, written or carried first:
+  # the text from 32-token prompts (gen), and with FREE_TEXT=1 also the LM's free text from 1-token prompts
+  # (gen-free: its own distribution, far wider than the summaries'); prints the comma-separated stores
+  teacher_text gen 32 "${GEN_STORE:-}" >&2 && [[ -f "$WORK/gen.done" ]] || return 1
+  if [[ "${FREE_TEXT:-0}" == 1 ]]; then
+    teacher_text gen-free 1 "${GEN_FREE_STORE:-}" >&2 && [[ -f "$WORK/gen-free.done" ]] || return 1
+    echo "$WORK/gen,$WORK/gen-free"
+  else
+    echo "$WORK/gen"
+  fi
+}
 workdir() {  # a work folder of its own that shares the cached model and tokens
   local work="$WORK/$1"; mkdir -p "$work"
   [[ -e "$work/model" ]] || ln -s "$WORK/model" "$work/model"
@@ -96,15 +112,16 @@ workdir() {  # a work folder of its own that shares the cached model and tokens
   echo "$work"
 }
 
-record_fit() {  # record_fit METHOD FOLDER: the fit of record's recipe for METHOD, stopped before LIMIT, resumable
-  local method="$1" seed="${SEED:-0}" work budget
+record_fit() {  # record_fit METHOD FOLDER DATA: the fit of record's recipe for METHOD on the summaries and the
+  # stores DATA, stopped before LIMIT, resumable
+  local method="$1" seed="${SEED:-0}" data="$3" work budget
   work=$(workdir "$2")
   budget=$(( $(left) - 20 ))
   echo "[gpu_job] $(date +%T) $method seed $seed ($budget s)" >> "$OUT/gpu0.log"
   timeout --signal=TERM "${budget}s" python3 benchmarks/quality.py "${COMMON[@]}" --work-dir "$work" \
-    --rankings "$work/rankings.json" --methods "$method" --fit-tokens "$WORK/gen" --fit-batch 16 \
+    --rankings "$work/rankings.json" --methods "$method" --fit-tokens "$data" --fit-batch 16 \
     --fit-steps "${RECORD_STEPS:-3052}" --fit-set seed="$seed" --fit-set warmup_steps=100 \
-    --fit-set n_random_sizes=2 --fit-set compile=inductor --fit-set autocast=bfloat16 \
+    --fit-set compile=inductor --fit-set autocast=bfloat16 \
     --fit-set checkpoint_every=1000 --fit-set eval_every=250 --fit-set eval_sizes=0.9,0.5,0.3 \
     --fit-eval-windows 8 --fit-stop-after "$(( budget - 60 ))" ${RECORD_EXTRA:-} >> "$OUT/gpu0.log" 2>&1
   cp "$work/fits/$method.validation.jsonl" "$OUT/validation-$2.jsonl" 2>/dev/null || true
@@ -120,19 +137,17 @@ case "$part" in
     python3 benchmarks/run_job.py "$part" || exit $? ;;
   part9)
     prepare
-    teacher_text
-    [[ -f "$WORK/gen.done" ]] && record_fit ppn_bayes "seed${SEED:-0}"
+    data=$(fit_data) && record_fit ppn_bayes "seed${SEED:-0}" "$data"
     ;;
   part10)
     prepare
-    teacher_text
-    if [[ -f "$WORK/gen.done" ]]; then
+    if data=$(fit_data); then
       work=$(workdir wkd)
       budget=$(( $(left) - 20 ))
       echo "[gpu_job] $(date +%T) width-kd and the activation baselines ($budget s)" >> "$OUT/gpu0.log"
       timeout --signal=TERM "${budget}s" python3 benchmarks/quality.py "${COMMON[@]}" --work-dir "$work" \
         --rankings "$work/rankings.json" --methods activation,activation-uniform,width,width-kd \
-        --width-kd-sizes "${WIDTH_KD_SIZES:-0.5,0.3}" --width-kd-data "$WORK/gen" --fit-batch 16 \
+        --width-kd-sizes "${WIDTH_KD_SIZES:-0.5,0.3}" --width-kd-data "$data" --fit-batch 16 \
         --fit-steps "${RECORD_STEPS:-3052}" --width-kd-tokens "$(( ${RECORD_STEPS:-3052} * 16 * 2048 ))" \
         --fit-set warmup_steps=100 --fit-set compile="${WIDTH_KD_COMPILE:-inductor}" --fit-eval-windows 8 \
         --width-kd-checkpoint-every 100 \
@@ -141,13 +156,15 @@ case "$part" in
     ;;
   part11)
     prepare
-    teacher_text
-    [[ -f "$WORK/gen.done" ]] && record_fit "${ABLATION:-ppn_bayes-flat}" "${ABLATION:-ppn_bayes-flat}"
+    data=$(fit_data) && record_fit "${ABLATION:-ppn_bayes-flat}" "${ABLATION:-ppn_bayes-flat}" "$data"
     ;;
-  gen-out)  # the teacher text's store (shards of about 8 MB: part9-11 write 4M-token shards) into $OUT/gen,
-    # to bring back and carry to a later machine as GEN_STORE (saves its ~4 minutes of generation)
-    [[ -f "$WORK/gen.done" ]] || { echo "no finished teacher text in $WORK/gen"; exit 2; }
-    mkdir -p "$OUT/gen" && cp "$WORK"/gen/manifest.json "$WORK"/gen/shard-*.safetensors "$OUT/gen/" && ls -la "$OUT/gen"
+  gen-out)  # gen-out [NAME]: a teacher text's store (gen, or gen-free; shards of about 8 MB: part9-11 write
+    # 4M-token shards) into $OUT/NAME, to bring back and carry to a later machine as GEN_STORE or
+    # GEN_FREE_STORE (saves its ~4 minutes of generation)
+    name="${2:-gen}"
+    [[ -f "$WORK/$name.done" ]] || { echo "no finished teacher text in $WORK/$name"; exit 2; }
+    mkdir -p "$OUT/$name" && cp "$WORK/$name"/manifest.json "$WORK/$name"/shard-*.safetensors "$OUT/$name/" \
+      && ls -la "$OUT/$name"
     exit 0 ;;
   *) echo "unknown part $part: check, part1 to part11, gen-out"; exit 2 ;;
 esac

@@ -95,13 +95,15 @@ FIT_TOKENS_METHODS = tuple(m for m in ids(quality=True) if method_of(m).needs_fi
 MIXING_METHODS = tuple(m for m in ids(quality=True) if method_of(m).mixes_fit_tokens)
 METHODS = ids(quality=True)
 DEFAULT_METHODS = ids(default=True)
-#: The fit of record: 2048-token windows, the sandwich rule down to the smallest size, every
-#: size taught by the frozen original LM with no next-token loss, deployed-style (prefix)
-#: training masks, units started from their activation ranks, a warm-up and a cosine
-#: schedule (issue 15). With --fit-tokens it reads half training text, half teacher text.
+#: The fit of record: 2048-token windows, every row a gated size (the smallest, and three
+#: drawn more often small, u^2; no row for the full LM), every size taught by the frozen
+#: original LM with no next-token loss, deployed-style (prefix) training masks, units started
+#: from their activation ranks, a warm-up and a cosine schedule (issue 15). With --fit-tokens
+#: it reads the training text and each teacher text in equal shares.
 DEFAULT_FIT = FitConfig(steps=300, batch_size=8, seq_len=2048, size_min=0.3, checkpoint_every=100,
                         log_every=10, teacher="original", nll_weight=0.0, gate_coupling="prefix",
-                        init="activation", lr_schedule="cosine", warmup_steps=30, lr_lm=1e-4)
+                        init="activation", lr_schedule="cosine", warmup_steps=30, lr_lm=1e-4,
+                        n_random_sizes=3, size_power=2.0, train_full_lm=False)
 #: The fit of record before issue 15 (self-distillation plus next-token loss, independent
 #: gates, neutral start, constant rates): what the records before 2026-12-01 evening ran.
 PREVIOUS_FIT = FitConfig(steps=300, batch_size=8, seq_len=2048, size_min=0.3, checkpoint_every=100,
@@ -164,6 +166,13 @@ class QualityConfig:
         if self.fit_tokens is not None and not reads_fit_tokens:
             raise ValueError(f"--fit-tokens is read by {', '.join((*FIT_TOKENS_METHODS, *MIXING_METHODS))} only, "
                              "and none of them runs")
+        if self.fit_tokens is not None and needs_fit_tokens and len(data_paths(self.fit_tokens)) != 1:
+            raise ValueError(f"{', '.join(FIT_TOKENS_METHODS)} fit on one token file; --fit-tokens names "
+                             f"{self.fit_tokens!r}")
+        for spec, flag in ((self.fit_tokens, "--fit-tokens"), (self.width_kd_data, "--width-kd-data")):
+            for path in data_paths(spec) if spec is not None else ():
+                if not path.exists():
+                    raise ValueError(f"{flag} {path}: no such file or folder")
         if self.fit_eval_windows < 0:
             raise ValueError(f"fit_eval_windows must not be negative, got {self.fit_eval_windows}")
         if self.fit_stop_after is not None and not self.fit_stop_after > 0:
@@ -178,8 +187,6 @@ class QualityConfig:
         if self.width_kd_checkpoint_every < 0:
             raise ValueError(f"width_kd_checkpoint_every must not be negative, got {self.width_kd_checkpoint_every}")
         if "width-kd" in self.methods:
-            if self.width_kd_data is not None and not Path(self.width_kd_data).exists():
-                raise ValueError(f"--width-kd-data {self.width_kd_data}: no such file or folder")
             if self.width_kd_steps < 1:
                 raise ValueError(f"width-kd: {self.width_kd_tokens} training tokens make no step of "
                                  f"{self.fit.batch_size} x {self.fit.seq_len} tokens")
@@ -438,7 +445,7 @@ def _fit_tokens(run: Run, method: str) -> tuple[torch.Tensor, dict]:
     train, _ = _fit_split(run)
     held = {"fit_eval_windows": c.fit_eval_windows} if c.fit_eval_windows else {}
     if c.fit_tokens is not None and method in MIXING_METHODS:
-        mixture, name = _half_and_half(run, c.fit_tokens)
+        mixture, name = _mixed(run, c.fit_tokens)
         return mixture, {"train_text": name, "fit_data": mixture.identity(), **held}
     if method not in FIT_TOKENS_METHODS:
         return train, {"train_text": Path(c.train_text).name, **held}
@@ -447,16 +454,25 @@ def _fit_tokens(run: Run, method: str) -> tuple[torch.Tensor, dict]:
                     "fit_tokens_count": tokens.numel(), "prompts_from": Path(c.train_text).name}
 
 
-def _half_and_half(run: Run, store) -> tuple[object, str]:
-    """The training text (less its held-out end) and the token file or store ``store``, mixed
-    half and half row by row with the fit's windows and seed, and its name for the records."""
+def data_paths(spec: str) -> list[Path]:
+    """The paths of a ``--fit-tokens`` or ``--width-kd-data`` value: one path, or several
+    separated by commas."""
+    return [Path(part) for part in str(spec).split(",") if part]
+
+
+def _mixed(run: Run, spec) -> tuple[object, str]:
+    """The training text (less its held-out end) and each token file or store of ``spec``
+    (:func:`data_paths`), mixed row by row in equal shares (half and half with one store, a
+    third each with two) with the fit's windows and seed, and its name for the records."""
     from ppn_bayes.store import Mixture, TokenSource, open_source
 
     c = run.config
     train, _ = _fit_split(run)
-    mixture = Mixture([TokenSource.from_tensor(train), open_source(store, vocab_size=vocab_rows(run.lm))],
-                      [0.5, 0.5], seq_len=c.fit.seq_len, seed=c.fit.seed)
-    return mixture, f"{Path(c.train_text).name} + {Path(store).name}, half and half"
+    stores = data_paths(spec)
+    sources = [TokenSource.from_tensor(train), *(open_source(p, vocab_size=vocab_rows(run.lm)) for p in stores)]
+    mixture = Mixture(sources, [1 / len(sources)] * len(sources), seq_len=c.fit.seq_len, seed=c.fit.seed)
+    share = "half and half" if len(sources) == 2 else f"1/{len(sources)} each"
+    return mixture, f"{' + '.join([Path(c.train_text).name, *(p.name for p in stores)])}, {share}"
 
 
 def _fit_split(run: Run) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -496,13 +512,13 @@ def _file_sha256(path) -> str:
 
 def width_kd_data(run: Run) -> tuple[torch.Tensor, dict]:
     """What width-kd trains on, and its identity for the records: ``--width-kd-data`` (a
-    ``.safetensors`` token file, a text tokenised whole, or a token store folder, which is
-    mixed half and half with the training text as the fit of record mixes ``--fit-tokens``)
-    or the training text."""
+    ``.safetensors`` token file, a text tokenised whole, or one or more token store folders,
+    comma-separated, which are mixed with the training text in equal shares as the fit of
+    record mixes ``--fit-tokens``) or the training text."""
     c = run.config
     path = Path(c.width_kd_data or c.train_text)
-    if path.is_dir():
-        mixture, name = _half_and_half(run, path)
+    if path.is_dir() or len(data_paths(path)) > 1:
+        mixture, name = _mixed(run, c.width_kd_data)
         return mixture, {"data": name, "fit_data": mixture.identity()}
     if path.suffix == ".safetensors":
         tokens, header = _token_file(run, path)
@@ -962,7 +978,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit-tokens", default=None,
                    help="token file or store (from `ppn-bayes teacher-text`): ppn_bayes-teacher fits on it alone; "
                         "ppn_bayes, its ablations and ppn_bayes-kd-prefix-mix on it and the training text, half "
-                        "and half")
+                        "and half (several stores, comma-separated: the training text and each in equal shares)")
     p.add_argument("--fit-eval-windows", type=int, default=0,
                    help="hold the last N windows of the training text out of the fits and evaluate the deployed "
                         "masks at --fit-set eval_sizes on them every --fit-set eval_every steps (the fit's "
@@ -973,7 +989,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width-kd-sizes", type=_floats, default=WIDTH_KD_SIZES,
                    help=f"sizes of width-kd, one distillation each (default: {listed(WIDTH_KD_SIZES)})")
     p.add_argument("--width-kd-data", default=None,
-                   help="what width-kd trains on: a .safetensors token file or a text (default: --train-text); "
+                   help="what width-kd trains on: a .safetensors token file, a text (default: --train-text), or "
+                        "token stores (comma-separated) mixed with the training text as the fit mixes --fit-tokens; "
                         "give it the fit's data")
     p.add_argument("--width-kd-tokens", type=float, default=None,
                    help="training tokens of each width-kd run, rounded down to whole steps of the fit's batch "

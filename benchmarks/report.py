@@ -164,10 +164,11 @@ def repeats_of(records: list[dict], record: dict) -> list[dict]:
 
 def spread_table(records: list[dict]) -> list[str]:
     """Every configuration measured more than once with the same settings: the lowest and
-    highest perplexity of its runs (the table above shows the latest)."""
+    highest perplexity of its runs (the table above shows the latest). A superseded record is
+    no run of the configuration that replaced it, so it is left out."""
     groups = defaultdict(list)
     for r in records:
-        if r.get("ppl") is not None:
+        if r.get("ppl") is not None and not superseded(r):
             groups[(r["method"], _same_settings(r), round(float(r.get("size_requested", 1.0)), 4))].append(r["ppl"])
     repeated = {k: v for k, v in groups.items() if len(v) > 1}
     if not repeated:
@@ -228,7 +229,7 @@ def targets(records: list[dict]) -> list[str]:
                 continue
             runs = sorted(r["ppl"] for r in repeats_of(records, ours))  # every seed must meet it
             worst = runs[-1]
-            figure = _fmt(worst) if len(runs) == 1 else f"{_fmt(runs[0])} to {_fmt(worst)} ({len(runs)} runs)"
+            figure = f"{_fmt(worst)} (1 run)" if len(runs) == 1 else f"{_fmt(runs[0])} to {_fmt(worst)} ({len(runs)} runs)"
             rows.append([f"{RECORD} below {label(rival)} at {size:g}", f"{figure} vs {_fmt(theirs['ppl'])}",
                          ("met" if worst < theirs["ppl"] else "missed") + f" (ratio {worst / theirs['ppl']:.2f}"
                          + (", the worst run)" if len(runs) > 1 else ")")])
