@@ -62,7 +62,8 @@ BUILDERS = MappingProxyType({
     "dense LM": "quality.py: the LM evaluated as it is",
     "fit": "quality.py: a ppn_bayes fit (its checkpoint reused when finished), ranked, sliced",
     "ranking": "quality.py: a ranking from scores without training (ShortGPT, magnitude, activation), sliced",
-    "ranking+distill": "quality.py: the sub-network of the base's ranking, fine-tuned (ppn_bayes.finetune.distill)",
+    "ranking+distill": "quality.py: the sub-network of the base's ranking, fine-tuned "
+                       "(ppn_bayes.deploy.finetune.distill)",
     "fit+distill": "quality.py: the sub-network of the base's fit (fitted first when not done), fine-tuned",
     "width cut": "quality.py: the uniform width cut, no training",
     "width cut, distilled": "quality.py: the uniform width cut, distilled from the dense LM, one run per size",

@@ -38,7 +38,7 @@ Methods (``--methods``)::
                           of MLP channel groups in each (the best by activation score), the widths
                           whose size is the closest to the size asked without exceeding it; no training
     width-kd              that cut at each --width-kd-sizes, distilled from the dense LM
-                          (ppn_bayes.finetune.distill) on --width-kd-data for --width-kd-tokens
+                          (ppn_bayes.deploy.finetune.distill) on --width-kd-data for --width-kd-tokens
                           tokens with the fit's batch, window and learning rate; one run per size
                           (Minitron-style: the peer a practitioner tries first)
     sparsegpt, wanda      llm-compressor, unstructured at sparsity 1 - size
@@ -624,7 +624,7 @@ def run_structured(run: Run, method: str) -> None:
 
 
 def distill_settings(fit_config: FitConfig, steps: int, **changes):
-    """The :class:`ppn_bayes.finetune.DistillConfig` of a fine-tune of ``steps`` steps with
+    """The :class:`ppn_bayes.deploy.finetune.DistillConfig` of a fine-tune of ``steps`` steps with
     the fit's batch, windows, AdamW at ``lr_lm``, loss weights, schedule (its warm-up the same
     share of the steps), clipping, seed and compiler."""
     from ppn_bayes.deploy.finetune import DistillConfig
@@ -640,7 +640,7 @@ def distill_settings(fit_config: FitConfig, steps: int, **changes):
 def distill_finetune(student, teacher, tokens: torch.Tensor, fit_config: FitConfig, *, config: QualityConfig,
                      repeat: int = 1) -> dict:
     """Fine-tune ``student`` towards ``teacher`` on ``tokens`` with ``repeat`` times the fit's budget
-    (steps, batch, windows, AdamW at ``lr_lm``): :func:`ppn_bayes.finetune.distill`, the
+    (steps, batch, windows, AdamW at ``lr_lm``): :func:`ppn_bayes.deploy.finetune.distill`, the
     next-token loss plus ``distill_weight`` · KL(teacher ‖ student) per token."""
     from ppn_bayes.deploy.finetune import distill
 
@@ -749,7 +749,7 @@ def run_width(run: Run, method: str) -> None:
 
 def run_width_kd(run: Run, method: str) -> None:
     """The uniform width cut at each ``width_kd_sizes``, distilled from the dense LM with
-    :func:`ppn_bayes.finetune.distill` (one run per size), checkpointed under
+    :func:`ppn_bayes.deploy.finetune.distill` (one run per size), checkpointed under
     ``work_dir/width-kd/<size>`` and resumed there; a finished size is not run again."""
     from ppn_bayes.inspect.baselines import uniform_cut_for_size
     from ppn_bayes.deploy.finetune import distill

@@ -229,7 +229,8 @@ def targets(records: list[dict]) -> list[str]:
                 continue
             runs = sorted(r["ppl"] for r in repeats_of(records, ours))  # every seed must meet it
             worst = runs[-1]
-            figure = f"{_fmt(worst)} (1 run)" if len(runs) == 1 else f"{_fmt(runs[0])} to {_fmt(worst)} ({len(runs)} runs)"
+            figure = (f"{_fmt(worst)} (1 run)" if len(runs) == 1
+                      else f"{_fmt(runs[0])} to {_fmt(worst)} ({len(runs)} runs)")
             rows.append([f"{RECORD} below {label(rival)} at {size:g}", f"{figure} vs {_fmt(theirs['ppl'])}",
                          ("met" if worst < theirs["ppl"] else "missed") + f" (ratio {worst / theirs['ppl']:.2f}"
                          + (", the worst run)" if len(runs) > 1 else ")")])
