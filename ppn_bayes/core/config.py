@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .schedule import check_schedule
 
-__all__ = ["FitConfig", "check_fields", "setting", "CONCERNS", "FIT_HELP", "NOT_IDENTIFYING"]
+__all__ = ["FitConfig", "check_compiler", "check_fields", "setting", "CONCERNS", "FIT_HELP", "NOT_IDENTIFYING"]
 
 #: The concerns a fit's settings fall into, in ``--help`` order: ``prior`` (the Bayesian
 #: model and its guide: units, hierarchy, the prior's weight, the guide's start),
@@ -41,6 +41,14 @@ TEACHERS = ("self", "original")
 AUTOCASTS = ("none", "bfloat16", "float16")
 #: ``torch.compile`` backends for the gated LM's forward (``FitConfig.compile``; ``none``: eager).
 COMPILERS = ("none", "inductor", "aot_eager", "eager")
+
+
+def check_compiler(backend: str) -> str:
+    """``backend``, or ``ValueError`` naming the known :data:`COMPILERS` (a fit's and a
+    fine-tune's ``compile`` setting alike)."""
+    if backend not in COMPILERS:
+        raise ValueError(f"compile must be one of {', '.join(map(repr, COMPILERS))}, got {backend!r}")
+    return backend
 #: How the guide's unit locations start (``FitConfig.init``).
 INITS = ("neutral", "activation")
 
@@ -196,8 +204,7 @@ class FitConfig:
             raise ValueError(f"parallel must be 'auto', 'none', 'ddp' or 'fsdp', got {self.parallel!r}")
         if self.autocast not in AUTOCASTS:
             raise ValueError(f"autocast must be one of {', '.join(map(repr, AUTOCASTS))}, got {self.autocast!r}")
-        if self.compile not in COMPILERS:
-            raise ValueError(f"compile must be one of {', '.join(map(repr, COMPILERS))}, got {self.compile!r}")
+        check_compiler(self.compile)
         check_schedule(self.lr_schedule)
         if self.init not in INITS:
             raise ValueError(f"init must be one of {', '.join(map(repr, INITS))}, got {self.init!r}")

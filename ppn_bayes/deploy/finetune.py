@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..core.budget import Budget
-from ..core.config import COMPILERS, check_fields, setting
+from ..core.config import COMPILERS, check_compiler, check_fields, setting
 from ..data import TokenBlocks, check_token_ids
 from ..lm import check_same_vocabulary, vocab_rows
 from ..core.objective import Teacher, fused_objective
@@ -72,8 +72,7 @@ class DistillConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         check_schedule(self.lr_schedule)
-        if self.compile not in COMPILERS:
-            raise ValueError(f"compile must be one of {', '.join(map(repr, COMPILERS))}, got {self.compile!r}")
+        check_compiler(self.compile)
         if self.nll_weight == 0 and self.distill_weight == 0:
             raise ValueError("nll_weight and distill_weight are both 0: the loss would be empty")
 
@@ -176,13 +175,13 @@ def _bodies(student: nn.Module, teacher: nn.Module, backend: str) -> tuple:
 
 
 def _distill_loss(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, config: DistillConfig,
-                  bodies: tuple | None = None):
+                  bodies: tuple):
     """``(loss, nll, kl)`` of one batch ``[B, T]``: ``nll_weight`` · the student's mean
     next-token NLL + ``distill_weight`` · the mean KL(teacher ‖ student) per token, from the
     two LMs' final hidden states and heads in chunks (:func:`~ppn_bayes.core.objective.fused_objective`:
     no ``[B, T, V]`` logits are held; the same objective as the fit's). ``bodies``: the two
-    decoder bodies to run (:func:`_bodies`; default: eager)."""
-    student_body, teacher_body = bodies or _bodies(student, teacher, "none")
+    decoder bodies to run (:func:`_bodies`)."""
+    student_body, teacher_body = bodies
     B = input_ids.shape[0]
     taught = None
     if config.distill_weight > 0:
