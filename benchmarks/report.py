@@ -142,14 +142,17 @@ def _slug(text) -> str:
 
 def _same_settings(record: dict) -> tuple:
     """What two runs must share to be repeats: the fit's settings (defaults filled in for
-    records written before a field existed), the training tokens and the windows."""
+    records written before a field existed), the kind of training text (its name: a mixture's
+    stores by name and share, so a store written again by another session is the same text),
+    the training tokens and the windows."""
     fit = (record.get("settings") or {}).get("fit") or {}
     try:
         fit = FitConfig.from_dict(fit).to_dict() if fit else {}
     except (TypeError, ValueError):
         pass
     fit = {k: v for k, v in fit.items() if k not in NOT_IDENTIFYING and k != "seed"}  # seeds are repeats
-    return json.dumps(fit, sort_keys=True), record.get("train_tokens"), record.get("windows")
+    text = (record.get("settings") or {}).get("train_text") or ""
+    return json.dumps(fit, sort_keys=True), record.get("train_tokens"), record.get("windows"), text
 
 
 def repeats_of(records: list[dict], record: dict) -> list[dict]:
@@ -180,11 +183,11 @@ def spread_table(records: list[dict]) -> list[str]:
         for size in sizes:
             ppl = groups.get((method, same, size), [])
             cells.append(f"{_fmt(min(ppl))} to {_fmt(max(ppl))} ({len(ppl)})" if len(ppl) > 1 else "–")
-        rows.append([label(method), _fmt(same[1]), *cells])  # same[1]: the training tokens
+        rows.append([label(method), same[3] or "–", _fmt(same[1]), *cells])  # the training text and tokens
     return ["Run-to-run spread: configurations measured more than once with the same settings (the fit's "
-            "settings, any seed, training tokens, windows). Each cell: lowest to highest perplexity (runs). Fits on the "
+            "settings, any seed, training text, training tokens, windows). Each cell: lowest to highest perplexity (runs). Fits on the "
             "GPU are not bit-reproducible (bf16 autocast, atomic adds), and a fit amplifies the difference.",
-            "", *_table(["method", "training tokens", *(f"{s:g}" for s in sizes)], rows), ""]
+            "", *_table(["method", "training text", "training tokens", *(f"{s:g}" for s in sizes)], rows), ""]
 
 
 def quality_table(records: list[dict]) -> list[str]:

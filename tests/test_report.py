@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -85,7 +86,8 @@ def test_report_tables_targets_and_plots(tmp_path):
     assert "99" not in text.split("Run-to-run spread")[0]
     # the superseded run is in the spread of the runs with the same settings, with its size only
     spread = text.split("Run-to-run spread")[1].split("Targets")[0]
-    assert "| method | training tokens | 0.5 |" in spread and "| ppn_bayes | 0 | 25 to 99 (2) |" in spread
+    assert "| method | training text | training tokens | 0.5 |" in spread
+    assert re.search(r"\| ppn_bayes \| [^|]+ \| 0 \| 25 to 99 \(2\) \|", spread)
     # targets: 25 < 30 and 33; 31 < 45 and 50; 60 > 50 (missed by ratio 1.20), 60 < 140; 25/20 = 1.25 <= 1.3
     assert "| ppn_bayes below SparseGPT, unstructured at 0.3 | 60 (1 run) vs 50 | missed (ratio 1.20) |" in text
     assert "| ppn_bayes below Wanda, unstructured at 0.3 | 60 (1 run) vs 140 | met (ratio 0.43) |" in text
@@ -470,6 +472,26 @@ def test_the_report_groups_repeats_by_the_identifying_settings():
     assert key(steps=300) != key() and key(autocast="bfloat16") != key()
 
 
+def test_a_fit_on_another_training_text_is_no_repeat():
+    """The same recipe on another mixture (a third free text) is another configuration: the
+    targets read only the seeds of the chosen run's text, and the spread shows the two apart."""
+    from ppn_bayes.core.config import FitConfig
+
+    def run(method, ppl, seed=0, date="2026-12-01T10:00:00", text="wiki + gen, half and half"):
+        return {"method": method, "size_requested": 0.5, "ppl": ppl, "train_tokens": 10, "windows": 2, "date": date,
+                "settings": {"fit": FitConfig(seed=seed).to_dict(), "train_text": text} if method == "ppn_bayes"
+                else {}}
+
+    records = [run("sparsegpt", 100.0), run("wanda", 140.0), run("ppn_bayes", 90.0),
+               run("ppn_bayes", 150.0, date="2026-12-01T11:00:00", text="wiki + gen + gen-free, 1/3 each"),
+               run("ppn_bayes", 95.0, seed=1, date="2026-12-01T12:00:00")]
+    text = "\n".join(report.targets(records))
+    assert "| ppn_bayes below SparseGPT, unstructured at 0.5 | 90 to 95 (2 runs) vs 100 | met (ratio 0.95, " \
+           "the worst run) |" in text
+    spread = "\n".join(report.spread_table(records))
+    assert "| ppn_bayes | wiki + gen, half and half | 10 | 90 to 95 (2) |" in spread and "150" not in spread
+
+
 def test_a_target_holds_only_when_every_seed_meets_it():
     """Two seeds of the fit of record at 0.4: one below SparseGPT, one above; the target is
     missed, by the worst run's ratio. An older run of the same seed does not count."""
@@ -499,7 +521,7 @@ def test_a_superseded_record_is_no_repeat_of_its_rerun(tmp_path):
                       quick=False, machine="h200: NVIDIA H200", settings=settings)
     lines = report.spread_table(read_records("quality", rec))
     assert [line for line in lines if "activation" in line] == [
-        "| activation-ranked units, uniform per layer (Wanda-sp), no training | 0 | 685.6 to 690.1 (2) |"]
+        "| activation-ranked units, uniform per layer (Wanda-sp), no training | – | 0 | 685.6 to 690.1 (2) |"]
     assert "superseded" not in "\n".join(report.quality_table(read_records("quality", rec)))
 
 
