@@ -625,13 +625,13 @@ def run_structured(run: Run, method: str) -> None:
 
 def distill_settings(fit_config: FitConfig, steps: int, **changes):
     """The :class:`ppn_bayes.deploy.finetune.DistillConfig` of a fine-tune of ``steps`` steps with
-    the fit's batch, windows, AdamW at ``lr_lm``, loss weights, schedule (its warm-up the same
+    the fit's batch, windows, AdamW at ``lr_lm`` and ``adam_beta2``, loss weights, schedule (its warm-up the same
     share of the steps), clipping, seed and compiler."""
     from ppn_bayes.deploy.finetune import DistillConfig
 
     warmup = round(fit_config.warmup_steps * steps / fit_config.steps)  # the same share of the run
     return DistillConfig(steps=steps, batch_size=fit_config.batch_size, seq_len=fit_config.seq_len,
-                         lr=fit_config.lr_lm, weight_decay=fit_config.weight_decay,
+                         lr=fit_config.lr_lm, weight_decay=fit_config.weight_decay, adam_beta2=fit_config.adam_beta2,
                          distill_weight=fit_config.distill_weight, nll_weight=fit_config.nll_weight,
                          lr_schedule=fit_config.lr_schedule, warmup_steps=warmup, grad_clip=fit_config.grad_clip,
                          seed=fit_config.seed, compile=fit_config.compile, **changes)

@@ -100,14 +100,14 @@ def _distill_parser() -> argparse.ArgumentParser:
 def test_distill_flags_are_generated_with_the_defaults_and_bounds():
     parser = _distill_parser()
     flags = {a.option_strings[0] for a in parser._actions if a.dest != "help"}
-    assert flags == {"--steps", "--batch-size", "--seq-len", "--lr", "--weight-decay", "--distill-weight",
+    assert flags == {"--steps", "--batch-size", "--seq-len", "--lr", "--weight-decay", "--adam-beta2", "--distill-weight",
                      "--grad-clip", "--seed", "--log-every", "--checkpoint-every", "--nll-weight", "--lr-schedule",
                      "--warmup-steps", "--compile"}
     assert DistillConfig(**config_from(parser.parse_args([]), DistillConfig)) == DistillConfig()
     changed = parser.parse_args(["--lr", "1e-4", "--seed", "-1", "--lr-schedule", "cosine", "--warmup-steps", "0"])
     assert DistillConfig(**config_from(changed, DistillConfig)) == DistillConfig(lr=1e-4, seed=-1, lr_schedule="cosine")
     for bad in (["--lr", "0"], ["--steps", "0"], ["--weight-decay", "-1"], ["--checkpoint-every", "-1"],
-                ["--lr-schedule", "linear"], ["--distill-weight", "nan"], ["--compile", "tvm"]):
+                ["--lr-schedule", "linear"], ["--distill-weight", "nan"], ["--compile", "tvm"], ["--adam-beta2", "1"]):
         with pytest.raises(argparse.ArgumentError):
             parser.parse_args(bad)
 

@@ -237,3 +237,41 @@ def test_the_compiled_fine_tune_equals_the_eager_one_bit_for_bit():
     assert counters["stats"]["unique_graphs"] == 2 and not counters["recompiles"]
     with pytest.raises(ValueError, match="compile must be one of"):
         DistillConfig(compile="tvm")
+
+
+def test_adam_beta2_is_the_second_moment_decay_of_the_fine_tune(monkeypatch):
+    """Two steps with ``adam_beta2=0.5`` are AdamW with betas (0.9, 0.5) on the gradients the
+    optimizer received, bit for bit; with PyTorch's 0.999 the second step lands elsewhere (the
+    first step of Adam does not depend on beta2)."""
+    fitted = _fitted()
+    teacher = fitted.lm.eval()
+    student = build_subnetwork(teacher, fitted.masks(0.5))
+    before = copy.deepcopy(student)
+    received = []
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def step(self, closure=None):
+            received.append([None if p.grad is None else p.grad.clone() for p in self.param_groups[0]["params"]])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    config = DistillConfig(steps=2, batch_size=2, seq_len=24, lr=1e-2, grad_clip=0.0, adam_beta2=0.5)
+    distill(student, teacher, TOKENS, config, progress=False)
+    monkeypatch.undo()
+    assert len(received) == 2
+
+    def replay(beta2):
+        lm = copy.deepcopy(before)
+        optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-2, weight_decay=0.0, betas=(0.9, beta2))
+        for grads in received:
+            for p, grad in zip(lm.parameters(), grads):
+                p.grad = grad
+            optimizer.step()
+        return lm
+
+    same, default = replay(0.5), replay(0.999)
+    assert all(torch.equal(a, b) for a, b in zip(student.parameters(), same.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(student.parameters(), default.parameters()))
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match="adam_beta2"):
+            DistillConfig(adam_beta2=bad)

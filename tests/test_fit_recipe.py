@@ -136,3 +136,12 @@ def test_without_the_full_lm_every_row_trains_a_gated_size(tmp_path):
     history = fit(tiny_lm("llama"), TOKENS, config, checkpoint=tmp_path / "c", progress=False).result.history
     assert [row["nll_full"] for row in history] == [None] * config.steps
     assert all(kl is not None and kl >= 0 for row in history for kl in row["kl"])
+
+
+def test_adam_beta2_is_the_second_moment_decay_of_the_lms_weights_only(tmp_path):
+    fit(tiny_lm("llama"), TOKENS, CONFIG.replace(adam_beta2=0.95), checkpoint=tmp_path / "c", progress=False)
+    betas = {g["name"]: tuple(g["betas"]) for g in read_state(tmp_path / "c")["optimizer_groups"]}
+    assert betas == {"lm": (0.9, 0.95), "guide": (0.9, 0.999)}  # the guide keeps PyTorch's default
+    for bad in (1.0, -0.5):
+        with pytest.raises(ValueError, match="adam_beta2 must be in"):
+            FitConfig(adam_beta2=bad)

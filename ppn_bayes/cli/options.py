@@ -66,6 +66,11 @@ def unit_interval(text: str) -> float:
     return _number(float, text, "a number in [0, 1]", lambda v: 0 <= v <= 1)
 
 
+def decay_rate(text: str) -> float:
+    """A decay rate of a moving average, in [0, 1)."""
+    return _number(float, text, "a number in [0, 1)", lambda v: 0 <= v < 1)
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -73,14 +78,14 @@ def _flag(name: str) -> str:
 #: Argument types by a field's ``bound`` metadata and its type.
 _CONVERT = {(None, int): int, (None, float): finite_float, ("positive", int): positive_int,
             ("positive", float): positive_float, ("nonnegative", int): nonnegative_int,
-            ("nonnegative", float): nonnegative_float}
+            ("nonnegative", float): nonnegative_float, ("decay", float): decay_rate}
 
 
 def add_config_options(parser: argparse.ArgumentParser, cls: type, defaults, *, skip: tuple[str, ...] = (),
                        groups: dict | None = None) -> None:
     """One flag ``--field-name`` per field of the settings dataclass ``cls``, documented
     from its ``help`` metadata with its default in ``defaults``; the flag's values are
-    checked by its ``bound`` (``positive``, ``nonnegative``) and ``choices`` metadata where
+    checked by its ``bound`` (``positive``, ``nonnegative``, ``decay``: [0, 1)) and ``choices`` metadata where
     it has them. ``groups`` maps a field's ``concern`` to the argument group its flag
     joins (default: ``parser`` itself)."""
     hints = typing.get_type_hints(cls)

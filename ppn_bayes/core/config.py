@@ -90,6 +90,9 @@ class FitConfig:
             "AdamW learning rate of the guide's parameters (loc and log-scale of log λ)")
     weight_decay: float = setting(0.0, OPTIMISATION,
             "AdamW weight decay of the LM's weights")
+    adam_beta2: float = setting(0.999, OPTIMISATION,
+            "AdamW's beta2 for the LM's weights (the decay of its average of squared gradients; PyTorch's "
+            "0.999 by default, 0.95 in many distillation and pre-training recipes)", bound="decay")
     size_min: float = setting(0.3, OBJECTIVE,
             "smallest size trained each step (sandwich rule)")
     size_max: float = setting(1.0, OBJECTIVE,
@@ -193,6 +196,8 @@ class FitConfig:
                      "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if not 0 <= self.adam_beta2 < 1:
+            raise ValueError(f"adam_beta2 must be in [0, 1), got {self.adam_beta2}")
         if self.posterior not in ("normal", "point"):
             raise ValueError(f"posterior must be 'normal' or 'point', got {self.posterior!r}")
         if self.gate_coupling not in COUPLINGS:

@@ -44,6 +44,8 @@ class DistillConfig:
     seq_len: int = setting(512, "optimisation", "tokens per window", bound="positive")
     lr: float = setting(3e-5, "optimisation", "AdamW learning rate", bound="positive")
     weight_decay: float = setting(0.0, "optimisation", "AdamW weight decay", bound="nonnegative")
+    adam_beta2: float = setting(0.999, "optimisation", "AdamW's beta2 (the decay of its average of squared "
+                                "gradients; 0.95 in many distillation recipes)", bound="decay")
     distill_weight: float = setting(1.0, "objective", "weight of the KL term; 0: plain fine-tuning",
                                     bound="nonnegative")
     grad_clip: float = setting(1.0, "optimisation", "gradient-norm clipping; 0: none", bound="nonnegative")
@@ -71,6 +73,8 @@ class DistillConfig:
         for name in ("weight_decay", "distill_weight", "grad_clip", "checkpoint_every", "nll_weight", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if not 0 <= self.adam_beta2 < 1:
+            raise ValueError(f"adam_beta2 must be in [0, 1), got {self.adam_beta2}")
         check_schedule(self.lr_schedule)
         check_compiler(self.compile)
         if self.nll_weight == 0 and self.distill_weight == 0:
@@ -224,7 +228,8 @@ def distill(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor | Token
     device = next(student.parameters()).device
     teacher_was_training = teacher.training
     teacher.eval()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                  betas=(0.9, config.adam_beta2))
     from tqdm.auto import tqdm
 
     history: list[dict] = []

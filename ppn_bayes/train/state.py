@@ -126,12 +126,12 @@ def lm_parameters(lm: nn.Module) -> list[nn.Parameter]:
 
 
 def build_optimizer(lm: nn.Module, guide: PuppetGuide, config: FitConfig) -> torch.optim.Optimizer:
-    """AdamW with two groups, named ``guide`` and ``lm`` (the LM's only when it trains); its
-    fused kernels where every parameter is on a GPU."""
+    """AdamW with two groups, named ``guide`` and ``lm`` (the LM's only when it trains, with
+    β2 = ``adam_beta2``); its fused kernels where every parameter is on a GPU."""
     groups = [{"name": "guide", "params": list(guide.parameters()), "lr": config.lr_guide, "weight_decay": 0.0}]
     if config.train_lm:
         groups.append({"name": "lm", "params": lm_parameters(lm), "lr": config.lr_lm,
-                       "weight_decay": config.weight_decay})
+                       "weight_decay": config.weight_decay, "betas": (0.9, config.adam_beta2)})
     on_gpu = all(p.is_cuda for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, fused=True) if on_gpu else torch.optim.AdamW(groups)
 
