@@ -22,6 +22,15 @@
 #                                 # bodies compiled (WIDTH_KD_COMPILE, default inductor; none: eager)
 #   benchmarks/gpu_job.sh part11  # issue 15: ABLATION (ppn_bayes-flat; or ppn_bayes-point) with the fit of
 #                                 # record's recipe and tokens, as part9 runs it
+#   benchmarks/gpu_job.sh part12  # issue 15: BASE_METHODS (dense,sparsegpt) at BASE_SIZES (0.5) with every
+#                                 # token's NLL kept (llm-compressor's wheels carried and installed first)
+#   benchmarks/gpu_job.sh part13  # issue 15: width-kd at 0.5 on 12M tokens (the reference's 16 x 1024 x 732
+#                                 # steps, warm-up 73, cosine) once per LR in WKD_LRS (1e-4,3e-4,1e-3), with
+#                                 # WKD_BETA2 (0.999) for AdamW: a cheap sweep of the LM's rate, resumable
+#                                 # (WKD_STEPS, WKD_SEQ: 732 and 1024; the warm-up a tenth of the steps)
+#   benchmarks/gpu_job.sh nll-out FOLDER...  # the token NLLs kept under $WORK/FOLDER/token-nll (parts 9-11
+#                                 # with TOKEN_NLL=1: FOLDER seed0, wkd, ...; part12's: base) packed into $OUT/token-nll.safetensors
+#                                 # for benchmarks/token_nll.py analyse here
 #   benchmarks/gpu_job.sh gen-out [gen-free]  # a teacher text of part9-11 into $OUT/gen (or gen-free):
 #                                 # a store of ~32 MB in ~8 MB shards, to carry to a later machine as
 #                                 # GEN_STORE (GEN_FREE_STORE) = that folder, instead of writing it again
@@ -40,7 +49,7 @@
 # model and working paths, FIT_STEPS, LIMIT, the *_EXTRA flags of a CPU rehearsal with a tiny LM:
 # DEVICE=cpu, QUALITY_EXTRA, SPEED_EXTRA, ..., as tests/test_report.py does); part9's own below.
 set -uo pipefail
-part="${1:?usage: gpu_job.sh check|part1|part2|part3|part4|part5|part6|part7|part8|part9|part10|part11|gen-out}"
+part="${1:?usage: gpu_job.sh check|part1|...|part13|nll-out|gen-out}"
 START=$(date +%s)
 export GPU_JOB_START=$START
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 LLM_COMPRESSOR_LOG_LEVEL=WARNING TOKENIZERS_PARALLELISM=false
@@ -117,13 +126,14 @@ record_fit() {  # record_fit METHOD FOLDER DATA: the fit of record's recipe for 
   local method="$1" seed="${SEED:-0}" data="$3" work budget
   work=$(workdir "$2")
   budget=$(( $(left) - 20 ))
+  local nll=(); [[ "${TOKEN_NLL:-0}" == 1 ]] && nll=(--token-nll-dir "$work/token-nll")
   echo "[gpu_job] $(date +%T) $method seed $seed ($budget s)" >> "$OUT/gpu0.log"
   timeout --signal=TERM "${budget}s" python3 benchmarks/quality.py "${COMMON[@]}" --work-dir "$work" \
     --rankings "$work/rankings.json" --methods "$method" --fit-tokens "$data" --fit-batch 16 \
     --fit-steps "${RECORD_STEPS:-3052}" --fit-set seed="$seed" --fit-set warmup_steps=100 \
     --fit-set compile=inductor --fit-set autocast=bfloat16 \
     --fit-set checkpoint_every=1000 --fit-set eval_every=250 --fit-set eval_sizes=0.9,0.5,0.3 \
-    --fit-eval-windows 8 --fit-stop-after "$(( budget - 60 ))" ${RECORD_EXTRA:-} >> "$OUT/gpu0.log" 2>&1
+    --fit-eval-windows 8 --fit-stop-after "$(( budget - 60 ))" "${nll[@]}" ${RECORD_EXTRA:-} >> "$OUT/gpu0.log" 2>&1
   cp "$work/fits/$method.validation.jsonl" "$OUT/validation-$2.jsonl" 2>/dev/null || true
   cp "$work/rankings.json" "$OUT/rankings-$2.json" 2>/dev/null || true
 }
@@ -144,13 +154,14 @@ case "$part" in
     if data=$(fit_data); then
       work=$(workdir wkd)
       budget=$(( $(left) - 20 ))
+      nll=(); [[ "${TOKEN_NLL:-0}" == 1 ]] && nll=(--token-nll-dir "$work/token-nll")
       echo "[gpu_job] $(date +%T) width-kd and the activation baselines ($budget s)" >> "$OUT/gpu0.log"
       timeout --signal=TERM "${budget}s" python3 benchmarks/quality.py "${COMMON[@]}" --work-dir "$work" \
         --rankings "$work/rankings.json" --methods activation,activation-uniform,width,width-kd \
         --width-kd-sizes "${WIDTH_KD_SIZES:-0.5,0.3}" --width-kd-data "$data" --fit-batch 16 \
         --fit-steps "${RECORD_STEPS:-3052}" --width-kd-tokens "$(( ${RECORD_STEPS:-3052} * 16 * 2048 ))" \
         --fit-set warmup_steps=100 --fit-set compile="${WIDTH_KD_COMPILE:-inductor}" --fit-eval-windows 8 \
-        --width-kd-checkpoint-every 100 \
+        --width-kd-checkpoint-every 100 "${nll[@]}" \
         --time-budget "$(( budget * 8 / 10 ))" >> "$OUT/gpu0.log" 2>&1
     fi
     ;;
@@ -158,6 +169,38 @@ case "$part" in
     prepare
     data=$(fit_data) && record_fit "${ABLATION:-ppn_bayes-flat}" "${ABLATION:-ppn_bayes-flat}" "$data"
     ;;
+  part12)
+    prepare
+    work=$(workdir base)
+    budget=$(( $(left) - 20 ))
+    echo "[gpu_job] $(date +%T) ${BASE_METHODS:-dense,sparsegpt} at ${BASE_SIZES:-0.5} ($budget s)" >> "$OUT/gpu0.log"
+    timeout --signal=TERM "${budget}s" python3 benchmarks/quality.py "${COMMON[@]}" --work-dir "$work" \
+      --rankings "$work/rankings.json" --methods "${BASE_METHODS:-dense,sparsegpt}" --sizes "${BASE_SIZES:-0.5}" \
+      --token-nll-dir "$work/token-nll" --time-budget "$(( budget * 8 / 10 ))" >> "$OUT/gpu0.log" 2>&1
+    ;;
+  part13)
+    prepare
+    if data=$(fit_data); then
+      lrs="${WKD_LRS:-1e-4,3e-4,1e-3}" steps="${WKD_STEPS:-732}" seq="${WKD_SEQ:-1024}"
+      for lr in ${lrs//,/ }; do  # one work folder each: its own checkpoint and done marker
+        work=$(workdir "wkd12-lr$lr-b${WKD_BETA2:-0.999}")
+        budget=$(( $(left) - 20 ))
+        (( budget > 60 )) || break
+        echo "[gpu_job] $(date +%T) width-kd 0.5, 12M tokens, lr $lr, beta2 ${WKD_BETA2:-0.999} ($budget s)" >> "$OUT/gpu0.log"
+        timeout --signal=TERM "${budget}s" python3 benchmarks/quality.py "${COMMON[@]}" --work-dir "$work" \
+          --rankings "$work/rankings.json" --methods width-kd --width-kd-sizes 0.5 --width-kd-data "$data" \
+          --fit-batch 16 --fit-seq-len "$seq" --fit-steps "$steps" --width-kd-tokens "$(( steps * 16 * seq ))" \
+          --fit-set warmup_steps="$(( steps / 10 ))" \
+          --fit-set lr_lm="$lr" --fit-set adam_beta2="${WKD_BETA2:-0.999}" --fit-set compile=inductor \
+          --width-kd-checkpoint-every 100 --time-budget "$(( budget * 8 / 10 ))" >> "$OUT/gpu0.log" 2>&1
+      done
+    fi
+    ;;
+  nll-out)  # nll-out FOLDER...: the token NLLs of $WORK/FOLDER/token-nll in one file under $OUT
+    shift
+    folders=(); for f in "${@:-base}"; do folders+=("$WORK/$f/token-nll"); done
+    python3 benchmarks/token_nll.py pack "${folders[@]}" "$OUT/token-nll.safetensors"
+    exit $? ;;
   gen-out)  # gen-out [NAME]: a teacher text's store (gen, or gen-free; shards of about 8 MB: part9-11 write
     # 4M-token shards) into $OUT/NAME, to bring back and carry to a later machine as GEN_STORE or
     # GEN_FREE_STORE (saves its ~4 minutes of generation)
@@ -166,7 +209,7 @@ case "$part" in
     mkdir -p "$OUT/$name" && cp "$WORK/$name"/manifest.json "$WORK/$name"/shard-*.safetensors "$OUT/$name/" \
       && ls -la "$OUT/$name"
     exit 0 ;;
-  *) echo "unknown part $part: check, part1 to part11, gen-out"; exit 2 ;;
+  *) echo "unknown part $part: check, part1 to part13, nll-out, gen-out"; exit 2 ;;
 esac
 [[ -f "$RANKINGS" ]] && cp "$RANKINGS" "$OUT/rankings.json"
 echo "[gpu_job] $part done in $(( $(date +%s) - START )) s; records:"

@@ -72,7 +72,7 @@ import torch
 
 from ppn_bayes.core.architecture import describe
 from ppn_bayes.core.config import FitConfig
-from ppn_bayes.data import check_token_ids, load_tokens, save_tokens
+from ppn_bayes.data import TokenBlocks, check_token_ids, load_tokens, save_tokens
 from ppn_bayes.lm import vocab_rows
 from ppn_bayes.inspect.evaluate import perplexity
 from ppn_bayes.io import atomic_file, atomic_write_text
@@ -148,6 +148,7 @@ class QualityConfig:
     width_kd_checkpoint_every: int = 500  # steps
     fit_eval_windows: int = 0  # windows of the training text's end held out of the fits, evaluated during them
     fit_stop_after: float | None = None  # seconds: a fit stops with a checkpoint; the next run resumes it
+    token_nll_dir: str | None = None  # every evaluated token's NLL, one file per record (benchmarks/token_nll.py)
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
@@ -274,7 +275,8 @@ class Run:
     def evaluate(self, lm) -> "object":
         torch.set_float32_matmul_precision("highest")
         return perplexity(lm.float(), self.eval_tokens, seq_len=self.config.seq_len,
-                          limit=self.config.limit_windows, batch_size=self.config.eval_batch)
+                          limit=self.config.limit_windows, batch_size=self.config.eval_batch,
+                          per_token=self.config.token_nll_dir is not None)
 
     def record(self, method: str, *, size_requested: float, size_reached: float, result, train_tokens: int,
                settings: dict, **figures) -> dict:
@@ -283,6 +285,9 @@ class Run:
             "eval_text": Path(c.eval_text).name, "eval_dtype": "float32", "device": c.device,
             **settings,
         }
+        if result.token_nll is not None:  # --token-nll-dir
+            figures["nll_by_context"] = result.nll_by_context()
+            self.save_token_nll(method, size_requested, result)
         record = append_record(
             "quality", method=method, model=c.name, records_dir=c.records_dir,
             size_requested=size_requested, size_reached=size_reached, ppl=result.ppl, nll=result.nll,
@@ -293,6 +298,23 @@ class Run:
         print(f"[quality] {method:22s} size {size_requested:.2f} -> {size_reached:.4f}  "
               f"ppl {result.ppl:10.3f}  ({time.perf_counter() - self.began:.0f} s)", flush=True)
         return record
+
+    def save_token_nll(self, method: str, size: float, result) -> None:
+        """Every evaluated token's NLL (float16 ``[windows, seq_len - 1]``: ~0.1% of the value,
+        for analyses that average thousands of tokens) to ``TOKEN_NLL_DIR/METHOD@SIZE.safetensors``,
+        and the windows' targets once, ``targets.safetensors`` (int32): what
+        ``benchmarks/token_nll.py`` packs and analyses."""
+        from safetensors.torch import save_file
+
+        folder = Path(self.config.token_nll_dir)
+        targets = folder / "targets.safetensors"
+        if not targets.is_file():
+            windows = TokenBlocks(self.eval_tokens, self.config.seq_len).windows(self.config.limit_windows)
+            with atomic_file(targets) as tmp:
+                save_file({"targets": windows[:, 1:].to(torch.int32).contiguous()}, str(tmp))
+        with atomic_file(folder / f"{method}@{size:g}.safetensors") as tmp:
+            save_file({"nll": result.token_nll.to(torch.float16).contiguous()}, str(tmp),
+                      metadata={"method": method, "size": f"{size:g}", "nll": repr(result.nll)})
 
     def save_ranking(self, method: str, ranking, **extra) -> None:
         """Add ``method``'s ranking to the rankings file (small JSON; speed.py reads it)."""
@@ -781,7 +803,7 @@ def run_width_kd(run: Run, method: str) -> None:
         record = run.record(
             method, size_requested=size, size_reached=masks.size_reached, result=evaluated,
             train_tokens=train_tokens, ppl_untrained=untrained, **_width_figures(masks),
-            settings={"training": "distillation from the dense LM (ppn_bayes.finetune.distill: next-token loss "
+            settings={"training": "distillation from the dense LM (ppn_bayes.deploy.finetune.distill: next-token loss "
                                   "+ distill_weight x full-logit KL(dense || cut)), the fit's batch, windows and "
                                   "lr_lm", **settings, **data, "distill": schedule.to_dict(),
                       "autocast": _autocast_used(c), "resumed_from_step": result.resumed_from,
@@ -986,6 +1008,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit-stop-after", type=float, default=None, metavar="SECONDS",
                    help="a fit stops after this long with a checkpoint and records nothing; the same command "
                         "again resumes it (for GPU time lent in stretches)")
+    p.add_argument("--token-nll-dir", default=None, metavar="DIR",
+                   help="also keep every evaluated token's NLL: DIR/METHOD@SIZE.safetensors (float16) and the "
+                        "windows' targets, DIR/targets.safetensors; each record gets its mean NLL by context "
+                        "length (nll_by_context). benchmarks/token_nll.py packs and analyses them")
     p.add_argument("--width-kd-sizes", type=_floats, default=WIDTH_KD_SIZES,
                    help=f"sizes of width-kd, one distillation each (default: {listed(WIDTH_KD_SIZES)})")
     p.add_argument("--width-kd-data", default=None,
@@ -1034,7 +1060,7 @@ def config_from(args: argparse.Namespace) -> QualityConfig:
         rankings=args.rankings or str(Path(args.work_dir) / "rankings.json"), records_dir=args.records_dir,
         model_name=args.model_name, time_budget=args.time_budget, fit_time_budget=args.fit_time_budget, quick=quick, save_sparse=args.save_sparse,
         fit_tokens=args.fit_tokens, width_kd_sizes=args.width_kd_sizes, width_kd_data=args.width_kd_data,
-        fit_eval_windows=args.fit_eval_windows, fit_stop_after=args.fit_stop_after,
+        fit_eval_windows=args.fit_eval_windows, fit_stop_after=args.fit_stop_after, token_nll_dir=args.token_nll_dir,
         width_kd_tokens=None if args.width_kd_tokens is None else int(args.width_kd_tokens),
         width_mlp_group=args.width_mlp_group, width_kd_checkpoint_every=args.width_kd_checkpoint_every,
     )

@@ -185,8 +185,9 @@ def spread_table(records: list[dict]) -> list[str]:
             cells.append(f"{_fmt(min(ppl))} to {_fmt(max(ppl))} ({len(ppl)})" if len(ppl) > 1 else "–")
         rows.append([label(method), same[3] or "–", _fmt(same[1]), *cells])  # the training text and tokens
     return ["Run-to-run spread: configurations measured more than once with the same settings (the fit's "
-            "settings, any seed, training text, training tokens, windows). Each cell: lowest to highest perplexity (runs). Fits on the "
-            "GPU are not bit-reproducible (bf16 autocast, atomic adds), and a fit amplifies the difference.",
+            "settings, any seed, training text, training tokens, windows). Each cell: lowest to highest perplexity "
+            "(runs). Fits on the GPU are not bit-reproducible (bf16 autocast, atomic adds), and a fit amplifies the "
+            "difference.",
             "", *_table(["method", "training text", "training tokens", *(f"{s:g}" for s in sizes)], rows), ""]
 
 
@@ -407,6 +408,8 @@ TITLES = {
     "fit": "Fit cost and scaling",
     "recipes": "Fit recipes: the settings search behind the fit of record",
     "teacher": "Teacher text: sampling speed of ppn-bayes teacher-text",
+    "token_nll": "Where the loss goes: excess NLL per token over the dense LM on the evaluation text, by context "
+                 "and by kind of token (benchmarks/token_nll.py)",
 }
 LEADING = ["method", "size_requested", "size_reached"]
 
@@ -571,7 +574,7 @@ def render(records_dir: Path, out: Path, images: Path) -> str:
     ]
     lines += quality_section(records["quality"], images, prefix)
     lines += speed_section(records["speed"], images, prefix)
-    for benchmark in ("recipes", "speculative", "resize", "fit", "teacher"):
+    for benchmark in ("recipes", "speculative", "resize", "fit", "teacher", "token_nll"):
         lines += generic_section(benchmark, records[benchmark])
     lines += scaling_section(records["fit"], images, prefix)
     return "\n".join(lines).rstrip() + "\n"

@@ -7,7 +7,7 @@ added, cut into windows of ``seq_len`` tokens, the remainder dropped.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -21,13 +21,33 @@ __all__ = ["Perplexity", "perplexity"]
 
 @dataclass(frozen=True)
 class Perplexity:
+    """The perplexity, the mean NLL, the windows and their length; with ``per_token=True``
+    also every predicted token's NLL, ``token_nll [W, seq_len - 1]`` (float32, on the CPU):
+    entry ``[w, j]`` is the loss of token ``j + 1`` of window ``w`` from the ``j + 1`` tokens
+    before it."""
+
     ppl: float
     nll: float
     windows: int
     seq_len: int
+    token_nll: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"ppl": self.ppl, "nll": self.nll, "windows": self.windows, "seq_len": self.seq_len}
+
+    def nll_by_context(self) -> list[dict]:
+        """The mean NLL of the tokens predicted from ``c`` tokens of context, in buckets
+        ``c`` in [1, 2), [2, 4), [4, 8), ... up to the window's length: where a network
+        loses (or keeps) the use of long context. Needs ``per_token=True``."""
+        if self.token_nll is None:
+            raise ValueError("nll_by_context needs the per-token losses: perplexity(..., per_token=True)")
+        out, lo, last = [], 1, self.token_nll.shape[1]  # column j: context j + 1
+        while lo <= last:
+            hi = min(2 * lo, last + 1)
+            chunk = self.token_nll[:, lo - 1:hi - 1].double()
+            out.append({"context_from": lo, "context_to": hi - 1, "tokens": chunk.numel(), "nll": float(chunk.mean())})
+            lo = hi
+        return out
 
 
 @torch.no_grad()
@@ -42,11 +62,12 @@ def perplexity(
     batch_size: int = 8,
     limit: int | None = None,
     progress: bool = False,
+    per_token: bool = False,
 ) -> Perplexity:
     """Perplexity of ``lm`` on ``tokens [N]``; under ``gates`` or hard ``masks`` if given
     (the masked-dense reference), else the LM as it is (a full LM or a sub-network).
     ``arch`` is the :class:`~ppn_bayes.core.architecture.Architecture` the gates refer to
-    (masks carry their own)."""
+    (masks carry their own). ``per_token`` keeps every token's NLL (:class:`Perplexity`)."""
     windows = TokenBlocks(tokens, seq_len).windows(limit)  # [W, T]
     if masks is not None:
         gates, arch = masks.gates(), masks.arch
@@ -57,6 +78,7 @@ def perplexity(
     was_training = lm.training
     lm.eval()
     total, count = 0.0, 0
+    kept = []
     from tqdm.auto import tqdm
 
     try:
@@ -66,7 +88,12 @@ def perplexity(
                 logits = gated(batch, gates=gates)
             else:
                 logits = lm(input_ids=batch, use_cache=False).logits  # only the logits: no KV cache
-            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
+            if per_token:
+                each = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none")
+                kept.append(each.view(batch.shape[0], -1).cpu())
+                nll = each.sum()
+            else:
+                nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
             total += nll.item()
             count += batch[:, 1:].numel()
     finally:
@@ -74,4 +101,5 @@ def perplexity(
             gated.unload()
         lm.train(was_training)
     mean = total / count
-    return Perplexity(ppl=math.exp(mean), nll=mean, windows=len(windows), seq_len=seq_len)
+    return Perplexity(ppl=math.exp(mean), nll=mean, windows=len(windows), seq_len=seq_len,
+                      token_nll=torch.cat(kept) if per_token else None)
