@@ -31,6 +31,9 @@
 #   benchmarks/gpu_job.sh nll-out FOLDER...  # the token NLLs kept under $WORK/FOLDER/token-nll (parts 9-11
 #                                 # with TOKEN_NLL=1: FOLDER seed0, wkd, ...; part12's: base) packed into $OUT/token-nll.safetensors
 #                                 # for benchmarks/token_nll.py analyse here
+#   benchmarks/gpu_job.sh cache-out  # torch.compile's cache ($WORK/inductor-cache) in 15 MiB parts under
+#                                 # $OUT/inductor-cache; carried to a later machine, COMPILE_CACHE=that folder
+#                                 # restores it before anything compiles
 #   benchmarks/gpu_job.sh gen-out [gen-free]  # a teacher text of part9-11 into $OUT/gen (or gen-free):
 #                                 # a store of ~32 MB in ~8 MB shards, to carry to a later machine as
 #                                 # GEN_STORE (GEN_FREE_STORE) = that folder, instead of writing it again
@@ -49,7 +52,7 @@
 # model and working paths, FIT_STEPS, LIMIT, the *_EXTRA flags of a CPU rehearsal with a tiny LM:
 # DEVICE=cpu, QUALITY_EXTRA, SPEED_EXTRA, ..., as tests/test_report.py does); part9's own below.
 set -uo pipefail
-part="${1:?usage: gpu_job.sh check|part1|...|part13|nll-out|gen-out}"
+part="${1:?usage: gpu_job.sh check|part1|...|part13|nll-out|cache-out|gen-out}"
 START=$(date +%s)
 export GPU_JOB_START=$START
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 LLM_COMPRESSOR_LOG_LEVEL=WARNING TOKENIZERS_PARALLELISM=false
@@ -60,6 +63,18 @@ export PYTHONPATH="${PYTHONPATH:-/tmp/site:$PWD}"
 knobs=$(python3 benchmarks/run_job.py --shell) || exit 2
 eval "$knobs"
 mkdir -p "$OUT/records" "$WORK"
+# torch.compile's caches (inductor's graphs, Triton's kernels) in one folder under $WORK; COMPILE_CACHE: the
+# parts of an earlier machine's cache (part cache-out), unpacked once before anything compiles
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$WORK/inductor-cache}"
+if [[ -n "${COMPILE_CACHE:-}" && ! -f "$WORK/inductor-cache.restored" ]]; then
+  mkdir -p "$TORCHINDUCTOR_CACHE_DIR"
+  if cat "$COMPILE_CACHE"/part-* | tar xzf - -C "$TORCHINDUCTOR_CACHE_DIR"; then
+    touch "$WORK/inductor-cache.restored"
+    echo "[gpu_job] compile cache restored from $COMPILE_CACHE ($(du -sh "$TORCHINDUCTOR_CACHE_DIR" | cut -f1))"
+  else
+    echo "[gpu_job] $COMPILE_CACHE is no whole compile cache; compiling afresh"
+  fi
+fi
 
 left() { echo $(( LIMIT - ($(date +%s) - START) )); }
 
@@ -201,6 +216,15 @@ case "$part" in
     folders=(); for f in "${@:-base}"; do folders+=("$WORK/$f/token-nll"); done
     python3 benchmarks/token_nll.py pack "${folders[@]}" "$OUT/token-nll.safetensors"
     exit $? ;;
+  cache-out)  # the compile cache in parts of 15 MiB under $OUT/inductor-cache, to carry to a later machine
+    # as COMPILE_CACHE (a cold compile of the fit costs ~200 s of a fresh machine; its cache loads in seconds)
+    rm -rf "$OUT/inductor-cache" && mkdir -p "$OUT/inductor-cache"
+    [[ -d "$TORCHINDUCTOR_CACHE_DIR" ]] || { echo "no compile cache at $TORCHINDUCTOR_CACHE_DIR"; exit 2; }
+    tar czf - -C "$TORCHINDUCTOR_CACHE_DIR" . | split -b 15M -d - "$OUT/inductor-cache/part-" || exit 2
+    n=$(ls "$OUT/inductor-cache" | wc -l)
+    du -sh "$TORCHINDUCTOR_CACHE_DIR" "$OUT/inductor-cache"
+    (( n <= 7 )) || { echo "the cache makes $n parts: more than comes back (8 files a call)"; exit 2; }
+    exit 0 ;;
   gen-out)  # gen-out [NAME]: a teacher text's store (gen, or gen-free; shards of about 8 MB: part9-11 write
     # 4M-token shards) into $OUT/NAME, to bring back and carry to a later machine as GEN_STORE or
     # GEN_FREE_STORE (saves its ~4 minutes of generation)
@@ -209,7 +233,7 @@ case "$part" in
     mkdir -p "$OUT/$name" && cp "$WORK/$name"/manifest.json "$WORK/$name"/shard-*.safetensors "$OUT/$name/" \
       && ls -la "$OUT/$name"
     exit 0 ;;
-  *) echo "unknown part $part: check, part1 to part13, nll-out, gen-out"; exit 2 ;;
+  *) echo "unknown part $part: check, part1 to part13, nll-out, cache-out, gen-out"; exit 2 ;;
 esac
 [[ -f "$RANKINGS" ]] && cp "$RANKINGS" "$OUT/rankings.json"
 echo "[gpu_job] $part done in $(( $(date +%s) - START )) s; records:"

@@ -308,7 +308,8 @@ def test_issue_15_diagnostic_parts_rehearsal_on_cpu(tiny_setup, tmp_path):
     texts.mkdir()
     for name in ("wiki.test.raw", "wiki_summaries_en.txt"):
         (texts / name).write_text((tiny_setup / "text.txt").read_text())
-    env = {**os.environ, "OUT": str(tmp_path / "out"), "MODEL": str(tiny_setup / "lm"), "TEXTS": str(texts),
+    inherited = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}  # torch sets it once used
+    env = {**inherited, "OUT": str(tmp_path / "out"), "MODEL": str(tiny_setup / "lm"), "TEXTS": str(texts),
            "WORK": str(tmp_path / "work"), "DEVICE": "cpu", "MODEL_NAME": "tiny", "LIMIT": "900",
            "QUALITY_EXTRA": "--seq-len 64 --limit-windows 2 --eval-batch 2 --fit-set mlp_group=32 "
                             "--calib-windows 2 --calib-seq-len 32 --fit-seq-len 64",
@@ -323,6 +324,20 @@ def test_issue_15_diagnostic_parts_rehearsal_on_cpu(tiny_setup, tmp_path):
     kd = [r for r in read_records("quality", tmp_path / "out" / "records") if r["method"] == "width-kd"]
     assert sorted(r["settings"]["distill"]["lr"] for r in kd) == [1e-4, 3e-4]
     assert {r["train_tokens"] for r in kd} == {2 * 16 * 64}
+    # the compile cache (width-kd compiled with inductor) goes out in parts and comes back whole on a fresh work
+    # folder, before anything compiles there
+    subprocess.run(["bash", "benchmarks/gpu_job.sh", "cache-out"], cwd=ROOT, env=env, check=True, timeout=300)
+    parts = tmp_path / "out" / "inductor-cache"
+    assert sorted(p.name for p in parts.iterdir())[0] == "part-00"
+    fresh = {**env, "WORK": str(tmp_path / "work2"), "OUT": str(tmp_path / "out2"), "COMPILE_CACHE": str(parts),
+             "BASE_METHODS": "dense"}
+    subprocess.run(["bash", "benchmarks/gpu_job.sh", "part12"], cwd=ROOT, env=fresh, check=True, timeout=900)
+
+    def files(root):
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.suffix != ".lock")
+
+    cache = files(tmp_path / "work" / "inductor-cache")
+    assert cache and set(cache) <= set(files(tmp_path / "work2" / "inductor-cache"))
 
 
 @pytest.mark.slow
