@@ -29,7 +29,7 @@
 #                                 # WKD_BETA2 (0.999) for AdamW: a cheap sweep of the LM's rate, resumable
 #                                 # (WKD_STEPS, WKD_SEQ: 732 and 1024; the warm-up a tenth of the steps)
 #   benchmarks/gpu_job.sh nll-out FOLDER...  # the token NLLs kept under $WORK/FOLDER/token-nll (parts 9-11
-#                                 # with TOKEN_NLL=1: FOLDER seed0, wkd, ...; part12's: base) packed into $OUT/token-nll.safetensors
+#                                 # and 13 with TOKEN_NLL=1: FOLDER seed0, wkd, wkd12-lr3e-4-b0.999, ...; part12's: base) packed into $OUT/token-nll.safetensors
 #                                 # for benchmarks/token_nll.py analyse here
 #   benchmarks/gpu_job.sh cache-out  # torch.compile's cache ($WORK/inductor-cache) in 15 MiB parts under
 #                                 # $OUT/inductor-cache; carried to a later machine, COMPILE_CACHE=that folder
@@ -199,6 +199,7 @@ case "$part" in
       lrs="${WKD_LRS:-1e-4,3e-4,1e-3}" steps="${WKD_STEPS:-732}" seq="${WKD_SEQ:-1024}"
       for lr in ${lrs//,/ }; do  # one work folder each: its own checkpoint and done marker
         work=$(workdir "wkd12-lr$lr-b${WKD_BETA2:-0.999}")
+        nll=(); [[ "${TOKEN_NLL:-0}" == 1 ]] && nll=(--token-nll-dir "$work/token-nll")
         budget=$(( $(left) - 20 ))
         (( budget > 60 )) || break
         echo "[gpu_job] $(date +%T) width-kd 0.5, 12M tokens, lr $lr, beta2 ${WKD_BETA2:-0.999} ($budget s)" >> "$OUT/gpu0.log"
@@ -207,7 +208,7 @@ case "$part" in
           --fit-batch 16 --fit-seq-len "$seq" --fit-steps "$steps" --width-kd-tokens "$(( steps * 16 * seq ))" \
           --fit-set warmup_steps="$(( steps / 10 ))" \
           --fit-set lr_lm="$lr" --fit-set adam_beta2="${WKD_BETA2:-0.999}" --fit-set compile=inductor \
-          --width-kd-checkpoint-every 100 --time-budget "$(( budget * 8 / 10 ))" >> "$OUT/gpu0.log" 2>&1
+          --width-kd-checkpoint-every 100 --time-budget "$(( budget * 8 / 10 ))" "${nll[@]}" >> "$OUT/gpu0.log" 2>&1
       done
     fi
     ;;

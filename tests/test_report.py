@@ -300,9 +300,10 @@ def test_issue_15_parts_rehearsal_on_cpu(tiny_setup, tmp_path):
 
 @pytest.mark.slow
 def test_issue_15_diagnostic_parts_rehearsal_on_cpu(tiny_setup, tmp_path):
-    """gpu_job.sh part12 (baselines with every token's NLL kept), part9 with TOKEN_NLL=1,
-    part13 (width-kd at two rates) and nll-out on a tiny LM: one packed file that
-    benchmarks/token_nll.py analyses, and one width-kd record per rate (minutes: slow)."""
+    """gpu_job.sh part12 (baselines with every token's NLL kept), part9 and part13 (width-kd at
+    two rates) with TOKEN_NLL=1, and nll-out on a tiny LM: one packed file that
+    benchmarks/token_nll.py analyses, one width-kd record per rate; cache-out, and the cache
+    restored on a fresh work folder (minutes: slow)."""
     token_nll = _load("token_nll")
     texts = tmp_path / "texts"
     texts.mkdir()
@@ -315,12 +316,12 @@ def test_issue_15_diagnostic_parts_rehearsal_on_cpu(tiny_setup, tmp_path):
                             "--calib-windows 2 --calib-seq-len 32 --fit-seq-len 64",
            "RECORD_STEPS": "2", "GEN_TOKENS": "2000", "GEN_BATCH": "2", "TOKEN_NLL": "1",
            "BASE_METHODS": "dense,magnitude", "WKD_LRS": "1e-4,3e-4", "WKD_STEPS": "2", "WKD_SEQ": "64"}
-    for part in (["part12"], ["part9"], ["part13"], ["nll-out", "seed0", "base"]):
+    for part in (["part12"], ["part9"], ["part13"], ["nll-out", "seed0", "base", "wkd12-lr3e-4-b0.999"]):
         subprocess.run(["bash", "benchmarks/gpu_job.sh", *part], cwd=ROOT, env=env, check=True, timeout=900)
     packed = tmp_path / "out" / "token-nll.safetensors"
     summaries = token_nll.analyse(packed, CharTokenizer.from_pretrained(tiny_setup / "lm"))
-    assert {s["network"] for s in summaries} == {"magnitude@0.5", *(f"ppn_bayes@{s:g}" for s in (0.9, 0.7, 0.5,
-                                                                                                   0.4, 0.3))}
+    assert {s["network"] for s in summaries} == {"magnitude@0.5", "width-kd@0.5",
+                                                 *(f"ppn_bayes@{s:g}" for s in (0.9, 0.7, 0.5, 0.4, 0.3))}
     kd = [r for r in read_records("quality", tmp_path / "out" / "records") if r["method"] == "width-kd"]
     assert sorted(r["settings"]["distill"]["lr"] for r in kd) == [1e-4, 3e-4]
     assert {r["train_tokens"] for r in kd} == {2 * 16 * 64}
