@@ -647,13 +647,14 @@ def run_structured(run: Run, method: str) -> None:
 
 def distill_settings(fit_config: FitConfig, steps: int, **changes):
     """The :class:`ppn_bayes.deploy.finetune.DistillConfig` of a fine-tune of ``steps`` steps with
-    the fit's batch, windows, AdamW at ``lr_lm`` and ``adam_beta2``, loss weights, schedule (its warm-up the same
-    share of the steps), clipping, seed and compiler."""
+    the fit's batch, windows, AdamW at ``lr_lm`` and ``adam_beta2``, loss weights, schedule (its
+    warm-up the same share of the steps), clipping, seed and compiler."""
     from ppn_bayes.deploy.finetune import DistillConfig
 
     warmup = round(fit_config.warmup_steps * steps / fit_config.steps)  # the same share of the run
     return DistillConfig(steps=steps, batch_size=fit_config.batch_size, seq_len=fit_config.seq_len,
-                         lr=fit_config.lr_lm, weight_decay=fit_config.weight_decay, adam_beta2=fit_config.adam_beta2,
+                         lr=fit_config.lr_lm, weight_decay=fit_config.weight_decay,
+                         adam_beta2=fit_config.adam_beta2,
                          distill_weight=fit_config.distill_weight, nll_weight=fit_config.nll_weight,
                          lr_schedule=fit_config.lr_schedule, warmup_steps=warmup, grad_clip=fit_config.grad_clip,
                          seed=fit_config.seed, compile=fit_config.compile, **changes)
@@ -1060,7 +1061,8 @@ def config_from(args: argparse.Namespace) -> QualityConfig:
         rankings=args.rankings or str(Path(args.work_dir) / "rankings.json"), records_dir=args.records_dir,
         model_name=args.model_name, time_budget=args.time_budget, fit_time_budget=args.fit_time_budget, quick=quick, save_sparse=args.save_sparse,
         fit_tokens=args.fit_tokens, width_kd_sizes=args.width_kd_sizes, width_kd_data=args.width_kd_data,
-        fit_eval_windows=args.fit_eval_windows, fit_stop_after=args.fit_stop_after, token_nll_dir=args.token_nll_dir,
+        fit_eval_windows=args.fit_eval_windows, fit_stop_after=args.fit_stop_after,
+        token_nll_dir=args.token_nll_dir,
         width_kd_tokens=None if args.width_kd_tokens is None else int(args.width_kd_tokens),
         width_mlp_group=args.width_mlp_group, width_kd_checkpoint_every=args.width_kd_checkpoint_every,
     )

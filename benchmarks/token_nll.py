@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ppn_bayes.io import atomic_file  # noqa: E402
-from ppn_bayes.records import append_record  # noqa: E402
+from ppn_bayes.inspect.evaluate import context_buckets
+from ppn_bayes.io import atomic_file
+from ppn_bayes.records import append_record
 
 #: The kinds of token, in the order they are tested (the first that matches).
 KINDS = ("markup", "punctuation", "digits", "whitespace", "word start", "word inside")
@@ -103,16 +103,6 @@ def pack(folders: list[Path], out: Path) -> dict:
     return {"file": str(out), "records": sorted(metadata), "bytes": size}
 
 
-def _buckets(columns: int) -> list[tuple[int, int]]:
-    """Doubling context buckets ``(first, last)`` over columns predicting from 1..columns tokens."""
-    out, lo = [], 1
-    while lo <= columns:
-        hi = min(2 * lo, columns + 1)
-        out.append((lo, hi - 1))
-        lo = hi
-    return out
-
-
 def analyse(packed: Path, tokenizer, *, against: str = "dense@1", top: int = 12) -> list[dict]:
     """One summary per network in ``packed`` other than ``against``: its mean NLL, its excess
     over ``against`` in all, by context bucket and by kind of token (mean excess and share of
@@ -136,7 +126,7 @@ def analyse(packed: Path, tokenizer, *, against: str = "dense@1", top: int = 12)
         total = float(excess.sum())
         by_context = {}
         grid = excess.view(targets.shape)
-        for lo, hi in _buckets(targets.shape[1]):
+        for lo, hi in context_buckets(targets.shape[1]):
             by_context[f"{lo}-{hi}" if hi > lo else f"{lo}"] = float(grid[:, lo - 1:hi].mean())
         short, long = grid[:, :63], grid[:, 511:]  # columns j predict from j + 1 tokens
         by_kind = {}

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_lm
 
-from ppn_bayes.inspect.evaluate import perplexity
+from ppn_bayes.inspect.evaluate import context_buckets, perplexity
 
 TOKENS = torch.randint(0, 97, (5 * 32 + 7,), generator=torch.Generator().manual_seed(3))
 
@@ -42,3 +42,9 @@ def test_nll_by_context_covers_every_column_once_in_doubling_buckets():
     assert total == pytest.approx(result.nll, rel=1e-6)
     with pytest.raises(ValueError, match="per_token=True"):
         perplexity(lm, TOKENS, seq_len=32).nll_by_context()
+
+
+def test_context_buckets_double_and_stop_at_the_window():
+    assert context_buckets(0) == [] and context_buckets(1) == [(1, 1)]
+    assert context_buckets(6) == [(1, 1), (2, 3), (4, 6)]
+    assert context_buckets(2047)[-2:] == [(512, 1023), (1024, 2047)] and len(context_buckets(2047)) == 11

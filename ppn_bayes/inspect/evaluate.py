@@ -16,7 +16,19 @@ from torch import nn
 from ..data import TokenBlocks
 from ..core.gating import GatedLM, Gates
 
-__all__ = ["Perplexity", "perplexity"]
+__all__ = ["Perplexity", "context_buckets", "perplexity"]
+
+
+def context_buckets(columns: int) -> list[tuple[int, int]]:
+    """Doubling buckets ``(first, last)`` of context lengths, ``[1, 1], [2, 3], [4, 7], ...``,
+    the last cut at ``columns`` (a window of ``columns + 1`` tokens predicts from 1 to
+    ``columns`` tokens)."""
+    out, lo = [], 1
+    while lo <= columns:
+        hi = min(2 * lo - 1, columns)
+        out.append((lo, hi))
+        lo = hi + 1
+    return out
 
 
 @dataclass(frozen=True)
@@ -41,12 +53,10 @@ class Perplexity:
         loses (or keeps) the use of long context. Needs ``per_token=True``."""
         if self.token_nll is None:
             raise ValueError("nll_by_context needs the per-token losses: perplexity(..., per_token=True)")
-        out, lo, last = [], 1, self.token_nll.shape[1]  # column j: context j + 1
-        while lo <= last:
-            hi = min(2 * lo, last + 1)
-            chunk = self.token_nll[:, lo - 1:hi - 1].double()
-            out.append({"context_from": lo, "context_to": hi - 1, "tokens": chunk.numel(), "nll": float(chunk.mean())})
-            lo = hi
+        out = []
+        for first, last in context_buckets(self.token_nll.shape[1]):  # column j: context j + 1
+            chunk = self.token_nll[:, first - 1:last].double()
+            out.append({"context_from": first, "context_to": last, "tokens": chunk.numel(), "nll": float(chunk.mean())})
         return out
 
 
