@@ -24,6 +24,17 @@ def _fitted(checkpoint=None):
     return fit(lm, TOKENS, config, checkpoint=checkpoint, tokenizer=TOKENIZER, progress=False)
 
 
+def _recording_adamw(received: list) -> type:
+    """AdamW that appends the gradients of its first group to ``received`` at every step."""
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def step(self, closure=None):
+            received.append([None if p.grad is None else p.grad.clone() for p in self.param_groups[0]["params"]])
+            return super().step(closure)
+
+    return RecordingAdamW
+
+
 def test_one_step_is_adamw_on_the_next_token_loss_plus_the_weighted_kl(monkeypatch):
     """Differential: one step of ``distill`` is AdamW on the gradient of
     NLL + w · Σ_v p_teacher (log p_teacher - log p_student), on the window the fit would draw.
@@ -40,12 +51,7 @@ def test_one_step_is_adamw_on_the_next_token_loss_plus_the_weighted_kl(monkeypat
     before = copy.deepcopy(student)
     received = []
 
-    class RecordingAdamW(torch.optim.AdamW):
-        def step(self, closure=None):
-            received.append([None if p.grad is None else p.grad.clone() for p in self.param_groups[0]["params"]])
-            return super().step(closure)
-
-    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    monkeypatch.setattr(torch.optim, "AdamW", _recording_adamw(received))
     config = DistillConfig(steps=1, batch_size=3, seq_len=24, lr=1e-2, distill_weight=0.7, grad_clip=0.0, seed=5)
     result = distill(student, teacher, TOKENS, config, progress=False)
     monkeypatch.undo()
@@ -249,12 +255,7 @@ def test_adam_beta2_is_the_second_moment_decay_of_the_fine_tune(monkeypatch):
     before = copy.deepcopy(student)
     received = []
 
-    class RecordingAdamW(torch.optim.AdamW):
-        def step(self, closure=None):
-            received.append([None if p.grad is None else p.grad.clone() for p in self.param_groups[0]["params"]])
-            return super().step(closure)
-
-    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    monkeypatch.setattr(torch.optim, "AdamW", _recording_adamw(received))
     config = DistillConfig(steps=2, batch_size=2, seq_len=24, lr=1e-2, grad_clip=0.0, adam_beta2=0.5)
     distill(student, teacher, TOKENS, config, progress=False)
     monkeypatch.undo()
