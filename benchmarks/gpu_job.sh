@@ -29,8 +29,9 @@
 #                                 # WKD_BETA2 (0.999) for AdamW: a cheap sweep of the LM's rate, resumable
 #                                 # (WKD_STEPS, WKD_SEQ: 732 and 1024; the warm-up a tenth of the steps)
 #   benchmarks/gpu_job.sh nll-out FOLDER...  # the token NLLs kept under $WORK/FOLDER/token-nll (parts 9-11
-#                                 # and 13 with TOKEN_NLL=1: FOLDER seed0, wkd, wkd12-lr3e-4-b0.999, ...; part12's: base) packed into $OUT/token-nll.safetensors
-#                                 # for benchmarks/token_nll.py analyse here
+#                                 # and 13 with TOKEN_NLL=1: FOLDER seed0, wkd, wkd12-lr3e-4-b0.999, ...;
+#                                 # part12's: base) packed into $OUT/token-nll.safetensors for
+#                                 # benchmarks/token_nll.py analyse here
 #   benchmarks/gpu_job.sh cache-out  # torch.compile's cache ($WORK/inductor-cache) in 15 MiB parts under
 #                                 # $OUT/inductor-cache; carried to a later machine, COMPILE_CACHE=that folder
 #                                 # restores it before anything compiles
@@ -129,6 +130,10 @@ fit_data() {  # the teacher texts the fits and width-kd mix with the summaries, 
     echo "$WORK/gen"
   fi
 }
+token_nll_flags() {  # token_nll_flags WORK: sets nll, quality.py's flags that keep every token's NLL under
+  # WORK/token-nll when TOKEN_NLL=1 (none otherwise)
+  nll=(); [[ "${TOKEN_NLL:-0}" == 1 ]] && nll=(--token-nll-dir "$1/token-nll")
+}
 workdir() {  # a work folder of its own that shares the cached model and tokens
   local work="$WORK/$1"; mkdir -p "$work"
   [[ -e "$work/model" ]] || ln -s "$WORK/model" "$work/model"
@@ -141,7 +146,7 @@ record_fit() {  # record_fit METHOD FOLDER DATA: the fit of record's recipe for 
   local method="$1" seed="${SEED:-0}" data="$3" work budget
   work=$(workdir "$2")
   budget=$(( $(left) - 20 ))
-  local nll=(); [[ "${TOKEN_NLL:-0}" == 1 ]] && nll=(--token-nll-dir "$work/token-nll")
+  local nll; token_nll_flags "$work"
   echo "[gpu_job] $(date +%T) $method seed $seed ($budget s)" >> "$OUT/gpu0.log"
   timeout --signal=TERM "${budget}s" python3 benchmarks/quality.py "${COMMON[@]}" --work-dir "$work" \
     --rankings "$work/rankings.json" --methods "$method" --fit-tokens "$data" --fit-batch 16 \
@@ -169,7 +174,7 @@ case "$part" in
     if data=$(fit_data); then
       work=$(workdir wkd)
       budget=$(( $(left) - 20 ))
-      nll=(); [[ "${TOKEN_NLL:-0}" == 1 ]] && nll=(--token-nll-dir "$work/token-nll")
+      token_nll_flags "$work"
       echo "[gpu_job] $(date +%T) width-kd and the activation baselines ($budget s)" >> "$OUT/gpu0.log"
       timeout --signal=TERM "${budget}s" python3 benchmarks/quality.py "${COMMON[@]}" --work-dir "$work" \
         --rankings "$work/rankings.json" --methods activation,activation-uniform,width,width-kd \
@@ -199,10 +204,11 @@ case "$part" in
       lrs="${WKD_LRS:-1e-4,3e-4,1e-3}" steps="${WKD_STEPS:-732}" seq="${WKD_SEQ:-1024}"
       for lr in ${lrs//,/ }; do  # one work folder each: its own checkpoint and done marker
         work=$(workdir "wkd12-lr$lr-b${WKD_BETA2:-0.999}")
-        nll=(); [[ "${TOKEN_NLL:-0}" == 1 ]] && nll=(--token-nll-dir "$work/token-nll")
+        token_nll_flags "$work"
         budget=$(( $(left) - 20 ))
         (( budget > 60 )) || break
-        echo "[gpu_job] $(date +%T) width-kd 0.5, 12M tokens, lr $lr, beta2 ${WKD_BETA2:-0.999} ($budget s)" >> "$OUT/gpu0.log"
+        echo "[gpu_job] $(date +%T) width-kd 0.5, $(( steps * 16 * seq )) tokens, lr $lr," \
+          "beta2 ${WKD_BETA2:-0.999} ($budget s)" >> "$OUT/gpu0.log"
         timeout --signal=TERM "${budget}s" python3 benchmarks/quality.py "${COMMON[@]}" --work-dir "$work" \
           --rankings "$work/rankings.json" --methods width-kd --width-kd-sizes 0.5 --width-kd-data "$data" \
           --fit-batch 16 --fit-seq-len "$seq" --fit-steps "$steps" --width-kd-tokens "$(( steps * 16 * seq ))" \
