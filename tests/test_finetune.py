@@ -24,15 +24,25 @@ def _fitted(checkpoint=None):
     return fit(lm, TOKENS, config, checkpoint=checkpoint, tokenizer=TOKENIZER, progress=False)
 
 
-def _recording_adamw(received: list) -> type:
-    """AdamW that appends the gradients of its first group to ``received`` at every step."""
+def _recorded_distill(monkeypatch, config: DistillConfig) -> tuple:
+    """``distill`` of a fitted LM's 0.5 sub-network towards that LM under ``config``, with the
+    gradients of AdamW's first group recorded at every step: ``(teacher, the student before,
+    the student after, the result, the gradients of each step)``."""
+    fitted = _fitted()
+    teacher = fitted.lm.eval()
+    student = build_subnetwork(teacher, fitted.masks(0.5))
+    before = copy.deepcopy(student)
+    received = []
 
     class RecordingAdamW(torch.optim.AdamW):
         def step(self, closure=None):
             received.append([None if p.grad is None else p.grad.clone() for p in self.param_groups[0]["params"]])
             return super().step(closure)
 
-    return RecordingAdamW
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    result = distill(student, teacher, TOKENS, config, progress=False)
+    monkeypatch.undo()
+    return teacher, before, student, result, received
 
 
 def test_one_step_is_adamw_on_the_next_token_loss_plus_the_weighted_kl(monkeypatch):
@@ -45,16 +55,8 @@ def test_one_step_is_adamw_on_the_next_token_loss_plus_the_weighted_kl(monkeypat
     gradient decide the test (it did, on some CPUs). So (1) the gradient AdamW receives is
     compared with a float64 reference within float32's rounding, and (2) the step is
     compared exactly with AdamW applied to that same gradient."""
-    fitted = _fitted()
-    teacher = fitted.lm.eval()
-    student = build_subnetwork(teacher, fitted.masks(0.5))
-    before = copy.deepcopy(student)
-    received = []
-
-    monkeypatch.setattr(torch.optim, "AdamW", _recording_adamw(received))
     config = DistillConfig(steps=1, batch_size=3, seq_len=24, lr=1e-2, distill_weight=0.7, grad_clip=0.0, seed=5)
-    result = distill(student, teacher, TOKENS, config, progress=False)
-    monkeypatch.undo()
+    teacher, before, student, result, received = _recorded_distill(monkeypatch, config)
     assert len(received) == 1
 
     # The reference: the objective written out, in float64 throughout.
@@ -249,16 +251,8 @@ def test_adam_beta2_is_the_second_moment_decay_of_the_fine_tune(monkeypatch):
     """Two steps with ``adam_beta2=0.5`` are AdamW with betas (0.9, 0.5) on the gradients the
     optimizer received, bit for bit; with PyTorch's 0.999 the second step lands elsewhere (the
     first step of Adam does not depend on beta2)."""
-    fitted = _fitted()
-    teacher = fitted.lm.eval()
-    student = build_subnetwork(teacher, fitted.masks(0.5))
-    before = copy.deepcopy(student)
-    received = []
-
-    monkeypatch.setattr(torch.optim, "AdamW", _recording_adamw(received))
     config = DistillConfig(steps=2, batch_size=2, seq_len=24, lr=1e-2, grad_clip=0.0, adam_beta2=0.5)
-    distill(student, teacher, TOKENS, config, progress=False)
-    monkeypatch.undo()
+    _, before, student, _, received = _recorded_distill(monkeypatch, config)
     assert len(received) == 2
 
     def replay(beta2):
