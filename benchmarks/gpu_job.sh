@@ -28,9 +28,15 @@
 #                                 # steps, warm-up 73, cosine) once per LR in WKD_LRS (1e-4,3e-4,1e-3), with
 #                                 # WKD_BETA2 (0.999) for AdamW: a cheap sweep of the LM's rate, resumable
 #                                 # (WKD_STEPS, WKD_SEQ: 732 and 1024; the warm-up a tenth of the steps)
-#   benchmarks/gpu_job.sh nll-out FOLDER...  # the token NLLs kept under $WORK/FOLDER/token-nll (parts 9-11
-#                                 # and 13 with TOKEN_NLL=1: FOLDER seed0, wkd, wkd12-lr3e-4-b0.999, ...;
-#                                 # part12's: base) packed into $OUT/token-nll.safetensors for
+#   benchmarks/gpu_job.sh part14  # issue 15: the bar's runs at once, one a GPU: JOBS (fit:0 fit:1 wkd:0.5
+#                                 # wkd:0.3) on the first GPUS GPUs (default: all there are), each as part9
+#                                 # (fit:SEED) or part10 (wkd:SIZE, width-kd at the fit's tokens) runs it, each
+#                                 # resumable in its own work folder (seedS, wkd-SIZE), logs gpuI.log; on one
+#                                 # GPU, JOBS="fit:1" runs the second seed
+#   benchmarks/gpu_job.sh nll-out FOLDER...  # the token NLLs kept under $WORK/FOLDER/token-nll (parts 9-11,
+#                                 # 13 and 14 with TOKEN_NLL=1: FOLDER seed0, wkd-0.5, wkd12-lr3e-4-b0.999, ...;
+#                                 # part12's: base), each folder's with base's beside it (the dense LM the
+#                                 # analysis compares against) in $OUT/token-nll-FOLDER.safetensors, for
 #                                 # benchmarks/token_nll.py analyse here
 #   benchmarks/gpu_job.sh cache-out  # torch.compile's cache ($WORK/inductor-cache) in 15 MiB parts under
 #                                 # $OUT/inductor-cache; carried to a later machine, COMPILE_CACHE=that folder
@@ -53,7 +59,7 @@
 # model and working paths, FIT_STEPS, LIMIT, the *_EXTRA flags of a CPU rehearsal with a tiny LM:
 # DEVICE=cpu, QUALITY_EXTRA, SPEED_EXTRA, ..., as tests/test_report.py does); part9's own below.
 set -uo pipefail
-part="${1:?usage: gpu_job.sh check|part1|...|part13|nll-out|cache-out|gen-out}"
+part="${1:?usage: gpu_job.sh check|part1|...|part14|nll-out|cache-out|gen-out}"
 START=$(date +%s)
 export GPU_JOB_START=$START
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 LLM_COMPRESSOR_LOG_LEVEL=WARNING TOKENIZERS_PARALLELISM=false
@@ -141,21 +147,34 @@ workdir() {  # a work folder of its own that shares the cached model and tokens
   echo "$work"
 }
 
-record_fit() {  # record_fit METHOD FOLDER DATA: the fit of record's recipe for METHOD on the summaries and the
-  # stores DATA, stopped before LIMIT, resumable
-  local method="$1" seed="${SEED:-0}" data="$3" work budget
+record_fit() {  # record_fit METHOD FOLDER DATA [LOG]: the fit of record's recipe for METHOD on the summaries and
+  # the stores DATA, stopped before LIMIT, resumable; its output in $OUT/LOG.log (gpu0)
+  local method="$1" seed="${SEED:-0}" data="$3" log="$OUT/${4:-gpu0}.log" work budget
   work=$(workdir "$2")
   budget=$(( $(left) - 20 ))
   local nll; token_nll_flags "$work"
-  echo "[gpu_job] $(date +%T) $method seed $seed ($budget s)" >> "$OUT/gpu0.log"
+  echo "[gpu_job] $(date +%T) $method seed $seed ($budget s)" >> "$log"
   timeout --signal=TERM "${budget}s" python3 benchmarks/quality.py "${COMMON[@]}" --work-dir "$work" \
     --rankings "$work/rankings.json" --methods "$method" --fit-tokens "$data" --fit-batch 16 \
     --fit-steps "${RECORD_STEPS:-3052}" --fit-set seed="$seed" --fit-set warmup_steps=100 \
     --fit-set compile=inductor --fit-set autocast=bfloat16 \
     --fit-set checkpoint_every=1000 --fit-set eval_every=250 --fit-set eval_sizes=0.9,0.5,0.3 \
-    --fit-eval-windows 8 --fit-stop-after "$(( budget - 60 ))" "${nll[@]}" ${RECORD_EXTRA:-} >> "$OUT/gpu0.log" 2>&1
+    --fit-eval-windows 8 --fit-stop-after "$(( budget - 60 ))" "${nll[@]}" ${RECORD_EXTRA:-} >> "$log" 2>&1
   cp "$work/fits/$method.validation.jsonl" "$OUT/validation-$2.jsonl" 2>/dev/null || true
   cp "$work/rankings.json" "$OUT/rankings-$2.json" 2>/dev/null || true
+}
+
+record_width_kd() {  # record_width_kd SIZE DATA [LOG]: width-kd at SIZE alone, on the fit of record's text,
+  # tokens (the fit's: RECORD_STEPS x 16 windows) and schedule, in $WORK/wkd-SIZE, checkpointed, stopped before LIMIT
+  local size="$1" data="$2" log="$OUT/${3:-gpu0}.log" work budget
+  work=$(workdir "wkd-$size")
+  budget=$(( $(left) - 20 ))
+  local nll; token_nll_flags "$work"
+  echo "[gpu_job] $(date +%T) width-kd $size ($budget s)" >> "$log"
+  timeout --signal=TERM "${budget}s" python3 benchmarks/quality.py "${COMMON[@]}" --work-dir "$work" \
+    --rankings "$work/rankings.json" --methods width-kd --width-kd-sizes "$size" --width-kd-data "$data" \
+    --fit-batch 16 --fit-steps "${RECORD_STEPS:-3052}" --fit-set warmup_steps=100 \
+    --fit-set compile="${WIDTH_KD_COMPILE:-inductor}" --width-kd-checkpoint-every 100 --time-budget "$(( budget - 60 ))" "${nll[@]}" >> "$log" 2>&1
 }
 
 case "$part" in
@@ -218,11 +237,35 @@ case "$part" in
       done
     fi
     ;;
-  nll-out)  # nll-out FOLDER...: the token NLLs of $WORK/FOLDER/token-nll in one file under $OUT
+  part14)
+    read -r -a jobs <<< "${JOBS:-fit:0 fit:1 wkd:0.5 wkd:0.3}"
+    for job in "${jobs[@]}"; do
+      [[ "$job" =~ ^(fit:[0-9]+|wkd:[0-9.]+)$ ]] || { echo "unknown job $job in JOBS: fit:SEED or wkd:SIZE"; exit 2; }
+    done
+    prepare
+    data=$(fit_data) || exit 1
+    gpus="${GPUS:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')}"
+    (( gpus >= 1 )) || gpus=1
+    for (( i = 0; i < gpus && i < ${#jobs[@]}; i++ )); do
+      job="${jobs[$i]}"
+      case "$job" in
+        fit:*) ( export CUDA_VISIBLE_DEVICES=$i SEED="${job#fit:}"; record_fit ppn_bayes "seed${job#fit:}" "$data" "gpu$i" ) & ;;
+        wkd:*) ( export CUDA_VISIBLE_DEVICES=$i; record_width_kd "${job#wkd:}" "$data" "gpu$i" ) & ;;
+      esac
+      echo "[gpu_job] GPU $i: $job"
+    done
+    wait
+    ;;
+  nll-out)  # nll-out FOLDER...: the token NLLs of each $WORK/FOLDER/token-nll, with part12's (base: the dense LM
+    # and SparseGPT, what the analysis compares against) beside them, in $OUT/token-nll-FOLDER.safetensors
     shift
-    folders=(); for f in "${@:-base}"; do folders+=("$WORK/$f/token-nll"); done
-    python3 benchmarks/token_nll.py pack "${folders[@]}" "$OUT/token-nll.safetensors"
-    exit $? ;;
+    base=(); [[ -d "$WORK/base/token-nll" ]] && base=("$WORK/base/token-nll")
+    for f in "${@:-base}"; do
+      [[ -d "$WORK/$f/token-nll" ]] || { echo "no token NLLs in $WORK/$f/token-nll"; exit 2; }
+      folders=("${base[@]}"); [[ "$f" == base ]] || folders+=("$WORK/$f/token-nll")
+      python3 benchmarks/token_nll.py pack "${folders[@]}" "$OUT/token-nll-$f.safetensors" || exit $?
+    done
+    exit 0 ;;
   cache-out)  # the compile cache in parts of 15 MiB under $OUT/inductor-cache, to carry to a later machine
     # as COMPILE_CACHE (a cold compile of the fit costs ~200 s of a fresh machine; its cache loads in seconds)
     rm -rf "$OUT/inductor-cache" && mkdir -p "$OUT/inductor-cache"
@@ -240,7 +283,7 @@ case "$part" in
     mkdir -p "$OUT/$name" && cp "$WORK/$name"/manifest.json "$WORK/$name"/shard-*.safetensors "$OUT/$name/" \
       && ls -la "$OUT/$name"
     exit 0 ;;
-  *) echo "unknown part $part: check, part1 to part13, nll-out, cache-out, gen-out"; exit 2 ;;
+  *) echo "unknown part $part: check, part1 to part14, nll-out, cache-out, gen-out"; exit 2 ;;
 esac
 [[ -f "$RANKINGS" ]] && cp "$RANKINGS" "$OUT/rankings.json"
 echo "[gpu_job] $part done in $(( $(date +%s) - START )) s; records:"

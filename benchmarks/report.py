@@ -18,6 +18,7 @@ with protocol records: they get their own table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -25,6 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ppn_bayes.core.config import NOT_IDENTIFYING, FitConfig
+from ppn_bayes.deploy.finetune import DistillConfig
 from ppn_bayes.io import atomic_file, atomic_write_text
 from ppn_bayes.records import BENCHMARKS, RECORDS_DIR, curve_match, read_records
 
@@ -128,6 +130,7 @@ def quality_section(records: list[dict], images: Path, image_prefix: str) -> lis
             lines += provenance(rows)
             lines.append("")
             lines += spread_table(rows)
+            lines += rate_table(rows)
             if title == "Protocol runs":
                 lines += targets(rows)
                 name = f"quality-{_slug(model)}.png"
@@ -140,11 +143,23 @@ def _slug(text) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in str(text))
 
 
+def distill_settings(record: dict) -> dict:
+    """The settings of a record's distillation (width-kd, the +distill fine-tunes) that change
+    what it computes: defaults filled in for fields the record predates (``adam_beta2`` was
+    PyTorch's 0.999 before it was a setting), without the seed (seeds are repeats)."""
+    distill = (record.get("settings") or {}).get("distill") or {}
+    if not distill:
+        return {}
+    full = {f.name: f.default for f in dataclasses.fields(DistillConfig)} | distill
+    return {f.name: full[f.name] for f in dataclasses.fields(DistillConfig)
+            if f.metadata["identifies"] and f.name != "seed"}
+
+
 def _same_settings(record: dict) -> tuple:
-    """What two runs must share to be repeats: the fit's settings (defaults filled in for
-    records written before a field existed), the kind of training text (its name: a mixture's
-    stores by name and share, so a store written again by another session is the same text),
-    the training tokens and the windows."""
+    """What two runs must share to be repeats: the fit's settings and the distillation's
+    (defaults filled in for records written before a field existed), the kind of training text
+    (its name: a mixture's stores by name and share, so a store written again by another
+    session is the same text), the training tokens and the windows."""
     fit = (record.get("settings") or {}).get("fit") or {}
     try:
         fit = FitConfig.from_dict(fit).to_dict() if fit else {}
@@ -152,7 +167,8 @@ def _same_settings(record: dict) -> tuple:
         pass
     fit = {k: v for k, v in fit.items() if k not in NOT_IDENTIFYING and k != "seed"}  # seeds are repeats
     text = (record.get("settings") or {}).get("train_text") or ""
-    return json.dumps(fit, sort_keys=True), record.get("train_tokens"), record.get("windows"), text
+    return (json.dumps([fit, distill_settings(record)], sort_keys=True), record.get("train_tokens"),
+            record.get("windows"), text)
 
 
 def repeats_of(records: list[dict], record: dict) -> list[dict]:
@@ -189,6 +205,55 @@ def spread_table(records: list[dict]) -> list[str]:
             "(runs). Fits on the GPU are not bit-reproducible (bf16 autocast, atomic adds), and a fit amplifies the "
             "difference.",
             "", *_table(["method", "training text", "training tokens", *(f"{s:g}" for s in sizes)], rows), ""]
+
+
+#: The settings a rate table varies: the LM's learning rate and AdamW's beta2 (fit; distillation).
+RATE_FIELDS = {"fit": ("lr_lm", "adam_beta2"), "distill": ("lr", "adam_beta2")}
+
+
+def _rate(record: dict) -> tuple[str, dict, tuple] | None:
+    """(which settings, the others, (rate, beta2)) of a fit's or a distillation's record."""
+    settings = record.get("settings") or {}
+    if settings.get("distill"):
+        kind, values = "distill", distill_settings(record)
+    elif settings.get("fit"):
+        kind, values = "fit", json.loads(_same_settings(record)[0])[0]
+    else:
+        return None
+    rate = tuple(values.get(name) for name in RATE_FIELDS[kind])
+    others = {k: v for k, v in values.items() if k not in RATE_FIELDS[kind]}
+    return kind, others, rate
+
+
+def rate_table(records: list[dict]) -> list[str]:
+    """The fit of record and width-kd at WIDTH_KD_SIZES by the LM's rate and beta2: every run
+    whose other settings, text, tokens and windows are those of the method's latest run."""
+    rows = []
+    for method in (RECORD, "width-kd"):
+        runs = [r for r in records if r["method"] == method and r.get("ppl") is not None and _rate(r)]
+        if not runs:
+            continue
+        newest = max(runs, key=lambda r: r.get("date") or "")
+
+        def context(r):
+            same = _same_settings(r)
+            return _rate(r)[:2], same[1], same[2], same[3]
+
+        kin = [r for r in runs if context(r) == context(newest)]
+        cells = defaultdict(list)
+        for r in kin:
+            cells[(_rate(r)[2], round(float(r.get("size_requested", 1.0)), 4))].append(r["ppl"])
+        for rate in sorted({k[0] for k in cells}, key=lambda t: tuple(x if x is not None else -1 for x in t)):
+            ppl = [cells.get((rate, size), []) for size in WIDTH_KD_SIZES]
+            rows.append([label(method), _fmt(newest.get("train_tokens")), f"{rate[0]:g}", f"{rate[1]:g}",
+                         *(("–" if not p else _fmt(p[0]) if len(p) == 1 else f"{_fmt(min(p))} to {_fmt(max(p))} "
+                            f"({len(p)})") for p in ppl)])
+    if not any(r[2] != rows[0][2] or r[3] != rows[0][3] for r in rows):
+        return []  # one rate only: nothing to compare
+    return ["The LM's learning rate and AdamW's beta2: the fit of record and width-kd, each with its latest run's "
+            "other settings, text, training tokens and windows (several runs of one setting: lowest to highest).",
+            "", *_table(["method", "training tokens", "rate", "beta2", *(f"{s:g}" for s in WIDTH_KD_SIZES)], rows),
+            ""]
 
 
 def quality_table(records: list[dict]) -> list[str]:
@@ -270,7 +335,8 @@ def targets(records: list[dict]) -> list[str]:
 
 def width_kd_targets(records: list[dict], chosen: dict) -> list[list[str]]:
     """ppn_bayes at 0.5 and 0.3 against width-kd trained for that size alone on as many
-    tokens: within 10% (ratio at most 1.1) is met; below 1 is better."""
+    tokens, at the best of its measured settings (rate, beta2): within 10% (ratio at most 1.1)
+    is met; below 1 is better."""
     rows = []
     for size in WIDTH_KD_SIZES:
         ours = chosen.get((RECORD, size))
@@ -284,10 +350,13 @@ def width_kd_targets(records: list[dict], chosen: dict) -> list[list[str]]:
         if not rivals:
             rows.append([target, f"no width-kd record of {_fmt(ours.get('train_tokens'))} tokens", "–"])
             continue
-        theirs = latest(rivals, lambda r: 0)[0]
+        theirs = min(rivals, key=lambda r: r["ppl"])  # the rival at the best of its measured settings
+        rate = distill_settings(theirs)
         ratio = ours["ppl"] / theirs["ppl"]
         verdict = ("met" if ratio <= WIDTH_KD_MARGIN else "missed") + f" (ratio {ratio:.2f}"
-        rows.append([f"{target} ({_fmt(ours.get('train_tokens'))})", f"{_fmt(ours['ppl'])} vs {_fmt(theirs['ppl'])}",
+        rows.append([f"{target} ({_fmt(ours.get('train_tokens'))})",
+                     f"{_fmt(ours['ppl'])} vs {_fmt(theirs['ppl'])}"
+                     + (f" (lr {rate['lr']:g}, beta2 {rate['adam_beta2']:g})" if rate else ""),
                      verdict + (", better)" if ratio < 1 else ")")])
     return rows
 
@@ -434,7 +503,7 @@ def generic_section(benchmark: str, records: list[dict]) -> list[str]:
                         columns.append(key)
             identity = [c for c in columns if c in ("method", "size_requested", "phase", "parallel", "world_size",
                                                     "batch", "seq_len", "draft_length", "k", "processes",
-                                                    "global_batch", "scaling", "dtype")]
+                                                    "global_batch", "scaling", "dtype", "source")]
             chosen = latest(rows, lambda r: tuple(str(r.get(c)) for c in identity))
             ordered = sorted(chosen.values(), key=lambda r: (_order(r.get("method", "")),
                                                             -float(r.get("size_requested") or 0)))

@@ -28,7 +28,7 @@ import torch
 
 from ppn_bayes.inspect.evaluate import context_buckets
 from ppn_bayes.io import atomic_file
-from ppn_bayes.records import append_record
+from ppn_bayes.records import append_record, read_records
 
 #: The kinds of token, in the order they are tested (the first that matches).
 KINDS = ("markup", "punctuation", "digits", "whitespace", "word start", "word inside")
@@ -174,13 +174,40 @@ def markdown(summaries: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _record(summary: dict, records_dir: str, command: str, model: str) -> None:
+def recorded_nll(packed: Path) -> dict[str, float]:
+    """Each packed network's NLL as its quality record holds it (``pack`` keeps it)."""
+    from safetensors import safe_open
+
+    with safe_open(str(packed), "pt") as f:
+        return {name: float(value) for name, value in (f.metadata() or {}).items() if value}
+
+
+def source_of(network: str, nll: float | None, quality: list[dict]) -> str | None:
+    """The quality record a network's losses came from (its method, size and recorded NLL, to
+    the bit), told by its date, training tokens and the LM's rate and beta2: which of several
+    runs of one method the split describes."""
+    method, _, size = network.partition("@")
+    for r in reversed(quality):
+        if r.get("method") == method and r.get("nll") == nll and size and \
+                round(float(r.get("size_requested", 1.0)), 4) == round(float(size), 4):
+            settings = r.get("settings") or {}
+            rate = (settings.get("distill") or {}).get("lr"), (settings.get("distill") or {}).get("adam_beta2")
+            if settings.get("fit") and not settings.get("distill"):
+                rate = settings["fit"].get("lr_lm"), settings["fit"].get("adam_beta2")
+            told = [str(r.get("date", "?"))[:16], f"{r.get('train_tokens', 0):,} tokens"]
+            if rate[0] is not None:
+                told.append(f"lr {rate[0]:g}, beta2 {rate[1] if rate[1] is not None else 0.999:g}")
+            return ", ".join(told)
+    return None
+
+
+def _record(summary: dict, records_dir: str, command: str, model: str, source: str | None = None) -> None:
     """One record per network: scalars for the report's table (the excess in all, over the
-    first 63 predicted tokens of a window and from the 512th on, each kind's share), the
-    buckets and the top tokens in full beside them."""
+    first 63 predicted tokens of a window and from the 512th on, each kind's share; the quality
+    record it came from), the buckets and the top tokens in full beside them."""
     method, _, size = summary["network"].partition("@")
     figures = {f"share_{kind.replace(' ', '_')}": k["share_of_excess"] for kind, k in summary["by_kind"].items()}
-    append_record("token_nll", method=method, model=model, records_dir=records_dir, command=command,
+    append_record("token_nll", method=method, model=model, records_dir=records_dir, command=command, source=source,
                   size_requested=float(size) if size else None, against=summary["against"], tokens=summary["tokens"],
                   nll=summary["nll"], nll_against=summary["nll_against"], mean_excess=summary["mean_excess"],
                   excess_context_below_64=summary["excess_context_below_64"],
@@ -216,8 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(summaries))
     if args.records_dir:
         command = "python benchmarks/token_nll.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        nll, quality = recorded_nll(args.packed), read_records("quality", args.records_dir)
         for s in summaries:
-            _record(s, args.records_dir, command, args.model_name or source.name.split(".")[0])
+            _record(s, args.records_dir, command, args.model_name or source.name.split(".")[0],
+                    source_of(s["network"], nll.get(s["network"]), quality))
     return 0
 
 

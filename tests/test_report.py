@@ -301,8 +301,8 @@ def test_issue_15_parts_rehearsal_on_cpu(tiny_setup, tmp_path):
 @pytest.mark.slow
 def test_issue_15_diagnostic_parts_rehearsal_on_cpu(tiny_setup, tmp_path):
     """gpu_job.sh part12 (baselines with every token's NLL kept), part9 and part13 (width-kd at
-    two rates) with TOKEN_NLL=1, and nll-out on a tiny LM: one packed file that
-    benchmarks/token_nll.py analyses, one width-kd record per rate; cache-out, and the cache
+    two rates) with TOKEN_NLL=1, and nll-out on a tiny LM: one packed file a folder, base's
+    beside each, that benchmarks/token_nll.py analyses, one width-kd record per rate; cache-out, and the cache
     restored on a fresh work folder (minutes: slow)."""
     token_nll = _load("token_nll")
     texts = tmp_path / "texts"
@@ -316,12 +316,15 @@ def test_issue_15_diagnostic_parts_rehearsal_on_cpu(tiny_setup, tmp_path):
                             "--calib-windows 2 --calib-seq-len 32 --fit-seq-len 64",
            "RECORD_STEPS": "2", "GEN_TOKENS": "2000", "GEN_BATCH": "2", "TOKEN_NLL": "1",
            "BASE_METHODS": "dense,magnitude", "WKD_LRS": "1e-4,3e-4", "WKD_STEPS": "2", "WKD_SEQ": "64"}
-    for part in (["part12"], ["part9"], ["part13"], ["nll-out", "seed0", "base", "wkd12-lr3e-4-b0.999"]):
+    folders = ["seed0", "wkd12-lr1e-4-b0.999", "wkd12-lr3e-4-b0.999"]  # two width-kd@0.5: one file each
+    for part in (["part12"], ["part9"], ["part13"], ["nll-out", *folders]):
         subprocess.run(["bash", "benchmarks/gpu_job.sh", *part], cwd=ROOT, env=env, check=True, timeout=900)
-    packed = tmp_path / "out" / "token-nll.safetensors"
-    summaries = token_nll.analyse(packed, CharTokenizer.from_pretrained(tiny_setup / "lm"))
-    assert {s["network"] for s in summaries} == {"magnitude@0.5", "width-kd@0.5",
-                                                 *(f"ppn_bayes@{s:g}" for s in (0.9, 0.7, 0.5, 0.4, 0.3))}
+    tokenizer = CharTokenizer.from_pretrained(tiny_setup / "lm")
+    networks = {f: {s["network"] for s in token_nll.analyse(tmp_path / "out" / f"token-nll-{f}.safetensors",
+                                                            tokenizer)} for f in folders}
+    assert networks == {"seed0": {"magnitude@0.5", *(f"ppn_bayes@{s:g}" for s in (0.9, 0.7, 0.5, 0.4, 0.3))},
+                        "wkd12-lr1e-4-b0.999": {"magnitude@0.5", "width-kd@0.5"},
+                        "wkd12-lr3e-4-b0.999": {"magnitude@0.5", "width-kd@0.5"}}  # each against base's dense LM
     kd = [r for r in read_records("quality", tmp_path / "out" / "records") if r["method"] == "width-kd"]
     assert sorted(r["settings"]["distill"]["lr"] for r in kd) == [1e-4, 3e-4]
     assert {r["train_tokens"] for r in kd} == {2 * 16 * 64}
@@ -339,6 +342,39 @@ def test_issue_15_diagnostic_parts_rehearsal_on_cpu(tiny_setup, tmp_path):
 
     cache = files(tmp_path / "work" / "inductor-cache")
     assert cache and set(cache) <= set(files(tmp_path / "work2" / "inductor-cache"))
+
+
+@pytest.mark.slow
+def test_issue_15_bar_runs_one_a_gpu_rehearsal_on_cpu(tiny_setup, tmp_path):
+    """gpu_job.sh part14 on a tiny LM with GPUS=2: the first two JOBS, the fit of record's seed 1
+    and width-kd at 0.5, run at once, each in its own folder and log, width-kd on the fit's
+    tokens; the third job waits for a third GPU. A bad JOBS entry is refused before any work
+    (minutes: slow)."""
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for name in ("wiki.test.raw", "wiki_summaries_en.txt"):
+        (texts / name).write_text((tiny_setup / "text.txt").read_text())
+    inherited = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env = {**inherited, "OUT": str(tmp_path / "out"), "MODEL": str(tiny_setup / "lm"), "TEXTS": str(texts),
+           "WORK": str(tmp_path / "work"), "DEVICE": "cpu", "MODEL_NAME": "tiny", "LIMIT": "900",
+           "QUALITY_EXTRA": "--seq-len 64 --limit-windows 2 --eval-batch 2 --fit-set mlp_group=32 "
+                            "--calib-windows 2 --calib-seq-len 32 --fit-seq-len 64",
+           "RECORD_STEPS": "2", "GEN_TOKENS": "2000", "GEN_BATCH": "2", "GPUS": "2", "WIDTH_KD_COMPILE": "none"}
+    bad = subprocess.run(["bash", "benchmarks/gpu_job.sh", "part14"], cwd=ROOT, env={**env, "JOBS": "fit:1 kd:0.5"},
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "unknown job kd:0.5" in bad.stdout
+    assert not (tmp_path / "work" / "model").exists()  # refused before the LM was prepared
+    subprocess.run(["bash", "benchmarks/gpu_job.sh", "part14"], cwd=ROOT,
+                   env={**env, "JOBS": "fit:1 wkd:0.5 fit:0"}, check=True, timeout=900)
+    records = read_records("quality", tmp_path / "out" / "records")
+    fits = [r for r in records if r["method"] == "ppn_bayes"]
+    kd = [r for r in records if r["method"] == "width-kd"]
+    assert sorted(r["size_requested"] for r in fits) == [0.3, 0.4, 0.5, 0.7, 0.9]
+    assert {r["settings"]["fit"]["seed"] for r in fits} == {1}  # seed 0 had no GPU of its own
+    assert [r["size_requested"] for r in kd] == [0.5]
+    assert kd[0]["train_tokens"] == fits[0]["train_tokens"] == 2 * 16 * 64
+    assert (tmp_path / "out" / "gpu0.log").is_file() and (tmp_path / "out" / "gpu1.log").is_file()
+    assert (tmp_path / "work" / "seed1").is_dir() and (tmp_path / "work" / "wkd-0.5").is_dir()
 
 
 @pytest.mark.slow
@@ -535,6 +571,37 @@ def test_a_fit_on_another_training_text_is_no_repeat():
     assert "| ppn_bayes | wiki + gen, half and half | 10 | 90 to 95 (2) |" in spread and "150" not in spread
 
 
+def test_width_kd_at_another_rate_is_no_repeat_and_the_target_takes_its_best_rate():
+    """width-kd runs that differ in the LM's rate or beta2 are other configurations (a record
+    from before adam_beta2 was a setting ran PyTorch's 0.999); the equal-token target holds
+    ppn_bayes against width-kd's best measured setting; the rate table lists each setting."""
+    from ppn_bayes.core.config import FitConfig
+
+    def run(method, ppl, date, seed=0, **rate):
+        settings = ({"fit": FitConfig(seed=seed, **rate).to_dict()} if method == "ppn_bayes"
+                    else {"distill": {"seed": seed, **rate}})
+        return {"method": method, "size_requested": 0.5, "ppl": ppl, "train_tokens": 10, "windows": 2, "date": date,
+                "settings": settings}
+
+    records = [run("width-kd", 64.0, "2026-12-01", lr=1e-4),
+               run("width-kd", 47.0, "2026-12-02T01", lr=1e-3, adam_beta2=0.95),
+               run("width-kd", 48.0, "2026-12-02T02", seed=1, lr=1e-3, adam_beta2=0.95),
+               run("width-kd", 49.0, "2026-12-02T03", lr=1e-3, adam_beta2=0.999),
+               run("width-kd", 53.0, "2026-12-02T04", lr=3e-3),
+               run("ppn_bayes", 60.0, "2026-12-01", lr_lm=1e-4),
+               run("ppn_bayes", 50.0, "2026-12-02T05", lr_lm=1e-3, adam_beta2=0.95)]
+    text = "\n".join(report.targets(records))
+    assert "| ppn_bayes within 10% of width-kd at 0.5, equal training tokens (10) | 50 vs 47 (lr 0.001, beta2 0.95) | " \
+           "met (ratio 1.06) |" in text
+    spread = "\n".join(report.spread_table(records))
+    assert "| 47 to 48 (2) |" in spread and not any(f" {p:g} " in spread for p in (49.0, 53.0, 64.0))
+    rates = "\n".join(report.rate_table(records))
+    for row in ("| ppn_bayes | 10 | 0.0001 | 0.999 | 60 | – |", "| ppn_bayes | 10 | 0.001 | 0.95 | 50 | – |",
+                "| 10 | 0.0001 | 0.999 | 64 | – |", "| 10 | 0.001 | 0.95 | 47 to 48 (2) | – |",
+                "| 10 | 0.001 | 0.999 | 49 | – |", "| 10 | 0.003 | 0.999 | 53 | – |"):
+        assert row in rates
+
+
 def test_a_target_holds_only_when_every_seed_meets_it():
     """Two seeds of the fit of record at 0.4: one below SparseGPT, one above; the target is
     missed, by the worst run's ratio. An older run of the same seed does not count."""
@@ -643,6 +710,13 @@ def test_token_nll_keeps_every_evaluated_token_and_says_where_the_excess_goes(ti
     token_nll.main(["analyse", str(packed), "--tokenizer", str(tiny_setup / "lm"), "--records-dir", str(records)])
     [record] = read_records("token_nll", records)
     assert record["method"] == "magnitude" and record["size_requested"] == 0.5
+    # the quality record the losses came from: method, size and NLL to the bit (magnitude: untrained)
+    assert record["source"] == f"{by_record['magnitude']['date'][:16]}, 0 tokens"
+    assert token_nll.source_of("magnitude@0.5", by_record["magnitude"]["nll"] + 1e-12,
+                               read_records("quality", records)) is None
+    kd = {"method": "width-kd", "size_requested": 0.5, "nll": 4.0, "date": "2026-12-02T02:30:00", "train_tokens": 10,
+          "settings": {"distill": {"lr": 1e-3, "adam_beta2": 0.95}, "fit": {"lr_lm": 1e-4}}}
+    assert token_nll.source_of("width-kd@0.5", 4.0, [kd]) == "2026-12-02T02:30, 10 tokens, lr 0.001, beta2 0.95"
     assert "## Where the loss goes" in report.render(records, tmp_path / "report.md", tmp_path / "img")
     with pytest.raises(SystemExit, match="no losses of 'wanda@1'"):
         token_nll.analyse(packed, tokenizer, against="wanda@1")
