@@ -174,7 +174,8 @@ record_width_kd() {  # record_width_kd SIZE DATA [LOG]: width-kd at SIZE alone, 
   timeout --signal=TERM "${budget}s" python3 benchmarks/quality.py "${COMMON[@]}" --work-dir "$work" \
     --rankings "$work/rankings.json" --methods width-kd --width-kd-sizes "$size" --width-kd-data "$data" \
     --fit-batch 16 --fit-steps "${RECORD_STEPS:-3052}" --fit-set warmup_steps=100 \
-    --fit-set compile="${WIDTH_KD_COMPILE:-inductor}" --width-kd-checkpoint-every 100 --time-budget "$(( budget - 60 ))" "${nll[@]}" >> "$log" 2>&1
+    --fit-set compile="${WIDTH_KD_COMPILE:-inductor}" --width-kd-checkpoint-every 100 \
+    --time-budget "$(( budget - 60 ))" "${nll[@]}" >> "$log" 2>&1
 }
 
 case "$part" in

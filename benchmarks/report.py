@@ -143,6 +143,17 @@ def _slug(text) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in str(text))
 
 
+def fit_settings(record: dict) -> dict:
+    """The settings of a record's fit that change what it computes: defaults filled in for
+    fields the record predates, without the seed (seeds are repeats)."""
+    fit = (record.get("settings") or {}).get("fit") or {}
+    try:
+        fit = FitConfig.from_dict(fit).to_dict() if fit else {}
+    except (TypeError, ValueError):
+        pass
+    return {k: v for k, v in fit.items() if k not in NOT_IDENTIFYING and k != "seed"}
+
+
 def distill_settings(record: dict) -> dict:
     """The settings of a record's distillation (width-kd, the +distill fine-tunes) that change
     what it computes: defaults filled in for fields the record predates (``adam_beta2`` was
@@ -155,19 +166,29 @@ def distill_settings(record: dict) -> dict:
             if f.metadata["identifies"] and f.name != "seed"}
 
 
+def _rate(record: dict) -> tuple[dict, tuple] | None:
+    """(the other settings, (the LM's learning rate, AdamW's beta2)) of a record's training: its
+    distillation's, else its fit's; None for a record with neither."""
+    distill = distill_settings(record)
+    values, names = (distill, ("lr", "adam_beta2")) if distill else (fit_settings(record), ("lr_lm", "adam_beta2"))
+    if not values:
+        return None
+    return {k: v for k, v in values.items() if k not in names}, tuple(values.get(name) for name in names)
+
+
+def lm_rate(record: dict) -> tuple | None:
+    """The LM's learning rate and AdamW's beta2 a record trained with (None: untrained)."""
+    rate = _rate(record)
+    return rate and rate[1]
+
+
 def _same_settings(record: dict) -> tuple:
     """What two runs must share to be repeats: the fit's settings and the distillation's
-    (defaults filled in for records written before a field existed), the kind of training text
-    (its name: a mixture's stores by name and share, so a store written again by another
-    session is the same text), the training tokens and the windows."""
-    fit = (record.get("settings") or {}).get("fit") or {}
-    try:
-        fit = FitConfig.from_dict(fit).to_dict() if fit else {}
-    except (TypeError, ValueError):
-        pass
-    fit = {k: v for k, v in fit.items() if k not in NOT_IDENTIFYING and k != "seed"}  # seeds are repeats
+    (:func:`fit_settings`, :func:`distill_settings`), the kind of training text (its name: a
+    mixture's stores by name and share, so a store written again by another session is the
+    same text), the training tokens and the windows."""
     text = (record.get("settings") or {}).get("train_text") or ""
-    return (json.dumps([fit, distill_settings(record)], sort_keys=True), record.get("train_tokens"),
+    return (json.dumps([fit_settings(record), distill_settings(record)], sort_keys=True), record.get("train_tokens"),
             record.get("windows"), text)
 
 
@@ -207,24 +228,6 @@ def spread_table(records: list[dict]) -> list[str]:
             "", *_table(["method", "training text", "training tokens", *(f"{s:g}" for s in sizes)], rows), ""]
 
 
-#: The settings a rate table varies: the LM's learning rate and AdamW's beta2 (fit; distillation).
-RATE_FIELDS = {"fit": ("lr_lm", "adam_beta2"), "distill": ("lr", "adam_beta2")}
-
-
-def _rate(record: dict) -> tuple[str, dict, tuple] | None:
-    """(which settings, the others, (rate, beta2)) of a fit's or a distillation's record."""
-    settings = record.get("settings") or {}
-    if settings.get("distill"):
-        kind, values = "distill", distill_settings(record)
-    elif settings.get("fit"):
-        kind, values = "fit", json.loads(_same_settings(record)[0])[0]
-    else:
-        return None
-    rate = tuple(values.get(name) for name in RATE_FIELDS[kind])
-    others = {k: v for k, v in values.items() if k not in RATE_FIELDS[kind]}
-    return kind, others, rate
-
-
 def rate_table(records: list[dict]) -> list[str]:
     """The fit of record and width-kd at WIDTH_KD_SIZES by the LM's rate and beta2: every run
     whose other settings, text, tokens and windows are those of the method's latest run."""
@@ -237,12 +240,12 @@ def rate_table(records: list[dict]) -> list[str]:
 
         def context(r):
             same = _same_settings(r)
-            return _rate(r)[:2], same[1], same[2], same[3]
+            return _rate(r)[0], same[1], same[2], same[3]
 
         kin = [r for r in runs if context(r) == context(newest)]
         cells = defaultdict(list)
         for r in kin:
-            cells[(_rate(r)[2], round(float(r.get("size_requested", 1.0)), 4))].append(r["ppl"])
+            cells[(lm_rate(r), round(float(r.get("size_requested", 1.0)), 4))].append(r["ppl"])
         for rate in sorted({k[0] for k in cells}, key=lambda t: tuple(x if x is not None else -1 for x in t)):
             ppl = [cells.get((rate, size), []) for size in WIDTH_KD_SIZES]
             rows.append([label(method), _fmt(newest.get("train_tokens")), f"{rate[0]:g}", f"{rate[1]:g}",

@@ -30,6 +30,10 @@ from ppn_bayes.inspect.evaluate import context_buckets
 from ppn_bayes.io import atomic_file
 from ppn_bayes.records import append_record, read_records
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import lm_rate  # noqa: E402
+
 #: The kinds of token, in the order they are tested (the first that matches).
 KINDS = ("markup", "punctuation", "digits", "whitespace", "word start", "word inside")
 #: WikiText's markup: its hyphen, comma and point inside words and numbers, unknown words,
@@ -190,14 +194,9 @@ def source_of(network: str, nll: float | None, quality: list[dict]) -> str | Non
     for r in reversed(quality):
         if r.get("method") == method and r.get("nll") == nll and size and \
                 round(float(r.get("size_requested", 1.0)), 4) == round(float(size), 4):
-            settings = r.get("settings") or {}
-            rate = (settings.get("distill") or {}).get("lr"), (settings.get("distill") or {}).get("adam_beta2")
-            if settings.get("fit") and not settings.get("distill"):
-                rate = settings["fit"].get("lr_lm"), settings["fit"].get("adam_beta2")
+            rate = lm_rate(r)
             told = [str(r.get("date", "?"))[:16], f"{r.get('train_tokens', 0):,} tokens"]
-            if rate[0] is not None:
-                told.append(f"lr {rate[0]:g}, beta2 {rate[1] if rate[1] is not None else 0.999:g}")
-            return ", ".join(told)
+            return ", ".join(told + ([f"lr {rate[0]:g}, beta2 {rate[1]:g}"] if rate else []))
     return None
 
 
