@@ -29,10 +29,11 @@
 #                                 # WKD_BETA2 (0.999) for AdamW: a cheap sweep of the LM's rate, resumable
 #                                 # (WKD_STEPS, WKD_SEQ: 732 and 1024; the warm-up a tenth of the steps)
 #   benchmarks/gpu_job.sh part14  # issue 15: the bar's runs at once, one a GPU: JOBS (fit:0 fit:1 wkd:0.5
-#                                 # wkd:0.3) on the first GPUS GPUs (default: all there are), each as part9
-#                                 # (fit:SEED) or part10 (wkd:SIZE, width-kd at the fit's tokens) runs it, each
-#                                 # resumable in its own work folder (seedS, wkd-SIZE), logs gpuI.log; on one
-#                                 # GPU, JOBS="fit:1" runs the second seed
+#                                 # wkd:0.3), the first GPUS of them at once (default: as many as there are
+#                                 # GPUs; more share the GPUs in turn), each as part9 (fit:SEED) or part10
+#                                 # (wkd:SIZE, width-kd at the fit's tokens) runs it, each resumable in its
+#                                 # own work folder (seedS, wkd-SIZE), logs gpuG-jobI.log; on one GPU,
+#                                 # JOBS="fit:1" runs the second seed
 #   benchmarks/gpu_job.sh nll-out FOLDER...  # the token NLLs kept under $WORK/FOLDER/token-nll (parts 9-11,
 #                                 # 13 and 14 with TOKEN_NLL=1: FOLDER seed0, wkd-0.5, wkd12-lr3e-4-b0.999, ...;
 #                                 # part12's: base), each folder's with base's beside it (the dense LM the
@@ -245,15 +246,17 @@ case "$part" in
     done
     prepare
     data=$(fit_data) || exit 1
-    gpus="${GPUS:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')}"
+    gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
     (( gpus >= 1 )) || gpus=1
-    for (( i = 0; i < gpus && i < ${#jobs[@]}; i++ )); do
-      job="${jobs[$i]}"
+    at_once="${GPUS:-$gpus}"  # jobs at once; more than the machine's GPUs share them, in turn
+    for (( i = 0; i < at_once && i < ${#jobs[@]}; i++ )); do
+      job="${jobs[$i]}" gpu=$(( i % gpus ))
       case "$job" in
-        fit:*) ( export CUDA_VISIBLE_DEVICES=$i SEED="${job#fit:}"; record_fit ppn_bayes "seed${job#fit:}" "$data" "gpu$i" ) & ;;
-        wkd:*) ( export CUDA_VISIBLE_DEVICES=$i; record_width_kd "${job#wkd:}" "$data" "gpu$i" ) & ;;
+        fit:*) ( export CUDA_VISIBLE_DEVICES=$gpu SEED="${job#fit:}"
+                 record_fit ppn_bayes "seed${job#fit:}" "$data" "gpu$gpu-job$i" ) & ;;
+        wkd:*) ( export CUDA_VISIBLE_DEVICES=$gpu; record_width_kd "${job#wkd:}" "$data" "gpu$gpu-job$i" ) & ;;
       esac
-      echo "[gpu_job] GPU $i: $job"
+      echo "[gpu_job] GPU $gpu: $job"
     done
     wait
     ;;
