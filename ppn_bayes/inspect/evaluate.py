@@ -98,13 +98,11 @@ def perplexity(
                 logits = gated(batch, gates=gates)
             else:
                 logits = lm(input_ids=batch, use_cache=False).logits  # only the logits: no KV cache
+            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(),
+                                  reduction="none" if per_token else "sum")
             if per_token:
-                each = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none")
-                kept.append(each.view(batch.shape[0], -1).cpu())
-                nll = each.sum()
-            else:
-                nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
-            total += nll.item()
+                kept.append(nll.view(batch.shape[0], -1).cpu())
+            total += nll.sum().item()
             count += batch[:, 1:].numel()
     finally:
         if gated is not None:
