@@ -31,7 +31,7 @@
 #   benchmarks/gpu_job.sh part14  # issue 15: the bar's runs at once, one a GPU: JOBS (fit:0 fit:1 wkd:0.5
 #                                 # wkd:0.3), the first GPUS of them at once (default: as many as there are
 #                                 # GPUs; more share the GPUs in turn), each as part9 (fit:SEED) or part10
-#                                 # (wkd:SIZE, width-kd at the fit's tokens) runs it, each resumable in its
+#                                 # (wkd:SIZE, width-kd on the fit's text and tokens) runs it, each resumable in its
 #                                 # own work folder (seedS, wkd-SIZE), logs gpuG-jobI.log; on one GPU,
 #                                 # JOBS="fit:1" runs the second seed
 #   benchmarks/gpu_job.sh nll-out FOLDER...  # the token NLLs kept under $WORK/FOLDER/token-nll (parts 9-11,
@@ -165,8 +165,9 @@ record_fit() {  # record_fit METHOD FOLDER DATA [LOG]: the fit of record's recip
   cp "$work/rankings.json" "$OUT/rankings-$2.json" 2>/dev/null || true
 }
 
-record_width_kd() {  # record_width_kd SIZE DATA [LOG]: width-kd at SIZE alone, on the fit of record's text,
-  # tokens (the fit's: RECORD_STEPS x 16 windows) and schedule, in $WORK/wkd-SIZE, checkpointed, stopped before LIMIT
+record_width_kd() {  # record_width_kd SIZE DATA [LOG]: width-kd at SIZE alone, on the fit of record's text (the
+  # summaries less the same 8 held-out windows, and DATA), tokens (the fit's: RECORD_STEPS x 16 windows) and
+  # schedule, in $WORK/wkd-SIZE, checkpointed, stopped before LIMIT
   local size="$1" data="$2" log="$OUT/${3:-gpu0}.log" work budget
   work=$(workdir "wkd-$size")
   budget=$(( $(left) - 20 ))
@@ -175,7 +176,7 @@ record_width_kd() {  # record_width_kd SIZE DATA [LOG]: width-kd at SIZE alone, 
   timeout --signal=TERM "${budget}s" python3 benchmarks/quality.py "${COMMON[@]}" --work-dir "$work" \
     --rankings "$work/rankings.json" --methods width-kd --width-kd-sizes "$size" --width-kd-data "$data" \
     --fit-batch 16 --fit-steps "${RECORD_STEPS:-3052}" --fit-set warmup_steps=100 \
-    --fit-set compile="${WIDTH_KD_COMPILE:-inductor}" --width-kd-checkpoint-every 100 \
+    --fit-set compile="${WIDTH_KD_COMPILE:-inductor}" --fit-eval-windows 8 --width-kd-checkpoint-every 100 \
     --time-budget "$(( budget - 60 ))" "${nll[@]}" >> "$log" 2>&1
 }
 

@@ -348,7 +348,7 @@ def test_issue_15_diagnostic_parts_rehearsal_on_cpu(tiny_setup, tmp_path):
 def test_issue_15_bar_runs_one_a_gpu_rehearsal_on_cpu(tiny_setup, tmp_path):
     """gpu_job.sh part14 on a tiny LM with GPUS=2: the first two JOBS, the fit of record's seed 1
     and width-kd at 0.5, run at once, each in its own folder and log (one machine "GPU", no
-    nvidia-smi: both on GPU 0), width-kd on the fit's tokens; the third job is left for a later
+    nvidia-smi: both on GPU 0), width-kd on the fit's text and tokens; the third job is left for a later
     call. A bad JOBS entry is refused before any work (minutes: slow)."""
     texts = tmp_path / "texts"
     texts.mkdir()
@@ -373,6 +373,8 @@ def test_issue_15_bar_runs_one_a_gpu_rehearsal_on_cpu(tiny_setup, tmp_path):
     assert {r["settings"]["fit"]["seed"] for r in fits} == {1}  # seed 0 had no GPU of its own
     assert [r["size_requested"] for r in kd] == [0.5]
     assert kd[0]["train_tokens"] == fits[0]["train_tokens"] == 2 * 16 * 64
+    # the same text: the summaries less the fit's held-out windows, mixed with the same store
+    assert kd[0]["settings"]["fit_data"] == fits[0]["settings"]["fit_data"]
     assert sorted(p.name for p in (tmp_path / "out").glob("gpu*-job*.log")) == ["gpu0-job0.log", "gpu0-job1.log"]
     assert (tmp_path / "work" / "seed1").is_dir() and (tmp_path / "work" / "wkd-0.5").is_dir()
 
