@@ -165,18 +165,22 @@ record_fit() {  # record_fit METHOD FOLDER DATA [LOG]: the fit of record's recip
   cp "$work/rankings.json" "$OUT/rankings-$2.json" 2>/dev/null || true
 }
 
-record_width_kd() {  # record_width_kd SIZE DATA [LOG]: width-kd at SIZE alone, on the fit of record's text (the
-  # summaries less the same 8 held-out windows, and DATA), tokens (the fit's: RECORD_STEPS x 16 windows) and
-  # schedule, in $WORK/wkd-SIZE, checkpointed, stopped before LIMIT
+width_kd_flags() {  # width_kd_flags DATA: sets wkd, quality.py's flags that train width-kd on the fit of
+  # record's text (the summaries less the fit's 8 held-out windows, and DATA), tokens (the fit's: RECORD_STEPS
+  # x 16 windows) and schedule, checkpointed every 100 steps: one list for parts 10 and 14
+  wkd=(--width-kd-data "$1" --fit-batch 16 --fit-steps "${RECORD_STEPS:-3052}" --fit-set warmup_steps=100
+       --fit-set compile="${WIDTH_KD_COMPILE:-inductor}" --fit-eval-windows 8 --width-kd-checkpoint-every 100)
+}
+
+record_width_kd() {  # record_width_kd SIZE DATA [LOG]: width-kd at SIZE alone (width_kd_flags), in
+  # $WORK/wkd-SIZE, stopped before LIMIT, resumable
   local size="$1" data="$2" log="$OUT/${3:-gpu0}.log" work budget
   work=$(workdir "wkd-$size")
   budget=$(( $(left) - 20 ))
-  local nll; token_nll_flags "$work"
+  local nll wkd; token_nll_flags "$work"; width_kd_flags "$data"
   echo "[gpu_job] $(date +%T) width-kd $size ($budget s)" >> "$log"
   timeout --signal=TERM "${budget}s" python3 benchmarks/quality.py "${COMMON[@]}" --work-dir "$work" \
-    --rankings "$work/rankings.json" --methods width-kd --width-kd-sizes "$size" --width-kd-data "$data" \
-    --fit-batch 16 --fit-steps "${RECORD_STEPS:-3052}" --fit-set warmup_steps=100 \
-    --fit-set compile="${WIDTH_KD_COMPILE:-inductor}" --fit-eval-windows 8 --width-kd-checkpoint-every 100 \
+    --rankings "$work/rankings.json" --methods width-kd --width-kd-sizes "$size" "${wkd[@]}" \
     --time-budget "$(( budget - 60 ))" "${nll[@]}" >> "$log" 2>&1
 }
 
@@ -196,14 +200,12 @@ case "$part" in
     if data=$(fit_data); then
       work=$(workdir wkd)
       budget=$(( $(left) - 20 ))
-      token_nll_flags "$work"
+      token_nll_flags "$work"; width_kd_flags "$data"
       echo "[gpu_job] $(date +%T) width-kd and the activation baselines ($budget s)" >> "$OUT/gpu0.log"
       timeout --signal=TERM "${budget}s" python3 benchmarks/quality.py "${COMMON[@]}" --work-dir "$work" \
         --rankings "$work/rankings.json" --methods activation,activation-uniform,width,width-kd \
-        --width-kd-sizes "${WIDTH_KD_SIZES:-0.5,0.3}" --width-kd-data "$data" --fit-batch 16 \
-        --fit-steps "${RECORD_STEPS:-3052}" --width-kd-tokens "$(( ${RECORD_STEPS:-3052} * 16 * 2048 ))" \
-        --fit-set warmup_steps=100 --fit-set compile="${WIDTH_KD_COMPILE:-inductor}" --fit-eval-windows 8 \
-        --width-kd-checkpoint-every 100 "${nll[@]}" \
+        --width-kd-sizes "${WIDTH_KD_SIZES:-0.5,0.3}" "${wkd[@]}" \
+        --width-kd-tokens "$(( ${RECORD_STEPS:-3052} * 16 * 2048 ))" "${nll[@]}" \
         --time-budget "$(( budget * 8 / 10 ))" >> "$OUT/gpu0.log" 2>&1
     fi
     ;;
