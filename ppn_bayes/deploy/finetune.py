@@ -60,8 +60,9 @@ class DistillConfig:
                                "cosine down to a tenth of --lr", choices=SCHEDULES)
     warmup_steps: int = setting(0, "optimisation", "the rate rises linearly over this many first steps",
                                 bound="nonnegative")
-    compile: str = setting("none", "run", "torch.compile backend of both LMs' decoder bodies ('inductor' on a GPU; "
-                           "'none': eager)", choices=COMPILERS, identifies=False)
+    compile: str = setting("none", "run", "torch.compile backend of both LMs' decoder bodies and of the "
+                           "objective's chunks ('inductor' on a GPU; 'none': eager)", choices=COMPILERS,
+                           identifies=False)
 
     def __post_init__(self):
         check_fields(self)  # types, and no NaN or infinity anywhere
@@ -195,7 +196,8 @@ def _distill_loss(student: nn.Module, teacher: nn.Module, input_ids: torch.Tenso
     hidden = student_body(input_ids=input_ids, use_cache=False).last_hidden_state
     weights = torch.full((B,), 1.0 / B, device=input_ids.device)  # every row alike: the batch mean
     loss, rows = fused_objective(hidden, student.get_output_embeddings().weight, input_ids, weights, taught,
-                                 nll_weight=config.nll_weight, kl_weight=config.distill_weight)
+                                 nll_weight=config.nll_weight, kl_weight=config.distill_weight,
+                                 compile=config.compile)
     return loss, rows.nll.mean(), rows.kl.mean()
 
 
