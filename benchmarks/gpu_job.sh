@@ -28,12 +28,14 @@
 #                                 # steps, warm-up 73, cosine) once per LR in WKD_LRS (1e-4,3e-4,1e-3), with
 #                                 # WKD_BETA2 (0.999) for AdamW: a cheap sweep of the LM's rate, resumable
 #                                 # (WKD_STEPS, WKD_SEQ: 732 and 1024; the warm-up a tenth of the steps)
-#   benchmarks/gpu_job.sh part14  # issue 15: the bar's runs at once, one a GPU: JOBS (fit:0 fit:1 wkd:0.5
-#                                 # wkd:0.3), the first GPUS of them at once (default: as many as there are
-#                                 # GPUs; more share the GPUs in turn), each as part9 (fit:SEED) or part10
-#                                 # (wkd:SIZE, width-kd on the fit's text and tokens) runs it, each resumable in its
-#                                 # own work folder (seedS, wkd-SIZE), logs gpuG-jobI.log; on one GPU,
-#                                 # JOBS="fit:1" runs the second seed
+#   benchmarks/gpu_job.sh part14  # issue 15: the bar's runs, one a GPU: JOBS (fit:0 fit:1 wkd:0.5
+#                                 # wkd:0.3), GPUS of them at once (default: as many as there are GPUs;
+#                                 # more share the GPUs in turn), the rest queued behind them (job I after
+#                                 # job I - GPUS, while more than QUEUE_MIN s of LIMIT are left), each as
+#                                 # part9 (fit:SEED) or part10 (wkd:SIZE, width-kd on the fit's text and
+#                                 # tokens) runs it, each resumable in its own work folder (seedS, wkd-SIZE),
+#                                 # logs gpuG-jobI.log; on one GPU, JOBS="fit:1 wkd:0.5" runs the second
+#                                 # seed, then width-kd at 0.5
 #   benchmarks/gpu_job.sh nll-out FOLDER...  # the token NLLs kept under $WORK/FOLDER/token-nll (parts 9-11,
 #                                 # 13 and 14 with TOKEN_NLL=1: FOLDER seed0, wkd-0.5, wkd12-lr3e-4-b0.999, ...;
 #                                 # part12's: base), each folder's with base's beside it (the dense LM the
@@ -252,14 +254,23 @@ case "$part" in
     gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
     (( gpus >= 1 )) || gpus=1
     at_once="${GPUS:-$gpus}"  # jobs at once; more than the machine's GPUs share them, in turn
-    for (( i = 0; i < at_once && i < ${#jobs[@]}; i++ )); do
-      job="${jobs[$i]}" gpu=$(( i % gpus ))
-      case "$job" in
-        fit:*) ( export CUDA_VISIBLE_DEVICES=$gpu SEED="${job#fit:}"
-                 record_fit ppn_bayes "seed${job#fit:}" "$data" "gpu$gpu-job$i" ) & ;;
-        wkd:*) ( export CUDA_VISIBLE_DEVICES=$gpu; record_width_kd "${job#wkd:}" "$data" "gpu$gpu-job$i" ) & ;;
-      esac
-      echo "[gpu_job] GPU $gpu: $job"
+    # slot k runs jobs k, k + at_once, k + 2 at_once, ... one after the other on GPU k mod gpus: a job
+    # starts only with more than QUEUE_MIN seconds of LIMIT left (an unfinished one stops near LIMIT, so
+    # what follows it waits for a later call, which resumes it and skips what is done)
+    for (( k = 0; k < at_once && k < ${#jobs[@]}; k++ )); do
+      gpu=$(( k % gpus ))
+      ( export CUDA_VISIBLE_DEVICES=$gpu
+        for (( i = k; i < ${#jobs[@]}; i += at_once )); do
+          job="${jobs[$i]}" log="gpu$gpu-job$i"
+          if (( $(left) <= ${QUEUE_MIN:-120} )); then
+            echo "[gpu_job] $(date +%T) $job: $(left) s left, for a later call" >> "$OUT/$log.log"; break
+          fi
+          echo "[gpu_job] GPU $gpu: $job"
+          case "$job" in
+            fit:*) SEED="${job#fit:}" record_fit ppn_bayes "seed${job#fit:}" "$data" "$log" ;;
+            wkd:*) record_width_kd "${job#wkd:}" "$data" "$log" ;;
+          esac
+        done ) &
     done
     wait
     ;;

@@ -348,8 +348,9 @@ def test_issue_15_diagnostic_parts_rehearsal_on_cpu(tiny_setup, tmp_path):
 def test_issue_15_bar_runs_one_a_gpu_rehearsal_on_cpu(tiny_setup, tmp_path):
     """gpu_job.sh part14 on a tiny LM with GPUS=2: the first two JOBS, the fit of record's seed 1
     and width-kd at 0.5, run at once, each in its own folder and log (one machine "GPU", no
-    nvidia-smi: both on GPU 0), width-kd on the fit's text and tokens; the third job is left for a later
-    call. A bad JOBS entry is refused before any work (minutes: slow)."""
+    nvidia-smi: both on GPU 0), width-kd on the fit's text and tokens; the third job, seed 0, waits
+    in the first one's slot and runs after it. With too little of LIMIT left no job starts: each
+    is left for a later call. A bad JOBS entry is refused before any work (minutes: slow)."""
     texts = tmp_path / "texts"
     texts.mkdir()
     for name in ("wiki.test.raw", "wiki_summaries_en.txt"):
@@ -369,14 +370,21 @@ def test_issue_15_bar_runs_one_a_gpu_rehearsal_on_cpu(tiny_setup, tmp_path):
     records = read_records("quality", tmp_path / "out" / "records")
     fits = [r for r in records if r["method"] == "ppn_bayes"]
     kd = [r for r in records if r["method"] == "width-kd"]
-    assert sorted(r["size_requested"] for r in fits) == [0.3, 0.4, 0.5, 0.7, 0.9]
-    assert {r["settings"]["fit"]["seed"] for r in fits} == {1}  # seed 0 had no GPU of its own
+    assert sorted(r["size_requested"] for r in fits) == sorted([0.3, 0.4, 0.5, 0.7, 0.9] * 2)
+    assert [r["settings"]["fit"]["seed"] for r in fits] == [1] * 5 + [0] * 5  # seed 0 after seed 1
     assert [r["size_requested"] for r in kd] == [0.5]
     assert kd[0]["train_tokens"] == fits[0]["train_tokens"] == 2 * 16 * 64
     # the same text: the summaries less the fit's held-out windows, mixed with the same store
     assert kd[0]["settings"]["fit_data"] == fits[0]["settings"]["fit_data"]
-    assert sorted(p.name for p in (tmp_path / "out").glob("gpu*-job*.log")) == ["gpu0-job0.log", "gpu0-job1.log"]
-    assert (tmp_path / "work" / "seed1").is_dir() and (tmp_path / "work" / "wkd-0.5").is_dir()
+    logs = ["gpu0-job0.log", "gpu0-job1.log", "gpu0-job2.log"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("gpu*-job*.log")) == logs
+    assert all((tmp_path / "work" / f).is_dir() for f in ("seed1", "wkd-0.5", "seed0"))
+    # no job starts with no more than QUEUE_MIN seconds of LIMIT left: each waits for a later call
+    late = subprocess.run(["bash", "benchmarks/gpu_job.sh", "part14"], cwd=ROOT, capture_output=True, text=True,
+                          env={**env, "JOBS": "fit:1 wkd:0.3", "GPUS": "1", "QUEUE_MIN": "100000"},
+                          check=True, timeout=900)
+    assert "wkd:0.3" not in late.stdout and not (tmp_path / "work" / "wkd-0.3").exists()
+    assert "for a later call" in (tmp_path / "out" / "gpu0-job0.log").read_text()
 
 
 @pytest.mark.slow
