@@ -184,6 +184,10 @@ record_width_kd() {  # record_width_kd SIZE DATA [LOG]: width-kd at SIZE alone (
   timeout --signal=TERM "${budget}s" python3 benchmarks/quality.py "${COMMON[@]}" --work-dir "$work" \
     --rankings "$work/rankings.json" --methods width-kd --width-kd-sizes "$size" "${wkd[@]}" \
     --time-budget "$(( budget - 60 ))" "${nll[@]}" >> "$log" 2>&1
+  local state="$work/width-kd/$size/checkpoint/state.json"  # an unfinished run: where it resumes
+  [[ -f "$state" ]] && echo "[gpu_job] $(date +%T) width-kd $size: checkpoint at step" \
+    "$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["step"])' "$state")" >> "$log"
+  return 0
 }
 
 case "$part" in
