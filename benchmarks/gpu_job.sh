@@ -253,6 +253,8 @@ case "$part" in
     for job in "${jobs[@]}"; do
       [[ "$job" =~ ^(fit:[0-9]+|wkd:[0-9.]+)$ ]] || { echo "unknown job $job in JOBS: fit:SEED or wkd:SIZE"; exit 2; }
     done
+    [[ "${GPUS:-1}" =~ ^[1-9][0-9]*$ ]] || { echo "GPUS must be a whole number of jobs at once, got '$GPUS'"; exit 2; }
+    [[ "${QUEUE_MIN:-120}" =~ ^[0-9]+$ ]] || { echo "QUEUE_MIN must be whole seconds, got '$QUEUE_MIN'"; exit 2; }
     prepare
     data=$(fit_data) || exit 1
     gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')

@@ -106,3 +106,19 @@ def test_jobs_hold_only_data():
     assert not kinds & {"FunctionDef", "Lambda", "Call", "ClassDef"}
     imports = [node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))]
     assert [node.module for node in imports] == ["__future__"]
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({"JOBS": "fit:1 kd:0.5"}, "unknown job kd:0.5 in JOBS: fit:SEED or wkd:SIZE"),
+    ({"GPUS": "two"}, "GPUS must be a whole number of jobs at once, got 'two'"),
+    ({"GPUS": "0"}, "GPUS must be a whole number of jobs at once, got '0'"),
+    ({"QUEUE_MIN": "2m"}, "QUEUE_MIN must be whole seconds, got '2m'"),
+])
+def test_part14_refuses_a_bad_knob_before_any_work(environ, message, tmp_path):
+    """part14's JOBS, GPUS and QUEUE_MIN are checked before the LM is prepared."""
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "OUT": str(tmp_path / "out"),
+           "WORK": str(tmp_path / "work"), **environ}
+    bad = subprocess.run(["bash", "benchmarks/gpu_job.sh", "part14"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and message in bad.stdout
+    assert not (tmp_path / "work" / "model").exists()

@@ -350,7 +350,7 @@ def test_issue_15_bar_runs_one_a_gpu_rehearsal_on_cpu(tiny_setup, tmp_path):
     and width-kd at 0.5, run at once, each in its own folder and log (one machine "GPU", no
     nvidia-smi: both on GPU 0), width-kd on the fit's text and tokens; the third job, seed 0, waits
     in the first one's slot and runs after it. With too little of LIMIT left no job starts: each
-    is left for a later call. A bad JOBS entry is refused before any work (minutes: slow)."""
+    is left for a later call (minutes: slow)."""
     texts = tmp_path / "texts"
     texts.mkdir()
     for name in ("wiki.test.raw", "wiki_summaries_en.txt"):
@@ -361,10 +361,6 @@ def test_issue_15_bar_runs_one_a_gpu_rehearsal_on_cpu(tiny_setup, tmp_path):
            "QUALITY_EXTRA": "--seq-len 64 --limit-windows 2 --eval-batch 2 --fit-set mlp_group=32 "
                             "--calib-windows 2 --calib-seq-len 32 --fit-seq-len 64",
            "RECORD_STEPS": "2", "GEN_TOKENS": "2000", "GEN_BATCH": "2", "GPUS": "2", "WIDTH_KD_COMPILE": "none"}
-    bad = subprocess.run(["bash", "benchmarks/gpu_job.sh", "part14"], cwd=ROOT, env={**env, "JOBS": "fit:1 kd:0.5"},
-                         capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "unknown job kd:0.5" in bad.stdout
-    assert not (tmp_path / "work" / "model").exists()  # refused before the LM was prepared
     subprocess.run(["bash", "benchmarks/gpu_job.sh", "part14"], cwd=ROOT,
                    env={**env, "JOBS": "fit:1 wkd:0.5 fit:0"}, check=True, timeout=900)
     records = read_records("quality", tmp_path / "out" / "records")
