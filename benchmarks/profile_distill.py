@@ -8,10 +8,10 @@ shape, not its quality, sets the speed); the teacher is the LM. Without ``--lm-d
 a randomly initialised Llama of SmolLM2-135M's shape (no files needed), and the tokens are
 random. For each ``--objective`` (``as-configured``: what :func:`ppn_bayes.deploy.finetune.distill`
 does; ``eager``: the objective's chunks uncompiled, as before the fix of 2 December 2026) it runs
-``--warmup`` steps (compiling) and then ``--steps`` steps under ``torch.profiler``, and prints
-the wall time per step, the GPU's kernel time per step and the kernels that took the most of
-it; and the same steps timed without the profiler. A diagnostic for the developers (no record): width-kd's throughput of record is in its
-quality records (``finetune_tokens_per_s``).
+``--warmup`` steps (compiling), then ``--steps`` steps timed plainly and the same steps under
+``torch.profiler``, and prints the wall time per step (plain and profiled), the GPU's kernel
+time per step and the kernels that took the most of it. A diagnostic for the developers (no
+record): width-kd's throughput of record is in its quality records (``finetune_tokens_per_s``).
 """
 
 from __future__ import annotations
