@@ -107,18 +107,32 @@ def pack(folders: list[Path], out: Path) -> dict:
     return {"file": str(out), "records": sorted(metadata), "bytes": size}
 
 
-def analyse(packed: Path, tokenizer, *, against: str = "dense@1", top: int = 12) -> list[dict]:
+def analyse(packed: Path, tokenizer, *, against: str = "dense@1", top: int = 12,
+            reference: Path | None = None) -> list[dict]:
     """One summary per network in ``packed`` other than ``against``: its mean NLL, its excess
     over ``against`` in all, by context bucket and by kind of token (mean excess and share of
-    the total), and the ``top`` token texts with the largest total excess."""
+    the total), and the ``top`` token texts with the largest total excess. ``reference``: another
+    packed file of the same windows to take ``against``'s losses from (the dense LM's are the
+    same for every fit, so one run's file serves the next)."""
     from safetensors import safe_open
 
     with safe_open(str(packed), "pt") as f:
         names = [k[len("nll/"):] for k in f.keys() if k.startswith("nll/")]
-        if against not in names:
-            raise SystemExit(f"{packed}: no losses of {against!r} to compare with; it holds {', '.join(names)}")
         targets = f.get_tensor("targets").long()
         losses = {name: f.get_tensor(f"nll/{name}").double() for name in names}
+    if reference is not None:
+        with safe_open(str(reference), "pt") as f:
+            held = [k[len("nll/"):] for k in f.keys() if k.startswith("nll/")]
+            if against not in held:
+                raise SystemExit(f"{reference}: no losses of {against!r} to compare with; it holds {', '.join(held)}")
+            if not torch.equal(f.get_tensor("targets").long(), targets):
+                raise SystemExit(f"{reference}: other evaluation windows than {packed}'s; its {against} losses "
+                                 "do not line up with them")
+            losses[against] = f.get_tensor(f"nll/{against}").double()
+    elif against not in names:
+        raise SystemExit(f"{packed}: no losses of {against!r} to compare with; it holds {', '.join(names)} "
+                         "(--reference FILE takes them from another packed file of the same windows)")
+    names = sorted(losses)
     ids = targets.flatten()
     texts = {int(i): tokenizer.decode([int(i)]) for i in ids.unique()}
     kinds = torch.tensor([KINDS.index(k) for row in targets.tolist()  # [N]: markup read window by window
@@ -225,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--tokenizer", required=True,
                    help="the model (GGUF or Hugging Face folder) whose tokenizer made the evaluation's tokens")
     b.add_argument("--against", default="dense@1", help="the reference network (default: dense@1)")
+    b.add_argument("--reference", type=Path, default=None,
+                   help="a packed file of the same windows that holds --against's losses, when PACKED does not")
     b.add_argument("--top", type=int, default=12, help="tokens listed per network (default: 12)")
     b.add_argument("--records-dir", default=None, help="append one token_nll record per network here")
     b.add_argument("--model-name", default=None, help="the model's name in the records (default: the file's stem)")
@@ -232,13 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "pack":
         print(pack(args.folders, args.out))
         return 0
-    if not args.packed.is_file():
-        raise SystemExit(f"{args.packed}: no such file")
+    for path in (args.packed, args.reference):
+        if path is not None and not path.is_file():
+            raise SystemExit(f"{path}: no such file")
     from ppn_bayes.lm import load_lm, load_tokenizer
 
     source = Path(args.tokenizer)
     tokenizer = load_lm(source)[1] if source.suffix == ".gguf" else load_tokenizer(source)
-    summaries = analyse(args.packed, tokenizer, against=args.against, top=args.top)
+    summaries = analyse(args.packed, tokenizer, against=args.against, top=args.top, reference=args.reference)
     print(markdown(summaries))
     if args.records_dir:
         command = "python benchmarks/token_nll.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -681,7 +681,7 @@ def test_token_nll_keeps_every_evaluated_token_and_says_where_the_excess_goes(ti
     """quality.py --token-nll-dir: one float16 file per record and the windows' targets; the
     record's NLL by context averages back to its NLL; pack + analyse: the excess over dense is
     the difference of the two files' means, its shares by kind sum to one."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
 
     from ppn_bayes.data import load_tokens
 
@@ -726,6 +726,24 @@ def test_token_nll_keeps_every_evaluated_token_and_says_where_the_excess_goes(ti
     assert "## Where the loss goes" in report.render(records, tmp_path / "report.md", tmp_path / "img")
     with pytest.raises(SystemExit, match="no losses of 'wanda@1'"):
         token_nll.analyse(packed, tokenizer, against="wanda@1")
+    # the dense LM's losses from another packed file of the same windows: the same summary, to the bit
+    alone = {name: tmp_path / name for name in ("dense", "magnitude")}
+    for name, path in alone.items():
+        path.mkdir()
+        for kept in ("targets.safetensors", f"{name}@{'1' if name == 'dense' else '0.5'}.safetensors"):
+            (path / kept).write_bytes((folder / kept).read_bytes())
+        token_nll.pack([path], tmp_path / f"{name}.safetensors")
+    with pytest.raises(SystemExit, match="--reference FILE"):
+        token_nll.analyse(tmp_path / "magnitude.safetensors", tokenizer)
+    assert token_nll.analyse(tmp_path / "magnitude.safetensors", tokenizer,
+                             reference=tmp_path / "dense.safetensors") == [summary]
+    with pytest.raises(SystemExit, match="no losses of 'dense@1'"):
+        token_nll.analyse(tmp_path / "dense.safetensors", tokenizer, reference=tmp_path / "magnitude.safetensors")
+    other = load_file(folder / "targets.safetensors")["targets"].flip(0).contiguous()
+    save_file({"targets": other}, alone["dense"] / "targets.safetensors")
+    token_nll.pack([alone["dense"]], tmp_path / "shifted.safetensors")
+    with pytest.raises(SystemExit, match="other evaluation windows"):
+        token_nll.analyse(tmp_path / "magnitude.safetensors", tokenizer, reference=tmp_path / "shifted.safetensors")
     with pytest.raises(SystemExit, match="dense@1 is in two of the folders"):
         token_nll.pack([folder, folder], tmp_path / "twice.safetensors")
     (folder / "targets.safetensors").unlink()
