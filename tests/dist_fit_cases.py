@@ -22,6 +22,10 @@ CASES = {
     # the frozen original LM as the teacher, a copy in every process.
     "ddp-flat-point": {"config": _BASE.replace(parallel="ddp", hierarchy=False, posterior="point",
                                                teacher="original"), "tied": False},
+    # The last 2 steps settle: the whole guide without gradient (find_unused_parameters), the
+    # LM trained on the deployed masks, read from the guide that every process holds.
+    "ddp-settle": {"config": _BASE.replace(parallel="ddp", gate_coupling="prefix", init_jitter=0.5, settle_steps=2),
+                   "tied": True},
 }
 
 

@@ -63,12 +63,12 @@ def one_process():
     torch.set_num_threads(1)
     return {name: fit(case_lm(name), case_tokens(), CASES[name]["config"].replace(parallel="none"), progress=False,
                       eval_tokens=case_eval_tokens(name))
-            for name in ("ddp", "ddp-flat-point")}
+            for name in CASES if CASES[name]["config"].parallel == "ddp"}
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_two_processes_follow_one_process_on_the_same_global_batch(two_processes, one_process, name):
-    reference = one_process["ddp" if CASES[name]["tied"] else "ddp-flat-point"]
+    reference = one_process.get(name, one_process["ddp"])  # fsdp-resume: the ddp case's training
     result = json.loads((two_processes / name / "result.json").read_text())
     assert result["world_size"] == 2 and result["parallel"] == CASES[name]["config"].parallel
     assert result["train_tokens"] == reference.result.train_tokens  # the global batch

@@ -123,6 +123,9 @@ def test_a_nan_loss_stops_the_fit_and_writes_nothing(tmp_path):
     (dict(seq_len=1), "seq_len must be at least 2"),
     (dict(posterior="laplace"), "posterior must be 'normal' or 'point'"),
     (dict(lr_lm=-1.0), "lr_lm must not be negative"),
+    (dict(steps=4, settle_steps=5), r"settle_steps \(5\) must not exceed steps \(4\)"),
+    (dict(settle_steps=-1), "settle_steps must not be negative"),
+    (dict(settle_steps=2, train_lm=False), "with train_lm off it would train nothing"),
 ])
 def test_bad_settings_are_named(changes, message):
     with pytest.raises(ValueError, match=message):
@@ -306,6 +309,45 @@ def test_the_lm_waits_for_freeze_lm_steps():
     assert not torch.equal(fitted.guide.loc_unit, torch.zeros_like(fitted.guide.loc_unit))
     fitted = fit(lm, TOKENS, config.replace(steps=4), progress=False)
     assert any(not torch.equal(before[name], p) for name, p in fitted.lm.named_parameters())
+
+
+def test_settling_steps_train_the_lm_on_the_deployed_masks_alone(monkeypatch):
+    """settle_steps=3 of 6: the guide after the fit is, to the bit, the guide of the same fit
+    stopped after 3 steps; the LM still trains; and in each settling step the gates of every
+    drawn size are exactly the deployed masks at that size (the prefixes of the final ranking)."""
+    calls = []
+    likelihood = PuppetModel.likelihood
+
+    def recorded(self, input_ids, plan, teacher, gates):
+        calls.append((plan.sizes, gates.layer.detach().clone(), gates.unit.detach().clone()))
+        return likelihood(self, input_ids, plan, teacher, gates)
+
+    monkeypatch.setattr(PuppetModel, "likelihood", recorded)
+    config = FitConfig(steps=6, settle_steps=3, batch_size=4, seq_len=32, mlp_group=8, gate_coupling="prefix",
+                       init_jitter=0.5, lr_guide=0.5, lr_lm=1e-3, size_min=0.3, log_every=1)
+
+    def run(config):
+        lm = tiny_llama(TOKENIZER.vocab_size, layers=2, hidden=32, heads=2, kv_heads=1, intermediate=64)
+        return fit(lm, TOKENS, config, progress=False)
+
+    first = run(config.replace(steps=3, settle_steps=0))
+    calls.clear()
+    settled = run(config)
+    assert len(calls) == 6
+    for name, value in settled.guide.named_parameters():
+        assert torch.equal(value, dict(first.guide.named_parameters())[name]), name
+    assert any(not torch.equal(p, q) for p, q in zip(first.lm.parameters(), settled.lm.parameters()))
+    ranking = settled.ranking()
+    for sizes, layer, unit in calls[3:]:
+        masks = [ranking.masks(size) for size in sizes]
+        assert torch.equal(layer, torch.stack([m.layer for m in masks]).float())
+        assert torch.equal(unit, torch.stack([m.unit for m in masks]).float())
+    # the sampled steps before them drew other masks at some size (the guide moved and its
+    # draws scatter): settling changes which sub-networks the LM learns
+    assert any(not torch.equal(layer, torch.stack([ranking.masks(s).layer for s in sizes]).float()) or
+               not torch.equal(unit, torch.stack([ranking.masks(s).unit for s in sizes]).float())
+               for sizes, layer, unit in calls[:3])
+    assert [row["sizes"] for row in settled.result.history[3:]] == [list(c[0]) for c in calls[3:]]
 
 
 def test_guide_locations_start_jittered_when_asked():

@@ -140,6 +140,10 @@ class FitConfig:
             "standard deviation of a seeded random spread of the initial unit locations log λ_lu")
     freeze_lm_steps: int = setting(0, OPTIMISATION,
             "the LM's weights stay fixed for this many first steps (the gates settle first)")
+    settle_steps: int = setting(0, OPTIMISATION,
+            "the last this many steps freeze the guide and train the LM on the deployed masks alone (the prefixes "
+            "of the posterior's median ranking at each drawn size), so the sub-networks that ship are the ones the "
+            "LM last learnt (0: every step samples the gates from the guide)")
     mlp_group: int = setting(64, PRIOR,
             "intermediate channels per MLP unit (g)")
     grad_clip: float = setting(1.0, OPTIMISATION,
@@ -193,9 +197,14 @@ class FitConfig:
             )
         for name in ("lr_lm", "weight_decay", "distill_weight", "nll_weight", "prior_weight", "checkpoint_every",
                      "n_random_sizes", "grad_clip", "init_jitter", "freeze_lm_steps", "eval_every",
-                     "warmup_steps"):
+                     "warmup_steps", "settle_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.settle_steps > self.steps:
+            raise ValueError(f"settle_steps ({self.settle_steps}) must not exceed steps ({self.steps})")
+        if self.settle_steps and not self.train_lm:
+            raise ValueError("settle_steps trains the LM alone on fixed masks; with train_lm off it would train "
+                             "nothing")
         if not 0 <= self.adam_beta2 < 1:
             raise ValueError(f"adam_beta2 must be in [0, 1), got {self.adam_beta2}")
         if self.posterior not in ("normal", "point"):

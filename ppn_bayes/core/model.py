@@ -296,11 +296,8 @@ class PuppetModel(_Push):
 
     def forward(self, input_ids: torch.Tensor, plan, teacher=None):
         plan = self.plan_of(plan, input_ids)
-        if isinstance(teacher, torch.Tensor):
-            teacher = Teacher(logits=teacher)
         L, U, K = self.arch.n_layers, self.arch.n_units, len(plan.sizes)
-        device = input_ids.device
-        one = torch.ones((), device=device)
+        one = torch.ones((), device=input_ids.device)
         layer_plate, unit_plate = plates(L, U)
         # 1. The strings of the puppet: global-local shrinkage, as in the horseshoe.
         with self.prior_weighting():
@@ -323,16 +320,26 @@ class PuppetModel(_Push):
         gates = sample_gates(layer_plate, unit_plate, layer_logits, unit_logits, self.temperature,
                              self.gate_coupling, costs=(self.layer_cost, self.unit_cost), size=plan.sizes,
                              size_plate=pyro.plate("size", K, dim=-3))  # [K, L], [K, L, U]
-        self.last_realised_size = self.realised_size(gates)  # [K] on the device, read by the fit's log
         # 4. The likelihood: every row under the gates of its group (group 0: every gate on).
-        ones = Gates.ones(self.arch, device=device, dtype=gates.unit.dtype)
+        total = self.likelihood(input_ids, plan, teacher, gates)
+        pyro.factor("log_likelihood", -total)
+        return total
+
+    def likelihood(self, input_ids: torch.Tensor, plan: StepPlan, teacher, gates: Gates) -> torch.Tensor:
+        """Step 4 of :meth:`forward` alone, no Pyro site: the rows' weighted loss (the negative
+        log-likelihood) when the ``K`` sizes of ``plan`` have ``gates`` (``[K, L]``,
+        ``[K, L, U]``) and group 0 every gate on. A fit's settling steps call it with the
+        deployed masks (``FitConfig.settle_steps``)."""
+        if isinstance(teacher, torch.Tensor):
+            teacher = Teacher(logits=teacher)
+        self.last_realised_size = self.realised_size(gates)  # [K] on the device, read by the fit's log
+        ones = Gates.ones(self.arch, device=input_ids.device, dtype=gates.unit.dtype)
         row_gates = Gates(torch.cat([ones.layer[None], gates.layer]).index_select(0, plan.groups),  # [B, L]
                           torch.cat([ones.unit[None], gates.unit]).index_select(0, plan.groups))  # [B, L, U]
         hidden = self.gated.hidden(input_ids, row_gates)  # [B, T, d]
         total, rows = self.objective(hidden, self.gated.head, input_ids, plan.row_weights, teacher,
                                      nll_weight=self.nll_weight, kl_weight=self.distill_weight)
         self.last_rows = rows  # per-row NLL and KL, detached, read by the fit's log
-        pyro.factor("log_likelihood", -total)
         return total
 
 

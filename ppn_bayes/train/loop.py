@@ -118,6 +118,9 @@ def fit(
     if config.teacher == "original" and config.train_lm and config.parallel == "fsdp":
         raise ValueError("teacher='original' keeps a whole frozen copy of the LM in every process and is not "
                          "available with parallel='fsdp'; use teacher='self' or parallel='ddp'")
+    if config.settle_steps and config.parallel == "fsdp":
+        raise ValueError("settle_steps is not available with parallel='fsdp' (the ranking is read from the whole "
+                         "guide every process holds); use parallel='ddp' or settle_steps=0")
     if config.compile != "none" and config.parallel == "fsdp":
         raise ValueError("compile is not available with parallel='fsdp'; use compile='none' or parallel='ddp'")
     context = distributed.setup(config.parallel, next(lm.parameters()).device)
@@ -205,8 +208,9 @@ def _restore_and_wrap(lm, config, arch, context, gated, model, guide, teacher, f
     if config.compile != "none":
         model.compile(config.compile)
     # Ablations leave some guide parameters without gradient (the layer scales without
-    # the hierarchy, the log-scales of a point posterior): DDP must be told.
-    unused = not (config.hierarchy and config.posterior == "normal")
+    # the hierarchy, the log-scales of a point posterior), and so do settling steps (the
+    # whole guide): DDP must be told.
+    unused = not (config.hierarchy and config.posterior == "normal") or config.settle_steps > 0
     run.runner = distributed.wrap(StepLoss(model, guide), decoder_layers(lm), context, find_unused_parameters=unused)
     run.optimizer = build_optimizer(lm, guide, config)
     if opt_state is not None:

@@ -17,6 +17,7 @@ from ..core.architecture import Architecture
 from ..core.config import FitConfig
 from ..core.gating import GatedLM
 from ..core.model import PuppetGuide, PuppetModel
+from ..core.ranking import Ranking
 from .checkpoint import versions
 
 __all__ = ["FitResult", "PuppetFit", "FitState", "build_guide", "build_model", "build_optimizer", "lm_parameters"]
@@ -149,7 +150,8 @@ class FitState:
     """Everything a running fit holds: the modules, the optimizer, where it is, what it logged.
 
     ``runner`` is the step module as the parallel engine wraps it (DDP, FSDP2 or itself);
-    ``teacher`` the frozen original LM for ``teacher='original'`` (else ``None``).
+    ``teacher`` the frozen original LM for ``teacher='original'`` (else ``None``);
+    ``settled`` the posterior's median ranking once the fit settles (``settle_steps``).
     """
 
     config: FitConfig
@@ -167,6 +169,7 @@ class FitState:
     validation: list[dict] = field(default_factory=list)
     step_times: list[float] = field(default_factory=list)
     checkpoint_bytes: dict | None = None
+    settled: Ranking | None = None  # the guide's ranking while the fit settles (settle_steps)
 
 
 def copy_frozen(lm: nn.Module) -> nn.Module:

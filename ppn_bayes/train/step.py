@@ -10,6 +10,10 @@ costs one teacher forward and one student forward and backward, as a plain disti
 step does, whatever the number of sizes. Each size's rows weigh ``1 / K`` of the
 likelihood, spread evenly over them, so every size counts alike.
 
+The last ``settle_steps`` steps of a fit settle: the guide is frozen and the rows of each
+size are read under the masks that ship at that size (:func:`deployed_gates`), the
+likelihood alone (no Pyro trace, no prior term).
+
 Row weights carry the factor ``world_size · accumulate``: a micro-batch's loss is divided
 by ``accumulate`` before its backward and DDP averages gradients over processes, so the
 step's gradient is that of ``Σ_g w_g ℓ_g + KL(q ‖ p)`` over the global batch, whatever
@@ -27,11 +31,13 @@ from ..core.config import FitConfig
 from ..core.gating import Gates
 from ..core.model import PuppetELBO, PuppetGuide, PuppetModel, StepPlan
 from ..core.objective import Teacher
+from ..core.ranking import Ranking
 from ..core.schedule import lr_factor
 from . import seeds
 from .state import FitState, group
 
-__all__ = ["StepLoss", "self_teacher", "step_sizes", "step_plan", "teacher_of", "train_step"]
+__all__ = ["StepLoss", "deployed_gates", "self_teacher", "settles", "step_sizes", "step_plan", "teacher_of",
+           "train_step"]
 
 
 class StepLoss(nn.Module):
@@ -42,11 +48,15 @@ class StepLoss(nn.Module):
         super().__init__()
         self.elbo = PuppetELBO()(model, guide)  # Trace_ELBO without host syncs; an nn.Module
 
-    def forward(self, input_ids: torch.Tensor, plan: StepPlan, teacher: Teacher | str | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, plan: StepPlan, teacher: Teacher | str | None = None,
+                gates: Gates | None = None) -> torch.Tensor:
         """``teacher='self'``: the LM itself with every gate on teaches, read here, inside the
-        wrapped module (where FSDP has gathered the shards)."""
+        wrapped module (where FSDP has gathered the shards). ``gates`` (``[K, L]``, ``[K, L, U]``,
+        a settling step's deployed masks): the likelihood under them alone, without the guide."""
         if teacher == "self":
             teacher = self_teacher(self.elbo.model.gated, input_ids)
+        if gates is not None:
+            return self.elbo.model.likelihood(input_ids, plan, teacher, gates)
         return self.elbo(input_ids, plan, teacher)
 
 
@@ -92,6 +102,24 @@ def step_plan(config: FitConfig, step: int, *, rows: int, first_row: int, global
     return StepPlan(tuple(sizes), mine, weights)
 
 
+def settles(config: FitConfig, step: int) -> bool:
+    """Whether ``step`` is one of the last ``settle_steps``: the guide frozen, the LM trained
+    on the deployed masks alone."""
+    return step >= config.steps - config.settle_steps
+
+
+def deployed_gates(state: FitState, sizes: tuple[float, ...], device: torch.device) -> Gates:
+    """The masks that ship at each of ``sizes`` (the longest prefixes of the posterior's
+    median ranking, :meth:`Ranking.masks`) as gates ``[K, L]``, ``[K, L, U]`` on ``device``.
+    The guide does not move while a fit settles, so its ranking is read once (again after a
+    resume, from the same guide) and kept in ``state.settled``."""
+    if state.settled is None:
+        state.settled = Ranking.from_guide(state.guide)
+    masks = [state.settled.masks(size) for size in sizes]
+    return Gates(torch.stack([m.layer for m in masks]).to(device=device, dtype=torch.float32),
+                 torch.stack([m.unit for m in masks]).to(device=device, dtype=torch.float32))
+
+
 @torch.no_grad()
 def teacher_of(state: FitState, input_ids: torch.Tensor) -> Teacher | str | None:
     """The distillation teacher of a batch: the frozen original LM's hidden states and head
@@ -122,7 +150,8 @@ def train_step(state: FitState, batches, *, context, device: torch.device) -> to
     config, step = state.config, state.step
     micro = config.accumulate
     factor = lr_factor(config.lr_schedule, step, config.steps, config.warmup_steps)
-    group(state.optimizer, "guide")["lr"] = config.lr_guide * factor
+    settling = settles(config, step)
+    group(state.optimizer, "guide")["lr"] = 0.0 if settling else config.lr_guide * factor
     if config.train_lm:  # the LM's weights wait for the first freeze_lm_steps steps
         group(state.optimizer, "lm")["lr"] = 0.0 if step < config.freeze_lm_steps else config.lr_lm * factor
     state.optimizer.zero_grad(set_to_none=True)
@@ -136,11 +165,12 @@ def train_step(state: FitState, batches, *, context, device: torch.device) -> to
                          scale=context.world_size * micro)
         plan = StepPlan(plan.sizes, plan.groups.to(device, non_blocking=True),
                         plan.row_weights.to(device, non_blocking=True))
+        gates = deployed_gates(state, plan.sizes, device) if settling else None
         last = k == micro - 1
         with _autocast(config, device):
             teacher = teacher_of(state, input_ids)
             with contextlib.nullcontext() if last else context.no_sync(state.runner):
-                loss = state.runner(input_ids, plan, teacher) / micro
+                loss = state.runner(input_ids, plan, teacher, gates) / micro
                 loss.backward()
         del teacher
         part = _figures(state.model, plan, loss.detach(), micro)
