@@ -184,7 +184,8 @@ record_width_kd() {  # record_width_kd SIZE DATA [LOG]: width-kd at SIZE alone (
   timeout --signal=TERM "${budget}s" python3 benchmarks/quality.py "${COMMON[@]}" --work-dir "$work" \
     --rankings "$work/rankings.json" --methods width-kd --width-kd-sizes "$size" "${wkd[@]}" \
     --time-budget "$(( budget - 60 ))" "${nll[@]}" >> "$log" 2>&1
-  local state="$work/width-kd/$size/checkpoint/state.json"  # an unfinished run: where it resumes
+  local state  # an unfinished run: where it resumes (quality.py names the folder f"{size:g}": 0.50 -> 0.5)
+  state="$work/width-kd/$(python3 -c 'import sys; print(f"{float(sys.argv[1]):g}")' "$size")/checkpoint/state.json"
   [[ -f "$state" ]] && echo "[gpu_job] $(date +%T) width-kd $size: checkpoint at step" \
     "$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["step"])' "$state")" >> "$log"
   return 0

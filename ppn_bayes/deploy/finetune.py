@@ -230,8 +230,9 @@ def distill(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor | Token
     device = next(student.parameters()).device
     teacher_was_training = teacher.training
     teacher.eval()
+    # one fused kernel a step on a GPU, as the fit's optimizer (a distillation step is host-bound there)
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                  betas=(0.9, config.adam_beta2))
+                                  betas=(0.9, config.adam_beta2), fused=device.type == "cuda")
     from tqdm.auto import tqdm
 
     history: list[dict] = []
