@@ -115,9 +115,8 @@ def deployed_gates(state: FitState, sizes: tuple[float, ...], device: torch.devi
     resume, from the same guide) and kept in ``state.settled``."""
     if state.settled is None:
         state.settled = Ranking.from_guide(state.guide)
-    masks = [state.settled.masks(size) for size in sizes]
-    return Gates(torch.stack([m.layer for m in masks]).to(device=device, dtype=torch.float32),
-                 torch.stack([m.unit for m in masks]).to(device=device, dtype=torch.float32))
+    gates = [state.settled.masks(size).gates(device) for size in sizes]
+    return Gates(torch.stack([g.layer for g in gates]), torch.stack([g.unit for g in gates]))
 
 
 @torch.no_grad()
