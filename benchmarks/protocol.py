@@ -43,6 +43,8 @@ SPECULATIVE_SIZES = (0.3, 0.4, 0.5, 0.6, 0.7)
 SPECULATIVE_QUICK_SIZES = (0.3, 0.5, 0.7)
 #: Sizes the recipe search (fit_recipes.py) compares its short fits at.
 RECIPE_SIZES = (0.5, 0.3)
+#: The sizes benchmarks/settle.py compares (those the fit of record's diagnostics follow).
+SETTLE_SIZES = (0.9, 0.5, 0.3)
 
 
 # -- methods ------------------------------------------------------------------------------------------------

@@ -482,6 +482,8 @@ TITLES = {
     "teacher": "Teacher text: sampling speed of ppn-bayes teacher-text",
     "token_nll": "Where the loss goes: excess NLL per token over the dense LM on the evaluation text, by context "
                  "and by kind of token (benchmarks/token_nll.py)",
+    "settle": "Settling: the last steps of a fit on the deployed masks (settle_steps), on the demo's tiny LM "
+              "(benchmarks/settle.py)",
 }
 LEADING = ["method", "size_requested", "size_reached"]
 
@@ -646,7 +648,7 @@ def render(records_dir: Path, out: Path, images: Path) -> str:
     ]
     lines += quality_section(records["quality"], images, prefix)
     lines += speed_section(records["speed"], images, prefix)
-    for benchmark in ("recipes", "speculative", "resize", "fit", "teacher", "token_nll"):
+    for benchmark in ("recipes", "speculative", "resize", "fit", "teacher", "token_nll", "settle"):
         lines += generic_section(benchmark, records[benchmark])
     lines += scaling_section(records["fit"], images, prefix)
     return "\n".join(lines).rstrip() + "\n"

@@ -19,7 +19,7 @@ from pathlib import Path
 __all__ = ["append_record", "read_records", "machine", "curve_match", "RECORDS_DIR", "BENCHMARKS"]
 
 RECORDS_DIR = Path("docs/benchmarks/records")
-BENCHMARKS = ("quality", "speed", "speculative", "resize", "fit", "recipes", "teacher", "token_nll")
+BENCHMARKS = ("quality", "speed", "speculative", "resize", "fit", "recipes", "teacher", "token_nll", "settle")
 
 
 def machine() -> str:
