@@ -12,8 +12,8 @@ same steps, text and seeds. Each fit's deployed masks at ``--sizes`` are evaluat
 demo's held-out tenth; the fit's own evaluations every tenth of its steps show how far the
 masks moved. One record per ``settle_steps`` value and size in
 ``<records-dir>/settle.jsonl``: the perplexity over the seeds (geometric mean, lowest,
-highest), the same as nats a token above the dense LM (``excess``), and the share of the smallest size's gates that changed between the fit's last
-two evaluations. A tiny character LM is not SmolLM2: this says whether the mechanism does
+highest), the same as nats a token above the dense LM (``excess``), and the share of that
+size's gates that changed between the fit's last two evaluations. A tiny character LM is not SmolLM2: this says whether the mechanism does
 what it should, not what it gives at 100M tokens.
 
     python benchmarks/settle.py                                  # seeds 0-2, 300 steps, settle 0 and 30
@@ -23,6 +23,7 @@ what it should, not what it gives at 100M tokens.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import sys
 import time
@@ -34,9 +35,8 @@ from protocol import SETTLE_SIZES  # noqa: E402
 from quality import DEFAULT_FIT  # noqa: E402
 
 from ppn_bayes.data import CharTokenizer, TokenBlocks, embedded_text, tokenize  # noqa: E402
-from ppn_bayes.demo import pretrain  # noqa: E402
+from ppn_bayes.demo import demo_lm, pretrain  # noqa: E402
 from ppn_bayes.inspect.evaluate import perplexity  # noqa: E402
-from ppn_bayes.lm import tiny_llama  # noqa: E402
 from ppn_bayes.records import RECORDS_DIR, append_record  # noqa: E402
 from ppn_bayes.train import fit  # noqa: E402
 
@@ -97,16 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     text = embedded_text()
     tokenizer = CharTokenizer.for_text(text)
     train, held_out = TokenBlocks(tokenize(text, tokenizer), 128, 0).split(0.1)
-    base = tiny_llama(tokenizer.vocab_size, layers=4, hidden=128, heads=4, kv_heads=2, intermediate=512, seed=0)
+    base = demo_lm(tokenizer.vocab_size)
     pretrain(base, train, steps=args.pretrain_steps, batch_size=16, progress=False)
     dense = perplexity(base, held_out.tokens, seq_len=128, limit=args.eval_windows).ppl
     print(f"[settle] dense tiny LM: held-out perplexity {dense:.4f}", flush=True)
-    state = {k: v.clone() for k, v in base.state_dict().items()}
 
     results = {}
     for (settle, seed), config in configs.items():
-        lm = tiny_llama(tokenizer.vocab_size, layers=4, hidden=128, heads=4, kv_heads=2, intermediate=512, seed=0)
-        lm.load_state_dict(state)
+        lm = copy.deepcopy(base)  # every fit starts from the same pretrained LM
         began = time.perf_counter()
         fitted = fit(lm, train, config, progress=False, eval_tokens=held_out.tokens)
         ranking = fitted.ranking()

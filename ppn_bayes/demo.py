@@ -24,7 +24,7 @@ from .io import atomic_write_text
 from .lm import load_lm, tiny_llama
 from .core.ranking import Ranking
 
-__all__ = ["DemoConfig", "DemoResult", "run_demo", "pretrain"]
+__all__ = ["DemoConfig", "DemoResult", "run_demo", "pretrain", "demo_lm"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,11 @@ class DemoResult:
                 f"{row['ppl_random']:>11.3f} {'yes' if row['ppl_ppn'] < row['ppl_random'] else 'no':>7}"
             )
         return "\n".join(lines)
+
+
+def demo_lm(vocab_size: int, seed: int = 0):
+    """The demo's tiny Llama (4 layers, 128 wide, 2 KV heads of 4), untrained, for ``vocab_size`` tokens."""
+    return tiny_llama(vocab_size, layers=4, hidden=128, heads=4, kv_heads=2, intermediate=512, seed=seed)
 
 
 def pretrain(lm, blocks: TokenBlocks, *, steps: int, batch_size: int, lr: float = 3e-3, progress: bool = True):
@@ -132,8 +137,7 @@ def run_demo(config: DemoConfig = DemoConfig(), *, progress: bool = True) -> Dem
     text = Path(config.text).read_text(encoding="utf-8") if config.text else embedded_text()
     if config.model is None:
         tokenizer = CharTokenizer.for_text(text)
-        lm = tiny_llama(tokenizer.vocab_size, layers=4, hidden=128, heads=4, kv_heads=2, intermediate=512,
-                        seed=config.seed)
+        lm = demo_lm(tokenizer.vocab_size, seed=config.seed)
     else:
         lm, tokenizer = load_lm(config.model)
     tokens = tokenize(text, tokenizer)

@@ -338,15 +338,16 @@ def test_settling_steps_train_the_lm_on_the_deployed_masks_alone(monkeypatch):
         assert torch.equal(value, dict(first.guide.named_parameters())[name]), name
     assert any(not torch.equal(p, q) for p, q in zip(first.lm.parameters(), settled.lm.parameters()))
     ranking = settled.ranking()
-    for sizes, layer, unit in calls[3:]:
+
+    def deployed(sizes, layer, unit):  # the gates are the final ranking's masks at every size
         masks = [ranking.masks(size) for size in sizes]
-        assert torch.equal(layer, torch.stack([m.layer for m in masks]).float())
-        assert torch.equal(unit, torch.stack([m.unit for m in masks]).float())
+        return torch.equal(layer, torch.stack([m.layer for m in masks]).float()) and \
+            torch.equal(unit, torch.stack([m.unit for m in masks]).float())
+
+    assert all(deployed(*call) for call in calls[3:])
     # the sampled steps before them drew other masks at some size (the guide moved and its
     # draws scatter): settling changes which sub-networks the LM learns
-    assert any(not torch.equal(layer, torch.stack([ranking.masks(s).layer for s in sizes]).float()) or
-               not torch.equal(unit, torch.stack([ranking.masks(s).unit for s in sizes]).float())
-               for sizes, layer, unit in calls[:3])
+    assert not all(deployed(*call) for call in calls[:3])
     assert [row["sizes"] for row in settled.result.history[3:]] == [list(c[0]) for c in calls[3:]]
 
 
