@@ -18,7 +18,7 @@
 #   benchmarks/gpu_job.sh part10  # issue 15: the activation baselines again (their score was fixed), the
 #                                 # width cuts, and width-kd at WIDTH_KD_SIZES (0.5,0.3) distilled on the
 #                                 # same text, tokens (RECORD_STEPS x 16 x 2048) and schedule as the fit of
-#                                 # record, checkpointed every 100 steps: call again to go on; both LMs'
+#                                 # record, stopped with a checkpoint before LIMIT: call again to go on; both LMs'
 #                                 # bodies compiled (WIDTH_KD_COMPILE, default inductor; none: eager)
 #   benchmarks/gpu_job.sh part11  # issue 15: ABLATION (ppn_bayes-flat; or ppn_bayes-point) with the fit of
 #                                 # record's recipe and tokens, as part9 runs it
@@ -167,11 +167,14 @@ record_fit() {  # record_fit METHOD FOLDER DATA [LOG]: the fit of record's recip
   cp "$work/rankings.json" "$OUT/rankings-$2.json" 2>/dev/null || true
 }
 
-width_kd_flags() {  # width_kd_flags DATA: sets wkd, quality.py's flags that train width-kd on the fit of
-  # record's text (the summaries less the fit's 8 held-out windows, and DATA), tokens (the fit's: RECORD_STEPS
-  # x 16 windows) and schedule, checkpointed every 100 steps: one list for parts 10 and 14
+width_kd_flags() {  # width_kd_flags DATA BUDGET: sets wkd, quality.py's flags that train width-kd on the fit
+  # of record's text (the summaries less the fit's 8 held-out windows, and DATA), tokens (the fit's: RECORD_STEPS
+  # x 16 windows) and schedule, stopped with a checkpoint 50 s before BUDGET (the seconds before the run is
+  # killed: the rest is for the checkpoint's write and the loading) and checkpointed every 500 steps besides:
+  # one list for parts 10 and 14
   wkd=(--width-kd-data "$1" --fit-batch 16 --fit-steps "${RECORD_STEPS:-3052}" --fit-set warmup_steps=100
-       --fit-set compile="${WIDTH_KD_COMPILE:-inductor}" --fit-eval-windows 8 --width-kd-checkpoint-every 100)
+       --fit-set compile="${WIDTH_KD_COMPILE:-inductor}" --fit-eval-windows 8 --width-kd-checkpoint-every 500
+       --width-kd-stop-after "$(( $2 > 100 ? $2 - 50 : $2 / 2 ))")
 }
 
 record_width_kd() {  # record_width_kd SIZE DATA [LOG]: width-kd at SIZE alone (width_kd_flags), in
@@ -179,7 +182,7 @@ record_width_kd() {  # record_width_kd SIZE DATA [LOG]: width-kd at SIZE alone (
   local size="$1" data="$2" log="$OUT/${3:-gpu0}.log" work budget
   work=$(workdir "wkd-$size")
   budget=$(( $(left) - 20 ))
-  local nll wkd; token_nll_flags "$work"; width_kd_flags "$data"
+  local nll wkd; token_nll_flags "$work"; width_kd_flags "$data" "$budget"
   echo "[gpu_job] $(date +%T) width-kd $size ($budget s)" >> "$log"
   timeout --signal=TERM "${budget}s" python3 benchmarks/quality.py "${COMMON[@]}" --work-dir "$work" \
     --rankings "$work/rankings.json" --methods width-kd --width-kd-sizes "$size" "${wkd[@]}" \
@@ -207,7 +210,7 @@ case "$part" in
     if data=$(fit_data); then
       work=$(workdir wkd)
       budget=$(( $(left) - 20 ))
-      token_nll_flags "$work"; width_kd_flags "$data"
+      token_nll_flags "$work"; width_kd_flags "$data" "$budget"
       echo "[gpu_job] $(date +%T) width-kd and the activation baselines ($budget s)" >> "$OUT/gpu0.log"
       timeout --signal=TERM "${budget}s" python3 benchmarks/quality.py "${COMMON[@]}" --work-dir "$work" \
         --rankings "$work/rankings.json" --methods activation,activation-uniform,width,width-kd \

@@ -148,6 +148,7 @@ class QualityConfig:
     width_kd_tokens: int | None = None  # training tokens of each width-kd run (default: the fit's)
     width_mlp_group: int = 32  # MLP channels per unit of the width cuts
     width_kd_checkpoint_every: int = 500  # steps
+    width_kd_stop_after: float | None = None  # seconds from the start: width-kd stops with a checkpoint
     fit_eval_windows: int = 0  # windows of the training text's end held out of the fits, evaluated during them
     fit_stop_after: float | None = None  # seconds: a fit stops with a checkpoint; the next run resumes it
     token_nll_dir: str | None = None  # every evaluated token's NLL, one file per record (benchmarks/token_nll.py)
@@ -189,6 +190,8 @@ class QualityConfig:
             raise ValueError(f"width_mlp_group must be positive, got {self.width_mlp_group}")
         if self.width_kd_checkpoint_every < 0:
             raise ValueError(f"width_kd_checkpoint_every must not be negative, got {self.width_kd_checkpoint_every}")
+        if self.width_kd_stop_after is not None and not self.width_kd_stop_after > 0:
+            raise ValueError(f"width_kd_stop_after must be positive, got {self.width_kd_stop_after}")
         if "width-kd" in self.methods:
             if self.width_kd_steps < 1:
                 raise ValueError(f"width-kd: {self.width_kd_tokens} training tokens make no step of "
@@ -775,7 +778,9 @@ def run_width(run: Run, method: str) -> None:
 def run_width_kd(run: Run, method: str) -> None:
     """The uniform width cut at each ``width_kd_sizes``, distilled from the dense LM with
     :func:`ppn_bayes.deploy.finetune.distill` (one run per size), checkpointed under
-    ``work_dir/width-kd/<size>`` and resumed there; a finished size is not run again."""
+    ``work_dir/width-kd/<size>`` and resumed there; a finished size is not run again. With
+    ``width_kd_stop_after`` a run stops with a checkpoint at the first step past that many
+    seconds from the start, records nothing, and leaves the later sizes for the next run."""
     from ppn_bayes.inspect.baselines import uniform_cut_for_size
     from ppn_bayes.deploy.finetune import distill
 
@@ -800,8 +805,18 @@ def run_width_kd(run: Run, method: str) -> None:
         checkpoint = work / "checkpoint"
         resume = (checkpoint / "state.json").is_file()
         untrained = None if resume else run.evaluate(sub).ppl
+        stop_after = None  # counted from the run's start; already past it, one step is taken and kept
+        if c.width_kd_stop_after is not None:
+            stop_after = max(c.width_kd_stop_after - (time.perf_counter() - run.began), 1e-3)
+        keep = schedule.checkpoint_every or stop_after is not None or resume
         result = distill(sub, run.lm, tokens, schedule, autocast=lambda: _autocast(c), progress=False,
-                         checkpoint=checkpoint if schedule.checkpoint_every else None, resume=resume)
+                         checkpoint=checkpoint if keep else None, resume=resume, stop_after=stop_after)
+        if result.stopped_at is not None:
+            print(f"[quality] {method} at {size} stopped at step {result.stopped_at} of {steps} with a checkpoint "
+                  f"({result.tokens_per_s:.0f} tokens/s here; --width-kd-stop-after); the same command again "
+                  "resumes it", flush=True)
+            run.skipped += 1
+            return
         evaluated = run.evaluate(sub)
         record = run.record(
             method, size_requested=size, size_reached=masks.size_reached, result=evaluated,
@@ -1029,6 +1044,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "KV group of three)")
     p.add_argument("--width-kd-checkpoint-every", type=int, default=500,
                    help="width-kd checkpoints every this many steps, to resume after a time limit (default: 500)")
+    p.add_argument("--width-kd-stop-after", type=float, default=None, metavar="SECONDS",
+                   help="width-kd stops with a checkpoint at the first step after this many seconds from the start "
+                        "of this run and records nothing; the same command again resumes it (for GPU time lent "
+                        "in stretches)")
     p.add_argument("--quick", action="store_true",
                    help="a CPU smoke run: 2 windows, 2 fit steps of 1x128 tokens, 2 calibration windows of "
                         "128 tokens (explicit flags override)")
@@ -1067,6 +1086,7 @@ def config_from(args: argparse.Namespace) -> QualityConfig:
         token_nll_dir=args.token_nll_dir,
         width_kd_tokens=None if args.width_kd_tokens is None else int(args.width_kd_tokens),
         width_mlp_group=args.width_mlp_group, width_kd_checkpoint_every=args.width_kd_checkpoint_every,
+        width_kd_stop_after=args.width_kd_stop_after,
     )
 
 

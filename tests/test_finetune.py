@@ -190,6 +190,54 @@ def test_a_resumed_fine_tune_ends_where_an_uninterrupted_one_does(tmp_path):
                 checkpoint=tmp_path / "ckpt", resume=True, progress=False)
 
 
+def test_a_fine_tune_stopped_by_its_deadline_resumes_to_the_uninterrupted_result(tmp_path):
+    """stop_after: the fine-tune stops at the first step past the deadline with a checkpoint
+    there (already past it: after one step), and a resumed run ends where an uninterrupted
+    one does, bit for bit; a deadline never reached changes nothing."""
+    fitted = _fitted()
+    teacher = fitted.lm.eval()
+    config = DistillConfig(steps=5, batch_size=2, seq_len=24, lr=1e-2, log_every=2)
+    whole = build_subnetwork(teacher, fitted.masks(0.5))
+    uninterrupted = distill(whole, teacher, TOKENS, config, progress=False)
+    assert uninterrupted.stopped_at is None and [r["step"] for r in uninterrupted.history] == [0, 2, 4]
+
+    first = build_subnetwork(teacher, fitted.masks(0.5))
+    stopped = distill(first, teacher, TOKENS, config, checkpoint=tmp_path / "ckpt", stop_after=1e-9, progress=False)
+    assert stopped.stopped_at == 1 and stopped.history == uninterrupted.history[:1]
+    assert json.loads((tmp_path / "ckpt" / "state.json").read_text())["step"] == 1
+    resumed = distill(first, teacher, TOKENS, config, checkpoint=tmp_path / "ckpt", resume=True, stop_after=1e9,
+                      progress=False)
+    assert resumed.stopped_at is None and resumed.resumed_from == 1 and resumed.history == uninterrupted.history
+    for (name, a), b in zip(whole.named_parameters(), first.parameters()):
+        assert torch.equal(a, b), name
+    student = build_subnetwork(teacher, fitted.masks(0.5))
+    with pytest.raises(ValueError, match="needs the checkpoint directory"):
+        distill(student, teacher, TOKENS, config, stop_after=10.0, progress=False)
+    with pytest.raises(ValueError, match="positive number of seconds"):
+        distill(student, teacher, TOKENS, config, checkpoint=tmp_path / "x", stop_after=0.0, progress=False)
+
+
+def test_a_non_finite_loss_stops_the_fine_tune_naming_its_step(monkeypatch):
+    """The losses are read back one logged step late; the step named is the one the
+    non-finite loss came from, and the fine-tune goes no further than the next logged step."""
+    from ppn_bayes.deploy import finetune
+
+    fitted = _fitted()
+    teacher = fitted.lm.eval()
+    real, calls = finetune._distill_loss, []
+
+    def poisoned(*args):
+        loss, nll, kl = real(*args)
+        calls.append(len(calls))
+        return (loss * float("nan"), nll, kl) if len(calls) == 3 else (loss, nll, kl)  # step 2
+
+    monkeypatch.setattr(finetune, "_distill_loss", poisoned)
+    config = DistillConfig(steps=8, batch_size=2, seq_len=24, lr=1e-2, log_every=2)
+    with pytest.raises(FloatingPointError, match="at step 2;"):
+        distill(build_subnetwork(teacher, fitted.masks(0.5)), teacher, TOKENS, config, progress=False)
+    assert len(calls) == 5  # steps 0 to 4: step 2's figures were read when step 4 logged its own
+
+
 def test_distill_cli_resumes_and_cleans_up(tmp_path):
     from ppn_bayes.data import load_tokens
     from ppn_bayes.deploy.artifacts import open_model
@@ -222,6 +270,15 @@ def test_distill_cli_resumes_and_cleans_up(tmp_path):
     assert whole.returncode == 0, whole.stderr
     a, b = load_subnetwork(out), load_subnetwork(tmp_path / "whole")
     for (name, x), y in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(x, y), name
+    # --stop-after: a checkpoint at the first step past the deadline, no OUT; --resume ends the run
+    stop = subprocess.run(args(tmp_path / "late") + ["--stop-after", "1e-9"], capture_output=True, text=True)
+    assert stop.returncode == 0, stop.stderr
+    assert json.loads(stop.stdout.splitlines()[-1])["stopped_at"] == 1 and not (tmp_path / "late").exists()
+    assert (tmp_path / "late.distill-checkpoint" / "state.json").is_file()
+    resumed = subprocess.run(args(tmp_path / "late") + ["--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    for (name, x), y in zip(load_subnetwork(tmp_path / "late").named_parameters(), b.parameters()):
         assert torch.equal(x, y), name
 
 

@@ -28,7 +28,7 @@ LAYERS: dict[str, int] = {
     "ppn_bayes.core": 0, "ppn_bayes.version": 0, "ppn_bayes.resources": 0,
     # 1, foundation: files, tokens, LMs, processes
     "ppn_bayes.io": 1, "ppn_bayes.data": 1, "ppn_bayes.store": 1, "ppn_bayes.lm": 1, "ppn_bayes.records": 1,
-    "ppn_bayes.distributed": 1, "ppn_bayes.optim_state": 1,
+    "ppn_bayes.distributed": 1, "ppn_bayes.optim_state": 1, "ppn_bayes.transfer": 1,
     # 2, the wings (peers)
     "ppn_bayes.train": 2, "ppn_bayes.deploy": 2, "ppn_bayes.decode": 2, "ppn_bayes.inspect": 2,
     # 3, applications

@@ -498,6 +498,32 @@ def test_width_cut_and_width_kd_rehearsal(tiny_setup, tmp_path):
         quality.main([*args, "--width-kd-tokens", "10"])
 
 
+def test_width_kd_stopped_by_its_deadline_resumes_to_the_uninterrupted_record(tiny_setup, tmp_path):
+    """--width-kd-stop-after: the run stops with a checkpoint and records nothing (already
+    past the deadline, after one step); the same command without it resumes there and
+    records what an uninterrupted run records, to the bit."""
+    quality = _load("quality")
+
+    def args(name, *extra):
+        return _tiny_quality_args(tiny_setup, tmp_path / name / "records", "--methods", "width-kd",
+                                  "--width-kd-sizes", "0.5", "--width-kd-tokens", "320", "--width-mlp-group", "16",
+                                  "--width-kd-checkpoint-every", "0", "--work-dir", str(tmp_path / name), *extra)
+
+    quality.main(args("whole"))
+    quality.main(args("stopped", "--width-kd-stop-after", "1e-9"))
+    assert read_records("quality", tmp_path / "stopped" / "records") == []
+    state = json.loads((tmp_path / "stopped" / "width-kd" / "0.5" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 1
+    quality.main(args("stopped"))
+    (whole,), (resumed,) = (read_records("quality", tmp_path / name / "records") for name in ("whole", "stopped"))
+    assert resumed["settings"]["resumed_from_step"] == 1 and whole["settings"]["resumed_from_step"] == 0
+    assert resumed["ppl"] == whole["ppl"] and resumed["train_tokens"] == whole["train_tokens"] == 5 * 2 * 32
+    assert resumed["settings"]["final_loss"] == whole["settings"]["final_loss"]
+    assert not (tmp_path / "stopped" / "width-kd" / "0.5" / "checkpoint").exists()
+    with pytest.raises(ValueError, match="width_kd_stop_after must be positive"):
+        quality.main(args("bad", "--width-kd-stop-after", "0"))
+
+
 @pytest.mark.parametrize("method", [
     "width",
     "width-kd",

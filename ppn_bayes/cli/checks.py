@@ -472,7 +472,7 @@ def _distill(args: argparse.Namespace) -> None:
     recover_directory(work)
     if args.resume and not (work / "state.json").is_file():
         raise FileNotFoundError(f"--resume: no distill checkpoint to resume at {work}")
-    if not args.resume and args.checkpoint_every and work.exists():
+    if not args.resume and (args.checkpoint_every or args.stop_after is not None) and work.exists():
         raise FileExistsError(f"a distill checkpoint of an earlier run is at {work}: pass --resume to continue "
                               "it, or remove it")
     info = check_checkpoint(args.checkpoint, "CHECKPOINT", ("fit", "ranked"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .options import add_config_options, config_from, positive_int, size_fraction
+from .options import add_config_options, config_from, positive_float, positive_int, size_fraction
 
 _DTYPES = ["float32", "bfloat16", "float16"]
 
@@ -91,6 +91,9 @@ def register(subparsers) -> None:
 
     add_config_options(distill, DistillConfig, DistillConfig())
     distill.add_argument("--resume", action="store_true", help="continue from OUT.distill-checkpoint")
+    distill.add_argument("--stop-after", type=positive_float, default=None, metavar="SECONDS",
+                         help="stop at the first step after this long, with a checkpoint in OUT.distill-checkpoint "
+                              "that --resume continues (for machines lent in stretches); OUT is not written")
     distill.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     distill.add_argument("--bf16", action="store_true", help="bfloat16 autocast of the forward passes (CUDA only)")
     distill.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -164,7 +167,12 @@ def _distill(args: argparse.Namespace) -> int:
     report = distill_checkpoint(args.checkpoint, args.data, args.out, size=args.size, n_params=args.params,
                                 teacher=args.teacher, config=config, eval_data=args.eval_data,
                                 eval_windows=args.eval_windows, device=args.device, bf16=args.bf16,
-                                overwrite=args.overwrite, progress=not args.quiet, resume=args.resume)
+                                overwrite=args.overwrite, progress=not args.quiet, resume=args.resume,
+                                stop_after=args.stop_after)
+    if "stopped_at" in report:
+        print(json.dumps({"stopped_at": report["stopped_at"], "steps": report["result"]["steps"],
+                          "checkpoint": report["resume_from"], "resume": "the same command with --resume"}))
+        return 0
     summary = {"out": args.out, "size_reached": report["size_reached"], "steps": report["result"]["steps"],
                "train_tokens": report["result"]["train_tokens"], "final_loss": report["result"]["history"][-1]}
     if "eval" in report:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ from ..data import TokenBlocks, check_token_ids
 from ..lm import check_same_vocabulary, vocab_rows
 from ..core.objective import Teacher, fused_objective
 from ..core.schedule import SCHEDULES, check_schedule, lr_factor
+from ..transfer import Readback, to_device
 
 __all__ = ["DistillConfig", "DistillResult", "distill", "distill_checkpoint"]
 
@@ -93,7 +95,9 @@ class DistillConfig:
 @dataclass
 class DistillResult:
     """What a fine-tune did: its steps and the tokens the student saw, the time of this
-    call, and the logged losses (``history`` rows ``{step, loss, nll, kl}``, per token)."""
+    call, and the logged losses (``history`` rows ``{step, loss, nll, kl}``, per token).
+    ``stopped_at``: the step a ``stop_after`` deadline ended this call at, with a checkpoint
+    there (``None``: the fine-tune ran to its end)."""
 
     steps: int
     train_tokens: int
@@ -101,6 +105,7 @@ class DistillResult:
     tokens_per_s: float
     history: list[dict] = field(default_factory=list)
     resumed_from: int = 0
+    stopped_at: int | None = None
 
     def to_dict(self) -> dict:
         """The result as plain JSON-ready data."""
@@ -203,7 +208,7 @@ def _distill_loss(student: nn.Module, teacher: nn.Module, input_ids: torch.Tenso
 
 def distill(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor | TokenBlocks,
             config: DistillConfig = DistillConfig(), *, autocast=None, progress: bool = True,
-            checkpoint=None, resume: bool = False) -> DistillResult:
+            checkpoint=None, resume: bool = False, stop_after: float | None = None) -> DistillResult:
     """Fine-tune ``student`` (a sub-network, trained in place) towards ``teacher`` (left
     unchanged) on ``tokens`` (1-D token tensor, or :class:`~ppn_bayes.data.TokenBlocks` of
     ``config.seq_len``).
@@ -218,7 +223,17 @@ def distill(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor | Token
     ``resume=True`` continues from it. Windows are a pure function of the step, so a
     resumed fine-tune ends where an uninterrupted one does (``result.resumed_from`` names
     the step it started at; ``seconds`` and ``tokens_per_s`` are this call's).
+    ``stop_after`` (seconds, needs ``checkpoint``): stop at the first step boundary after
+    this long, with a checkpoint there (``result.stopped_at``), for machines lent in stretches.
+
+    The host never waits for the device within a step: batches are copied from page-locked
+    memory, and the logged losses are read back one logged step late, so a non-finite loss
+    stops the fine-tune at the next logged step (or the end), naming the step it came from.
     """
+    if stop_after is not None and not stop_after > 0:
+        raise ValueError(f"stop_after must be a positive number of seconds, got {stop_after}")
+    if stop_after is not None and checkpoint is None:
+        raise ValueError("stop_after needs the checkpoint directory to stop into")
     check_same_vocabulary(teacher, student, names=("teacher", "student"), why="distillation needs one vocabulary")
     blocks = tokens if hasattr(tokens, "batch") else TokenBlocks(torch.as_tensor(tokens), config.seq_len,
                                                                  config.seed)
@@ -244,13 +259,16 @@ def distill(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor | Token
     student.train()
     bodies = _bodies(student, teacher, config.compile)
     began = time.perf_counter()
+    deadline = None if stop_after is None else time.monotonic() + stop_after
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not progress,
                desc="distill", unit="step")
+    log = _Losses(history, bar)
+    stopped = None
     try:
         for step in bar:
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * lr_factor(config.lr_schedule, step, config.steps, config.warmup_steps)
-            input_ids = blocks.batch(step, config.batch_size).to(device)  # [B, T]
+            input_ids = to_device(blocks.batch(step, config.batch_size), device)  # [B, T]
             with autocast():
                 loss, nll, kl = _distill_loss(student, teacher, input_ids, config, bodies)
             optimizer.zero_grad(set_to_none=True)
@@ -258,31 +276,58 @@ def distill(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor | Token
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
             optimizer.step()
-            if step % config.log_every == 0 or step == config.steps - 1:  # one host sync per logged step
-                values = torch.stack([loss, nll, kl]).detach().float().tolist()
-                if not all(map(torch.isfinite, torch.tensor(values))):
-                    raise FloatingPointError(f"the loss became {values[0]} at step {step}; lower lr")
-                history.append({"step": step, "loss": values[0], "nll": values[1], "kl": values[2]})
-                bar.set_postfix(loss=f"{values[0]:.3f}", kl=f"{values[2]:.3f}")
+            if step % config.log_every == 0 or step == config.steps - 1:
+                log.push(step, torch.stack([loss, nll, kl]).detach().float())
             done = step + 1
-            if checkpoint is not None and config.checkpoint_every and done % config.checkpoint_every == 0 \
-                    and done < config.steps:
+            late = deadline is not None and done < config.steps and time.monotonic() > deadline
+            if checkpoint is not None and done < config.steps and (
+                    late or (config.checkpoint_every and done % config.checkpoint_every == 0)):
+                log.flush()
                 _save_checkpoint(checkpoint, student, optimizer, done, config, history)
+            if late:
+                stopped = done
+                break
+        log.flush()
     finally:
         bar.close()
         student.eval()
         teacher.train(teacher_was_training)
     seconds = time.perf_counter() - began
-    tokens_here = (config.steps - start) * config.batch_size * config.seq_len
+    tokens_here = ((config.steps if stopped is None else stopped) - start) * config.batch_size * config.seq_len
     return DistillResult(steps=config.steps, train_tokens=config.steps * config.batch_size * config.seq_len,
                          seconds=seconds, tokens_per_s=tokens_here / seconds if seconds > 0 else 0.0,
-                         history=history, resumed_from=start)
+                         history=history, resumed_from=start, stopped_at=stopped)
+
+
+class _Losses:
+    """The logged steps' ``[loss, nll, kl]``, read back one logged step late from a copy
+    the device makes on its own (an event marks it done), into ``history`` and the bar."""
+
+    def __init__(self, history: list[dict], bar):
+        self.history, self.bar, self.pending = history, bar, None
+
+    def push(self, step: int, figures: torch.Tensor) -> None:
+        figures = Readback(figures)  # queued before the wait for the logged step before
+        self.flush()
+        self.pending = (step, figures)
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        step, figures = self.pending
+        self.pending = None
+        values = figures.tolist()
+        if not all(math.isfinite(v) for v in values):
+            raise FloatingPointError(f"the loss became {values[0]} at step {step}; lower lr")
+        self.history.append({"step": step, "loss": values[0], "nll": values[1], "kl": values[2]})
+        self.bar.set_postfix(loss=f"{values[0]:.3f}", kl=f"{values[2]:.3f}")
 
 
 def distill_checkpoint(checkpoint, data, out, *, size: float | None = None, n_params: int | None = None,
                        teacher=None, config: DistillConfig = DistillConfig(), eval_data=None,
                        eval_windows: int = 16, device: str | torch.device = "cpu", bf16: bool = False,
-                       overwrite: bool = False, progress: bool = True, resume: bool = False) -> dict:
+                       overwrite: bool = False, progress: bool = True, resume: bool = False,
+                       stop_after: float | None = None) -> dict:
     """Cut the sub-network of ``size`` (or ``n_params``) from a fit or ranked ``checkpoint``,
     fine-tune it by :func:`distill` on ``data`` (text, or a ``.safetensors`` token file)
     and save it to ``out`` (:func:`~ppn_bayes.deploy.subnetwork.save_subnetwork`, atomically, with
@@ -296,6 +341,9 @@ def distill_checkpoint(checkpoint, data, out, *, size: float | None = None, n_pa
 
     With ``config.checkpoint_every`` the fine-tune checkpoints to ``<out>.distill-checkpoint``
     beside ``out`` (removed once ``out`` is written); ``resume=True`` continues from there.
+    ``stop_after`` (seconds) stops the fine-tune at the first step after this long with a
+    checkpoint there and writes no ``out``: the report then holds ``stopped_at`` (the step)
+    and ``resume_from`` (the checkpoint), and the same call with ``resume=True`` goes on.
     """
     import shutil
     from pathlib import Path
@@ -310,12 +358,14 @@ def distill_checkpoint(checkpoint, data, out, *, size: float | None = None, n_pa
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     Budget(size, n_params)  # checked before any work
+    if stop_after is not None and not stop_after > 0:
+        raise ValueError(f"stop_after must be a positive number of seconds, got {stop_after}")
     if eval_windows < 1:
         raise ValueError(f"eval_windows must be positive, got {eval_windows}")
     work = out.with_name(out.name + ".distill-checkpoint")
     if resume and not (work / "state.json").is_file():
         raise FileNotFoundError(f"no distill checkpoint to resume at {work}")
-    if not resume and config.checkpoint_every and work.exists():
+    if not resume and (config.checkpoint_every or stop_after is not None) and work.exists():
         raise FileExistsError(f"a distill checkpoint of an earlier run is at {work}: pass resume=True (--resume) "
                               "to continue it, or remove it")
     kind = checkpoint_kind(checkpoint)
@@ -341,8 +391,12 @@ def distill_checkpoint(checkpoint, data, out, *, size: float | None = None, n_pa
         return result.ppl
 
     before = evaluate() if held_out is not None else None
+    keep = config.checkpoint_every or resume or stop_after is not None
     result = distill(student.lm, full.lm, tokens, config, autocast=autocast, progress=progress,
-                     checkpoint=work if (config.checkpoint_every or resume) else None, resume=resume)
+                     checkpoint=work if keep else None, resume=resume, stop_after=stop_after)
+    if result.stopped_at is not None:
+        return {"format": "ppn_bayes.distill", "version": 1, "checkpoint": str(checkpoint),
+                "stopped_at": result.stopped_at, "resume_from": str(work), "result": result.to_dict()}
     after = evaluate() if held_out is not None else None
     report = {
         "format": "ppn_bayes.distill", "version": 1, "checkpoint": str(checkpoint),

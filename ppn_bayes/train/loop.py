@@ -33,6 +33,7 @@ from ..core.config import FitConfig
 from ..data import TokenBlocks
 from ..io import FileFormatError, recover_directory
 from ..store import TokenSource
+from ..transfer import Readback, to_device
 from . import checkpoint as ckpt
 from .state import FitResult, FitState, PuppetFit, build_guide, build_model, build_optimizer, copy_frozen
 from .init import activation_start
@@ -232,9 +233,7 @@ def _batches(blocks, config: FitConfig, step: int, context, device: torch.device
     for k in range(micro):
         input_ids = blocks.batch(step, config.batch_size, rank=context.rank * micro + k,
                                  world_size=context.world_size * micro)
-        if device.type == "cuda":  # from page-locked memory the copy does not hold the host up
-            input_ids = input_ids.pin_memory().to(device, non_blocking=True)
-        out.append(input_ids.to(device))  # [B, T]
+        out.append(to_device(input_ids, device))  # [B, T]
     return out
 
 
@@ -323,22 +322,15 @@ class _Log:
         self.postfix: dict = {}  # the bar's figures: the latest step's losses and held-out perplexities
 
     def push(self, step: int, figures: torch.Tensor, began: float) -> None:
-        if figures.is_cuda:
-            host, event = torch.empty(figures.shape, pin_memory=True), torch.cuda.Event()
-            host.copy_(figures, non_blocking=True)
-            event.record()
-        else:
-            host, event = figures, None
+        figures = Readback(figures)  # queued before the wait for the step before
         self.flush(began)
-        self.pending.append((step, step_sizes(self.config, step), host, event))
+        self.pending.append((step, step_sizes(self.config, step), figures))
 
     def flush(self, began: float) -> None:
         if not self.pending:
             return
-        step, sizes, host, event = self.pending.pop()
-        if event is not None:
-            event.synchronize()
-        values = host.tolist()
+        step, sizes, figures = self.pending.pop()
+        values = figures.tolist()
         n = len(sizes) + 1  # group 0 (the full LM), then one per gated size
         loss, realised = values[0], values[1 + 3 * n:]
         weight = values[1 + 2 * n:1 + 3 * n]
