@@ -808,9 +808,8 @@ def run_width_kd(run: Run, method: str) -> None:
         stop_after = None  # counted from the run's start; already past it, one step is taken and kept
         if c.width_kd_stop_after is not None:
             stop_after = max(c.width_kd_stop_after - (time.perf_counter() - run.began), 1e-3)
-        keep = schedule.checkpoint_every or stop_after is not None or resume
         result = distill(sub, run.lm, tokens, schedule, autocast=lambda: _autocast(c), progress=False,
-                         checkpoint=checkpoint if keep else None, resume=resume, stop_after=stop_after)
+                         checkpoint=checkpoint, resume=resume, stop_after=stop_after)
         if result.stopped_at is not None:
             print(f"[quality] {method} at {size} stopped at step {result.stopped_at} of {steps} with a checkpoint "
                   f"({result.tokens_per_s:.0f} tokens/s here; --width-kd-stop-after); the same command again "

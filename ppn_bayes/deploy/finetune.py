@@ -219,7 +219,8 @@ def distill(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor | Token
     share a vocabulary or the tokens fall outside it.
 
     With ``checkpoint`` (a directory) the student's weights, AdamW's state and the losses
-    are written there every ``config.checkpoint_every`` steps (replaced atomically);
+    are written there every ``config.checkpoint_every`` steps (replaced atomically; never
+    with ``checkpoint_every=0``, unless ``stop_after`` stops the run);
     ``resume=True`` continues from it. Windows are a pure function of the step, so a
     resumed fine-tune ends where an uninterrupted one does (``result.resumed_from`` names
     the step it started at; ``seconds`` and ``tokens_per_s`` are this call's).
@@ -391,9 +392,8 @@ def distill_checkpoint(checkpoint, data, out, *, size: float | None = None, n_pa
         return result.ppl
 
     before = evaluate() if held_out is not None else None
-    keep = config.checkpoint_every or resume or stop_after is not None
     result = distill(student.lm, full.lm, tokens, config, autocast=autocast, progress=progress,
-                     checkpoint=work if keep else None, resume=resume, stop_after=stop_after)
+                     checkpoint=work, resume=resume, stop_after=stop_after)
     if result.stopped_at is not None:
         return {"format": "ppn_bayes.distill", "version": 1, "checkpoint": str(checkpoint),
                 "stopped_at": result.stopped_at, "resume_from": str(work), "result": result.to_dict()}
