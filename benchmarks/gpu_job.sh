@@ -32,8 +32,10 @@
 #                                 # wkd:0.3), GPUS of them at once (default: as many as there are GPUs;
 #                                 # more share the GPUs in turn), the rest queued behind them (job I after
 #                                 # job I - GPUS, while more than QUEUE_MIN s of LIMIT are left), each as
-#                                 # part9 (fit:SEED) or part10 (wkd:SIZE, width-kd on the fit's text and
-#                                 # tokens) runs it, each resumable in its own work folder (seedS, wkd-SIZE),
+#                                 # part9 (fit:SEED; fit:SEED:METHOD another ppn_bayes method of quality.py,
+#                                 # e.g. an ablation, with the same recipe) or part10 (wkd:SIZE, width-kd on the
+#                                 # fit's text and tokens) runs it, each resumable in its own work folder
+#                                 # (seedS, seedS-METHOD, wkd-SIZE),
 #                                 # logs gpuG-jobI.log; on one GPU, JOBS="fit:1 wkd:0.5" runs the second
 #                                 # seed, then width-kd at 0.5
 #   benchmarks/gpu_job.sh nll-out FOLDER...  # the token NLLs kept under $WORK/FOLDER/token-nll (parts 9-11,
@@ -255,7 +257,15 @@ case "$part" in
   part14)
     read -r -a jobs <<< "${JOBS:-fit:0 fit:1 wkd:0.5 wkd:0.3}"
     for job in "${jobs[@]}"; do
-      [[ "$job" =~ ^(fit:[0-9]+|wkd:[0-9.]+)$ ]] || { echo "unknown job $job in JOBS: fit:SEED or wkd:SIZE"; exit 2; }
+      [[ "$job" =~ ^(fit:[0-9]+(:[A-Za-z0-9_.+-]+)?|wkd:[0-9.]+)$ ]] \
+        || { echo "unknown job $job in JOBS: fit:SEED, fit:SEED:METHOD (a method quality.py fits) or wkd:SIZE"; exit 2; }
+      if [[ "$job" == fit:*:* ]]; then  # a method quality.py fits, named before anything is prepared
+        python3 -c 'import sys; sys.path.insert(0, "benchmarks"); from protocol import ids
+fits = ids(builder="fit")
+if sys.argv[1] not in fits:
+    print(f"unknown fit method {sys.argv[1]!r} in JOBS; quality.py fits:", *fits); sys.exit(2)' \
+          "${job##*:}" || exit 2
+      fi
     done
     [[ "${GPUS:-1}" =~ ^[1-9][0-9]*$ ]] || { echo "GPUS must be a whole number of jobs at once, got '$GPUS'"; exit 2; }
     [[ "${QUEUE_MIN:-120}" =~ ^[0-9]+$ ]] || { echo "QUEUE_MIN must be whole seconds, got '$QUEUE_MIN'"; exit 2; }
@@ -277,6 +287,8 @@ case "$part" in
           fi
           echo "[gpu_job] GPU $gpu: $job"
           case "$job" in
+            fit:*:*) seed="${job#fit:}" seed="${seed%%:*}" method="${job##*:}"
+                     SEED="$seed" record_fit "$method" "seed$seed-$method" "$data" "$log" ;;
             fit:*) SEED="${job#fit:}" record_fit ppn_bayes "seed${job#fit:}" "$data" "$log" ;;
             wkd:*) record_width_kd "${job#wkd:}" "$data" "$log" ;;
           esac

@@ -143,6 +143,10 @@ REGISTRY = (
            fit=dict(distill_weight=0.0, nll_weight=1.0), fit_tokens="optional", default=True),
     # variants: the fit of record under another budget (--fit-steps) or other settings
     Method("ppn_bayes-long", "ppn_bayes, a longer fit (same settings, more steps)", "variant", "fit"),
+    # the ablations' reference when they run at a smaller budget than the fit of record (which
+    # the targets judge): the same settings and text, fewer steps
+    Method("ppn_bayes-short", "ppn_bayes, a shorter fit (same settings, fewer steps)", "variant", "fit",
+           fit_tokens="optional"),
     Method("ppn_bayes-prefix", "ppn_bayes, prefix gates (training masks of the size asked)", "variant", "fit",
            fit=_PREFIX),
     Method("ppn_bayes-prefix-frozen", "ppn_bayes, prefix gates, frozen LM", "variant", "fit",

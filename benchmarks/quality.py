@@ -15,6 +15,8 @@ Methods (``--methods``)::
     ppn_bayes-frozen      ablation: train_lm=False (gates only)
     ppn_bayes-nodistill   ablation: distill_weight=0, nll_weight=1 (no self-distillation)
     ppn_bayes-long        variant: the same settings, recorded apart (give it more --fit-steps)
+    ppn_bayes-short       variant: the same, for fewer --fit-steps (the ablations' reference at a
+                          smaller budget, kept apart from the fit of record the targets judge)
     ppn_bayes-prefix      variant: gate_coupling='prefix' (every training mask of the size asked)
     ppn_bayes-prefix-frozen, ppn_bayes-prefix-lr
                           variants: prefix gates with a frozen LM; prefix gates with lr_lm=1e-4

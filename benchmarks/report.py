@@ -33,7 +33,7 @@ from ppn_bayes.records import BENCHMARKS, RECORDS_DIR, curve_match, read_records
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from protocol import (DENSE_MARGIN, DENSE_TARGET_SIZE, METHODS, PROTOCOL_SIZES, RECORD, SPEED_TARGET,  # noqa: E402
-                      TARGET_RIVALS, TARGET_SIZES, WIDTH_KD_MARGIN, WIDTH_KD_SIZES, label)
+                      TARGET_RIVALS, TARGET_SIZES, WIDTH_KD_MARGIN, WIDTH_KD_SIZES, fit_changes, label)
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The activation score before issue 15 (input-side weights averaged in: mostly weight magnitude).
@@ -131,6 +131,7 @@ def quality_section(records: list[dict], images: Path, image_prefix: str) -> lis
             lines.append("")
             lines += spread_table(rows)
             lines += rate_table(rows)
+            lines += ablation_table(rows)
             if title == "Protocol runs":
                 lines += targets(rows)
                 name = f"quality-{_slug(model)}.png"
@@ -229,8 +230,10 @@ def spread_table(records: list[dict]) -> list[str]:
 
 
 def rate_table(records: list[dict]) -> list[str]:
-    """The fit of record and width-kd at WIDTH_KD_SIZES by the LM's rate and beta2: every run
-    whose other settings, text, tokens and windows are those of the method's latest run."""
+    """The fit of record and width-kd at WIDTH_KD_SIZES by the LM's rate and beta2. A method's
+    runs are grouped by their other settings, text, tokens and windows; the table shows the
+    group of its latest run and every group measured at more than one rate (a sweep stays in
+    sight after a longer run at one rate)."""
     rows = []
     for method in (RECORD, "width-kd"):
         runs = [r for r in records if r["method"] == method and r.get("ppl") is not None and _rate(r)]
@@ -240,23 +243,81 @@ def rate_table(records: list[dict]) -> list[str]:
 
         def context(r):
             same = _same_settings(r)
-            return _rate(r)[0], same[1], same[2], same[3]
+            return json.dumps(_rate(r)[0], sort_keys=True), same[1], same[2], same[3]
 
-        kin = [r for r in runs if context(r) == context(newest)]
-        cells = defaultdict(list)
-        for r in kin:
-            cells[(lm_rate(r), round(float(r.get("size_requested", 1.0)), 4))].append(r["ppl"])
-        for rate in sorted({k[0] for k in cells}, key=lambda t: tuple(x if x is not None else -1 for x in t)):
-            ppl = [cells.get((rate, size), []) for size in WIDTH_KD_SIZES]
-            rows.append([label(method), _fmt(newest.get("train_tokens")), f"{rate[0]:g}", f"{rate[1]:g}",
-                         *(("–" if not p else _fmt(p[0]) if len(p) == 1 else f"{_fmt(min(p))} to {_fmt(max(p))} "
-                            f"({len(p)})") for p in ppl)])
+        groups = defaultdict(list)
+        for r in runs:
+            groups[context(r)].append(r)
+        shown = [c for c, kin in groups.items()
+                 if c == context(newest) or len({lm_rate(r) for r in kin}) > 1]
+        for c in sorted(shown, key=lambda c: (c[1] is None, c[1] or 0, c[0], str(c[2:]))):
+            cells = defaultdict(list)
+            for r in groups[c]:
+                cells[(lm_rate(r), round(float(r.get("size_requested", 1.0)), 4))].append(r["ppl"])
+            for rate in sorted({k[0] for k in cells}, key=lambda t: tuple(x if x is not None else -1 for x in t)):
+                ppl = [cells.get((rate, size), []) for size in WIDTH_KD_SIZES]
+                rows.append([label(method), _fmt(c[1]), f"{rate[0]:g}", f"{rate[1]:g}",
+                             *(("–" if not p else _fmt(p[0]) if len(p) == 1 else f"{_fmt(min(p))} to {_fmt(max(p))} "
+                                f"({len(p)})") for p in ppl)])
     if not any(r[2] != rows[0][2] or r[3] != rows[0][3] for r in rows):
         return []  # one rate only: nothing to compare
-    return ["The LM's learning rate and AdamW's beta2: the fit of record and width-kd, each with its latest run's "
-            "other settings, text, training tokens and windows (several runs of one setting: lowest to highest).",
+    return ["The LM's learning rate and AdamW's beta2: the fit of record and width-kd, in groups of runs that share "
+            "their other settings, text, training tokens and windows: the group of each method's latest run, and "
+            "every group measured at more than one rate (several runs of one setting: lowest to highest).",
             "", *_table(["method", "training tokens", "rate", "beta2", *(f"{s:g}" for s in WIDTH_KD_SIZES)], rows),
             ""]
+
+
+def ablation_table(records: list[dict]) -> list[str]:
+    """Each ablation's latest run against the fit it ablates: the fit of record (or its shorter
+    variant, the ablations' reference at a smaller budget) with the same settings but the
+    ablation's own changes (``protocol.fit_changes``), the same seed, text, training tokens and
+    windows; the latest run of each. Each reference is followed by the ablations it is the
+    reference of. Cells: perplexity (ratio to the reference's at that size)."""
+    def key(r, changed):
+        fit = (r.get("settings") or {}).get("fit") or {}
+        kept = {k: v for k, v in fit_settings(r).items() if k not in changed}
+        return (json.dumps(kept, sort_keys=True), fit.get("seed"), *_same_settings(r)[1:])
+
+    def by_size(runs):
+        return latest(runs, lambda r: round(float(r["size_requested"]), 4))
+
+    usable = [r for r in records if r.get("ppl") is not None and not superseded(r)]
+    references = [r for r in usable if r["method"] in (RECORD, "ppn_bayes-short")]
+    paired = defaultdict(list)  # the reference's runs (their ids) -> [(ablation, its runs by size)]
+    kept_refs = {}
+    for method in (m for m in METHODS if METHODS[m].family == "ablation"):
+        changed = set(fit_changes(method))
+        runs = [r for r in usable if r["method"] == method]
+        if not runs:
+            continue
+        newest = max(runs, key=lambda r: r.get("date") or "")
+        k = key(newest, changed)
+        theirs = [r for r in references if key(r, changed) == k]
+        if not theirs:
+            continue
+        ref = by_size(theirs)
+        ids = tuple(sorted(id(r) for r in ref.values()))
+        kept_refs[ids] = ref
+        paired[ids].append((method, by_size([r for r in runs if key(r, changed) == k])))
+    rows = []
+    for ids in sorted(paired, key=lambda i: max(r.get("date") or "" for r in kept_refs[i].values()), reverse=True):
+        ref = kept_refs[ids]
+        first = next(iter(ref.values()))
+        when = max(r.get("date") or "" for r in ref.values())[:10]
+        seed = ((first.get("settings") or {}).get("fit") or {}).get("seed")
+        rows.append([label(first["method"]), _fmt(first.get("train_tokens")), str(seed), when,
+                     *(_fmt(ref[s]["ppl"]) if s in ref else "–" for s in PROTOCOL_SIZES)])
+        for method, mine in paired[ids]:
+            rows.append([label(method), "", "", max(r.get("date") or "" for r in mine.values())[:10],
+                         *(f"{_fmt(mine[s]['ppl'])} ({mine[s]['ppl'] / ref[s]['ppl']:.2f})" if s in mine and s in ref
+                           else "–" for s in PROTOCOL_SIZES)])
+    if not rows:
+        return []
+    return ["Ablations: each one's latest run against the fit it ablates, the row above it (the same settings but "
+            "the ablation's, the same seed, text, training tokens and windows). Cells: perplexity (ratio to the "
+            "reference at that size).",
+            "", *_table(["method", "training tokens", "seed", "date", *(f"{s:g}" for s in PROTOCOL_SIZES)], rows), ""]
 
 
 def quality_table(records: list[dict]) -> list[str]:

@@ -109,7 +109,11 @@ def test_jobs_hold_only_data():
 
 
 @pytest.mark.parametrize("environ, message", [
-    ({"JOBS": "fit:1 kd:0.5"}, "unknown job kd:0.5 in JOBS: fit:SEED or wkd:SIZE"),
+    ({"JOBS": "fit:1 kd:0.5"}, "unknown job kd:0.5 in JOBS: fit:SEED, fit:SEED:METHOD (a method quality.py fits) "
+                                "or wkd:SIZE"),
+    ({"JOBS": "fit:0:ppn_bayes-short fit:0:ppn_bayes-flatt"}, "unknown fit method 'ppn_bayes-flatt' in JOBS; "
+                                                             "quality.py fits: ppn_bayes ppn_bayes-flat"),
+    ({"JOBS": "fit:0:width"}, "unknown fit method 'width' in JOBS"),
     ({"GPUS": "two"}, "GPUS must be a whole number of jobs at once, got 'two'"),
     ({"GPUS": "0"}, "GPUS must be a whole number of jobs at once, got '0'"),
     ({"QUEUE_MIN": "2m"}, "QUEUE_MIN must be whole seconds, got '2m'"),

@@ -57,7 +57,7 @@ def test_quality_reads_fit_changes_and_fit_tokens_from_the_registry():
                                  "ppn_bayes-frozen": {"train_lm": False},
                                  "ppn_bayes-nodistill": {"distill_weight": 0.0, "nll_weight": 1.0}}
     assert quality.FIT_TOKENS_METHODS == ("ppn_bayes-teacher", "ppn_bayes-kd-prefix-mix")
-    assert quality.MIXING_METHODS == ("ppn_bayes", *quality.ABLATIONS, "ppn_bayes-kd-prefix-mix")
+    assert quality.MIXING_METHODS == ("ppn_bayes", *quality.ABLATIONS, "ppn_bayes-short", "ppn_bayes-kd-prefix-mix")
     fit = quality.DEFAULT_FIT
     config = quality.QualityConfig(model="m", eval_text="e", train_text="t")
     for method in protocol.ids(builder="fit"):  # every fit's settings are valid from the fit of record

@@ -346,6 +346,21 @@ def test_issue_15_diagnostic_parts_rehearsal_on_cpu(tiny_setup, tmp_path):
     assert cache and set(cache) <= set(files(tmp_path / "work2" / "inductor-cache"))
 
 
+def _part14_env(tiny_setup, tmp_path, **extra) -> dict:
+    """The environment of a CPU rehearsal of gpu_job.sh part14 on the tiny LM: its text as both
+    texts, two fit steps, short windows, a small teacher text; ``extra`` on top."""
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for name in ("wiki.test.raw", "wiki_summaries_en.txt"):
+        (texts / name).write_text((tiny_setup / "text.txt").read_text())
+    inherited = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}  # torch sets it once used
+    return {**inherited, "OUT": str(tmp_path / "out"), "MODEL": str(tiny_setup / "lm"), "TEXTS": str(texts),
+            "WORK": str(tmp_path / "work"), "DEVICE": "cpu", "MODEL_NAME": "tiny", "LIMIT": "900",
+            "QUALITY_EXTRA": "--seq-len 64 --limit-windows 2 --eval-batch 2 --fit-set mlp_group=32 "
+                             "--calib-windows 2 --calib-seq-len 32 --fit-seq-len 64",
+            "RECORD_STEPS": "2", "GEN_TOKENS": "2000", "GEN_BATCH": "2", **extra}
+
+
 @pytest.mark.slow
 def test_issue_15_bar_runs_one_a_gpu_rehearsal_on_cpu(tiny_setup, tmp_path):
     """gpu_job.sh part14 on a tiny LM with GPUS=2: the first two JOBS, the fit of record's seed 1
@@ -353,16 +368,7 @@ def test_issue_15_bar_runs_one_a_gpu_rehearsal_on_cpu(tiny_setup, tmp_path):
     nvidia-smi: both on GPU 0), width-kd on the fit's text and tokens; the third job, seed 0, waits
     in the first one's slot and runs after it. With too little of LIMIT left no job starts: each
     is left for a later call (minutes: slow)."""
-    texts = tmp_path / "texts"
-    texts.mkdir()
-    for name in ("wiki.test.raw", "wiki_summaries_en.txt"):
-        (texts / name).write_text((tiny_setup / "text.txt").read_text())
-    inherited = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
-    env = {**inherited, "OUT": str(tmp_path / "out"), "MODEL": str(tiny_setup / "lm"), "TEXTS": str(texts),
-           "WORK": str(tmp_path / "work"), "DEVICE": "cpu", "MODEL_NAME": "tiny", "LIMIT": "900",
-           "QUALITY_EXTRA": "--seq-len 64 --limit-windows 2 --eval-batch 2 --fit-set mlp_group=32 "
-                            "--calib-windows 2 --calib-seq-len 32 --fit-seq-len 64",
-           "RECORD_STEPS": "2", "GEN_TOKENS": "2000", "GEN_BATCH": "2", "GPUS": "2", "WIDTH_KD_COMPILE": "none"}
+    env = _part14_env(tiny_setup, tmp_path, GPUS="2", WIDTH_KD_COMPILE="none")
     subprocess.run(["bash", "benchmarks/gpu_job.sh", "part14"], cwd=ROOT,
                    env={**env, "JOBS": "fit:1 wkd:0.5 fit:0"}, check=True, timeout=900)
     records = read_records("quality", tmp_path / "out" / "records")
@@ -383,6 +389,32 @@ def test_issue_15_bar_runs_one_a_gpu_rehearsal_on_cpu(tiny_setup, tmp_path):
                           check=True, timeout=900)
     assert "wkd:0.3" not in late.stdout and not (tmp_path / "work" / "wkd-0.3").exists()
     assert "for a later call" in (tmp_path / "out" / "gpu0-job0.log").read_text()
+
+
+@pytest.mark.slow
+def test_issue_15_ablation_jobs_rehearsal_on_cpu(tiny_setup, tmp_path):
+    """gpu_job.sh part14 with fit:SEED:METHOD jobs on a tiny LM: the shorter reference fit and
+    the two ablations side by side, each in its own folder; the three fits share every setting
+    but the ablation's own changes (the recipe, the seed, the text and the tokens) (minutes:
+    slow; test_jobs checks that a method quality.py does not fit is refused)."""
+    fit_changes = _load("protocol").fit_changes
+    env = _part14_env(tiny_setup, tmp_path, GPUS="3", RECORD_EXTRA="--fit-set compile=none")
+    methods = ("ppn_bayes-short", "ppn_bayes-flat", "ppn_bayes-point")
+    subprocess.run(["bash", "benchmarks/gpu_job.sh", "part14"], cwd=ROOT, check=True, timeout=900,
+                   env={**env, "JOBS": " ".join(f"fit:0:{m}" for m in methods)})
+    records = read_records("quality", tmp_path / "out" / "records")
+    assert sorted({r["method"] for r in records}) == sorted(methods)
+    assert all(sorted(r["size_requested"] for r in records if r["method"] == m) == [0.3, 0.4, 0.5, 0.7, 0.9]
+               for m in methods)
+    assert all((tmp_path / "work" / f"seed0-{m}").is_dir() for m in methods)
+    fits = {r["method"]: r["settings"]["fit"] for r in records}
+    changed = {m: set(fit_changes(m)) for m in methods}
+    for m in methods[1:]:
+        assert changed[m]  # an ablation changes something
+        assert {k: v for k, v in fits[m].items() if k not in changed[m]} == \
+            {k: v for k, v in fits["ppn_bayes-short"].items() if k not in changed[m]}
+        assert {k: fits[m][k] for k in changed[m]} == fit_changes(m)
+    assert len({(r["train_tokens"], json.dumps(r["settings"]["fit_data"], sort_keys=True)) for r in records}) == 1
 
 
 @pytest.mark.slow
@@ -634,6 +666,50 @@ def test_width_kd_at_another_rate_is_no_repeat_and_the_target_takes_its_best_rat
                 "| 10 | 0.0001 | 0.999 | 64 | – |", "| 10 | 0.001 | 0.95 | 47 to 48 (2) | – |",
                 "| 10 | 0.001 | 0.999 | 49 | – |", "| 10 | 0.003 | 0.999 | 53 | – |"):
         assert row in rates
+    # a newer width-kd run at more tokens and one rate: its row joins, the sweep at 10 tokens stays
+    longer = {**run("width-kd", 40.0, "2026-12-03", lr=1e-3, adam_beta2=0.95), "train_tokens": 100}
+    rates = report.rate_table(records + [longer])
+    rows = [line for line in rates if line.startswith("| ") and "width-kd" in line]
+    assert [row.split(" | ")[1:4] for row in rows] == [["10", "0.0001", "0.999"], ["10", "0.001", "0.95"],
+                                                       ["10", "0.001", "0.999"], ["10", "0.003", "0.999"],
+                                                       ["100", "0.001", "0.95"]]
+    assert rows[-1].endswith("| 40 | – |")
+
+
+def test_each_ablation_is_held_against_the_fit_it_ablates():
+    """The ablation table pairs each ablation's latest run with the reference fit whose settings
+    are its own but the ablation's changes, at the same seed and tokens (here the shorter variant,
+    not the longer fit of record); ratios are the ablation's perplexity over the reference's."""
+    from ppn_bayes.core.config import FitConfig
+
+    protocol = _load("protocol")
+
+    def run(method, size, ppl, *, steps, seed=0, date="2026-12-02"):
+        fit = FitConfig(steps=steps, seed=seed, **protocol.fit_changes(method)).to_dict()
+        return {"method": method, "size_requested": size, "ppl": ppl, "train_tokens": steps, "windows": 2,
+                "date": date, "settings": {"fit": fit}}
+
+    records = [run("ppn_bayes", 0.5, 40.0, steps=100), run("ppn_bayes", 0.3, 60.0, steps=100),
+               run("ppn_bayes-point", 0.5, 44.0, steps=100, date="2026-12-01"),
+               run("ppn_bayes-short", 0.5, 50.0, steps=10), run("ppn_bayes-short", 0.3, 80.0, steps=10),
+               run("ppn_bayes-flat", 0.5, 55.0, steps=10), run("ppn_bayes-flat", 0.3, 88.0, steps=10),
+               run("ppn_bayes-point", 0.5, 60.0, steps=10, date="2026-12-03"),
+               run("ppn_bayes-frozen", 0.5, 70.0, steps=10, seed=1)]  # no seed-1 reference: not shown
+    table = [line for line in report.ablation_table(records) if line.startswith("| ppn_bayes")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table]
+    assert [c[0] for c in cells] == [report.label("ppn_bayes-short"), report.label("ppn_bayes-flat"),
+                                     report.label("ppn_bayes-point")]
+    sizes = [f"{s:g}" for s in report.PROTOCOL_SIZES]
+    at = {size: sizes.index(size) + 4 for size in ("0.5", "0.3")}
+    assert cells[0][1:3] == ["10", "0"] and (cells[0][at["0.5"]], cells[0][at["0.3"]]) == ("50", "80")
+    assert (cells[1][at["0.5"]], cells[1][at["0.3"]]) == ("55 (1.10)", "88 (1.10)")
+    assert (cells[2][at["0.5"]], cells[2][at["0.3"]]) == ("60 (1.20)", "–")
+    # without the newer runs, the older point estimate pairs with the fit of record it ablates
+    older = [r for r in records if r["train_tokens"] == 100]
+    table = [line for line in report.ablation_table(older) if line.startswith("| ppn_bayes")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table]
+    assert [(c[0], c[at["0.5"]]) for c in cells] == [(report.label("ppn_bayes"), "40"),
+                                                     (report.label("ppn_bayes-point"), "44 (1.10)")]
 
 
 def test_a_target_holds_only_when_every_seed_meets_it():
