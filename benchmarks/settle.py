@@ -18,6 +18,8 @@ what it should, not what it gives at 100M tokens.
 
     python benchmarks/settle.py                                  # seeds 0-2, 300 steps, settle 0 and 30
     python benchmarks/settle.py --seeds 0,1 --steps 60 --settle 0,6 --records-dir /tmp/r   # a quick look
+    python benchmarks/settle.py --settle 30+30                   # settling from the guide averaged
+                                                                 # over the 30 steps before it
 """
 
 from __future__ import annotations
@@ -55,13 +57,32 @@ def _numbers(kind):
     return parse
 
 
-def settle_config(steps: int, settle_steps: int, seed: int, sizes: tuple[float, ...]):
+def variants(text: str) -> tuple[tuple[int, int], ...]:
+    """``--settle``: comma-separated ``S`` (settle_steps S) or ``S+A`` (and average_steps A)."""
+    out = []
+    for part in text.split(","):
+        settle, _, average = part.partition("+")
+        try:
+            pair = (int(settle), int(average) if average else 0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected S or S+A (whole steps), got {part!r}") from None
+        if min(pair) < 0:
+            raise argparse.ArgumentTypeError(f"expected steps of at least 0, got {part!r}")
+        out.append(pair)
+    return tuple(out)
+
+
+def variant_name(settle: int, average: int) -> str:
+    return f"ppn_bayes, settle_steps={settle}" + (f", average_steps={average}" if average else "")
+
+
+def settle_config(steps: int, settle_steps: int, seed: int, sizes: tuple[float, ...], average_steps: int = 0):
     """The fit of record's recipe at the demo's scale: 16 x 128 a step, 16 channels an MLP unit
     (32 units a layer, as SmolLM2's 24), an evaluation every tenth of the steps."""
     return DEFAULT_FIT.replace(steps=steps, batch_size=16, seq_len=128, mlp_group=16, checkpoint_every=0,
                                log_every=10, warmup_steps=max(1, steps // 30), size_min=min(sizes),
-                               seed=seed, settle_steps=settle_steps, eval_sizes=tuple(sizes),
-                               eval_every=max(1, steps // 10), eval_windows=8)
+                               seed=seed, settle_steps=settle_steps, average_steps=average_steps,
+                               eval_sizes=tuple(sizes), eval_every=max(1, steps // 10), eval_windows=8)
 
 
 def moved(validation: list[dict], size: float) -> float | None:
@@ -76,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=_numbers(int), default=(0, 1, 2), help="fit seeds (default: 0,1,2)")
     p.add_argument("--steps", type=int, default=300, help="fit steps (default: 300)")
-    p.add_argument("--settle", type=_numbers(int), default=(0, 30),
-                   help="settle_steps values compared (default: 0,30)")
+    p.add_argument("--settle", type=variants, default=((0, 0), (30, 0)),
+                   help="settle_steps values compared, S or S+A with average_steps A (default: 0,30)")
     p.add_argument("--sizes", type=_numbers(float), default=SETTLE_SIZES,
                    help=f"sizes (default: {','.join(map(str, SETTLE_SIZES))})")
     p.add_argument("--pretrain-steps", type=int, default=400, help="the tiny LM's pretraining (default: 400)")
@@ -89,10 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     for size in args.sizes:
         if not 0 < size <= 1:
             raise SystemExit(f"--sizes must lie in (0, 1], got {size}")
-    for settle in args.settle:
-        if settle > args.steps:
-            raise SystemExit(f"--settle {settle} is more than --steps {args.steps}")
-    configs = {(s, seed): settle_config(args.steps, s, seed, args.sizes) for s in args.settle for seed in args.seeds}
+    for settle, average in args.settle:
+        if average and not settle:
+            raise SystemExit(f"--settle 0+{average}: averaging needs settling (S+A with S > 0)")
+        if settle + average > args.steps:
+            raise SystemExit(f"--settle {settle}+{average} is more than --steps {args.steps}")
+    configs = {(v, seed): settle_config(args.steps, v[0], seed, args.sizes, v[1]) for v in args.settle
+               for seed in args.seeds}
 
     text = embedded_text()
     tokenizer = CharTokenizer.for_text(text)
@@ -103,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[settle] dense tiny LM: held-out perplexity {dense:.4f}", flush=True)
 
     results = {}
-    for (settle, seed), config in configs.items():
+    for (variant, seed), config in configs.items():
         lm = copy.deepcopy(base)  # every fit starts from the same pretrained LM
         began = time.perf_counter()
         fitted = fit(lm, train, config, progress=False, eval_tokens=held_out.tokens)
@@ -114,18 +138,19 @@ def main(argv: list[str] | None = None) -> int:
             ppl = perplexity(fitted.lm, held_out.tokens, seq_len=128, masks=masks, limit=args.eval_windows).ppl
             row[size] = {"ppl": ppl, "size_reached": masks.size_reached,
                          "moved": moved(fitted.result.validation, size)}
-        results[settle, seed] = row
-        print(f"[settle] settle_steps {settle}, seed {seed}: "
+        results[variant, seed] = row
+        print(f"[settle] {variant_name(*variant)}, seed {seed}: "
               + ", ".join(f"{s}: {r['ppl']:.4f}" for s, r in row.items())
               + f" ({time.perf_counter() - began:.0f} s)", flush=True)
 
     command = "python benchmarks/settle.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    for settle in args.settle:
+    for variant in args.settle:
+        settle, average = variant
         for size in args.sizes:
-            runs = [results[settle, seed][size] for seed in args.seeds]
+            runs = [results[variant, seed][size] for seed in args.seeds]
             ppls = [r["ppl"] for r in runs]
             shares = [r["moved"] for r in runs if r["moved"] is not None]
-            append_record("settle", method=f"ppn_bayes, settle_steps={settle}", model=MODEL,
+            append_record("settle", method=variant_name(settle, average), model=MODEL,
                           records_dir=args.records_dir, command=command, size_requested=size,
                           size_reached=runs[0]["size_reached"], dense_ppl=dense,
                           ppl=math.exp(sum(map(math.log, ppls)) / len(ppls)), ppl_lowest=min(ppls),
@@ -134,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                           excess=sum(math.log(x / dense) for x in ppls) / len(ppls),
                           excess_lowest=math.log(min(ppls) / dense), excess_highest=math.log(max(ppls) / dense),
                           gates_moved_at_the_end=sum(shares) / len(shares) if shares else None,
-                          train_tokens=args.steps * 16 * 128, settle_steps=settle,
-                          ppl_each_seed=ppls, settings={"fit": configs[settle, args.seeds[0]].to_dict(),
+                          train_tokens=args.steps * 16 * 128, settle_steps=settle, average_steps=average,
+                          ppl_each_seed=ppls, settings={"fit": configs[variant, args.seeds[0]].to_dict(),
                                                         "pretrain_steps": args.pretrain_steps,
                                                         "eval_windows": args.eval_windows,
                                                         "seeds": list(args.seeds)})

@@ -23,8 +23,10 @@ CASES = {
     "ddp-flat-point": {"config": _BASE.replace(parallel="ddp", hierarchy=False, posterior="point",
                                                teacher="original"), "tied": False},
     # The last 2 steps settle: the whole guide without gradient (find_unused_parameters), the
-    # LM trained on the deployed masks, read from the guide that every process holds.
-    "ddp-settle": {"config": _BASE.replace(parallel="ddp", gate_coupling="prefix", init_jitter=0.5, settle_steps=2),
+    # LM trained on the deployed masks, read from the guide that every process holds, which
+    # first takes the mean of its 2 steps before (average_steps) in every process alike.
+    "ddp-settle": {"config": _BASE.replace(parallel="ddp", gate_coupling="prefix", init_jitter=0.5, settle_steps=2,
+                                           average_steps=2),
                    "tied": True},
 }
 

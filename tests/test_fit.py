@@ -14,6 +14,7 @@ from ppn_bayes.demo import pretrain
 from ppn_bayes.lm import tiny_llama
 from ppn_bayes.core.budget import solve_log_tau
 from ppn_bayes.core.model import PuppetGuide, PuppetModel, StepPlan
+from ppn_bayes.io import FileFormatError
 from transformers import LlamaConfig, LlamaForCausalLM
 
 TEXT = embedded_text()[:60_000]
@@ -349,6 +350,63 @@ def test_settling_steps_train_the_lm_on_the_deployed_masks_alone(monkeypatch):
     # draws scatter): settling changes which sub-networks the LM learns
     assert not all(deployed(*call) for call in calls[:3])
     assert [row["sizes"] for row in settled.result.history[3:]] == [list(c[0]) for c in calls[3:]]
+
+
+AVERAGED = FitConfig(steps=7, settle_steps=2, average_steps=3, batch_size=4, seq_len=32, mlp_group=8,
+                     gate_coupling="prefix", init_jitter=0.5, lr_guide=0.5, lr_lm=1e-3, size_min=0.3, log_every=1)
+
+
+def _fit_tiny(config, **kwargs):
+    lm = tiny_llama(TOKENIZER.vocab_size, layers=2, hidden=32, heads=2, kv_heads=1, intermediate=64)
+    return fit(lm, TOKENS, config, progress=False, **kwargs)
+
+
+def test_the_guide_settles_at_the_mean_of_its_averaged_steps():
+    """average_steps=3 before settle_steps=2 of 7: the guide that settles is, to the bit, the
+    mean of the guides of the same fit stopped after 3, 4 and 5 steps (steps 2 to 4 averaged,
+    summed in that order from zero), none of which it equals, and it stays there."""
+    guides = [dict(_fit_tiny(AVERAGED.replace(steps=n, settle_steps=0, average_steps=0)).guide.named_parameters())
+              for n in (3, 4, 5)]
+    averaged = _fit_tiny(AVERAGED)
+    for name, value in averaged.guide.named_parameters():
+        mean = (torch.zeros_like(value) + guides[0][name] + guides[1][name] + guides[2][name]) / 3
+        assert torch.equal(value, mean), name
+    assert all(any(not torch.equal(value, guide[name]) for name, value in averaged.guide.named_parameters())
+               for guide in guides)
+
+
+def test_a_fit_stopped_while_it_averages_resumes_to_the_uninterrupted_one(tmp_path):
+    """Stopped after every step (stop_after) and resumed, the averaging fit ends with the guide
+    and the LM of the uninterrupted one, to the bit: a checkpoint inside the averaged steps
+    carries the sum so far (guide_sum.safetensors), one outside it none; without that file
+    the resume is refused by name."""
+    whole = _fit_tiny(AVERAGED)
+    checkpoint = tmp_path / "ckpt"
+    with_sum = []
+    fitted = _fit_tiny(AVERAGED, checkpoint=checkpoint, stop_after=1e-9)
+    while fitted.result.steps_done < AVERAGED.steps:
+        with_sum.append((fitted.result.steps_done, (checkpoint / "guide_sum.safetensors").is_file()))
+        fitted = _fit_tiny(AVERAGED, checkpoint=checkpoint, resume=True, stop_after=1e-9)
+    assert with_sum == [(1, False), (2, False), (3, True), (4, True), (5, False), (6, False)]
+    for (name, value), other in zip(fitted.guide.named_parameters(), whole.guide.parameters()):
+        assert torch.equal(value, other), name
+    assert all(torch.equal(p, q) for p, q in zip(fitted.lm.parameters(), whole.lm.parameters()))
+    # a checkpoint inside the averaged steps without its sum
+    again = tmp_path / "again"
+    for _ in range(3):
+        _fit_tiny(AVERAGED, checkpoint=again, resume=(again / "state.json").is_file(), stop_after=1e-9)
+    (again / "guide_sum.safetensors").unlink()
+    with pytest.raises(FileFormatError, match="guide_sum.safetensors is missing"):
+        _fit_tiny(AVERAGED, checkpoint=again, resume=True)
+
+
+def test_averaging_needs_settling_and_room():
+    with pytest.raises(ValueError, match="average_steps averages the guide .* needs settle_steps > 0"):
+        FitConfig(steps=10, average_steps=3)
+    with pytest.raises(ValueError, match=r"average_steps \+ settle_steps \(8 \+ 3\) must not exceed steps \(10\)"):
+        FitConfig(steps=10, settle_steps=3, average_steps=8)
+    with pytest.raises(ValueError, match="average_steps must not be negative"):
+        FitConfig(steps=10, settle_steps=3, average_steps=-1)
 
 
 def test_guide_locations_start_jittered_when_asked():

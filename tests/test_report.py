@@ -862,17 +862,21 @@ def test_settle_benchmark_compares_fits_with_and_without_settling(tmp_path):
     evaluations); bad flags are refused before the tiny LM is built."""
     settle = _load("settle")
     records = tmp_path / "records"
-    with pytest.raises(SystemExit, match="--settle 9 is more than --steps 4"):
-        settle.main(["--steps", "4", "--settle", "0,9", "--records-dir", str(records)])
+    with pytest.raises(SystemExit, match=r"--settle 3\+2 is more than --steps 4"):
+        settle.main(["--steps", "4", "--settle", "0,3+2", "--records-dir", str(records)])
+    with pytest.raises(SystemExit, match=r"--settle 0\+2: averaging needs settling"):
+        settle.main(["--steps", "4", "--settle", "0+2", "--records-dir", str(records)])
     with pytest.raises(SystemExit, match=r"--sizes must lie in \(0, 1\]"):
         settle.main(["--sizes", "0.5,1.5", "--records-dir", str(records)])
     assert not records.exists()
-    settle.main(["--seeds", "0,1", "--steps", "4", "--settle", "0,2", "--sizes", "0.7,0.4", "--pretrain-steps", "2",
-                 "--eval-windows", "2", "--records-dir", str(records)])
+    settle.main(["--seeds", "0,1", "--steps", "4", "--settle", "0,2,1+2", "--sizes", "0.7,0.4", "--pretrain-steps",
+                 "2", "--eval-windows", "2", "--records-dir", str(records)])
     rows = read_records("settle", records)
     assert [(r["method"], r["size_requested"]) for r in rows] == [
         ("ppn_bayes, settle_steps=0", 0.7), ("ppn_bayes, settle_steps=0", 0.4),
-        ("ppn_bayes, settle_steps=2", 0.7), ("ppn_bayes, settle_steps=2", 0.4)]
+        ("ppn_bayes, settle_steps=2", 0.7), ("ppn_bayes, settle_steps=2", 0.4),
+        ("ppn_bayes, settle_steps=1, average_steps=2", 0.7), ("ppn_bayes, settle_steps=1, average_steps=2", 0.4)]
+    assert [r["average_steps"] for r in rows] == [0, 0, 0, 0, 2, 2]
     for r in rows:
         assert r["seeds"] == 2 and len(r["ppl_each_seed"]) == 2 and r["train_tokens"] == 4 * 16 * 128
         assert r["ppl"] == pytest.approx(math.exp(sum(map(math.log, r["ppl_each_seed"])) / 2), rel=1e-12)
@@ -881,6 +885,7 @@ def test_settle_benchmark_compares_fits_with_and_without_settling(tmp_path):
         assert r["excess_lowest"] <= r["excess"] <= r["excess_highest"]
         assert 0 <= r["gates_moved_at_the_end"] <= 1
         assert r["settings"]["fit"]["settle_steps"] == r["settle_steps"]
+        assert r["settings"]["fit"]["average_steps"] == r["average_steps"]
     # settle_steps=2 of 4, evaluated at steps 2 and 4: the guide did not move between them
     assert all(r["gates_moved_at_the_end"] == 0 for r in rows if r["settle_steps"] == 2)
     assert "## Settling" in report.render(records, tmp_path / "report.md", tmp_path / "img")

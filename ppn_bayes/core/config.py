@@ -144,6 +144,10 @@ class FitConfig:
             "the last this many steps freeze the guide and train the LM on the deployed masks alone (the prefixes "
             "of the posterior's median ranking at each drawn size), so the sub-networks that ship are the ones the "
             "LM last learnt (0: every step samples the gates from the guide)")
+    average_steps: int = setting(0, OPTIMISATION,
+            "with settle_steps: the guide's parameters are averaged over this many steps before the fit settles, "
+            "and the guide takes that average when it settles (Polyak averaging), so the ranking that settles is the "
+            "centre of the guide's last steps rather than where their noise left it (0: the guide as it stands)")
     mlp_group: int = setting(64, PRIOR,
             "intermediate channels per MLP unit (g)")
     grad_clip: float = setting(1.0, OPTIMISATION,
@@ -197,11 +201,16 @@ class FitConfig:
             )
         for name in ("lr_lm", "weight_decay", "distill_weight", "nll_weight", "prior_weight", "checkpoint_every",
                      "n_random_sizes", "grad_clip", "init_jitter", "freeze_lm_steps", "eval_every",
-                     "warmup_steps", "settle_steps"):
+                     "warmup_steps", "settle_steps", "average_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.settle_steps > self.steps:
             raise ValueError(f"settle_steps ({self.settle_steps}) must not exceed steps ({self.steps})")
+        if self.average_steps and not self.settle_steps:
+            raise ValueError("average_steps averages the guide for the fit's settling steps; it needs settle_steps > 0")
+        if self.average_steps + self.settle_steps > self.steps:
+            raise ValueError(f"average_steps + settle_steps ({self.average_steps} + {self.settle_steps}) must not "
+                             f"exceed steps ({self.steps})")
         if self.settle_steps and not self.train_lm:
             raise ValueError("settle_steps trains the LM alone on fixed masks; with train_lm off it would train "
                              "nothing")

@@ -1,7 +1,8 @@
 """A fit's checkpoint: a folder written atomically, safetensors for tensors, JSON for the rest.
 
 Layout: ``lm/`` (a Hugging Face directory, one ``model.safetensors``), ``guide.safetensors``,
-``optimizer.safetensors`` and ``state.json``. :func:`check_resumable` is the resume
+``optimizer.safetensors``, ``state.json`` and, for a fit stopped while it averages its guide,
+``guide_sum.safetensors``. :func:`check_resumable` is the resume
 contract: a checkpoint continues only with the same model, the same settings, the same
 global batch, the same training data and more steps than it has done.
 """
@@ -29,8 +30,8 @@ from ..optim_state import load_tensors, optimizer_tensors, read_optimizer, resto
 from ..store import check_same_data
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "save_checkpoint", "read_state", "read_optimizer",
-           "restore_modules", "restore_optimizer", "recorded_architecture", "load_tensors", "check_resumable",
-           "weights_fingerprint", "versions"]
+           "read_guide_sum", "restore_modules", "restore_optimizer", "recorded_architecture", "load_tensors",
+           "check_resumable", "weights_fingerprint", "versions"]
 
 CHECKPOINT_FORMAT = "ppn_bayes.checkpoint"
 CHECKPOINT_VERSION = 1
@@ -78,7 +79,7 @@ def save_checkpoint(path, *, lm, guide, optimizer, step, config, arch, history, 
                     overwrite: bool = True, world_size: int = 1, lm_state_dict: dict | None = None,
                     guide_state_dict: dict | None = None, optimizer_state: dict | None = None,
                     lm_class: type | None = None, teacher_fingerprint: str | None = None,
-                    data: dict | None = None) -> Path:
+                    data: dict | None = None, guide_sum: dict | None = None) -> Path:
     """Write a fit's checkpoint directory atomically.
 
     Layout: ``lm/`` (a Hugging Face directory, one ``model.safetensors``),
@@ -93,7 +94,9 @@ def save_checkpoint(path, *, lm, guide, optimizer, step, config, arch, history, 
     with full tensors gathered from a sharded fit (see
     :func:`ppn_bayes.distributed.full_state_dict`); ``lm_class`` is then the LM's class
     before sharding. Every tensor is written whole, so the checkpoint loads in any
-    number of processes.
+    number of processes. ``guide_sum`` (a fit stopped while it averages its guide,
+    ``FitConfig.average_steps``): the guide's parameters summed so far, in
+    ``guide_sum.safetensors``.
     """
     opt = optimizer_state if optimizer_state is not None else optimizer.state_dict()
     guide_tensors = guide_state_dict if guide_state_dict is not None else guide.state_dict()
@@ -122,6 +125,8 @@ def save_checkpoint(path, *, lm, guide, optimizer, step, config, arch, history, 
             tokenizer.save_pretrained(tmp / "lm")
         save_file({k: v.detach().cpu().contiguous() for k, v in guide_tensors.items()}, tmp / "guide.safetensors")
         save_file(optimizer_tensors(opt), tmp / "optimizer.safetensors")
+        if guide_sum is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in guide_sum.items()}, tmp / "guide_sum.safetensors")
         atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
     return Path(path)
 
@@ -168,6 +173,21 @@ def restore_modules(path: Path, lm: nn.Module, guide: PuppetGuide) -> None:
         guide.load_state_dict(guide_tensors)
     except RuntimeError as err:
         raise FileFormatError(f"checkpoint: guide.safetensors does not fit ({err})") from None
+
+
+def read_guide_sum(path: Path, guide: PuppetGuide) -> dict[str, torch.Tensor]:
+    """The guide's parameters summed over the averaged steps so far (``guide_sum.safetensors``,
+    written by a fit stopped while it averages), on the guide's devices; checked against the
+    guide's parameters by name and shape."""
+    file = Path(path) / "guide_sum.safetensors"
+    if not file.is_file():
+        raise FileFormatError(f"checkpoint: {file} is missing: the fit stopped while averaging its guide "
+                              f"(average_steps) and needs the sum so far to resume")
+    tensors = load_tensors(file)
+    params = dict(guide.named_parameters())
+    if set(tensors) != set(params) or any(tensors[k].shape != p.shape for k, p in params.items()):
+        raise FileFormatError(f"checkpoint: {file} does not fit this guide's parameters")
+    return {k: tensors[k].to(device=p.device, dtype=p.dtype) for k, p in params.items()}
 
 
 def check_resumable(state: dict, checkpoint: Path, config: FitConfig, arch: Architecture, world_size: int,

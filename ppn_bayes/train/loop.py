@@ -37,7 +37,7 @@ from ..transfer import Readback, to_device
 from . import checkpoint as ckpt
 from .state import FitResult, FitState, PuppetFit, build_guide, build_model, build_optimizer, copy_frozen
 from .init import activation_start
-from .step import StepLoss, step_sizes, train_step
+from .step import StepLoss, average_guide, averaging, step_sizes, train_step
 
 __all__ = ["fit", "load_fit", "data_identity", "TOKENS_PER_PARAMETER", "TrainingBudgetWarning"]
 
@@ -204,6 +204,8 @@ def _restore_and_wrap(lm, config, arch, context, gated, model, guide, teacher, f
     run = FitState(config=config, arch=arch, lm=lm, gated=gated, model=model, guide=guide, optimizer=None,
                    runner=None, teacher=teacher, teacher_fingerprint=fingerprint)
     if state is not None:
+        if averaging(config, state["step"] - 1) and averaging(config, state["step"]):  # stopped while averaging
+            run.guide_sum = ckpt.read_guide_sum(checkpoint, guide)  # read and checked before the weights load
         ckpt.restore_modules(checkpoint, lm, guide)
         run.step, run.history, run.validation = state["step"], state["history"], list(state.get("validation", []))
     if config.compile != "none":
@@ -256,6 +258,7 @@ def _loop(run: FitState, blocks, context, *, checkpoint, tokenizer, progress, ev
     for step in bar:
         run.step = step
         figures = train_step(run, _batches(blocks, config, step, context, device), context=context, device=device)
+        average_guide(run, step)
         log.push(step, figures, began)  # read one step late: the host queues the next step meanwhile
         done = step + 1
         if eval_tokens is not None and (done == config.steps or (config.eval_every and done % config.eval_every == 0)):
@@ -371,7 +374,7 @@ def _save(run: FitState, context, checkpoint: Path, step: int, tokenizer, data: 
         ckpt.save_checkpoint(checkpoint, lm=run.lm, guide=run.guide, optimizer=run.optimizer, step=step,
                              config=run.config, arch=run.arch, history=run.history, validation=run.validation,
                              tokenizer=tokenizer, world_size=context.world_size,
-                             teacher_fingerprint=run.teacher_fingerprint, data=data, **full)
+                             teacher_fingerprint=run.teacher_fingerprint, data=data, guide_sum=run.guide_sum, **full)
         run.checkpoint_bytes = checkpoint_sizes(checkpoint)
     context.barrier()
 

@@ -12,7 +12,8 @@ likelihood, spread evenly over them, so every size counts alike.
 
 The last ``settle_steps`` steps of a fit settle: the guide is frozen and the rows of each
 size are read under the masks that ship at that size (:func:`deployed_gates`), the
-likelihood alone (no Pyro trace, no prior term).
+likelihood alone (no Pyro trace, no prior term). With ``average_steps`` the guide first takes
+the mean of its parameters over that many steps before (:func:`average_guide`).
 
 Row weights carry the factor ``world_size · accumulate``: a micro-batch's loss is divided
 by ``accumulate`` before its backward and DDP averages gradients over processes, so the
@@ -36,8 +37,8 @@ from ..core.schedule import lr_factor
 from . import seeds
 from .state import FitState, group
 
-__all__ = ["StepLoss", "deployed_gates", "self_teacher", "settles", "step_sizes", "step_plan", "teacher_of",
-           "train_step"]
+__all__ = ["StepLoss", "average_guide", "averaging", "deployed_gates", "self_teacher", "settles", "step_sizes",
+           "step_plan", "teacher_of", "train_step"]
 
 
 class StepLoss(nn.Module):
@@ -106,6 +107,31 @@ def settles(config: FitConfig, step: int) -> bool:
     """Whether ``step`` is one of the last ``settle_steps``: the guide frozen, the LM trained
     on the deployed masks alone."""
     return step >= config.steps - config.settle_steps
+
+
+def averaging(config: FitConfig, step: int) -> bool:
+    """Whether ``step`` is one of the ``average_steps`` steps before the first settling step,
+    whose guides are averaged."""
+    first = config.steps - config.settle_steps
+    return config.average_steps > 0 and first - config.average_steps <= step < first
+
+
+@torch.no_grad()
+def average_guide(state: FitState, step: int) -> None:
+    """Polyak averaging before the fit settles (``average_steps``): after each averaged
+    ``step`` the guide's parameters are added to ``state.guide_sum``; after the last one the
+    guide takes their mean, which the settling steps then rank (:func:`deployed_gates`)."""
+    if not averaging(state.config, step):
+        return
+    params = dict(state.guide.named_parameters())
+    if state.guide_sum is None:
+        state.guide_sum = {name: torch.zeros_like(p) for name, p in params.items()}
+    for name, p in params.items():
+        state.guide_sum[name].add_(p)
+    if not averaging(state.config, step + 1):  # the last averaged step: the guide takes the mean
+        for name, p in params.items():
+            p.copy_(state.guide_sum[name] / state.config.average_steps)
+        state.guide_sum = None
 
 
 def deployed_gates(state: FitState, sizes: tuple[float, ...], device: torch.device) -> Gates:
