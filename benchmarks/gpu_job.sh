@@ -33,9 +33,10 @@
 #                                 # more share the GPUs in turn), the rest queued behind them (job I after
 #                                 # job I - GPUS, while more than QUEUE_MIN s of LIMIT are left), each as
 #                                 # part9 (fit:SEED; fit:SEED:METHOD another ppn_bayes method of quality.py,
-#                                 # e.g. an ablation, with the same recipe) or part10 (wkd:SIZE, width-kd on the
-#                                 # fit's text and tokens) runs it, each resumable in its own work folder
-#                                 # (seedS, seedS-METHOD, wkd-SIZE),
+#                                 # e.g. an ablation, with the same recipe; fit:SEED:METHOD:KEY=VALUE/KEY=VALUE
+#                                 # that with FitConfig fields set, after RECORD_EXTRA's) or part10 (wkd:SIZE,
+#                                 # width-kd on the fit's text and tokens) runs it, each resumable in its own
+#                                 # work folder (seedS, seedS-METHOD, seedS-METHOD-KEYVALUE-KEYVALUE, wkd-SIZE),
 #                                 # logs gpuG-jobI.log; on one GPU, JOBS="fit:1 wkd:0.5" runs the second
 #                                 # seed, then width-kd at 0.5
 #   benchmarks/gpu_job.sh nll-out FOLDER...  # the token NLLs kept under $WORK/FOLDER/token-nll (parts 9-11,
@@ -158,13 +159,14 @@ record_fit() {  # record_fit METHOD FOLDER DATA [LOG]: the fit of record's recip
   work=$(workdir "$2")
   budget=$(( $(left) - 20 ))
   local nll; token_nll_flags "$work"
-  echo "[gpu_job] $(date +%T) $method seed $seed ($budget s)" >> "$log"
+  local sets=(); [[ -n "${SETS:-}" ]] && for pair in ${SETS//\// }; do sets+=(--fit-set "$pair"); done
+  echo "[gpu_job] $(date +%T) $method seed $seed ${SETS:-} ($budget s)" >> "$log"
   timeout --signal=TERM "${budget}s" python3 benchmarks/quality.py "${COMMON[@]}" --work-dir "$work" \
     --rankings "$work/rankings.json" --methods "$method" --fit-tokens "$data" --fit-batch 16 \
     --fit-steps "${RECORD_STEPS:-3052}" --fit-set seed="$seed" --fit-set warmup_steps=100 \
     --fit-set compile=inductor --fit-set autocast=bfloat16 \
     --fit-set checkpoint_every=1000 --fit-set eval_every=250 --fit-set eval_sizes=0.9,0.5,0.3 \
-    --fit-eval-windows 8 --fit-stop-after "$(( budget - 60 ))" "${nll[@]}" ${RECORD_EXTRA:-} >> "$log" 2>&1
+    --fit-eval-windows 8 --fit-stop-after "$(( budget - 60 ))" "${nll[@]}" ${RECORD_EXTRA:-} "${sets[@]}" >> "$log" 2>&1
   cp "$work/fits/$method.validation.jsonl" "$OUT/validation-$2.jsonl" 2>/dev/null || true
   cp "$work/rankings.json" "$OUT/rankings-$2.json" 2>/dev/null || true
 }
@@ -257,14 +259,22 @@ case "$part" in
   part14)
     read -r -a jobs <<< "${JOBS:-fit:0 fit:1 wkd:0.5 wkd:0.3}"
     for job in "${jobs[@]}"; do
-      [[ "$job" =~ ^(fit:[0-9]+(:[A-Za-z0-9_.+-]+)?|wkd:[0-9.]+)$ ]] \
-        || { echo "unknown job $job in JOBS: fit:SEED, fit:SEED:METHOD (a method quality.py fits) or wkd:SIZE"; exit 2; }
-      if [[ "$job" == fit:*:* ]]; then  # a method quality.py fits, named before anything is prepared
-        python3 -c 'import sys; sys.path.insert(0, "benchmarks"); from protocol import ids
+      [[ "$job" =~ ^(fit:[0-9]+(:[A-Za-z0-9_.+-]+(:[a-z0-9_]+=[A-Za-z0-9_.,-]+(/[a-z0-9_]+=[A-Za-z0-9_.,-]+)*)?)?|wkd:[0-9.]+)$ ]] \
+        || { echo "unknown job $job in JOBS: fit:SEED, fit:SEED:METHOD (a method quality.py fits)," \
+                  "fit:SEED:METHOD:KEY=VALUE/KEY=VALUE... (FitConfig fields) or wkd:SIZE"; exit 2; }
+      if [[ "$job" == fit:*:* ]]; then  # a method quality.py fits and FitConfig fields, named before anything is prepared
+        IFS=: read -r _ _ method sets <<< "$job"
+        python3 -c 'import dataclasses, sys; sys.path.insert(0, "benchmarks"); from protocol import ids
 fits = ids(builder="fit")
 if sys.argv[1] not in fits:
-    print(f"unknown fit method {sys.argv[1]!r} in JOBS; quality.py fits:", *fits); sys.exit(2)' \
-          "${job##*:}" || exit 2
+    print(f"unknown fit method {sys.argv[1]!r} in JOBS; quality.py fits:", *fits); sys.exit(2)
+if sys.argv[2]:
+    from ppn_bayes import FitConfig
+    fields = {f.name for f in dataclasses.fields(FitConfig)}
+    unknown = [pair for pair in sys.argv[2].split("/") if pair.partition("=")[0] not in fields]
+    if unknown:
+        print(f"unknown FitConfig field in JOBS: {unknown[0]!r}"); sys.exit(2)' \
+          "$method" "$sets" || exit 2
       fi
     done
     [[ "${GPUS:-1}" =~ ^[1-9][0-9]*$ ]] || { echo "GPUS must be a whole number of jobs at once, got '$GPUS'"; exit 2; }
@@ -287,8 +297,9 @@ if sys.argv[1] not in fits:
           fi
           echo "[gpu_job] GPU $gpu: $job"
           case "$job" in
-            fit:*:*) seed="${job#fit:}" seed="${seed%%:*}" method="${job##*:}"
-                     SEED="$seed" record_fit "$method" "seed$seed-$method" "$data" "$log" ;;
+            fit:*:*) IFS=: read -r _ seed method sets <<< "$job"
+                     folder="seed$seed-$method"; [[ -n "$sets" ]] && folder+="-${sets//[=]/}"
+                     SETS="$sets" SEED="$seed" record_fit "$method" "${folder//\//-}" "$data" "$log" ;;
             fit:*) SEED="${job#fit:}" record_fit ppn_bayes "seed${job#fit:}" "$data" "$log" ;;
             wkd:*) record_width_kd "${job#wkd:}" "$data" "$log" ;;
           esac

@@ -251,6 +251,12 @@ def listed(sizes) -> str:
     return ",".join(f"{s:g}" for s in sizes)
 
 
+#: FitConfig fields whose runs the report's ablation table sets against the same fit with the
+#: field at its default (every other setting, the seed, text, tokens and windows the same): the
+#: ablations that are a setting of one method rather than a method of their own.
+SETTING_ABLATIONS = ("settle_steps", "average_steps")
+
+
 def fit_changes(name: str) -> dict:
     """The FitConfig changes of method ``name`` from the fit of record (none for a non-fit)."""
     return dict(METHODS[name].fit) if name in METHODS else {}

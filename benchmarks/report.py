@@ -32,8 +32,9 @@ from ppn_bayes.records import BENCHMARKS, RECORDS_DIR, curve_match, read_records
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from protocol import (DENSE_MARGIN, DENSE_TARGET_SIZE, METHODS, PROTOCOL_SIZES, RECORD, SPEED_TARGET,  # noqa: E402
-                      TARGET_RIVALS, TARGET_SIZES, WIDTH_KD_MARGIN, WIDTH_KD_SIZES, fit_changes, label)
+from protocol import (DENSE_MARGIN, DENSE_TARGET_SIZE, METHODS, PROTOCOL_SIZES, RECORD,  # noqa: E402
+                      SETTING_ABLATIONS, SPEED_TARGET, TARGET_RIVALS, TARGET_SIZES, WIDTH_KD_MARGIN, WIDTH_KD_SIZES,
+                      fit_changes, label)
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The activation score before issue 15 (input-side weights averaged in: mostly weight magnitude).
@@ -268,61 +269,108 @@ def rate_table(records: list[dict]) -> list[str]:
             ""]
 
 
+def _geomean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
 def ablation_table(records: list[dict]) -> list[str]:
-    """Each ablation's latest run against the fit it ablates: the fit of record (or its shorter
-    variant, the ablations' reference at a smaller budget) with the same settings but the
-    ablation's own changes (``protocol.fit_changes``), the same seed, text, training tokens and
-    windows; the latest run of each. Each reference is followed by the ablations it is the
-    reference of. Cells: perplexity (ratio to the reference's at that size)."""
+    """Each ablation against the fit it ablates: the fit of record (or its shorter variant, the
+    ablations' reference at a smaller budget) with the same settings but the ablation's own
+    changes, the same seed, text, training tokens and windows. An ablation is a method of its
+    own (``protocol.fit_changes``: its latest run) or a run of the reference's method with
+    :data:`protocol.SETTING_ABLATIONS` fields set, against the same fit with them at their
+    defaults (each setting's latest run). Every run of the reference counts (several: lowest to
+    highest), and each ablation's ratio is to their geometric mean at that size, so a rerun of the
+    reference shows how far apart two runs of one setting fall. Each reference is followed by the
+    ablations it is the reference of."""
     def key(r, changed):
         fit = (r.get("settings") or {}).get("fit") or {}
         kept = {k: v for k, v in fit_settings(r).items() if k not in changed}
         return (json.dumps(kept, sort_keys=True), fit.get("seed"), *_same_settings(r)[1:])
 
-    def by_size(runs):
-        return latest(runs, lambda r: round(float(r["size_requested"]), 4))
+    def size_of(r):
+        return round(float(r["size_requested"]), 4)
+
+    defaults = {f.name: f.default for f in dataclasses.fields(FitConfig) if f.name in SETTING_ABLATIONS}
+
+    def set_fields(r):  # the SETTING_ABLATIONS fields a run sets away from their defaults
+        fit = fit_settings(r)
+        return {k: fit[k] for k in defaults if k in fit and fit[k] != defaults[k]}
 
     usable = [r for r in records if r.get("ppl") is not None and not superseded(r)]
     references = [r for r in usable if r["method"] in (RECORD, "ppn_bayes-short")]
-    paired = defaultdict(list)  # the reference's runs (their ids) -> [(ablation, its runs by size)]
+    paired = defaultdict(list)  # the reference's runs (their ids) -> [(row label, its runs by size)]
     kept_refs = {}
+
+    def pair(name, runs, changed, k, method=None):  # method: the reference's (None: either)
+        theirs = [r for r in references if method in (None, r["method"]) and key(r, changed) == k
+                  and not set_fields(r)]
+        if not theirs:
+            return
+        ids = tuple(sorted(id(r) for r in theirs))
+        kept_refs[ids] = theirs
+        paired[ids].append((name, latest(runs, size_of)))
+
     for method in (m for m in METHODS if METHODS[m].family == "ablation"):
         changed = set(fit_changes(method))
         runs = [r for r in usable if r["method"] == method]
-        if not runs:
-            continue
-        newest = max(runs, key=lambda r: r.get("date") or "")
-        k = key(newest, changed)
-        theirs = [r for r in references if key(r, changed) == k]
-        if not theirs:
-            continue
-        ref = by_size(theirs)
-        ids = tuple(sorted(id(r) for r in ref.values()))
-        kept_refs[ids] = ref
-        paired[ids].append((method, by_size([r for r in runs if key(r, changed) == k])))
+        if runs:
+            k = key(max(runs, key=lambda r: r.get("date") or ""), changed)
+            pair(label(method), [r for r in runs if key(r, changed) == k], changed, k)
+    settings_groups = defaultdict(list)  # (method, the fields set, key) -> runs
+    for r in references:
+        if fields := set_fields(r):
+            settings_groups[(r["method"], json.dumps(fields, sort_keys=True), key(r, set(fields)))].append(r)
+    for (method, fields, k), runs in settings_groups.items():
+        fields = json.loads(fields)
+        name = ", ".join([label(method), *(f"{f}={fields[f]}" for f in SETTING_ABLATIONS if f in fields)])
+        pair(name, runs, set(fields), k, method)
     rows = []
-    for ids in sorted(paired, key=lambda i: max(r.get("date") or "" for r in kept_refs[i].values()), reverse=True):
-        ref = kept_refs[ids]
-        first = next(iter(ref.values()))
-        when = max(r.get("date") or "" for r in ref.values())[:10]
+    for ids in sorted(paired, key=lambda i: max(r.get("date") or "" for r in kept_refs[i]), reverse=True):
+        theirs = kept_refs[ids]
+        ref = defaultdict(list)
+        for r in theirs:
+            ref[size_of(r)].append(r["ppl"])
+        first = theirs[0]
+        when = max(r.get("date") or "" for r in theirs)[:10]
         seed = ((first.get("settings") or {}).get("fit") or {}).get("seed")
         rows.append([label(first["method"]), _fmt(first.get("train_tokens")), str(seed), when,
-                     *(_fmt(ref[s]["ppl"]) if s in ref else "–" for s in PROTOCOL_SIZES)])
-        for method, mine in paired[ids]:
-            rows.append([label(method), "", "", max(r.get("date") or "" for r in mine.values())[:10],
-                         *(f"{_fmt(mine[s]['ppl'])} ({mine[s]['ppl'] / ref[s]['ppl']:.2f})" if s in mine and s in ref
+                     *("–" if s not in ref else _fmt(ref[s][0]) if len(ref[s]) == 1 else
+                       f"{_fmt(min(ref[s]))} to {_fmt(max(ref[s]))} ({len(ref[s])})" for s in PROTOCOL_SIZES)])
+        for name, mine in sorted(paired[ids], key=lambda entry: entry[0]):
+            rows.append([name, "", "", max(r.get("date") or "" for r in mine.values())[:10],
+                         *(f"{_fmt(mine[s]['ppl'])} ({mine[s]['ppl'] / _geomean(ref[s]):.2f})" if s in mine and s in ref
                            else "–" for s in PROTOCOL_SIZES)])
     if not rows:
         return []
     return ["Ablations: each one's latest run against the fit it ablates, the row above it (the same settings but "
-            "the ablation's, the same seed, text, training tokens and windows). Cells: perplexity (ratio to the "
-            "reference at that size).",
+            "the ablation's, the same seed, text, training tokens and windows; an ablation named by a setting is a "
+            "run of the reference's method with that setting). The reference row holds every run of it (several: "
+            "lowest to highest, the spread of reruns of one setting). Cells: perplexity (ratio to the geometric mean "
+            "of the reference's runs at that size).",
             "", *_table(["method", "training tokens", "seed", "date", *(f"{s:g}" for s in PROTOCOL_SIZES)], rows), ""]
 
 
+def row_records(records: list[dict]) -> dict:
+    """The record of each (method, size) the quality table shows: the latest of the method's
+    newest configuration (:func:`_same_settings` of its latest record) where that configuration
+    was measured at the size, else the latest at the size. Runs that ended together with other
+    settings (a setting's ablation beside its reference) thus never mix in one row."""
+    def size_of(r):
+        return round(float(r.get("size_requested", 1.0)), 4)
+
+    chosen = latest(records, lambda r: (r["method"], size_of(r)))
+    newest = latest(records, lambda r: r["method"])
+    for method, record in newest.items():
+        same = _same_settings(record)
+        group = latest([r for r in records if r["method"] == method and _same_settings(r) == same], size_of)
+        chosen.update({(method, size): r for size, r in group.items()})
+    return chosen
+
+
 def quality_table(records: list[dict]) -> list[str]:
-    """Rows: methods; columns: sizes; cells: perplexity (size reached)."""
-    chosen = latest(records, lambda r: (r["method"], round(float(r.get("size_requested", 1.0)), 4)))
+    """Rows: methods; columns: sizes; cells: perplexity (size reached): :func:`row_records`."""
+    chosen = row_records(records)
     sizes = sorted({s for _, s in chosen} | set(PROTOCOL_SIZES), reverse=True)
     methods = sorted({m for m, _ in chosen}, key=_order)
     header = ["method", *(f"{s:g}" for s in sizes), "windows", "training tokens"]

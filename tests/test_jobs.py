@@ -109,8 +109,10 @@ def test_jobs_hold_only_data():
 
 
 @pytest.mark.parametrize("environ, message", [
-    ({"JOBS": "fit:1 kd:0.5"}, "unknown job kd:0.5 in JOBS: fit:SEED, fit:SEED:METHOD (a method quality.py fits) "
-                                "or wkd:SIZE"),
+    ({"JOBS": "fit:1 kd:0.5"}, "unknown job kd:0.5 in JOBS: fit:SEED, fit:SEED:METHOD (a method quality.py fits), "
+                                "fit:SEED:METHOD:KEY=VALUE/KEY=VALUE... (FitConfig fields) or wkd:SIZE"),
+    ({"JOBS": "fit:0:ppn_bayes-short:settle_steps"}, "unknown job fit:0:ppn_bayes-short:settle_steps in JOBS"),
+    ({"JOBS": "fit:0:ppn_bayes-short:settle_steps=3/settle=3"}, "unknown FitConfig field in JOBS: 'settle=3'"),
     ({"JOBS": "fit:0:ppn_bayes-short fit:0:ppn_bayes-flatt"}, "unknown fit method 'ppn_bayes-flatt' in JOBS; "
                                                              "quality.py fits: ppn_bayes ppn_bayes-flat"),
     ({"JOBS": "fit:0:width"}, "unknown fit method 'width' in JOBS"),

@@ -398,11 +398,21 @@ def test_issue_15_ablation_jobs_rehearsal_on_cpu(tiny_setup, tmp_path):
     but the ablation's own changes (the recipe, the seed, the text and the tokens) (minutes:
     slow; test_jobs checks that a method quality.py does not fit is refused)."""
     fit_changes = _load("protocol").fit_changes
-    env = _part14_env(tiny_setup, tmp_path, GPUS="3", RECORD_EXTRA="--fit-set compile=none")
+    env = _part14_env(tiny_setup, tmp_path, GPUS="4", RECORD_EXTRA="--fit-set compile=none")
     methods = ("ppn_bayes-short", "ppn_bayes-flat", "ppn_bayes-point")
+    settled = "fit:0:ppn_bayes-short:settle_steps=1/average_steps=1"  # FitConfig fields of one job
     subprocess.run(["bash", "benchmarks/gpu_job.sh", "part14"], cwd=ROOT, check=True, timeout=900,
-                   env={**env, "JOBS": " ".join(f"fit:0:{m}" for m in methods)})
+                   env={**env, "JOBS": " ".join([*(f"fit:0:{m}" for m in methods), settled])})
     records = read_records("quality", tmp_path / "out" / "records")
+    assert (tmp_path / "work" / "seed0-ppn_bayes-short-settle_steps1-average_steps1").is_dir()
+    settles = [r for r in records if r["settings"]["fit"]["settle_steps"]]
+    assert sorted(r["size_requested"] for r in settles) == [0.3, 0.4, 0.5, 0.7, 0.9]
+    short = next(r["settings"]["fit"] for r in records if r["method"] == "ppn_bayes-short" and r not in settles)
+    assert {k: v for k, v in settles[0]["settings"]["fit"].items() if k not in ("settle_steps", "average_steps")} \
+        == {k: v for k, v in short.items() if k not in ("settle_steps", "average_steps")}
+    assert (settles[0]["settings"]["fit"]["settle_steps"], settles[0]["settings"]["fit"]["average_steps"]) == (1, 1)
+    assert (short["settle_steps"], short["average_steps"]) == (0, 0)
+    records = [r for r in records if r not in settles]
     assert sorted({r["method"] for r in records}) == sorted(methods)
     assert all(sorted(r["size_requested"] for r in records if r["method"] == m) == [0.3, 0.4, 0.5, 0.7, 0.9]
                for m in methods)
@@ -712,6 +722,30 @@ def test_each_ablation_is_held_against_the_fit_it_ablates():
                                                      (report.label("ppn_bayes-point"), "44 (1.10)")]
 
 
+def test_a_setting_ablation_is_held_against_every_run_of_its_reference():
+    """A run of the reference's own method with SETTING_ABLATIONS fields set (settling, averaging)
+    is an ablation of the same fit with them at their defaults: same seed, tokens, every other
+    setting. The reference row shows its reruns' range, and each ratio is to their geometric mean
+    (40 and 90 at 0.5: 60); another seed's reference does not count, nor a run with a setting the
+    ablation does not name."""
+    from ppn_bayes.core.config import FitConfig
+
+    def run(ppl, *, seed=0, date="2026-12-02", **fit):
+        return {"method": "ppn_bayes-short", "size_requested": 0.5, "ppl": ppl, "train_tokens": 10, "windows": 2,
+                "date": date, "settings": {"fit": FitConfig(steps=10, seed=seed, **fit).to_dict()}}
+
+    records = [run(40.0), run(90.0, date="2026-12-03"), run(10.0, seed=1), run(20.0, seed=0, lr_lm=1.0),
+               run(54.0, settle_steps=3), run(66.0, settle_steps=3, average_steps=3),
+               run(30.0, settle_steps=3, date="2026-12-01")]  # an older run of the same setting: not shown
+    table = [line for line in report.ablation_table(records) if line.startswith("| ppn_bayes")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table]
+    at = [f"{s:g}" for s in report.PROTOCOL_SIZES].index("0.5") + 4
+    short = report.label("ppn_bayes-short")
+    assert [(c[0], c[at]) for c in cells] == [(short, "40 to 90 (2)"),
+                                              (f"{short}, settle_steps=3", "54 (0.90)"),
+                                              (f"{short}, settle_steps=3, average_steps=3", "66 (1.10)")]
+
+
 def test_a_target_holds_only_when_every_seed_meets_it():
     """Two seeds of the fit of record at 0.4: one below SparseGPT, one above; the target is
     missed, by the worst run's ratio. An older run of the same seed does not count."""
@@ -889,3 +923,20 @@ def test_settle_benchmark_compares_fits_with_and_without_settling(tmp_path):
     # settle_steps=2 of 4, evaluated at steps 2 and 4: the guide did not move between them
     assert all(r["gates_moved_at_the_end"] == 0 for r in rows if r["settle_steps"] == 2)
     assert "## Settling" in report.render(records, tmp_path / "report.md", tmp_path / "img")
+
+
+def test_a_quality_row_shows_one_configuration():
+    """Two settings of one method recorded side by side (their dates interleave by size) and an
+    older run at a size neither has: the row takes every size its newest configuration measured
+    from that configuration alone, the other size from the older run."""
+    from ppn_bayes.core.config import FitConfig
+
+    def run(size, ppl, date, **fit):
+        return {"method": "ppn_bayes-short", "size_requested": size, "ppl": ppl, "date": date, "train_tokens": 10,
+                "windows": 2, "settings": {"fit": FitConfig(steps=10, **fit).to_dict()}}
+
+    records = [run(0.7, 70.0, "2026-12-01"),
+               run(0.5, 51.0, "2026-12-03T06:00:02", settle_steps=3), run(0.5, 50.0, "2026-12-03T06:00:01"),
+               run(0.3, 81.0, "2026-12-03T06:00:03", settle_steps=3), run(0.3, 80.0, "2026-12-03T06:00:04")]
+    chosen = report.row_records(records)
+    assert {size: r["ppl"] for (_, size), r in chosen.items()} == {0.7: 70.0, 0.5: 50.0, 0.3: 80.0}
