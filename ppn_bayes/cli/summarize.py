@@ -18,7 +18,10 @@ def register(subparsers) -> None:
                     "OUT: summary.csv (mean, sd, HDI, MCSE, ESS of every variable, at --table-sizes), posterior.nc (the "
                     "ArviZ InferenceData, netCDF), keep_curves.png (keep probability against size, per "
                     "layer and unit), forest.png (keep probabilities at --size) and ambiguous.json "
-                    "(units with keep probability between --low and --high at --size).",
+                    "(units with keep probability between --low and --high at --size); for a fit evaluated with "
+                    "--eval-sizes, also masks_over_fit.json and masks_over_fit_SIZE.png (the attention and MLP "
+                    "units each layer of the deployed sub-network kept at each evaluation, and its held-out "
+                    "perplexity: where the ranking still moved).",
     )
     summarize.add_argument("checkpoint", metavar="CHECKPOINT",
                            help="a fit checkpoint directory (e.g. OUT/checkpoint of ppn-bayes fit)")

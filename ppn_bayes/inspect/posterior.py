@@ -737,8 +737,11 @@ def write_summary(fit_or_guide, out, *, sizes=DEFAULT_SIZES, size: float = 0.5, 
     variable, at ``table_sizes`` for the size-dependent ones), ``posterior.nc``
     (:func:`to_inference_data`, netCDF-4 through h5netcdf), ``keep_curves.png``
     (:func:`plot_keep_curves`), ``forest.png`` (:func:`plot_forest` at ``size``) and
-    ``ambiguous.json`` (:func:`ambiguous_units` at ``size``, with the settings). The same
-    files, columns and groups under ArviZ 0.x and 1.x.
+    ``ambiguous.json`` (:func:`ambiguous_units` at ``size``, with the settings); for a fit
+    whose held-out evaluations kept their masks (``eval_sizes``), also ``masks_over_fit.json``
+    and ``masks_over_fit_SIZE.png`` for each evaluated size (:mod:`~ppn_bayes.inspect.trajectory`:
+    the units each layer kept at each evaluation). The same files, columns and groups under
+    ArviZ 0.x and 1.x.
 
     Parameters
     ----------
@@ -801,5 +804,31 @@ def write_summary(fit_or_guide, out, *, sizes=DEFAULT_SIZES, size: float = 0.5, 
             "seed": seed, "units": ambiguous.to_dict(orient="records"),
         }
         (tmp / "ambiguous.json").write_text(json.dumps(record, indent=1))
-    names = ["summary.csv", "posterior.nc", "keep_curves.png", "forest.png", "ambiguous.json"]
+        over_fit = _write_masks_over_fit(fit_or_guide, tmp)
+    names = ["summary.csv", "posterior.nc", "keep_curves.png", "forest.png", "ambiguous.json", *over_fit]
     return {**{name: str(out / name) for name in names}, "n_ambiguous": len(ambiguous)}
+
+
+def _write_masks_over_fit(fit_or_guide, folder: Path) -> list[str]:
+    """For a fit whose evaluations kept their masks: ``masks_over_fit.json`` (the per-layer
+    counts of every evaluated size, :mod:`~ppn_bayes.inspect.trajectory`) and one
+    ``masks_over_fit_SIZE.png`` a size; nothing for a guide or a fit without them."""
+    import json
+
+    import matplotlib.pyplot as plt
+
+    from .trajectory import evaluated_sizes, mask_trajectory, plot_mask_trajectory
+
+    result = getattr(fit_or_guide, "result", None)
+    validation = list(getattr(result, "validation", None) or [])
+    sizes = evaluated_sizes(validation)
+    if not sizes:
+        return []
+    arch = _guide_of(fit_or_guide).arch
+    trajectories = [mask_trajectory(validation, arch, size) for size in sizes]
+    names = ["masks_over_fit.json"]
+    (folder / names[0]).write_text(json.dumps([t.to_dict() for t in trajectories]))
+    for trajectory in trajectories:
+        names.append(f"masks_over_fit_{trajectory.size:g}.png")
+        plt.close(plot_mask_trajectory(trajectory, path=folder / names[-1]))
+    return names
