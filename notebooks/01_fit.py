@@ -77,7 +77,9 @@ print(f"{arch.n_layers} layers, {arch.n_attention_units} attention units and {ar
 #
 # `FitConfig` holds every setting (frozen, validated, saved with the checkpoint). Each step
 # trains the full LM, the smallest size `size_min` and a random size between (the sandwich
-# rule); the gates and the LM's weights learn together.
+# rule); the gates and the LM's weights learn together. Every `eval_every` steps the fit
+# evaluates the deployed sub-networks at `eval_sizes` on held-out windows and keeps their
+# masks (notebook 2 shows how they moved).
 
 # %%
 config = pb.FitConfig(
@@ -89,8 +91,12 @@ config = pb.FitConfig(
     size_min=0.25,
     mlp_group=mlp_group,
     log_every=1 if SMOKE else 10,
+    eval_every=1 if SMOKE else 15,
+    eval_windows=2 if SMOKE else 8,
+    eval_sizes=(0.7, 0.5, 0.3),
 )
-fitted = pb.fit(lm, train, config, checkpoint=RUN_DIR / "fit", tokenizer=tokenizer, progress=False)
+fitted = pb.fit(lm, train, config, checkpoint=RUN_DIR / "fit", tokenizer=tokenizer, progress=False,
+                eval_tokens=held_out.tokens)
 print(f"{fitted.result.steps_done} steps, {fitted.result.train_tokens:,} training tokens; "
       f"checkpoint: {fitted.result.checkpoint}")
 

@@ -101,6 +101,23 @@ print(f"{len(ambiguous)} ambiguous of {arch.n_layers * (1 + arch.n_units)} layer
 ambiguous.head(10)
 
 # %% [markdown]
+# ## The masks over the fit
+#
+# Notebook 1's fit evaluated its deployed sub-networks as it went and kept their masks.
+# `ppn_bayes.inspect.trajectory` reads them back per layer: how many attention and MLP
+# units the sub-network of one size kept at each evaluation. A layer whose colour still
+# changes at the last evaluations is where the ranking has not settled (a longer fit, or
+# `settle_steps`, is what steadies it).
+
+# %%
+from ppn_bayes.inspect import trajectory
+
+over_fit = trajectory.mask_trajectory(fitted.result.validation, arch, 0.3)
+fig = trajectory.plot_mask_trajectory(over_fit)
+print("(attention, MLP) units kept per layer at the last evaluation:", over_fit.kept())
+print("layers that changed between the last two evaluations:", over_fit.changed_layers() or "none")
+
+# %% [markdown]
 # ## How the posterior changes with the prior's settings
 #
 # Three gate-only refits (`train_lm=False`) of the same fitted LM, from the same start:

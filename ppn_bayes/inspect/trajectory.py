@@ -156,26 +156,28 @@ def plot_mask_trajectory(trajectory: MaskTrajectory, *, path=None, dpi: int = 12
 
     t = trajectory
     E, L = t.layer.shape
-    fig = plt.figure(figsize=(9, 2.2 + 0.18 * L), constrained_layout=True)
-    grid = fig.add_gridspec(2, 2, height_ratios=[1, max(2.0, 0.18 * L)])
+    heat_height = max(2.0, 0.16 * L)
+    fig = plt.figure(figsize=(9, 2.6 + heat_height), constrained_layout=True)
+    grid = fig.add_gridspec(2, 2, height_ratios=[2.0, heat_height])
     top = fig.add_subplot(grid[0, :])
     top.plot(t.steps, np.exp(t.nll), marker="o")
-    top.set_yscale("log")
     top.set_xlabel("step")
     top.set_ylabel("held-out perplexity")
     top.set_title(f"size {t.size:g}: the deployed sub-network at each evaluation")
     cmap = plt.get_cmap("viridis").with_extremes(bad="0.8")
     image = None
+    every = max(1, L // 16)  # layer ticks: all of them up to 16 layers
     for column, (name, counts, total) in enumerate((("attention units", t.attention, t.n_attention_units),
                                                      ("MLP units", t.mlp, t.n_mlp_units))):
         ax = fig.add_subplot(grid[1, column])
         share = np.ma.masked_where(~t.layer.T, counts.T / max(1, total))  # [L, E]
         image = ax.imshow(share, aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
-        ax.set_title(f"{name} kept (of {total})")
+        ax.set_title(f"{name} kept, of {total} (grey: layer dropped)", fontsize=10)
         ax.set_xticks(range(E), [str(s) for s in t.steps], rotation=90, fontsize=7)
+        ax.set_yticks(range(0, L, every))
         ax.set_xlabel("step")
         ax.set_ylabel("layer")
-    fig.colorbar(image, ax=fig.axes[1:], shrink=0.8, label="share kept (grey: layer dropped)")
+    fig.colorbar(image, ax=fig.axes[1:], shrink=0.9, label="share kept")
     if path is not None:
         with atomic_file(path) as tmp:
             fig.savefig(tmp, format="png", dpi=dpi)
