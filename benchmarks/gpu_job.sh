@@ -37,7 +37,9 @@
 #                                 # that with FitConfig fields set, after RECORD_EXTRA's) or part10 (wkd:SIZE,
 #                                 # width-kd on the fit's text and tokens) runs it, each resumable in its own
 #                                 # work folder (seedS, seedS-METHOD, seedS-METHOD-KEYVALUE-KEYVALUE, wkd-SIZE),
-#                                 # logs gpuG-jobI.log; on one GPU, JOBS="fit:1 wkd:0.5" runs the second
+#                                 # logs gpuG-jobI.log, each fit's evaluations and ranking in $OUT/fits.tar
+#                                 # (FOLDER/validation.jsonl, FOLDER/rankings.json: one file, as a call brings
+#                                 # back at most 8); on one GPU, JOBS="fit:1 wkd:0.5" runs the second
 #                                 # seed, then width-kd at 0.5
 #   benchmarks/gpu_job.sh nll-out FOLDER...  # the token NLLs kept under $WORK/FOLDER/token-nll (parts 9-11,
 #                                 # 13 and 14 with TOKEN_NLL=1: FOLDER seed0, wkd-0.5, wkd12-lr3e-4-b0.999, ...;
@@ -167,8 +169,13 @@ record_fit() {  # record_fit METHOD FOLDER DATA [LOG]: the fit of record's recip
     --fit-set compile=inductor --fit-set autocast=bfloat16 \
     --fit-set checkpoint_every=1000 --fit-set eval_every=250 --fit-set eval_sizes=0.9,0.5,0.3 \
     --fit-eval-windows 8 --fit-stop-after "$(( budget - 60 ))" "${nll[@]}" ${RECORD_EXTRA:-} "${sets[@]}" >> "$log" 2>&1
-  cp "$work/fits/$method.validation.jsonl" "$OUT/validation-$2.jsonl" 2>/dev/null || true
-  cp "$work/rankings.json" "$OUT/rankings-$2.json" 2>/dev/null || true
+  # its evaluations and ranking, with every other fit's of this machine, in one file: $OUT/fits.tar
+  # (FOLDER/validation.jsonl, FOLDER/rankings.json), since a call brings back at most 8 files
+  mkdir -p "$WORK/fits-out/$2"
+  cp "$work/fits/$method.validation.jsonl" "$WORK/fits-out/$2/validation.jsonl" 2>/dev/null || true
+  cp "$work/rankings.json" "$WORK/fits-out/$2/rankings.json" 2>/dev/null || true
+  ( flock 9 && tar cf "$OUT/fits.tar.tmp" -C "$WORK/fits-out" . && mv "$OUT/fits.tar.tmp" "$OUT/fits.tar" ) \
+    9> "$WORK/fits-out.lock"
 }
 
 width_kd_flags() {  # width_kd_flags DATA BUDGET: sets wkd, quality.py's flags that train width-kd on the fit

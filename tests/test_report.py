@@ -405,6 +405,15 @@ def test_issue_15_ablation_jobs_rehearsal_on_cpu(tiny_setup, tmp_path):
                    env={**env, "JOBS": " ".join([*(f"fit:0:{m}" for m in methods), settled])})
     records = read_records("quality", tmp_path / "out" / "records")
     assert (tmp_path / "work" / "seed0-ppn_bayes-short-settle_steps1-average_steps1").is_dir()
+    import tarfile  # each fit's evaluations and ranking come back in one file
+
+    folders = [f"seed0-{m}" for m in methods] + ["seed0-ppn_bayes-short-settle_steps1-average_steps1"]
+    with tarfile.open(tmp_path / "out" / "fits.tar") as tar:
+        assert sorted(n for n in tar.getnames() if n.endswith((".json", ".jsonl"))) == sorted(
+            f"./{f}/{name}" for f in folders for name in ("rankings.json", "validation.jsonl"))
+        rows = [json.loads(line) for line in tar.extractfile(f"./{folders[0]}/validation.jsonl").read().splitlines()]
+    assert rows[-1]["step"] == 2
+    assert not list((tmp_path / "out").glob("validation-*")) and not list((tmp_path / "out").glob("rankings-*"))
     settles = [r for r in records if r["settings"]["fit"]["settle_steps"]]
     assert sorted(r["size_requested"] for r in settles) == [0.3, 0.4, 0.5, 0.7, 0.9]
     short = next(r["settings"]["fit"] for r in records if r["method"] == "ppn_bayes-short" and r not in settles)
