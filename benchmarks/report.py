@@ -77,6 +77,11 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
+def size_key(record: dict) -> float:
+    """The size a record was measured at, rounded to compare (a record without one: the full LM, 1)."""
+    return round(float(record.get("size_requested", 1.0)), 4)
+
+
 def latest(records: list[dict], key) -> dict:
     """The latest record (by date, then file order) of each ``key(record)``."""
     chosen: dict = {}
@@ -197,10 +202,10 @@ def _same_settings(record: dict) -> tuple:
 def repeats_of(records: list[dict], record: dict) -> list[dict]:
     """The latest run of each seed of ``record``'s method and size with its settings
     (``record`` itself for its seed): what a target must hold for every seed."""
-    size = round(float(record.get("size_requested", 1.0)), 4)
+    size = size_key(record)
     same = _same_settings(record)
     runs = [r for r in records if r["method"] == record["method"] and r.get("ppl") is not None
-            and round(float(r.get("size_requested", 1.0)), 4) == size and _same_settings(r) == same]
+            and size_key(r) == size and _same_settings(r) == same]
     return list(latest(runs, lambda r: ((r.get("settings") or {}).get("fit") or {}).get("seed")).values())
 
 
@@ -211,7 +216,7 @@ def spread_table(records: list[dict]) -> list[str]:
     groups = defaultdict(list)
     for r in records:
         if r.get("ppl") is not None and not superseded(r):
-            groups[(r["method"], _same_settings(r), round(float(r.get("size_requested", 1.0)), 4))].append(r["ppl"])
+            groups[(r["method"], _same_settings(r), size_key(r))].append(r["ppl"])
     repeated = {k: v for k, v in groups.items() if len(v) > 1}
     if not repeated:
         return []
@@ -254,7 +259,7 @@ def rate_table(records: list[dict]) -> list[str]:
         for c in sorted(shown, key=lambda c: (c[1] is None, c[1] or 0, c[0], str(c[2:]))):
             cells = defaultdict(list)
             for r in groups[c]:
-                cells[(lm_rate(r), round(float(r.get("size_requested", 1.0)), 4))].append(r["ppl"])
+                cells[(lm_rate(r), size_key(r))].append(r["ppl"])
             for rate in sorted({k[0] for k in cells}, key=lambda t: tuple(x if x is not None else -1 for x in t)):
                 ppl = [cells.get((rate, size), []) for size in WIDTH_KD_SIZES]
                 rows.append([label(method), _fmt(c[1]), f"{rate[0]:g}", f"{rate[1]:g}",
@@ -288,9 +293,6 @@ def ablation_table(records: list[dict]) -> list[str]:
         kept = {k: v for k, v in fit_settings(r).items() if k not in changed}
         return (json.dumps(kept, sort_keys=True), fit.get("seed"), *_same_settings(r)[1:])
 
-    def size_of(r):
-        return round(float(r["size_requested"]), 4)
-
     defaults = {f.name: f.default for f in dataclasses.fields(FitConfig) if f.name in SETTING_ABLATIONS}
 
     def set_fields(r):  # the SETTING_ABLATIONS fields a run sets away from their defaults
@@ -309,7 +311,7 @@ def ablation_table(records: list[dict]) -> list[str]:
             return
         ids = tuple(sorted(id(r) for r in theirs))
         kept_refs[ids] = theirs
-        paired[ids].append((name, latest(runs, size_of)))
+        paired[ids].append((name, latest(runs, size_key)))
 
     for method in (m for m in METHODS if METHODS[m].family == "ablation"):
         changed = set(fit_changes(method))
@@ -330,7 +332,7 @@ def ablation_table(records: list[dict]) -> list[str]:
         theirs = kept_refs[ids]
         ref = defaultdict(list)
         for r in theirs:
-            ref[size_of(r)].append(r["ppl"])
+            ref[size_key(r)].append(r["ppl"])
         first = theirs[0]
         when = max(r.get("date") or "" for r in theirs)[:10]
         seed = ((first.get("settings") or {}).get("fit") or {}).get("seed")
@@ -356,14 +358,11 @@ def row_records(records: list[dict]) -> dict:
     newest configuration (:func:`_same_settings` of its latest record) where that configuration
     was measured at the size, else the latest at the size. Runs that ended together with other
     settings (a setting's ablation beside its reference) thus never mix in one row."""
-    def size_of(r):
-        return round(float(r.get("size_requested", 1.0)), 4)
-
-    chosen = latest(records, lambda r: (r["method"], size_of(r)))
+    chosen = latest(records, lambda r: (r["method"], size_key(r)))
     newest = latest(records, lambda r: r["method"])
     for method, record in newest.items():
         same = _same_settings(record)
-        group = latest([r for r in records if r["method"] == method and _same_settings(r) == same], size_of)
+        group = latest([r for r in records if r["method"] == method and _same_settings(r) == same], size_key)
         chosen.update({(method, size): r for size, r in group.items()})
     return chosen
 
@@ -397,8 +396,9 @@ def quality_table(records: list[dict]) -> list[str]:
 
 def targets(records: list[dict]) -> list[str]:
     """The issue's quality targets (``protocol``): the fit of record below SparseGPT and Wanda at
-    0.5/0.4/0.3; within 1.3x dense at 0.5; within 10% of width-kd at 0.5 and 0.3."""
-    chosen = latest(records, lambda r: (r["method"], round(float(r.get("size_requested", 1.0)), 4)))
+    0.5/0.4/0.3; within 1.3x dense at 0.5; within 10% of width-kd at 0.5 and 0.3. The records
+    judged are the quality table's (:func:`row_records`)."""
+    chosen = row_records(records)
     lines = ["Targets (from the issue):", ""]
     rows = []
     for size in TARGET_SIZES:
@@ -457,7 +457,7 @@ def width_kd_targets(records: list[dict], chosen: dict) -> list[list[str]]:
             rows.append([target, "not yet measured", "–"])
             continue
         rivals = [r for r in records if r["method"] == "width-kd" and r.get("ppl") is not None
-                  and round(float(r.get("size_requested", 1.0)), 4) == size
+                  and size_key(r) == size
                   and r.get("train_tokens") == ours.get("train_tokens")]
         if not rivals:
             rows.append([target, f"no width-kd record of {_fmt(ours.get('train_tokens'))} tokens", "–"])
@@ -474,8 +474,9 @@ def width_kd_targets(records: list[dict], chosen: dict) -> list[list[str]]:
 
 
 def plot_quality(records: list[dict], path: Path, model) -> bool:
-    """Perplexity (log) against size reached, one line per method; False when nothing to plot."""
-    chosen = latest(records, lambda r: (r["method"], round(float(r.get("size_requested", 1.0)), 4)))
+    """Perplexity (log) against size reached, one line per method (the quality table's records,
+    :func:`row_records`); False when nothing to plot."""
+    chosen = row_records(records)
     series = defaultdict(list)
     for (method, _), record in chosen.items():
         if method != "dense" and record.get("ppl") is not None and math.isfinite(record["ppl"]):
@@ -533,7 +534,7 @@ def speed_section(records: list[dict], images: Path, image_prefix: str) -> list[
                      f"{first.get('new_tokens')} new tokens")
             lines += [f"### {title}: {phase} on {machine}, {model} ({first.get('dtype')}, "
                       f"{'compiled' if first.get('compiled') else 'eager'}, {shape})", ""]
-            chosen = latest(rows, lambda r: (r["method"], round(float(r.get("size_requested", 1.0)), 4)))
+            chosen = latest(rows, lambda r: (r["method"], size_key(r)))
             table = []
             for (method, size), r in sorted(chosen.items(), key=lambda kv: (_order(kv[0][0]), -kv[0][1])):
                 ratio, reached = r.get("ratio_vs_dense"), r.get("size_reached")
