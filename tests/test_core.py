@@ -229,6 +229,25 @@ def test_masks_are_nested_within_budget_and_respect_the_hierarchy(family):
     assert ranking.masks(1.0).layer.all() and ranking.masks(1.0).unit.all()
 
 
+def test_masks_read_back_from_their_marks():
+    """Masks.marks: the layers, then each layer's units, as 0 and 1; flat_from_marks reads them
+    back to Masks.flat; anything but 0 and 1 is refused."""
+    from ppn_bayes.core.ranking import flat_from_marks
+
+    arch = describe(tiny_lm("llama"), mlp_group=32)
+    g = torch.Generator().manual_seed(5)
+    masks = Ranking.from_log_lambda(arch, torch.randn(arch.n_layers, generator=g),
+                                    torch.randn(arch.n_layers, arch.n_units, generator=g)).masks(0.4)
+    marks = masks.marks()
+    L = arch.n_layers
+    assert marks[:L] == "".join("1" if k else "0" for k in masks.layer.tolist())
+    assert marks[L + arch.n_units:L + 2 * arch.n_units] == "".join("1" if k else "0" for k in masks.unit[1].tolist())
+    assert "0" in marks and "1" in marks
+    assert torch.equal(flat_from_marks(marks), masks.flat())
+    with pytest.raises(ValueError, match="masks are a string of 0 and 1, got '01x'"):
+        flat_from_marks("01x")
+
+
 def test_layers_rank_before_their_units():
     arch = describe(tiny_lm("llama"), mlp_group=32)
     for ranking in (Ranking.random(arch, seed=5),

@@ -66,6 +66,28 @@ class Masks:
         """``a <= b``: everything ``a`` keeps, ``b`` keeps (nesting)."""
         return bool((~self.layer | other.layer).all() and (~self.unit | other.unit).all())
 
+    def flat(self) -> torch.Tensor:
+        """``[L + L·U]`` bool: the layers kept, then each layer's units (attention units first)."""
+        return torch.cat([self.layer.flatten(), self.unit.flatten()]).bool()
+
+    def marks(self) -> str:
+        """:meth:`flat` as a string of 0 and 1: how a fit's evaluations keep the deployed masks
+        (``kept`` in ``validation.jsonl``); :func:`flat_from_marks` reads it back."""
+        return "".join("1" if k else "0" for k in self.flat().tolist())
+
+
+def flat_from_marks(marks: str) -> torch.Tensor:
+    """The ``[L + L·U]`` bool tensor of a :meth:`Masks.marks` string.
+
+    Raises
+    ------
+    ValueError
+        When ``marks`` holds anything but 0 and 1.
+    """
+    if set(marks) - {"0", "1"}:
+        raise ValueError(f"masks are a string of 0 and 1, got {marks[:40]!r}")
+    return torch.tensor([c == "1" for c in marks], dtype=torch.bool)
+
 
 class Ranking:
     """Layers and units in the order they are kept as the size grows.

@@ -2,7 +2,7 @@
 
 A fit with held-out evaluations (``FitConfig.eval_sizes``, ``ppn-bayes fit --eval-sizes``)
 keeps, for every evaluation and size, the deployed masks as a string of 0 and 1 (``kept``:
-the layers, then each layer's units, attention units first; see ``train.loop``). This module
+``Masks.marks``, read back by ``core.ranking.flat_from_marks``). This module
 reads them back per layer: how many attention and MLP units of each layer the size kept at
 each step, and where the ranking still moved. No ArviZ: it reads JSON rows.
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.ranking import flat_from_marks
 from ..io import atomic_file
 
 
@@ -138,7 +139,7 @@ def mask_trajectory(validation: list[dict], arch, size: float) -> MaskTrajectory
                              f"{L} layers × (1 + {A} attention + {M} MLP units)")
         steps.append(int(row["step"]))
         nll.append(float(match[0]["nll"]))
-        flat.append(np.frombuffer(kept.encode(), dtype=np.uint8) == ord("1"))
+        flat.append(flat_from_marks(kept).numpy())
     flat = np.stack(flat)  # [E, L + L·U]
     layer = flat[:, :L]
     unit = flat[:, L:].reshape(len(flat), L, A + M) & layer[:, :, None]

@@ -414,7 +414,7 @@ def _validate(lm: nn.Module, guide, tokens: torch.Tensor, config: FitConfig, ste
     masks of ``DIAGNOSTIC_DRAWS`` posterior draws lies inside ``AMBIGUOUS`` (0 when the
     posterior has settled on one mask at this size)."""
     from ..inspect.evaluate import perplexity
-    from ..core.ranking import Ranking
+    from ..core.ranking import Ranking, flat_from_marks
     from ..deploy.subnetwork import build_subnetwork
 
     ranking = Ranking.from_guide(guide)
@@ -428,24 +428,19 @@ def _validate(lm: nn.Module, guide, tokens: torch.Tensor, config: FitConfig, ste
     rows = []
     for size in eval_sizes(config):
         masks = ranking.masks(size)
-        kept = _flat(masks)
+        kept = masks.flat()
         with torch.autocast(device.type, enabled=False):  # the sliced sub-network, as it ships
             small = perplexity(build_subnetwork(lm, masks), tokens, seq_len=config.seq_len,
                                batch_size=config.batch_size)
-        frequency = torch.stack([_flat(r.masks(size)) for r in drawn]).double().mean(0)
+        frequency = torch.stack([r.masks(size).flat() for r in drawn]).double().mean(0)
         ambiguous = ((frequency > AMBIGUOUS[0]) & (frequency < AMBIGUOUS[1])).double().mean().item()
         stability = None
         if size in before:
-            then = torch.tensor([c == "1" for c in before[size]["kept"]], dtype=torch.bool)
+            then = flat_from_marks(before[size]["kept"])
             stability = int((kept & then).sum()) / max(1, int((kept | then).sum()))
         rows.append({"size": size, "size_reached": masks.size_reached, "nll": small.nll, "stability": stability,
-                     "ambiguous": ambiguous, "kept": "".join("1" if k else "0" for k in kept.tolist())})
+                     "ambiguous": ambiguous, "kept": masks.marks()})
     return {"step": step, "nll_full": full.nll, "windows": full.windows, "sizes": rows}
-
-
-def _flat(masks) -> torch.Tensor:
-    """``[L + L·U]`` bool: the layers a mask keeps, then its units."""
-    return torch.cat([masks.layer.flatten(), masks.unit.flatten()]).bool()
 
 
 def _gather_plain(lm, guide, lm_class: type, config: FitConfig, arch: Architecture):
