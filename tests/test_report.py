@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -405,8 +406,7 @@ def test_issue_15_ablation_jobs_rehearsal_on_cpu(tiny_setup, tmp_path):
                    env={**env, "JOBS": " ".join([*(f"fit:0:{m}" for m in methods), settled])})
     records = read_records("quality", tmp_path / "out" / "records")
     assert (tmp_path / "work" / "seed0-ppn_bayes-short-settle_steps1-average_steps1").is_dir()
-    import tarfile  # each fit's evaluations and ranking come back in one file
-
+    # each fit's evaluations and ranking come back in one file
     folders = [f"seed0-{m}" for m in methods] + ["seed0-ppn_bayes-short-settle_steps1-average_steps1"]
     with tarfile.open(tmp_path / "out" / "fits.tar") as tar:
         assert sorted(n for n in tar.getnames() if n.endswith((".json", ".jsonl"))) == sorted(
