@@ -35,8 +35,11 @@
 #                                 # part9 (fit:SEED; fit:SEED:METHOD another ppn_bayes method of quality.py,
 #                                 # e.g. an ablation, with the same recipe; fit:SEED:METHOD:KEY=VALUE/KEY=VALUE
 #                                 # that with FitConfig fields set, after RECORD_EXTRA's) or part10 (wkd:SIZE,
-#                                 # width-kd on the fit's text and tokens) runs it, each resumable in its own
-#                                 # work folder (seedS, seedS-METHOD, seedS-METHOD-KEYVALUE-KEYVALUE, wkd-SIZE),
+#                                 # width-kd on the fit's text and tokens; wkd:SIZE:width-kd-short the same,
+#                                 # recorded apart, for a smaller RECORD_STEPS; WKD_EXTRA: its own quality.py
+#                                 # flags, e.g. --fit-set warmup_steps=10 where RECORD_EXTRA sets the fits')
+#                                 # runs it, each resumable in its own work folder (seedS, seedS-METHOD,
+#                                 # seedS-METHOD-KEYVALUE-KEYVALUE, wkd-SIZE, wkd-SIZE-width-kd-short),
 #                                 # logs gpuG-jobI.log, each fit's evaluations and ranking in $OUT/fits.tar
 #                                 # (FOLDER/validation.jsonl, FOLDER/rankings.json: one file, as a call brings
 #                                 # back at most 8); on one GPU, JOBS="fit:1 wkd:0.5" runs the second
@@ -185,22 +188,23 @@ width_kd_flags() {  # width_kd_flags DATA BUDGET: sets wkd, quality.py's flags t
   # one list for parts 10 and 14
   wkd=(--width-kd-data "$1" --fit-batch 16 --fit-steps "${RECORD_STEPS:-3052}" --fit-set warmup_steps=100
        --fit-set compile="${WIDTH_KD_COMPILE:-inductor}" --fit-eval-windows 8 --width-kd-checkpoint-every 500
-       --width-kd-stop-after "$(( $2 > 100 ? $2 - 50 : $2 / 2 ))")
+       --width-kd-stop-after "$(( $2 > 100 ? $2 - 50 : $2 / 2 ))" ${WKD_EXTRA:-})
 }
 
-record_width_kd() {  # record_width_kd SIZE DATA [LOG]: width-kd at SIZE alone (width_kd_flags), in
-  # $WORK/wkd-SIZE, stopped before LIMIT, resumable
-  local size="$1" data="$2" log="$OUT/${3:-gpu0}.log" work budget
-  work=$(workdir "wkd-$size")
+record_width_kd() {  # record_width_kd SIZE DATA [LOG] [METHOD]: METHOD (width-kd, or width-kd-short) at SIZE
+  # alone (width_kd_flags), in $WORK/wkd-SIZE (wkd-SIZE-METHOD for another), stopped before LIMIT, resumable
+  local size="$1" data="$2" log="$OUT/${3:-gpu0}.log" method="${4:-width-kd}" work budget folder="wkd-$1"
+  [[ "$method" == width-kd ]] || folder+="-$method"
+  work=$(workdir "$folder")
   budget=$(( $(left) - 20 ))
   local nll wkd; token_nll_flags "$work"; width_kd_flags "$data" "$budget"
-  echo "[gpu_job] $(date +%T) width-kd $size ($budget s)" >> "$log"
+  echo "[gpu_job] $(date +%T) $method $size ($budget s)" >> "$log"
   timeout --signal=TERM "${budget}s" python3 benchmarks/quality.py "${COMMON[@]}" --work-dir "$work" \
-    --rankings "$work/rankings.json" --methods width-kd --width-kd-sizes "$size" "${wkd[@]}" \
+    --rankings "$work/rankings.json" --methods "$method" --width-kd-sizes "$size" "${wkd[@]}" \
     --time-budget "$(( budget - 60 ))" "${nll[@]}" >> "$log" 2>&1
   local state  # an unfinished run: where it resumes (quality.py names the folder f"{size:g}": 0.50 -> 0.5)
-  state="$work/width-kd/$(python3 -c 'import sys; print(f"{float(sys.argv[1]):g}")' "$size")/checkpoint/state.json"
-  [[ -f "$state" ]] && echo "[gpu_job] $(date +%T) width-kd $size: checkpoint at step" \
+  state="$work/$method/$(python3 -c 'import sys; print(f"{float(sys.argv[1]):g}")' "$size")/checkpoint/state.json"
+  [[ -f "$state" ]] && echo "[gpu_job] $(date +%T) $method $size: checkpoint at step" \
     "$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["step"])' "$state")" >> "$log"
   return 0
 }
@@ -266,9 +270,9 @@ case "$part" in
   part14)
     read -r -a jobs <<< "${JOBS:-fit:0 fit:1 wkd:0.5 wkd:0.3}"
     for job in "${jobs[@]}"; do
-      [[ "$job" =~ ^(fit:[0-9]+(:[A-Za-z0-9_.+-]+(:[a-z0-9_]+=[A-Za-z0-9_.,-]+(/[a-z0-9_]+=[A-Za-z0-9_.,-]+)*)?)?|wkd:[0-9.]+)$ ]] \
+      [[ "$job" =~ ^(fit:[0-9]+(:[A-Za-z0-9_.+-]+(:[a-z0-9_]+=[A-Za-z0-9_.,-]+(/[a-z0-9_]+=[A-Za-z0-9_.,-]+)*)?)?|wkd:[0-9.]+(:width-kd(-short)?)?)$ ]] \
         || { echo "unknown job $job in JOBS: fit:SEED, fit:SEED:METHOD (a method quality.py fits)," \
-                  "fit:SEED:METHOD:KEY=VALUE/KEY=VALUE... (FitConfig fields) or wkd:SIZE"; exit 2; }
+                  "fit:SEED:METHOD:KEY=VALUE/KEY=VALUE... (FitConfig fields), wkd:SIZE or wkd:SIZE:width-kd-short"; exit 2; }
       if [[ "$job" == fit:*:* ]]; then  # a method quality.py fits and FitConfig fields, named before anything is prepared
         IFS=: read -r _ _ method sets <<< "$job"
         python3 -c 'import dataclasses, sys; sys.path.insert(0, "benchmarks"); from protocol import ids
@@ -308,7 +312,8 @@ if sys.argv[2]:
                      folder="seed$seed-$method"; [[ -n "$sets" ]] && folder+="-${sets//[=]/}"
                      SETS="$sets" SEED="$seed" record_fit "$method" "${folder//\//-}" "$data" "$log" ;;
             fit:*) SEED="${job#fit:}" record_fit ppn_bayes "seed${job#fit:}" "$data" "$log" ;;
-            wkd:*) record_width_kd "${job#wkd:}" "$data" "$log" ;;
+            wkd:*) IFS=: read -r _ size method <<< "$job"
+                   record_width_kd "$size" "$data" "$log" "${method:-width-kd}" ;;
           esac
         done ) &
     done

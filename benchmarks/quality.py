@@ -43,6 +43,8 @@ Methods (``--methods``)::
                           (ppn_bayes.deploy.finetune.distill) on --width-kd-data for --width-kd-tokens
                           tokens with the fit's batch, window and learning rate; one run per size
                           (Minitron-style: the peer a practitioner tries first)
+    width-kd-short        the same, for fewer --width-kd-tokens (ppn_bayes-short's peer at equal
+                          tokens, kept apart from the width-kd the targets judge)
     sparsegpt, wanda      llm-compressor, unstructured at sparsity 1 - size
     sparsegpt-2:4, wanda-2:4   llm-compressor, 2:4 at size 0.5
 
@@ -194,9 +196,9 @@ class QualityConfig:
             raise ValueError(f"width_kd_checkpoint_every must not be negative, got {self.width_kd_checkpoint_every}")
         if self.width_kd_stop_after is not None and not self.width_kd_stop_after > 0:
             raise ValueError(f"width_kd_stop_after must be positive, got {self.width_kd_stop_after}")
-        if "width-kd" in self.methods:
+        for method in (m for m in self.methods if method_of(m).builder == "width cut, distilled"):
             if self.width_kd_steps < 1:
-                raise ValueError(f"width-kd: {self.width_kd_tokens} training tokens make no step of "
+                raise ValueError(f"{method}: {self.width_kd_tokens} training tokens make no step of "
                                  f"{self.fit.batch_size} x {self.fit.seq_len} tokens")
 
     @property
@@ -780,7 +782,7 @@ def run_width(run: Run, method: str) -> None:
 def run_width_kd(run: Run, method: str) -> None:
     """The uniform width cut at each ``width_kd_sizes``, distilled from the dense LM with
     :func:`ppn_bayes.deploy.finetune.distill` (one run per size), checkpointed under
-    ``work_dir/width-kd/<size>`` and resumed there; a finished size is not run again. With
+    ``work_dir/<method>/<size>`` (``width-kd/0.5``) and resumed there; a finished size is not run again. With
     ``width_kd_stop_after`` a run stops with a checkpoint at the first step past that many
     seconds from the start, records nothing, and leaves the later sizes for the next run."""
     from ppn_bayes.inspect.baselines import uniform_cut_for_size
@@ -793,7 +795,7 @@ def run_width_kd(run: Run, method: str) -> None:
     schedule = distill_settings(c.fit, steps, checkpoint_every=c.width_kd_checkpoint_every)
     train_tokens = steps * schedule.batch_size * schedule.seq_len
     for size in c.width_kd_sizes:
-        work = Path(c.work_dir) / "width-kd" / f"{size:g}"
+        work = Path(c.work_dir) / method / f"{size:g}"
         if (work / "done.json").is_file():
             print(f"[quality] {method} at {size}: recorded in an earlier run ({work / 'done.json'})", flush=True)
             continue

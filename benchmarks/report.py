@@ -33,8 +33,8 @@ from ppn_bayes.records import BENCHMARKS, RECORDS_DIR, curve_match, read_records
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from protocol import (DENSE_MARGIN, DENSE_TARGET_SIZE, METHODS, PROTOCOL_SIZES, RECORD,  # noqa: E402
-                      SETTING_ABLATIONS, SPEED_TARGET, TARGET_RIVALS, TARGET_SIZES, WIDTH_KD_MARGIN, WIDTH_KD_SIZES,
-                      fit_changes, label)
+                      SETTING_ABLATIONS, SHORT_PEERS, SPEED_TARGET, TARGET_RIVALS, TARGET_SIZES, WIDTH_KD_MARGIN,
+                      WIDTH_KD_SIZES, fit_changes, label)
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The activation score before issue 15 (input-side weights averaged in: mostly weight magnitude).
@@ -138,6 +138,7 @@ def quality_section(records: list[dict], images: Path, image_prefix: str) -> lis
             lines += spread_table(rows)
             lines += rate_table(rows)
             lines += ablation_table(rows)
+            lines += short_width_kd_table(rows)
             if title == "Protocol runs":
                 lines += targets(rows)
                 name = f"quality-{_slug(model)}.png"
@@ -351,6 +352,39 @@ def ablation_table(records: list[dict]) -> list[str]:
             "lowest to highest, the spread of reruns of one setting). Cells: perplexity (ratio to the geometric mean "
             "of the reference's runs at that size).",
             "", *_table(["method", "training tokens", "seed", "date", *(f"{s:g}" for s in PROTOCOL_SIZES)], rows), ""]
+
+
+def short_width_kd_table(records: list[dict]) -> list[str]:
+    """ppn_bayes-short (every run without a setting ablation) against width-kd-short trained for
+    each of WIDTH_KD_SIZES alone on as many tokens: the targets' width-kd comparison at the
+    ablations' smaller budget, not the bar (which judges the fit of record)."""
+    fit, kd = SHORT_PEERS
+    usable = [r for r in records if r.get("ppl") is not None and not superseded(r)]
+    ours = [r for r in usable if r["method"] == fit
+            and not any(fit_settings(r).get(f) for f in SETTING_ABLATIONS)]
+    rows = []
+    for tokens in sorted({r.get("train_tokens") for r in ours}, key=lambda t: (t is None, t)):
+        for size in WIDTH_KD_SIZES:
+            mine = [r for r in ours if r.get("train_tokens") == tokens and size_key(r) == size]
+            rivals = [r for r in usable if r["method"] == kd and size_key(r) == size
+                      and r.get("train_tokens") == tokens]
+            if not mine or not rivals:
+                continue
+            theirs = max(rivals, key=lambda r: r.get("date") or "")
+            ppls = sorted(r["ppl"] for r in mine)
+            figure = _fmt(ppls[0]) if len(ppls) == 1 else f"{_fmt(ppls[0])} to {_fmt(ppls[-1])} ({len(ppls)} runs)"
+            warmups = sorted({str(fit_settings(r).get("warmup_steps")) for r in mine})
+            kd_warmup = ((theirs.get("settings") or {}).get("distill") or {}).get("warmup_steps")
+            rows.append([f"{size:g}", _fmt(tokens), figure, _fmt(theirs["ppl"]),
+                         f"{_geomean(ppls) / theirs['ppl']:.2f}", f"{', '.join(warmups)} / {kd_warmup}"])
+    if not rows:
+        return []
+    return ["At the ablations' smaller budget: ppn_bayes-short (one fit, every size; its runs without a setting "
+            "ablation) against width-kd-short (one run for that size alone) on the same text and as many tokens. "
+            "Ratio: the geometric mean of the fits' runs over width-kd's (below 1: ppn_bayes better). Not the "
+            "targets, which judge the fit of record.",
+            "", *_table(["size", "training tokens", fit, kd, "ratio",
+                         "warm-up steps (fit / width-kd)"], rows), ""]
 
 
 def row_records(records: list[dict]) -> dict:

@@ -110,7 +110,9 @@ def test_jobs_hold_only_data():
 
 @pytest.mark.parametrize("environ, message", [
     ({"JOBS": "fit:1 kd:0.5"}, "unknown job kd:0.5 in JOBS: fit:SEED, fit:SEED:METHOD (a method quality.py fits), "
-                                "fit:SEED:METHOD:KEY=VALUE/KEY=VALUE... (FitConfig fields) or wkd:SIZE"),
+                                "fit:SEED:METHOD:KEY=VALUE/KEY=VALUE... (FitConfig fields), wkd:SIZE or "
+                                "wkd:SIZE:width-kd-short"),
+    ({"JOBS": "wkd:0.5:width"}, "unknown job wkd:0.5:width in JOBS"),
     ({"JOBS": "fit:0:ppn_bayes-short:settle_steps"}, "unknown job fit:0:ppn_bayes-short:settle_steps in JOBS"),
     ({"JOBS": "fit:0:ppn_bayes-short:settle_steps=3/settle=3"}, "unknown FitConfig field in JOBS: 'settle=3'"),
     ({"JOBS": "fit:0:ppn_bayes-short fit:0:ppn_bayes-flatt"}, "unknown fit method 'ppn_bayes-flatt' in JOBS; "
@@ -128,3 +130,25 @@ def test_part14_refuses_a_bad_knob_before_any_work(environ, message, tmp_path):
                          text=True, timeout=120)
     assert bad.returncode == 2 and message in bad.stdout
     assert not (tmp_path / "work" / "model").exists()
+
+
+def test_gpu_bg_runs_a_part_in_the_background_and_brings_back_its_out_once_ended(tmp_path):
+    """gpu_bg.sh starts a part of gpu_job.sh in a copy of the tree, detached, waits for it and,
+    once it has ended, reports its exit status and copies its $OUT into the call's; a later call
+    (the same command) does not start an ended part again. nll-out with no token NLLs ends at once
+    with status 2 and a line in its log, which is what comes back."""
+    bg, env = tmp_path / "bg", {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+                                "WORK": str(tmp_path / "work"), "BG": str(tmp_path / "bg"), "WAIT": "60"}
+    first = subprocess.run(["bash", "benchmarks/gpu_bg.sh", "nll-out", "seed0"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120, env={**env, "OUT": str(tmp_path / "out1")})
+    assert first.returncode == 0, first.stderr
+    assert "starting gpu_job.sh nll-out" in first.stdout and "ended: rc 2" in first.stdout
+    assert (bg / "repo" / "benchmarks" / "gpu_job.sh").is_file() and not (bg / "repo" / ".git").exists()
+    assert (bg / "rc").read_text().strip() == "2"
+    again = subprocess.run(["bash", "benchmarks/gpu_bg.sh", "nll-out", "seed0"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120, env={**env, "OUT": str(tmp_path / "out2")})
+    assert "starting" not in again.stdout and "ended: rc 2" in again.stdout
+    assert "no token NLLs" in (bg / "bg.log").read_text()
+    bad = subprocess.run(["bash", "benchmarks/gpu_bg.sh", "part14"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60, env={**env, "OUT": str(tmp_path / "out3"), "WAIT": "soon"})
+    assert bad.returncode == 2 and "WAIT must be whole seconds, got 'soon'" in bad.stdout

@@ -399,12 +399,21 @@ def test_issue_15_ablation_jobs_rehearsal_on_cpu(tiny_setup, tmp_path):
     but the ablation's own changes (the recipe, the seed, the text and the tokens) (minutes:
     slow; test_jobs checks that a method quality.py does not fit is refused)."""
     fit_changes = _load("protocol").fit_changes
-    env = _part14_env(tiny_setup, tmp_path, GPUS="4", RECORD_EXTRA="--fit-set compile=none")
+    env = _part14_env(tiny_setup, tmp_path, GPUS="5", RECORD_EXTRA="--fit-set compile=none --fit-set warmup_steps=1",
+                      WKD_EXTRA="--fit-set warmup_steps=1", WIDTH_KD_COMPILE="none")
     methods = ("ppn_bayes-short", "ppn_bayes-flat", "ppn_bayes-point")
     settled = "fit:0:ppn_bayes-short:settle_steps=1/average_steps=1"  # FitConfig fields of one job
     subprocess.run(["bash", "benchmarks/gpu_job.sh", "part14"], cwd=ROOT, check=True, timeout=900,
-                   env={**env, "JOBS": " ".join([*(f"fit:0:{m}" for m in methods), settled])})
+                   env={**env, "JOBS": " ".join([*(f"fit:0:{m}" for m in methods), settled, "wkd:0.5:width-kd-short"])})
     records = read_records("quality", tmp_path / "out" / "records")
+    # the short fits' peer: width-kd recorded apart, on their text and tokens, with WKD_EXTRA's warm-up
+    kd = [r for r in records if r["method"] == "width-kd-short"]
+    records = [r for r in records if r not in kd]
+    assert [r["size_requested"] for r in kd] == [0.5]
+    assert (tmp_path / "work" / "wkd-0.5-width-kd-short" / "width-kd-short" / "0.5" / "done.json").is_file()
+    assert kd[0]["settings"]["distill"]["warmup_steps"] == 1
+    assert kd[0]["train_tokens"] == records[0]["train_tokens"] == 2 * 16 * 64
+    assert kd[0]["settings"]["fit_data"] == records[0]["settings"]["fit_data"]
     assert (tmp_path / "work" / "seed0-ppn_bayes-short-settle_steps1-average_steps1").is_dir()
     # each fit's evaluations and ranking come back in one file
     folders = [f"seed0-{m}" for m in methods] + ["seed0-ppn_bayes-short-settle_steps1-average_steps1"]
@@ -753,6 +762,29 @@ def test_a_setting_ablation_is_held_against_every_run_of_its_reference():
     assert [(c[0], c[at]) for c in cells] == [(short, "40 to 90 (2)"),
                                               (f"{short}, settle_steps=3", "54 (0.90)"),
                                               (f"{short}, settle_steps=3, average_steps=3", "66 (1.10)")]
+
+
+def test_the_short_fits_are_held_against_width_kd_short_at_equal_tokens():
+    """ppn_bayes-short's runs without a setting ablation (here 40 and 90: geometric mean 60) against
+    width-kd-short at the same size and tokens (its latest run); a settling run, a run at other
+    tokens and width-kd at the fit of record's tokens do not count."""
+    from ppn_bayes.core.config import FitConfig
+
+    def fit(ppl, size=0.5, *, tokens=10, date="2026-12-02", **changes):
+        return {"method": "ppn_bayes-short", "size_requested": size, "ppl": ppl, "train_tokens": tokens,
+                "windows": 2, "date": date,
+                "settings": {"fit": FitConfig(steps=10, warmup_steps=1, **changes).to_dict()}}
+
+    def kd(ppl, size=0.5, *, method="width-kd-short", tokens=10, date="2026-12-04"):
+        return {"method": method, "size_requested": size, "ppl": ppl, "train_tokens": tokens, "windows": 2,
+                "date": date, "settings": {"distill": {"warmup_steps": 1}}}
+
+    records = [fit(40.0), fit(90.0), fit(10.0, settle_steps=3), fit(20.0, tokens=20), fit(70.0, 0.3),
+               kd(30.0, date="2026-12-01"), kd(50.0), kd(1.0, method="width-kd"), kd(35.0, 0.3, tokens=20)]
+    table = [line for line in report.short_width_kd_table(records) if line.startswith("| 0.")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table]
+    assert cells == [["0.5", "10", "40 to 90 (2 runs)", "50", "1.20", "1 / 1"]]
+    assert report.short_width_kd_table([r for r in records if r["method"] != "width-kd-short"]) == []
 
 
 def test_a_target_holds_only_when_every_seed_meets_it():
