@@ -270,7 +270,7 @@ case "$part" in
   part14)
     read -r -a jobs <<< "${JOBS:-fit:0 fit:1 wkd:0.5 wkd:0.3}"
     for job in "${jobs[@]}"; do
-      [[ "$job" =~ ^(fit:[0-9]+(:[A-Za-z0-9_.+-]+(:[a-z0-9_]+=[A-Za-z0-9_.,-]+(/[a-z0-9_]+=[A-Za-z0-9_.,-]+)*)?)?|wkd:[0-9.]+(:width-kd(-short)?)?)$ ]] \
+      [[ "$job" =~ ^(fit:[0-9]+(:[A-Za-z0-9_.+-]+(:[a-z0-9_]+=[A-Za-z0-9_.,-]+(/[a-z0-9_]+=[A-Za-z0-9_.,-]+)*)?)?|wkd:[0-9.]+(:[A-Za-z0-9_.+-]+)?)$ ]] \
         || { echo "unknown job $job in JOBS: fit:SEED, fit:SEED:METHOD (a method quality.py fits)," \
                   "fit:SEED:METHOD:KEY=VALUE/KEY=VALUE... (FitConfig fields), wkd:SIZE or wkd:SIZE:width-kd-short"; exit 2; }
       if [[ "$job" == fit:*:* ]]; then  # a method quality.py fits and FitConfig fields, named before anything is prepared
@@ -286,6 +286,12 @@ if sys.argv[2]:
     if unknown:
         print(f"unknown FitConfig field in JOBS: {unknown[0]!r}"); sys.exit(2)' \
           "$method" "$sets" || exit 2
+      fi
+      if [[ "$job" == wkd:*:* ]]; then  # a width-kd method of the registry, named before anything is prepared
+        python3 -c 'import sys; sys.path.insert(0, "benchmarks"); from protocol import ids
+kds = ids(builder="width cut, distilled")
+if sys.argv[1].split(":")[2] not in kds:
+    print(f"unknown job {sys.argv[1]} in JOBS: the width-kd methods are", *kds); sys.exit(2)' "$job" || exit 2
       fi
     done
     [[ "${GPUS:-1}" =~ ^[1-9][0-9]*$ ]] || { echo "GPUS must be a whole number of jobs at once, got '$GPUS'"; exit 2; }
