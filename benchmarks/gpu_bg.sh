@@ -17,7 +17,7 @@ BG="${BG:-/root/bg}" WAIT="${WAIT:-560}" OUT="${OUT:?OUT, the folder a device co
 mkdir -p "$BG/out"
 if [[ ! -d "$BG/repo" ]]; then
   rm -rf "$BG/repo.tmp" && mkdir -p "$BG/repo.tmp" \
-    && tar --exclude=./.device --exclude=./.git --exclude=./.venv -cf - . | tar -xf - -C "$BG/repo.tmp" \
+    && tar --exclude=./.device --exclude=./.carry --exclude=./.git --exclude=./.venv -cf - . | tar -xf - -C "$BG/repo.tmp" \
     && mv "$BG/repo.tmp" "$BG/repo" || { echo "[gpu_bg] could not copy the tree to $BG/repo"; exit 2; }
 fi
 if [[ ! -f "$BG/rc" ]] && ! pgrep -f "gpu_job.sh $part" > /dev/null; then
