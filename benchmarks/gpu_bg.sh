@@ -8,8 +8,11 @@
 # session (setsid), with LIMIT=BG_LIMIT and OUT=$BG/out; every call starts it again if it is not
 # running and has not ended (it resumes from its checkpoints, as a part called again does), waits
 # up to WAIT seconds for it to end, shows the logs' last lines and, once it has ended, copies
-# $BG/out into this call's $OUT. The environment (JOBS, TEXTS, RECORD_EXTRA, ...) passes through,
-# but PYTHONPATH, which is /tmp/site (the staged wheels) and the copy.
+# $BG/out into this call's $OUT. While it waits it keeps a copy of the records and fits.tar so far
+# in $OUT/partial (every 5 s), removed when the call returns: a call killed at the session's
+# device limit still brings back the sizes already recorded. The environment (JOBS, TEXTS,
+# RECORD_EXTRA, ...) passes through, but PYTHONPATH, which is /tmp/site (the staged wheels) and
+# the copy.
 set -uo pipefail
 part="${1:?usage: gpu_bg.sh PART (a part of gpu_job.sh)}"
 BG="${BG:-/root/bg}" WAIT="${WAIT:-560}" OUT="${OUT:?OUT, the folder a device command brings back}"
@@ -26,8 +29,15 @@ if [[ ! -f "$BG/rc" ]] && ! pgrep -f "gpu_job.sh $part" > /dev/null; then
       && setsid nohup bash -c "bash benchmarks/gpu_job.sh $part; echo \$? > '$BG/rc'" \
          >> "$BG/bg.log" 2>&1 < /dev/null & )
 fi
+mirror() {  # the records and fits.tar so far, for a call killed before it returns
+  mkdir -p "$OUT/partial.tmp" && rm -rf "$OUT/partial.tmp/"* \
+    && { [[ ! -d "$BG/out/records" ]] || cp -r "$BG/out/records" "$OUT/partial.tmp/"; } \
+    && { [[ ! -f "$BG/out/fits.tar" ]] || cp "$BG/out/fits.tar" "$OUT/partial.tmp/"; } \
+    && rm -rf "$OUT/partial" && mv "$OUT/partial.tmp" "$OUT/partial"
+}
 end=$(( $(date +%s) + WAIT ))
-while [[ ! -f "$BG/rc" ]] && (( $(date +%s) < end )); do sleep 5; done
+while [[ ! -f "$BG/rc" ]] && (( $(date +%s) < end )); do sleep 5; mirror; done
+rm -rf "$OUT/partial" "$OUT/partial.tmp"
 for log in "$BG"/out/*.log "$BG/bg.log"; do [[ -f "$log" ]] && { echo "== $log"; tail -n "${TAIL:-3}" "$log"; }; done
 if [[ -f "$BG/rc" ]]; then
   echo "[gpu_bg] $(date +%T) gpu_job.sh $part ended: rc $(cat "$BG/rc")"; cp -r "$BG/out/." "$OUT/"

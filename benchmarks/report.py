@@ -210,6 +210,15 @@ def repeats_of(records: list[dict], record: dict) -> list[dict]:
     return list(latest(runs, lambda r: ((r.get("settings") or {}).get("fit") or {}).get("seed")).values())
 
 
+def _every_seed(records: list[dict], record: dict) -> tuple[float, str, int]:
+    """What a target judges of ``record``: the worst perplexity of its seeds' runs
+    (:func:`repeats_of`: every seed must meet it), the figure shown ("x (1 run)" or
+    "lowest to highest (n runs)") and the number of runs."""
+    runs = sorted(r["ppl"] for r in repeats_of(records, record))
+    figure = f"{_fmt(runs[-1])} (1 run)" if len(runs) == 1 else f"{_fmt(runs[0])} to {_fmt(runs[-1])} ({len(runs)} runs)"
+    return runs[-1], figure, len(runs)
+
+
 def spread_table(records: list[dict]) -> list[str]:
     """Every configuration measured more than once with the same settings: the lowest and
     highest perplexity of its runs (the table above shows the latest). A superseded record is
@@ -431,7 +440,8 @@ def quality_table(records: list[dict]) -> list[str]:
 def targets(records: list[dict]) -> list[str]:
     """The issue's quality targets (``protocol``): the fit of record below SparseGPT and Wanda at
     0.5/0.4/0.3; within 1.3x dense at 0.5; within 10% of width-kd at 0.5 and 0.3. The records
-    judged are the quality table's (:func:`row_records`)."""
+    judged are the quality table's (:func:`row_records`) with the other seeds' runs of their
+    settings, each target judged by the worst (:func:`_every_seed`)."""
     chosen = row_records(records)
     lines = ["Targets (from the issue):", ""]
     rows = []
@@ -442,21 +452,20 @@ def targets(records: list[dict]) -> list[str]:
             if ours is None or theirs is None:
                 rows.append([f"{RECORD} below {label(rival)} at {size:g}", "not yet measured", "–"])
                 continue
-            runs = sorted(r["ppl"] for r in repeats_of(records, ours))  # every seed must meet it
-            worst = runs[-1]
-            figure = (f"{_fmt(worst)} (1 run)" if len(runs) == 1
-                      else f"{_fmt(runs[0])} to {_fmt(worst)} ({len(runs)} runs)")
+            worst, figure, runs = _every_seed(records, ours)
             rows.append([f"{RECORD} below {label(rival)} at {size:g}", f"{figure} vs {_fmt(theirs['ppl'])}",
                          ("met" if worst < theirs["ppl"] else "missed") + f" (ratio {worst / theirs['ppl']:.2f}"
-                         + (", the worst run)" if len(runs) > 1 else ")")])
+                         + (", the worst run)" if runs > 1 else ")")])
     ours, dense = chosen.get((RECORD, DENSE_TARGET_SIZE)), chosen.get(("dense", 1.0))
     target = f"{RECORD} within {DENSE_MARGIN:g} x dense at {DENSE_TARGET_SIZE:g}"
     if ours is None or dense is None:
         rows.append([target, "not yet measured", "–"])
     else:
-        ratio = ours["ppl"] / dense["ppl"]
-        rows.append([target, f"{_fmt(ours['ppl'])} vs {_fmt(dense['ppl'])}",
-                     ("met" if ratio <= DENSE_MARGIN else "missed") + f" ({ratio:.2f} x dense)"])
+        worst, figure, runs = _every_seed(records, ours)
+        ratio = worst / dense["ppl"]
+        rows.append([target, f"{figure if runs > 1 else _fmt(worst)} vs {_fmt(dense['ppl'])}",
+                     ("met" if ratio <= DENSE_MARGIN else "missed") + f" ({ratio:.2f} x dense"
+                     + (", the worst run)" if runs > 1 else ")")])
     rows += width_kd_targets(records, chosen)
     lines += _table(["target", "perplexity", "result"], rows) + [""]
     # not the claim (one fit, no further computation): the optional fine-tunes, beside it
@@ -481,8 +490,8 @@ def targets(records: list[dict]) -> list[str]:
 
 def width_kd_targets(records: list[dict], chosen: dict) -> list[list[str]]:
     """ppn_bayes at 0.5 and 0.3 against width-kd trained for that size alone on as many
-    tokens, at the best of its measured settings (rate, beta2): within 10% (ratio at most 1.1)
-    is met; below 1 is better."""
+    tokens, at the best of its measured settings (rate, beta2), judged by ppn_bayes's worst seed:
+    within 10% (ratio at most 1.1) is met; below 1 is better."""
     rows = []
     for size in WIDTH_KD_SIZES:
         ours = chosen.get((RECORD, size))
@@ -498,12 +507,13 @@ def width_kd_targets(records: list[dict], chosen: dict) -> list[list[str]]:
             continue
         theirs = min(rivals, key=lambda r: r["ppl"])  # the rival at the best of its measured settings
         rate = distill_settings(theirs)
-        ratio = ours["ppl"] / theirs["ppl"]
+        worst, figure, runs = _every_seed(records, ours)
+        ratio = worst / theirs["ppl"]
         verdict = ("met" if ratio <= WIDTH_KD_MARGIN else "missed") + f" (ratio {ratio:.2f}"
         rows.append([f"{target} ({_fmt(ours.get('train_tokens'))})",
-                     f"{_fmt(ours['ppl'])} vs {_fmt(theirs['ppl'])}"
+                     f"{figure if runs > 1 else _fmt(worst)} vs {_fmt(theirs['ppl'])}"
                      + (f" (lr {rate['lr']:g}, beta2 {rate['adam_beta2']:g})" if rate else ""),
-                     verdict + (", better)" if ratio < 1 else ")")])
+                     verdict + (", the worst run" if runs > 1 else "") + (", better)" if ratio < 1 else ")")])
     return rows
 
 

@@ -152,3 +152,40 @@ def test_gpu_bg_runs_a_part_in_the_background_and_brings_back_its_out_once_ended
     bad = subprocess.run(["bash", "benchmarks/gpu_bg.sh", "part14"], cwd=ROOT, capture_output=True, text=True,
                          timeout=60, env={**env, "OUT": str(tmp_path / "out3"), "WAIT": "soon"})
     assert bad.returncode == 2 and "WAIT must be whole seconds, got 'soon'" in bad.stdout
+
+
+def test_gpu_bg_keeps_the_records_so_far_in_partial_while_it_waits_and_removes_them_on_return(tmp_path):
+    """A call killed before it returns (the session's device limit) brings back $OUT/partial: the
+    records and fits.tar of the running part as they were a few seconds before; a call that returns
+    leaves no partial copy, whether the part has ended or not. The running part here is a script put
+    where gpu_bg.sh's copy of the tree would be, which runs until the test lets it end."""
+    bg = tmp_path / "bg"
+    (bg / "repo" / "benchmarks").mkdir(parents=True)
+    (bg / "repo" / "benchmarks" / "gpu_job.sh").write_text(
+        f"while [ ! -f '{tmp_path}/stop' ]; do sleep 0.2; done\n")
+    (bg / "out" / "records").mkdir(parents=True)
+    line = '{"benchmark": "quality", "method": "ppn_bayes", "size_requested": 0.9}\n'
+    (bg / "out" / "records" / "quality.jsonl").write_text(line)
+    (bg / "out" / "fits.tar").write_bytes(b"tar")
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "BG": str(bg)}
+    try:
+        killed = subprocess.run(["timeout", "-s", "KILL", "13", "bash", "benchmarks/gpu_bg.sh", "part14"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=60,
+                                env={**env, "OUT": str(tmp_path / "out1"), "WAIT": "60"})
+        # timeout's KILL reaches its own process group, timeout included: -9, or 137 where it survives
+        assert killed.returncode in (-9, 137), killed.stdout + killed.stderr
+        assert (tmp_path / "out1" / "partial" / "records" / "quality.jsonl").read_text() == line
+        assert (tmp_path / "out1" / "partial" / "fits.tar").read_bytes() == b"tar"
+        running = subprocess.run(["bash", "benchmarks/gpu_bg.sh", "part14"], cwd=ROOT, capture_output=True,
+                                 text=True, timeout=60, env={**env, "OUT": str(tmp_path / "out2"), "WAIT": "6"})
+        assert running.returncode == 0 and "still running" in running.stdout
+        assert "starting" not in running.stdout  # the part of the killed call runs on
+        assert not (tmp_path / "out2" / "partial").exists() and not (tmp_path / "out2" / "partial.tmp").exists()
+        (tmp_path / "stop").touch()
+        ended = subprocess.run(["bash", "benchmarks/gpu_bg.sh", "part14"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=60, env={**env, "OUT": str(tmp_path / "out3"), "WAIT": "30"})
+        assert "ended: rc 0" in ended.stdout, ended.stdout
+        assert (tmp_path / "out3" / "records" / "quality.jsonl").read_text() == line
+        assert not (tmp_path / "out3" / "partial").exists()
+    finally:
+        (tmp_path / "stop").touch()

@@ -805,6 +805,25 @@ def test_a_target_holds_only_when_every_seed_meets_it():
            "the worst run) |" in text
 
 
+def test_the_width_kd_and_dense_targets_hold_every_seed_too():
+    """At 0.5 the latest run (seed 0, 40) is within 10% of width-kd (42) and the other seed (47) is
+    not: the target is missed by the worse seed's ratio, as the SparseGPT and Wanda targets are;
+    the dense target is judged by the same run."""
+    from ppn_bayes.core.config import FitConfig
+
+    def run(method, ppl, seed=0, date="2026-12-01T10:00:00", size=0.5):
+        return {"method": method, "size_requested": size, "ppl": ppl, "train_tokens": 10, "windows": 2, "date": date,
+                "settings": {"fit": FitConfig(seed=seed).to_dict()} if method == "ppn_bayes" else {}}
+
+    records = [run("width-kd", 42.0), run("dense", 20.0, size=1.0), run("ppn_bayes", 47.0, seed=1, date="2026-11-30"),
+               run("ppn_bayes", 40.0)]
+    text = "\n".join(report.targets(records))
+    assert "| ppn_bayes within 10% of width-kd at 0.5, equal training tokens (10) | 40 to 47 (2 runs) vs 42 | " \
+           "missed (ratio 1.12, the worst run) |" in text
+    assert "| ppn_bayes within 1.3 x dense at 0.5 | 40 to 47 (2 runs) vs 20 | missed (2.35 x dense, the worst run) |" \
+        in text
+
+
 def test_a_superseded_record_is_no_repeat_of_its_rerun(tmp_path):
     """A baseline rerun after a fix (same settings but the score) shows alone: the spread table
     does not pair it with the superseded run, and the table shows the rerun unmarked."""
