@@ -30,7 +30,7 @@ if [[ ! -f "$BG/rc" ]] && ! pgrep -f "gpu_job.sh $part" > /dev/null; then
          >> "$BG/bg.log" 2>&1 < /dev/null & )
 fi
 mirror() {  # the records and fits.tar so far, for a call killed before it returns
-  mkdir -p "$OUT/partial.tmp" && rm -rf "$OUT/partial.tmp/"* \
+  rm -rf "$OUT/partial.tmp" && mkdir -p "$OUT/partial.tmp" \
     && { [[ ! -d "$BG/out/records" ]] || cp -r "$BG/out/records" "$OUT/partial.tmp/"; } \
     && { [[ ! -f "$BG/out/fits.tar" ]] || cp "$BG/out/fits.tar" "$OUT/partial.tmp/"; } \
     && rm -rf "$OUT/partial" && mv "$OUT/partial.tmp" "$OUT/partial"

@@ -210,13 +210,14 @@ def repeats_of(records: list[dict], record: dict) -> list[dict]:
     return list(latest(runs, lambda r: ((r.get("settings") or {}).get("fit") or {}).get("seed")).values())
 
 
-def _every_seed(records: list[dict], record: dict) -> tuple[float, str, int]:
+def _every_seed(records: list[dict], record: dict) -> tuple[float, str, str]:
     """What a target judges of ``record``: the worst perplexity of its seeds' runs
-    (:func:`repeats_of`: every seed must meet it), the figure shown ("x (1 run)" or
-    "lowest to highest (n runs)") and the number of runs."""
+    (:func:`repeats_of`: every seed must meet it), the figure shown ("x" for one run, else
+    "lowest to highest (n runs)") and the verdict's note (", the worst run" where several)."""
     runs = sorted(r["ppl"] for r in repeats_of(records, record))
-    figure = f"{_fmt(runs[-1])} (1 run)" if len(runs) == 1 else f"{_fmt(runs[0])} to {_fmt(runs[-1])} ({len(runs)} runs)"
-    return runs[-1], figure, len(runs)
+    if len(runs) == 1:
+        return runs[0], _fmt(runs[0]), ""
+    return runs[-1], f"{_fmt(runs[0])} to {_fmt(runs[-1])} ({len(runs)} runs)", ", the worst run"
 
 
 def spread_table(records: list[dict]) -> list[str]:
@@ -452,20 +453,19 @@ def targets(records: list[dict]) -> list[str]:
             if ours is None or theirs is None:
                 rows.append([f"{RECORD} below {label(rival)} at {size:g}", "not yet measured", "–"])
                 continue
-            worst, figure, runs = _every_seed(records, ours)
-            rows.append([f"{RECORD} below {label(rival)} at {size:g}", f"{figure} vs {_fmt(theirs['ppl'])}",
-                         ("met" if worst < theirs["ppl"] else "missed") + f" (ratio {worst / theirs['ppl']:.2f}"
-                         + (", the worst run)" if runs > 1 else ")")])
+            worst, figure, note = _every_seed(records, ours)
+            rows.append([f"{RECORD} below {label(rival)} at {size:g}",
+                         f"{figure}{'' if note else ' (1 run)'} vs {_fmt(theirs['ppl'])}",
+                         ("met" if worst < theirs["ppl"] else "missed") + f" (ratio {worst / theirs['ppl']:.2f}{note})"])
     ours, dense = chosen.get((RECORD, DENSE_TARGET_SIZE)), chosen.get(("dense", 1.0))
     target = f"{RECORD} within {DENSE_MARGIN:g} x dense at {DENSE_TARGET_SIZE:g}"
     if ours is None or dense is None:
         rows.append([target, "not yet measured", "–"])
     else:
-        worst, figure, runs = _every_seed(records, ours)
+        worst, figure, note = _every_seed(records, ours)
         ratio = worst / dense["ppl"]
-        rows.append([target, f"{figure if runs > 1 else _fmt(worst)} vs {_fmt(dense['ppl'])}",
-                     ("met" if ratio <= DENSE_MARGIN else "missed") + f" ({ratio:.2f} x dense"
-                     + (", the worst run)" if runs > 1 else ")")])
+        rows.append([target, f"{figure} vs {_fmt(dense['ppl'])}",
+                     ("met" if ratio <= DENSE_MARGIN else "missed") + f" ({ratio:.2f} x dense{note})"])
     rows += width_kd_targets(records, chosen)
     lines += _table(["target", "perplexity", "result"], rows) + [""]
     # not the claim (one fit, no further computation): the optional fine-tunes, beside it
@@ -507,13 +507,13 @@ def width_kd_targets(records: list[dict], chosen: dict) -> list[list[str]]:
             continue
         theirs = min(rivals, key=lambda r: r["ppl"])  # the rival at the best of its measured settings
         rate = distill_settings(theirs)
-        worst, figure, runs = _every_seed(records, ours)
+        worst, figure, note = _every_seed(records, ours)
         ratio = worst / theirs["ppl"]
-        verdict = ("met" if ratio <= WIDTH_KD_MARGIN else "missed") + f" (ratio {ratio:.2f}"
+        verdict = ("met" if ratio <= WIDTH_KD_MARGIN else "missed") + f" (ratio {ratio:.2f}{note}"
         rows.append([f"{target} ({_fmt(ours.get('train_tokens'))})",
-                     f"{figure if runs > 1 else _fmt(worst)} vs {_fmt(theirs['ppl'])}"
+                     f"{figure} vs {_fmt(theirs['ppl'])}"
                      + (f" (lr {rate['lr']:g}, beta2 {rate['adam_beta2']:g})" if rate else ""),
-                     verdict + (", the worst run" if runs > 1 else "") + (", better)" if ratio < 1 else ")")])
+                     verdict + (", better)" if ratio < 1 else ")")])
     return rows
 
 
