@@ -3,7 +3,7 @@
     python benchmarks/report.py
 
 reads ``docs/benchmarks/records/{quality,speed,speculative,resize,fit}.jsonl`` (whatever
-exists), and writes ``docs/benchmarks.md`` with the tables, the targets of the issue
+exists) and the rankings files of fits of record in ``docs/benchmarks/rankings/``, and writes ``docs/benchmarks.md`` with the tables, the targets of the issue
 (met or missed, by how much), and PNG plots under ``docs/benchmarks/``: perplexity
 against size per method (log scale) and speed-up against size with the ``0.9 / s``
 target. Nothing in the page is typed by hand: a benchmark not yet run shows as "not yet
@@ -25,9 +25,11 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from ppn_bayes.core.architecture import Architecture
 from ppn_bayes.core.config import NOT_IDENTIFYING, FitConfig
+from ppn_bayes.core.ranking import Ranking
 from ppn_bayes.deploy.finetune import DistillConfig
-from ppn_bayes.io import atomic_file, atomic_write_text
+from ppn_bayes.io import FileFormatError, atomic_file, atomic_write_text, read_json
 from ppn_bayes.records import BENCHMARKS, RECORDS_DIR, curve_match, read_records
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -551,6 +553,110 @@ def plot_quality(records: list[dict], path: Path, model) -> bool:
     return True
 
 
+# -- allocation -------------------------------------------------------------------------------------------------
+RANKINGS_DIR = Path("docs") / "benchmarks" / "rankings"
+
+
+def read_rankings(path: Path) -> dict[str, tuple[Ranking, dict]]:
+    """Every ranking of a rankings file (the ``rankings.json`` that ``quality.py --rankings`` writes)
+    with its entry (model, fit settings, training tokens), by method; ``FileFormatError`` naming
+    the file when it is not one."""
+    data = read_json(path, "rankings file")
+    if data.get("format") != "ppn_bayes.rankings" or not isinstance(data.get("rankings"), dict):
+        raise FileFormatError(f"{path} is not a rankings file written by benchmarks/quality.py")
+    rankings = {}
+    for method, entry in data["rankings"].items():
+        try:
+            rankings[method] = Ranking.from_dict(Architecture.from_dict(entry["architecture"]), entry), entry
+        except (KeyError, TypeError, ValueError) as err:
+            raise FileFormatError(f"the {method} ranking in {path} is invalid: {err}") from None
+    return rankings
+
+
+def units_per_layer(ranking: Ranking, size: float) -> tuple[float, list[int | None], list[int | None]]:
+    """The deployed masks of ``size``: the size reached, and each layer's kept attention and MLP
+    units (``None`` for a dropped layer)."""
+    masks = ranking.masks(size)
+    A = ranking.arch.n_attention_units
+    kept = masks.layer.tolist()
+    attention = [int(n) if k else None for n, k in zip(masks.unit[:, :A].sum(1).tolist(), kept)]
+    mlp = [int(n) if k else None for n, k in zip(masks.unit[:, A:].sum(1).tolist(), kept)]
+    return masks.size_reached, attention, mlp
+
+
+def _counts(counts: list[int | None], sep: str) -> str:
+    return sep.join("-" if n is None else str(n) for n in counts)
+
+
+def allocation_section(rankings_dir: Path, records: list[dict], images: Path, image_prefix: str) -> list[str]:
+    """Where each size keeps its units: per layer, the attention and MLP units that the deployed
+    masks of the protocol's sizes keep (one table and one picture per rankings file in
+    ``rankings_dir``), beside the uniform cut's widths (the width-kd records)."""
+    files = sorted(rankings_dir.glob("*.json")) if rankings_dir.is_dir() else []
+    if not files:
+        return []
+    lines = ["## Where each size keeps its units", "",
+             f"The deployed masks of each protocol size, layer by layer (layers counted from 0), from the rankings "
+             f"of fits of record kept in `{RANKINGS_DIR.as_posix()}/` (the `rankings.json` that `quality.py "
+             "--rankings` wrote beside the fit's records). Each cell lists every layer: the units it keeps, `-` for "
+             "a dropped layer.", ""]
+    for path in files:
+        for method, (ranking, entry) in read_rankings(path).items():
+            arch = ranking.arch
+            fit = entry.get("fit") or {}
+            what = ", ".join(x for x in (entry.get("model"), f"seed {fit['seed']}" if "seed" in fit else None,
+                                         f"{entry['train_tokens']:,} training tokens" if entry.get("train_tokens")
+                                         else None) if x)
+            lines += [f"### `{path.name}`: {method}, {what}", ""]
+            rows, shares = [], []
+            for size in PROTOCOL_SIZES:
+                reached, attention, mlp = units_per_layer(ranking, size)
+                rows.append([f"{size:g}", f"{reached:.3f}", f"{sum(a is not None for a in attention)} of "
+                             f"{arch.n_layers}", _counts(attention, "" if arch.n_attention_units < 10 else " "),
+                             _counts(mlp, " ")])
+                shares.append((size, attention, mlp))
+            lines += _table(["size", "size reached", "layers kept",
+                             f"attention units kept (of {arch.n_attention_units}, {arch.heads_per_unit} query heads "
+                             "and 1 KV head each)", f"MLP units kept (of {arch.n_mlp_units}, {arch.mlp_group} "
+                             "channels each)"], rows)
+            name = f"allocation-{_slug(path.stem)}-{_slug(method)}.png"
+            plot_allocation(shares, arch, images / name, f"{path.name}: {method}")
+            lines += ["", f"![units kept per layer at each size, {path.name}]({image_prefix}/{name})", ""]
+    uniform = [r for r in latest([r for r in records if r["method"] == "width-kd" and not _is_quick(r)
+                                  and r.get("kv_groups") is not None], size_key).values()]
+    if uniform:
+        lines += ["The uniform cut (width-kd's records) keeps every layer, each with the same widths: " + "; ".join(
+            f"{size_key(r):g}: {r['kv_groups']} of {r['kv_groups_of']} KV groups and {r['mlp_channels']} of "
+            f"{r['mlp_channels_of']} MLP channels in each of its {r['layers_kept']} layers"
+            for r in sorted(uniform, key=size_key, reverse=True)) + ".", ""]
+    return lines
+
+
+def plot_allocation(shares: list[tuple[float, list, list]], arch: Architecture, path: Path, title: str) -> None:
+    """The share of each layer's attention and MLP units kept at each size: two heatmaps, sizes
+    down, layers across; a dropped layer is grey."""
+    import numpy as np
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(shares) + 1.8), constrained_layout=True)
+    cmap = plt.get_cmap("viridis").with_extremes(bad="0.8")
+    image = None
+    for ax, (kind, index, total) in zip(axes, (("attention units", 1, arch.n_attention_units),
+                                               ("MLP units", 2, arch.n_mlp_units))):
+        grid = np.array([[np.nan if n is None else n / total for n in row[index]] for row in shares])
+        image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, vmin=0, vmax=1,
+                          interpolation="nearest")
+        ax.set_yticks(range(len(shares)), [f"{row[0]:g}" for row in shares])
+        ax.set_xticks(range(0, arch.n_layers, max(1, arch.n_layers // 15)))
+        ax.set_xlabel("layer")
+        ax.set_ylabel("size")
+        ax.set_title(f"{kind} kept, of {total} (grey: layer dropped)", fontsize=10)
+    fig.colorbar(image, ax=list(axes), shrink=0.9, label="share kept")
+    fig.suptitle(title, fontsize=10)
+    _savefig(fig, path)
+    plt.close(fig)
+
+
 # -- speed -------------------------------------------------------------------------------------------------
 def _machine_kind(record: dict) -> str:
     return str(record.get("machine", "?")).split(":")[0]
@@ -783,8 +889,9 @@ def _pyplot():
     return plt
 
 
-def render(records_dir: Path, out: Path, images: Path) -> str:
-    """The text of docs/benchmarks.md (plots are written on the way)."""
+def render(records_dir: Path, out: Path, images: Path, rankings_dir: Path | None = None) -> str:
+    """The text of docs/benchmarks.md (plots are written on the way); ``rankings_dir``: the
+    rankings files of the allocation section (default: ``rankings`` beside ``records_dir``)."""
     try:
         prefix = images.resolve().relative_to(out.parent.resolve()).as_posix()
     except ValueError:
@@ -801,6 +908,8 @@ def render(records_dir: Path, out: Path, images: Path) -> str:
         "",
     ]
     lines += quality_section(records["quality"], images, prefix)
+    rankings_dir = rankings_dir if rankings_dir is not None else records_dir.parent / "rankings"
+    lines += allocation_section(rankings_dir, records["quality"], images, prefix)
     lines += speed_section(records["speed"], images, prefix)
     for benchmark in ("recipes", "speculative", "resize", "fit", "teacher", "token_nll", "settle"):
         lines += generic_section(benchmark, records[benchmark])

@@ -1000,3 +1000,42 @@ def test_a_quality_row_shows_one_configuration():
                run(0.3, 81.0, "2026-12-03T06:00:03", settle_steps=3), run(0.3, 80.0, "2026-12-03T06:00:04")]
     chosen = report.row_records(records)
     assert {size: r["ppl"] for (_, size), r in chosen.items()} == {0.7: 70.0, 0.5: 50.0, 0.3: 80.0}
+
+
+def _rankings_file(path: Path, ranking, **extra) -> None:
+    """A rankings file as ``quality.py --rankings`` writes it."""
+    path.write_text(json.dumps({"format": "ppn_bayes.rankings", "format_version": 1, "rankings": {"ppn_bayes": {
+        "model": "M", "architecture": ranking.arch.to_dict(), **ranking.to_dict(), **extra}}}))
+
+
+def test_allocation_section_lists_each_layers_kept_units_as_the_masks_keep_them(tmp_path):
+    from ppn_bayes.core.architecture import describe
+    from ppn_bayes.core.ranking import Ranking
+    from ppn_bayes.io import FileFormatError
+
+    arch = describe(tiny_llama(11, layers=6, hidden=32, heads=4, kv_heads=2, intermediate=64), mlp_group=8)
+    ranking = Ranking.random(arch, seed=3)
+    rankings = tmp_path / "rankings"
+    rankings.mkdir()
+    _rankings_file(rankings / "fit.json", ranking, fit={"seed": 1}, train_tokens=1234)
+    lines = report.allocation_section(rankings, [], tmp_path / "img", "img")
+    rows = {float(cells[0]): cells for cells in
+            ([c.strip() for c in line.strip("|").split("|")] for line in lines if re.match(r"\| 0\.\d ", line))}
+    assert sorted(rows) == sorted(report.PROTOCOL_SIZES)
+    A = arch.n_attention_units
+    for size, (_, reached, layers, attention, mlp) in rows.items():
+        masks = ranking.masks(size)
+        assert reached == f"{masks.size_reached:.3f}"
+        assert layers == f"{int(masks.layer.sum())} of {arch.n_layers}"
+        # one mark a layer: '-' exactly where the masks drop the layer, else its kept units of each kind
+        assert list(attention) == ["-" if not keep else str(int(masks.unit[l, :A].sum()))
+                                   for l, keep in enumerate(masks.layer.tolist())]
+        assert mlp.split(" ") == ["-" if not keep else str(int(masks.unit[l, A:].sum()))
+                                  for l, keep in enumerate(masks.layer.tolist())]
+    assert "seed 1, 1,234 training tokens" in "\n".join(lines)
+    assert (tmp_path / "img" / "allocation-fit-ppn_bayes.png").stat().st_size > 0
+    # nothing to show: no section; a file of another kind: an error that names it
+    assert report.allocation_section(tmp_path / "none", [], tmp_path / "img", "img") == []
+    (rankings / "other.json").write_text(json.dumps({"format": "ppn_bayes.masks", "rankings": {}}))
+    with pytest.raises(FileFormatError, match="other.json is not a rankings file"):
+        report.allocation_section(rankings, [], tmp_path / "img", "img")
