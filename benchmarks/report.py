@@ -29,7 +29,7 @@ from ppn_bayes.core.architecture import Architecture
 from ppn_bayes.core.config import NOT_IDENTIFYING, FitConfig
 from ppn_bayes.core.ranking import Ranking
 from ppn_bayes.deploy.finetune import DistillConfig
-from ppn_bayes.io import FileFormatError, atomic_file, atomic_write_text, read_json
+from ppn_bayes.io import atomic_file, atomic_write_text
 from ppn_bayes.records import BENCHMARKS, RECORDS_DIR, curve_match, read_records
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from protocol import (DENSE_MARGIN, DENSE_TARGET_SIZE, METHODS, PROTOCOL_SIZES, RECORD,  # noqa: E402
                       SETTING_ABLATIONS, SHORT_PEERS, SPEED_TARGET, TARGET_RIVALS, TARGET_SIZES, WIDTH_KD_MARGIN,
                       WIDTH_KD_SIZES, fit_changes, label)
+from speed import ranking_of, read_rankings  # noqa: E402  (the rankings files of benchmarks/quality.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The activation score before issue 15 (input-side weights averaged in: mostly weight magnitude).
@@ -557,22 +558,6 @@ def plot_quality(records: list[dict], path: Path, model) -> bool:
 RANKINGS_DIR = Path("docs") / "benchmarks" / "rankings"
 
 
-def read_rankings(path: Path) -> dict[str, tuple[Ranking, dict]]:
-    """Every ranking of a rankings file (the ``rankings.json`` that ``quality.py --rankings`` writes)
-    with its entry (model, fit settings, training tokens), by method; ``FileFormatError`` naming
-    the file when it is not one."""
-    data = read_json(path, "rankings file")
-    if data.get("format") != "ppn_bayes.rankings" or not isinstance(data.get("rankings"), dict):
-        raise FileFormatError(f"{path} is not a rankings file written by benchmarks/quality.py")
-    rankings = {}
-    for method, entry in data["rankings"].items():
-        try:
-            rankings[method] = Ranking.from_dict(Architecture.from_dict(entry["architecture"]), entry), entry
-        except (KeyError, TypeError, ValueError) as err:
-            raise FileFormatError(f"the {method} ranking in {path} is invalid: {err}") from None
-    return rankings
-
-
 def units_per_layer(ranking: Ranking, size: float) -> tuple[float, list[int | None], list[int | None]]:
     """The deployed masks of ``size``: the size reached, and each layer's kept attention and MLP
     units (``None`` for a dropped layer)."""
@@ -601,7 +586,8 @@ def allocation_section(rankings_dir: Path, records: list[dict], images: Path, im
              "--rankings` wrote beside the fit's records). Each cell lists every layer: the units it keeps, `-` for "
              "a dropped layer.", ""]
     for path in files:
-        for method, (ranking, entry) in read_rankings(path).items():
+        for method, entry in read_rankings(path).items():
+            ranking = ranking_of(path, method, entry)
             arch = ranking.arch
             fit = entry.get("fit") or {}
             what = ", ".join(x for x in (entry.get("model"), f"seed {fit['seed']}" if "seed" in fit else None,

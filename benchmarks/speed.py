@@ -96,12 +96,28 @@ class SpeedConfig:
 
 
 # -- inputs --------------------------------------------------------------------------------------
+def read_rankings(path: str | Path) -> dict[str, dict]:
+    """The entries of a rankings file (the ``rankings.json`` that ``quality.py --rankings``
+    writes: model, architecture, ranking, fit settings, training tokens), by method;
+    ``FileFormatError`` naming the file when it is not one."""
+    data = read_json(path, "rankings file")
+    if data.get("format") != "ppn_bayes.rankings" or not isinstance(data.get("rankings", {}), dict):
+        raise FileFormatError(f"{path} is not a rankings file written by benchmarks/quality.py")
+    return data.get("rankings", {})
+
+
+def ranking_of(path: str | Path, method: str, entry: dict, arch: Architecture | None = None) -> Ranking:
+    """The ranking of one entry of :func:`read_rankings` on ``arch`` (default: the entry's own
+    architecture); ``FileFormatError`` naming the file and the method when it is invalid."""
+    try:
+        return Ranking.from_dict(arch if arch is not None else Architecture.from_dict(entry["architecture"]), entry)
+    except (KeyError, TypeError, ValueError) as err:
+        raise FileFormatError(f"the {method} ranking in {path} is invalid: {err}") from None
+
+
 def load_ranking(path: str | Path, method: str, lm) -> Ranking:
     """``method``'s ranking from a rankings file, checked against ``lm``'s architecture."""
-    data = read_json(path, "rankings file")
-    if data.get("format") != "ppn_bayes.rankings":
-        raise FileFormatError(f"{path} is not a rankings file written by benchmarks/quality.py")
-    rankings = data.get("rankings", {})
+    rankings = read_rankings(path)
     if method not in rankings:
         raise FileFormatError(f"{path} has no ranking for {method!r}; it has {sorted(rankings)}")
     entry = rankings[method]
@@ -109,10 +125,7 @@ def load_ranking(path: str | Path, method: str, lm) -> Ranking:
     arch = describe(lm, mlp_group=saved.mlp_group)
     if saved != arch:
         raise FileFormatError(f"the {method} ranking in {path} is for another model (its architecture differs)")
-    try:
-        return Ranking.from_dict(arch, entry)
-    except ValueError as err:
-        raise FileFormatError(f"the {method} ranking in {path} is invalid: {err}") from None
+    return ranking_of(path, method, entry, arch)
 
 
 def prompt_tokens(config: SpeedConfig, tokenizer, vocab_size: int, n: int) -> torch.Tensor:
