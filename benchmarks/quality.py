@@ -106,10 +106,8 @@ DEFAULT_METHODS = ids(default=True)
 #: rate 1e-3 with AdamW's beta2 0.95 (the 12M-token width-kd sweep of 2 December 2026: 64.3 at
 #: 1e-4, 54.0 at 3e-4, 49.3 at 1e-3, 53.2 at 3e-3, 47.4 at 1e-3 with beta2 0.95). With
 #: --fit-tokens it reads the training text and each teacher text in equal shares.
-DEFAULT_FIT = FitConfig(steps=300, batch_size=8, seq_len=2048, size_min=0.3, checkpoint_every=100,
-                        log_every=10, teacher="original", nll_weight=0.0, gate_coupling="prefix",
-                        init="activation", lr_schedule="cosine", warmup_steps=30, lr_lm=1e-3,
-                        adam_beta2=0.95, n_random_sizes=3, size_power=2.0, train_full_lm=False)
+DEFAULT_FIT = FitConfig.recipe("record", steps=300, batch_size=8, seq_len=2048, checkpoint_every=100, log_every=10,
+                               warmup_steps=30)
 #: The fit of record before issue 15 (self-distillation plus next-token loss, independent
 #: gates, neutral start, constant rates): what the records before 2026-12-01 evening ran.
 PREVIOUS_FIT = FitConfig(steps=300, batch_size=8, seq_len=2048, size_min=0.3, checkpoint_every=100,

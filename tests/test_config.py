@@ -153,3 +153,26 @@ def test_ranking_masks_for_a_budget_match_the_size_and_count_paths():
         got = ranking.masks_for(budget)
         assert got.kept_params == direct.kept_params and got.size_requested == direct.size_requested
         assert bool((got.unit == direct.unit).all()) and bool((got.layer == direct.layer).all())
+
+
+def test_a_recipe_sets_its_settings_over_the_defaults_and_given_flags_win(capsys):
+    from ppn_bayes.cli.options import fit_config_from
+    from ppn_bayes.core.config import RECIPES
+
+    record = RECIPES["record"]
+    assert FitConfig.recipe("record") == FitConfig(**record)
+    assert FitConfig.recipe("record", steps=7).steps == 7 and FitConfig.recipe("default") == FitConfig()
+    with pytest.raises(ValueError, match="unknown recipe 'nope'; known: default, record"):
+        FitConfig.recipe("nope")
+
+    def config(*flags):
+        return fit_config_from(build_parser().parse_args(["fit", "--model", "m", "--data", "d", "--out", "o", *flags]))
+
+    assert config() == FitConfig()  # no recipe: the defaults, as before recipes existed
+    assert config("--recipe", "record") == FitConfig(**record)
+    # a flag given wins over the recipe, even one that gives the default's value (3e-5, not the record's 1e-3)
+    given = config("--recipe", "record", "--lr-lm", str(FitConfig().lr_lm), "--train-full-lm", "--steps", "9")
+    assert given == FitConfig(**{**record, "lr_lm": FitConfig().lr_lm, "train_full_lm": True, "steps": 9})
+    with pytest.raises(SystemExit):
+        config("--recipe", "nope")
+    assert "invalid choice: 'nope'" in capsys.readouterr().err

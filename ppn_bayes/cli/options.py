@@ -8,7 +8,31 @@ import dataclasses
 import math
 import typing
 
-from ..core.config import CONCERNS, FitConfig
+from ..core.config import CONCERNS, RECIPES, FitConfig
+
+#: The namespace attribute that holds the settings given on the command line (a set of field
+#: names): what a recipe (``--recipe``) leaves as given.
+GIVEN = "settings_given"
+
+
+def _note_given(namespace: argparse.Namespace, dest: str) -> None:
+    setattr(namespace, GIVEN, getattr(namespace, GIVEN, frozenset()) | {dest})
+
+
+class _Given(argparse.Action):
+    """``store``, noting the setting as given on the command line."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        _note_given(namespace, self.dest)
+
+
+class _GivenBool(argparse.BooleanOptionalAction):
+    """``--flag`` / ``--no-flag``, noting the setting as given on the command line."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        _note_given(namespace, self.dest)
 
 
 def _number(kind: type, text: str, what: str, ok) -> int | float:
@@ -97,15 +121,14 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type, defaults, *, 
         target = (groups or {}).get(f.metadata["concern"], parser)
         help_text = f"{f.metadata['help']} (default: {default})"
         if kind is bool:
-            target.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=default, help=help_text)
+            target.add_argument(_flag(f.name), dest=f.name, action=_GivenBool, default=default, help=help_text)
         elif typing.get_origin(kind) is tuple:  # sizes
-            target.add_argument(_flag(f.name), dest=f.name, type=size_fraction, nargs="*", default=default,
-                                metavar="SIZE", help=help_text)
+            target.add_argument(_flag(f.name), dest=f.name, action=_Given, type=size_fraction, nargs="*",
+                                default=default, metavar="SIZE", help=help_text)
         else:
             plain = kind if kind in (int, float, str) else next(a for a in typing.get_args(kind) if a is not type(None))
             convert = _CONVERT.get((f.metadata.get("bound"), plain), str)
-            target.add_argument(_flag(f.name), dest=f.name, type=convert, default=default,
+            target.add_argument(_flag(f.name), dest=f.name, action=_Given, type=convert, default=default,
                                 choices=f.metadata.get("choices"), help=help_text)
 
 
@@ -119,9 +142,21 @@ def add_fit_options(parser: argparse.ArgumentParser, defaults: FitConfig = FitCo
                     skip: tuple[str, ...] = ()) -> None:
     """One flag per :class:`FitConfig` field, documented from its metadata, in one group
     per concern (:data:`~ppn_bayes.core.config.CONCERNS`)."""
+    parser.add_argument("--recipe", default="default", choices=list(RECIPES),
+                        help="named settings applied before the flags below, which win where given: 'record' is "
+                             "the fit of record (docs/method.md: " + ", ".join(
+                                 f"{k}={v}" for k, v in RECIPES["record"].items()) + "); add --warmup-steps, "
+                             "--settle-steps and --average-steps for your number of steps (the record: 100, 300 "
+                             "and 300 of 3,052) (default: default, the defaults shown)")
     groups = {name: parser.add_argument_group(f"fit settings: {name} (FitConfig)") for name in CONCERNS}
     add_config_options(parser, FitConfig, defaults, skip=skip, groups=groups)
 
 
 def fit_config_from(args: argparse.Namespace, *, base: FitConfig = FitConfig(), skip: tuple[str, ...] = ()) -> FitConfig:
-    return base.replace(**config_from(args, FitConfig, skip=skip))
+    """The fit settings of :func:`add_fit_options`' flags over ``base``: ``--recipe``'s settings
+    where a flag was not given, the flags' values everywhere else."""
+    values = config_from(args, FitConfig, skip=skip)
+    given = getattr(args, GIVEN, frozenset())
+    recipe = RECIPES[getattr(args, "recipe", "default")]
+    values.update({k: v for k, v in recipe.items() if k not in given and k not in skip})
+    return base.replace(**values)

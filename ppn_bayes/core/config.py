@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from .schedule import check_schedule
 
-__all__ = ["FitConfig", "check_compiler", "check_fields", "setting", "CONCERNS", "FIT_HELP", "NOT_IDENTIFYING"]
+__all__ = ["FitConfig", "check_compiler", "check_fields", "setting", "CONCERNS", "FIT_HELP", "NOT_IDENTIFYING",
+           "RECIPES"]
 
 #: The concerns a fit's settings fall into, in ``--help`` order: ``prior`` (the Bayesian
 #: model and its guide: units, hierarchy, the prior's weight, the guide's start),
@@ -255,6 +256,13 @@ class FitConfig:
     def replace(self, **changes) -> "FitConfig":
         return dataclasses.replace(self, **changes)
 
+    @classmethod
+    def recipe(cls, name: str, **changes) -> "FitConfig":
+        """The settings of the named recipe (:data:`RECIPES`) over the defaults, then ``changes``."""
+        if name not in RECIPES:
+            raise ValueError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
+        return cls(**{**RECIPES[name], **changes})
+
     def concern(self, name: str) -> dict:
         """The settings of concern ``name`` (one of :data:`CONCERNS`), as ``{field: value}``."""
         if name not in CONCERNS:
@@ -303,3 +311,19 @@ FIT_HELP: dict[str, str] = {f.name: f.metadata["help"] for f in dataclasses.fiel
 #: in their metadata): two fits that differ only in these are the same fit.
 NOT_IDENTIFYING: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(FitConfig)
                                          if not f.metadata["identifies"])
+
+#: Named recipes: the :class:`FitConfig` settings each one sets over the defaults
+#: (:meth:`FitConfig.recipe`, ``ppn-bayes fit --recipe NAME``). ``default``: the defaults.
+#: ``record``: the fit of record of issue 15 (docs/method.md, "The fit of record"): every
+#: size taught by a frozen copy of the original LM through the full-logit KL alone,
+#: deployed-style (prefix) training masks, units started from their activation ranks, a half
+#: cosine of the rates, the LM's weights at 1e-3 with AdamW's beta2 0.95, and every row of a
+#: batch a gated size: ``size_min`` 0.3 and three sizes drawn more often small. The settings
+#: that scale with the number of steps (``warmup_steps``, ``settle_steps``, ``average_steps``)
+#: are left to the caller: the record used 100, 300 and 300 of 3,052 steps.
+RECIPES: dict[str, types.MappingProxyType] = {
+    "default": types.MappingProxyType({}),
+    "record": types.MappingProxyType(dict(
+        teacher="original", nll_weight=0.0, gate_coupling="prefix", init="activation", lr_schedule="cosine",
+        lr_lm=1e-3, adam_beta2=0.95, size_min=0.3, n_random_sizes=3, size_power=2.0, train_full_lm=False)),
+}
