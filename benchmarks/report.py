@@ -3,9 +3,10 @@
     python benchmarks/report.py
 
 reads ``docs/benchmarks/records/{quality,speed,speculative,resize,fit}.jsonl`` (whatever
-exists) and the rankings files of fits of record in ``docs/benchmarks/rankings/``, and writes ``docs/benchmarks.md`` with the tables, the targets of the issue
-(met or missed, by how much), and PNG plots under ``docs/benchmarks/``: perplexity
-against size per method (log scale) and speed-up against size with the ``0.9 / s``
+exists) and the rankings files of fits of record in ``docs/benchmarks/rankings/``, and writes
+``docs/benchmarks.md`` with the tables, the targets of the issue (met or missed, by how
+much), and PNG plots under ``docs/benchmarks/``: perplexity against size per method (log
+scale), the units each size keeps per layer, and speed-up against size with the ``0.9 / s``
 target. Nothing in the page is typed by hand: a benchmark not yet run shows as "not yet
 measured". Each table ends with the machines, dates and commands that produced it.
 
@@ -555,9 +556,6 @@ def plot_quality(records: list[dict], path: Path, model) -> bool:
 
 
 # -- allocation -------------------------------------------------------------------------------------------------
-RANKINGS_DIR = Path("docs") / "benchmarks" / "rankings"
-
-
 def units_per_layer(ranking: Ranking, size: float) -> tuple[float, list[int | None], list[int | None]]:
     """The deployed masks of ``size``: the size reached, and each layer's kept attention and MLP
     units (``None`` for a dropped layer)."""
@@ -580,9 +578,13 @@ def allocation_section(rankings_dir: Path, records: list[dict], images: Path, im
     files = sorted(rankings_dir.glob("*.json")) if rankings_dir.is_dir() else []
     if not files:
         return []
+    try:
+        shown = rankings_dir.resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        shown = rankings_dir.as_posix()
     lines = ["## Where each size keeps its units", "",
              f"The deployed masks of each protocol size, layer by layer (layers counted from 0), from the rankings "
-             f"of fits of record kept in `{RANKINGS_DIR.as_posix()}/` (the `rankings.json` that `quality.py "
+             f"of fits of record kept in `{shown}/` (the `rankings.json` that `quality.py "
              "--rankings` wrote beside the fit's records). Each cell lists every layer: the units it keeps, `-` for "
              "a dropped layer.", ""]
     for path in files:
