@@ -23,10 +23,13 @@ if [[ ! -d "$BG/repo" ]]; then
     && tar --exclude=./.device --exclude=./.carry --exclude=./.git --exclude=./.venv -cf - . | tar -xf - -C "$BG/repo.tmp" \
     && mv "$BG/repo.tmp" "$BG/repo" || { echo "[gpu_bg] could not copy the tree to $BG/repo"; exit 2; }
 fi
-if [[ ! -f "$BG/rc" ]] && ! pgrep -f "gpu_job.sh $part" > /dev/null; then
+# running: the process this folder started (its pid in $BG/pid) is alive; a part that another folder or
+# another run on the machine started is not this one's
+running() { [[ -f "$BG/pid" ]] && kill -0 "$(cat "$BG/pid")" 2> /dev/null; }
+if [[ ! -f "$BG/rc" ]] && ! running; then
   echo "[gpu_bg] $(date +%T) starting gpu_job.sh $part in $BG/repo"
   ( cd "$BG/repo" && export OUT="$BG/out" LIMIT="${BG_LIMIT:-3000}" PYTHONPATH="/tmp/site:$BG/repo" \
-      && setsid nohup bash -c "bash benchmarks/gpu_job.sh $part; echo \$? > '$BG/rc'" \
+      && setsid nohup bash -c "echo \$\$ > '$BG/pid'; bash benchmarks/gpu_job.sh $part; echo \$? > '$BG/rc'" \
          >> "$BG/bg.log" 2>&1 < /dev/null & )
 fi
 mirror() {  # the records and fits.tar so far, for a call killed before it returns

@@ -158,11 +158,13 @@ def test_gpu_bg_keeps_the_records_so_far_in_partial_while_it_waits_and_removes_t
     """A call killed before it returns (the session's device limit) brings back $OUT/partial: the
     records and fits.tar of the running part as they were a few seconds before; a call that returns
     leaves no partial copy, whether the part has ended or not. The running part here is a script put
-    where gpu_bg.sh's copy of the tree would be, which runs until the test lets it end."""
+    where gpu_bg.sh's copy of the tree would be, which runs until the test lets it end. A part of the
+    same name that another folder runs (another run on the machine) is not taken for this one's."""
     bg = tmp_path / "bg"
-    (bg / "repo" / "benchmarks").mkdir(parents=True)
-    (bg / "repo" / "benchmarks" / "gpu_job.sh").write_text(
-        f"while [ ! -f '{tmp_path}/stop' ]; do sleep 0.2; done\n")
+    for repo in (bg / "repo", tmp_path / "other"):
+        (repo / "benchmarks").mkdir(parents=True)
+        (repo / "benchmarks" / "gpu_job.sh").write_text(f"while [ ! -f '{tmp_path}/stop' ]; do sleep 0.2; done\n")
+    other = subprocess.Popen(["bash", "benchmarks/gpu_job.sh", "part14"], cwd=tmp_path / "other")
     (bg / "out" / "records").mkdir(parents=True)
     line = '{"benchmark": "quality", "method": "ppn_bayes", "size_requested": 0.9}\n'
     (bg / "out" / "records" / "quality.jsonl").write_text(line)
@@ -189,3 +191,4 @@ def test_gpu_bg_keeps_the_records_so_far_in_partial_while_it_waits_and_removes_t
         assert not (tmp_path / "out3" / "partial").exists()
     finally:
         (tmp_path / "stop").touch()
+        other.wait(timeout=30)
