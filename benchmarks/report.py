@@ -30,6 +30,7 @@ from ppn_bayes.core.architecture import Architecture
 from ppn_bayes.core.config import NOT_IDENTIFYING, FitConfig
 from ppn_bayes.core.ranking import Ranking
 from ppn_bayes.deploy.finetune import DistillConfig
+from ppn_bayes.deploy.subnetwork import selection_from_masks
 from ppn_bayes.io import atomic_file, atomic_write_text
 from ppn_bayes.records import BENCHMARKS, RECORDS_DIR, curve_match, read_records
 
@@ -560,10 +561,11 @@ def units_per_layer(ranking: Ranking, size: float) -> tuple[float, list[int | No
     """The deployed masks of ``size``: the size reached, and each layer's kept attention and MLP
     units (``None`` for a dropped layer)."""
     masks = ranking.masks(size)
-    A = ranking.arch.n_attention_units
-    kept = masks.layer.tolist()
-    attention = [int(n) if k else None for n, k in zip(masks.unit[:, :A].sum(1).tolist(), kept)]
-    mlp = [int(n) if k else None for n, k in zip(masks.unit[:, A:].sum(1).tolist(), kept)]
+    widths = selection_from_masks(masks).widths(ranking.arch)  # the widths the sub-network is built with
+    attention: list[int | None] = [None] * ranking.arch.n_layers
+    mlp: list[int | None] = [None] * ranking.arch.n_layers
+    for layer, a, m in zip(widths.source_layers, widths.attention_units, widths.mlp_units):
+        attention[layer], mlp[layer] = a, m
     return masks.size_reached, attention, mlp
 
 
@@ -610,8 +612,8 @@ def allocation_section(rankings_dir: Path, records: list[dict], images: Path, im
             name = f"allocation-{_slug(path.stem)}-{_slug(method)}.png"
             plot_allocation(shares, arch, images / name, f"{path.name}: {method}")
             lines += ["", f"![units kept per layer at each size, {path.name}]({image_prefix}/{name})", ""]
-    uniform = [r for r in latest([r for r in records if r["method"] == "width-kd" and not _is_quick(r)
-                                  and r.get("kv_groups") is not None], size_key).values()]
+    uniform = list(latest([r for r in records if r["method"] == "width-kd" and not _is_quick(r)
+                           and r.get("kv_groups") is not None], size_key).values())
     if uniform:
         lines += ["The uniform cut (width-kd's records) keeps every layer, each with the same widths: " + "; ".join(
             f"{size_key(r):g}: {r['kv_groups']} of {r['kv_groups_of']} KV groups and {r['mlp_channels']} of "
