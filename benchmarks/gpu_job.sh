@@ -315,8 +315,11 @@ if sys.argv[1].split(":")[2] not in kds:
           echo "[gpu_job] GPU $gpu: $job"
           case "$job" in
             fit:*:*) IFS=: read -r _ seed method sets <<< "$job"
+                     # the folder (and nll-out's file) named by the sets, '=' dropped, '/' and ',' as '-' and '_':
+                     # fit:0:ppn_bayes:train_sizes=0.5,0.7/size_power=1 -> seed0-ppn_bayes-train_sizes0.5_0.7-size_power1
                      folder="seed$seed-$method"; [[ -n "$sets" ]] && folder+="-${sets//[=]/}"
-                     SETS="$sets" SEED="$seed" record_fit "$method" "${folder//\//-}" "$data" "$log" ;;
+                     folder="${folder//\//-}"
+                     SETS="$sets" SEED="$seed" record_fit "$method" "${folder//,/_}" "$data" "$log" ;;
             fit:*) SEED="${job#fit:}" record_fit ppn_bayes "seed${job#fit:}" "$data" "$log" ;;
             wkd:*) IFS=: read -r _ size method <<< "$job"
                    record_width_kd "$size" "$data" "$log" "${method:-width-kd}" ;;

@@ -443,6 +443,19 @@ def quality_table(records: list[dict]) -> list[str]:
     return lines
 
 
+def _ratio(ratio: float, limit: float, strict: bool = False) -> str:
+    """``ratio`` to two decimals, or to as many more (up to six) as it takes for the printed figure
+    to stay on the verdict's side of ``limit`` (``ratio < limit`` met when ``strict``, else
+    ``ratio <= limit``): a ratio of 1.1009 against 1.1 reads 1.101, not a missed 1.10."""
+    def within(value: float) -> bool:
+        return value < limit if strict else value <= limit
+
+    digits = 2
+    while digits < 6 and within(float(f"{ratio:.{digits}f}")) != within(ratio):
+        digits += 1
+    return f"{ratio:.{digits}f}"
+
+
 def targets(records: list[dict]) -> list[str]:
     """The issue's quality targets (``protocol``): the fit of record below SparseGPT and Wanda at
     0.5/0.4/0.3; within 1.3x dense at 0.5; within 10% of width-kd at 0.5 and 0.3. The records
@@ -461,7 +474,8 @@ def targets(records: list[dict]) -> list[str]:
             worst, figure, note = _every_seed(records, ours)
             rows.append([f"{RECORD} below {label(rival)} at {size:g}",
                          f"{figure}{'' if note else ' (1 run)'} vs {_fmt(theirs['ppl'])}",
-                         ("met" if worst < theirs["ppl"] else "missed") + f" (ratio {worst / theirs['ppl']:.2f}{note})"])
+                         ("met" if worst < theirs["ppl"] else "missed")
+                         + f" (ratio {_ratio(worst / theirs['ppl'], 1.0, strict=True)}{note})"])
     ours, dense = chosen.get((RECORD, DENSE_TARGET_SIZE)), chosen.get(("dense", 1.0))
     target = f"{RECORD} within {DENSE_MARGIN:g} x dense at {DENSE_TARGET_SIZE:g}"
     if ours is None or dense is None:
@@ -469,8 +483,9 @@ def targets(records: list[dict]) -> list[str]:
     else:
         worst, figure, note = _every_seed(records, ours)
         ratio = worst / dense["ppl"]
+        verdict = "met" if ratio <= DENSE_MARGIN else "missed"
         rows.append([target, f"{figure} vs {_fmt(dense['ppl'])}",
-                     ("met" if ratio <= DENSE_MARGIN else "missed") + f" ({ratio:.2f} x dense{note})"])
+                     verdict + f" ({_ratio(ratio, DENSE_MARGIN)} x dense{note})"])
     rows += width_kd_targets(records, chosen)
     lines += _table(["target", "perplexity", "result"], rows) + [""]
     # not the claim (one fit, no further computation): the optional fine-tunes, beside it
@@ -514,7 +529,7 @@ def width_kd_targets(records: list[dict], chosen: dict) -> list[list[str]]:
         rate = distill_settings(theirs)
         worst, figure, note = _every_seed(records, ours)
         ratio = worst / theirs["ppl"]
-        verdict = ("met" if ratio <= WIDTH_KD_MARGIN else "missed") + f" (ratio {ratio:.2f}{note}"
+        verdict = ("met" if ratio <= WIDTH_KD_MARGIN else "missed") + f" (ratio {_ratio(ratio, WIDTH_KD_MARGIN)}{note}"
         rows.append([f"{target} ({_fmt(ours.get('train_tokens'))})",
                      f"{figure} vs {_fmt(theirs['ppl'])}"
                      + (f" (lr {rate['lr']:g}, beta2 {rate['adam_beta2']:g})" if rate else ""),

@@ -152,3 +152,23 @@ def test_adam_beta2_is_the_second_moment_decay_of_the_lms_weights_only(tmp_path)
     for bad in (1.0, -0.5):
         with pytest.raises(ValueError, match="adam_beta2 must be in"):
             FitConfig(adam_beta2=bad)
+
+
+def test_train_sizes_are_trained_every_step_beside_the_same_random_draws(tmp_path):
+    """The named sizes come after size_min in every step's sizes and before the random ones,
+    which are the draws of the same config without them (the same seeded uniforms); the rows
+    are dealt evenly over the 1 + 2 + 1 gated groups; a fit with them trains and settles every
+    one of them."""
+    base = CONFIG.replace(train_full_lm=False, n_random_sizes=1, size_min=0.3, batch_size=4)
+    named = base.replace(train_sizes=(0.5, 0.7))
+    for step in range(3):
+        plain, sizes = step_sizes(base, step), step_sizes(named, step)
+        assert sizes == [0.3, 0.5, 0.7, plain[1]]
+        assert sorted(step_groups(named, step, 8)[1].tolist()) == [1, 1, 2, 2, 3, 3, 4, 4]
+    history = fit(tiny_lm("llama"), TOKENS, named.replace(settle_steps=2), checkpoint=tmp_path / "c",
+                  progress=False).result.history
+    assert [len(row["kl"]) for row in history] == [4] * named.steps
+    for bad, match in (((0.3,), r"train_sizes must lie in \(size_min, 1\]"), ((1.2,), "train_sizes must lie"),
+                       ((0.5, 0.5), "train_sizes has a size twice")):
+        with pytest.raises(ValueError, match=match):
+            named.replace(train_sizes=bad)

@@ -402,7 +402,9 @@ def test_issue_15_ablation_jobs_rehearsal_on_cpu(tiny_setup, tmp_path):
     env = _part14_env(tiny_setup, tmp_path, GPUS="5", RECORD_EXTRA="--fit-set compile=none --fit-set warmup_steps=1",
                       WKD_EXTRA="--fit-set warmup_steps=1", WIDTH_KD_COMPILE="none")
     methods = ("ppn_bayes-short", "ppn_bayes-flat", "ppn_bayes-point")
-    settled = "fit:0:ppn_bayes-short:settle_steps=1/average_steps=1"  # FitConfig fields of one job
+    # FitConfig fields of one job, a list among them: its folder reads '_' for the list's commas
+    settled = "fit:0:ppn_bayes-short:settle_steps=1/average_steps=1/train_sizes=0.5,0.7"
+    changes = ("settle_steps", "average_steps", "train_sizes")
     subprocess.run(["bash", "benchmarks/gpu_job.sh", "part14"], cwd=ROOT, check=True, timeout=900,
                    env={**env, "JOBS": " ".join([*(f"fit:0:{m}" for m in methods), settled, "wkd:0.5:width-kd-short"])})
     records = read_records("quality", tmp_path / "out" / "records")
@@ -414,9 +416,10 @@ def test_issue_15_ablation_jobs_rehearsal_on_cpu(tiny_setup, tmp_path):
     assert kd[0]["settings"]["distill"]["warmup_steps"] == 1
     assert kd[0]["train_tokens"] == records[0]["train_tokens"] == 2 * 16 * 64
     assert kd[0]["settings"]["fit_data"] == records[0]["settings"]["fit_data"]
-    assert (tmp_path / "work" / "seed0-ppn_bayes-short-settle_steps1-average_steps1").is_dir()
+    settled_folder = "seed0-ppn_bayes-short-settle_steps1-average_steps1-train_sizes0.5_0.7"
+    assert (tmp_path / "work" / settled_folder).is_dir()
     # each fit's evaluations and ranking come back in one file
-    folders = [f"seed0-{m}" for m in methods] + ["seed0-ppn_bayes-short-settle_steps1-average_steps1"]
+    folders = [f"seed0-{m}" for m in methods] + [settled_folder]
     with tarfile.open(tmp_path / "out" / "fits.tar") as tar:
         assert sorted(n for n in tar.getnames() if n.endswith((".json", ".jsonl"))) == sorted(
             f"./{f}/{name}" for f in folders for name in ("rankings.json", "validation.jsonl"))
@@ -426,10 +429,10 @@ def test_issue_15_ablation_jobs_rehearsal_on_cpu(tiny_setup, tmp_path):
     settles = [r for r in records if r["settings"]["fit"]["settle_steps"]]
     assert sorted(r["size_requested"] for r in settles) == [0.3, 0.4, 0.5, 0.7, 0.9]
     short = next(r["settings"]["fit"] for r in records if r["method"] == "ppn_bayes-short" and r not in settles)
-    assert {k: v for k, v in settles[0]["settings"]["fit"].items() if k not in ("settle_steps", "average_steps")} \
-        == {k: v for k, v in short.items() if k not in ("settle_steps", "average_steps")}
-    assert (settles[0]["settings"]["fit"]["settle_steps"], settles[0]["settings"]["fit"]["average_steps"]) == (1, 1)
-    assert (short["settle_steps"], short["average_steps"]) == (0, 0)
+    assert {k: v for k, v in settles[0]["settings"]["fit"].items() if k not in changes} \
+        == {k: v for k, v in short.items() if k not in changes}
+    assert [settles[0]["settings"]["fit"][k] for k in changes] == [1, 1, [0.5, 0.7]]
+    assert [short[k] for k in changes] == [0, 0, []]
     records = [r for r in records if r not in settles]
     assert sorted({r["method"] for r in records}) == sorted(methods)
     assert all(sorted(r["size_requested"] for r in records if r["method"] == m) == [0.3, 0.4, 0.5, 0.7, 0.9]
@@ -1039,3 +1042,19 @@ def test_allocation_section_lists_each_layers_kept_units_as_the_masks_keep_them(
     (rankings / "other.json").write_text(json.dumps({"format": "ppn_bayes.masks", "rankings": {}}))
     with pytest.raises(FileFormatError, match="other.json is not a rankings file"):
         report.allocation_section(rankings, [], tmp_path / "img", "img")
+
+
+def test_a_ratio_just_past_its_limit_is_printed_past_it():
+    """43.176 against width-kd's 39.22 is 1.1009: missed, and printed 1.101, not a missed 1.10; a
+    ratio that two decimals show on its own side keeps two (26.4 / 24, met, 1.10); a rival beaten
+    by less than half a percent reads below 1 (0.999), not 1.00."""
+    def run(method, ppl, size=0.5):
+        return {"method": method, "size_requested": size, "ppl": ppl, "train_tokens": 10, "windows": 2,
+                "date": "2026-12-01T10:00:00", "settings": {}}
+
+    text = "\n".join(report.targets([run("width-kd", 39.22), run("ppn_bayes", 43.176), run("sparsegpt", 43.2)]))
+    assert "| 43.18 vs 39.22 | missed (ratio 1.101) |" in text
+    assert "| ppn_bayes below SparseGPT, unstructured at 0.5 | 43.18 (1 run) vs 43.2 | met (ratio 0.999) |" in text
+    assert report._ratio(26.4 / 24, 1.1) == "1.10"
+    assert report._ratio(1.3004, 1.3) == "1.3004"
+    assert report._ratio(0.5, 1.0, strict=True) == "0.50"

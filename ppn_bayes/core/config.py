@@ -59,9 +59,9 @@ class FitConfig:
     """How a push puppet network is fitted.
 
     Sizes: every step trains the full LM (unless ``train_full_lm`` is off), the smallest
-    size ``size_min`` and ``n_random_sizes`` sizes drawn from ``[size_min, size_max]``
-    (uniformly, or more often small with ``size_power`` above 1; the sandwich rule), each on
-    its share of the batch's rows, in one pass. Weighting: each row's loss is
+    size ``size_min``, the named ``train_sizes`` and ``n_random_sizes`` sizes drawn from
+    ``[size_min, size_max]`` (uniformly, or more often small with ``size_power`` above 1; the
+    sandwich rule), each on its share of the batch's rows, in one pass. Weighting: each row's loss is
     ``nll_weight`` · its next-token NLL + ``distill_weight`` · KL(teacher ‖ LM), per token;
     each size weighs alike; the prior KL is scaled by ``prior_weight / prior_tokens``
     (``prior_tokens`` defaults to the number of training tokens, which makes the loss the
@@ -103,6 +103,10 @@ class FitConfig:
     size_power: float = setting(1.0, OBJECTIVE,
             "the random sizes are size_min + (size_max - size_min) * u ** size_power with u uniform on [0, 1): 1 "
             "draws them uniformly, above 1 draws the small sizes (the hard ones) more often")
+    train_sizes: tuple[float, ...] = setting((), OBJECTIVE,
+            "sizes trained every step besides size_min and the random ones, each on its share of the rows (the "
+            "sizes you mean to ship: each gets a fixed share of the text, as size_min does; the other sizes still "
+            "come from the same ranking, trained through the random draws; default: none)")
     train_full_lm: bool = setting(True, OBJECTIVE,
             "give the full LM (every gate on) its share of each step's rows, the top of the sandwich rule; "
             "--no-train-full-lm gives every row to a gated size (with teacher='original' the full LM, which no "
@@ -232,6 +236,12 @@ class FitConfig:
         check_schedule(self.lr_schedule)
         if self.init not in INITS:
             raise ValueError(f"init must be one of {', '.join(map(repr, INITS))}, got {self.init!r}")
+        for size in self.train_sizes:
+            if not self.size_min < size <= 1:
+                raise ValueError(f"train_sizes must lie in (size_min, 1] = ({self.size_min:g}, 1] (size_min is "
+                                 f"trained every step already), got {size}")
+        if len(set(self.train_sizes)) != len(self.train_sizes):
+            raise ValueError(f"train_sizes has a size twice: {self.train_sizes}")
         for size in self.eval_sizes:
             if not 0 < size <= 1:
                 raise ValueError(f"eval_sizes must lie in (0, 1], got {size}")

@@ -1,8 +1,8 @@
 """One training step: every size of the step in one forward and one backward pass.
 
 The step's sizes follow the sandwich rule: the full LM (every gate on; unless
-``train_full_lm`` is off), the smallest size ``size_min`` and ``n_random_sizes`` sizes drawn
-from ``[size_min, size_max]``. Instead of
+``train_full_lm`` is off), the smallest size ``size_min``, the named ``train_sizes`` and
+``n_random_sizes`` sizes drawn from ``[size_min, size_max]``. Instead of
 one pass of the whole batch per size, the rows of the global batch are dealt to the sizes
 in turn (global row ``g`` to group ``g mod K``), and one pass of the gated LM reads every
 row under the gates of its own size (:class:`~ppn_bayes.core.model.StepPlan`). A step then
@@ -71,11 +71,12 @@ def self_teacher(gated, input_ids: torch.Tensor) -> Teacher:
 
 
 def step_sizes(config: FitConfig, step: int) -> list[float]:
-    """The gated sizes of ``step``: ``size_min``, then ``n_random_sizes`` draws
-    ``size_min + (size_max - size_min) · u^size_power``, ``u`` uniform on [0, 1)."""
+    """The gated sizes of ``step``: ``size_min``, the ``train_sizes`` (every step, as given),
+    then ``n_random_sizes`` draws ``size_min + (size_max - size_min) · u^size_power``, ``u``
+    uniform on [0, 1) (the same draws with or without ``train_sizes``)."""
     draws = torch.rand(config.n_random_sizes, generator=seeds.stream("sizes", config.seed, step), dtype=torch.float64)
     between = config.size_min + (config.size_max - config.size_min) * draws ** config.size_power
-    return [config.size_min, *between.tolist()]
+    return [config.size_min, *config.train_sizes, *between.tolist()]
 
 
 def step_groups(config: FitConfig, step: int, global_rows: int) -> tuple[list[float], torch.Tensor]:
