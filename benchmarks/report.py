@@ -422,7 +422,7 @@ def quality_table(records: list[dict]) -> list[str]:
     sizes = sorted({s for _, s in chosen} | set(PROTOCOL_SIZES), reverse=True)
     methods = sorted({m for m, _ in chosen}, key=_order)
     header = ["method", *(f"{s:g}" for s in sizes), "windows", "training tokens"]
-    rows = []
+    rows, named = [], []
     obsolete = False
     for method in methods:
         picked = [chosen.get((method, s)) for s in sizes]
@@ -434,8 +434,18 @@ def quality_table(records: list[dict]) -> list[str]:
         if any(superseded(r) for r in picked):
             obsolete = True
             name += " (superseded\\*)"
+        fits = [(r.get("settings") or {}).get("fit") or {} for r in picked]
+        if any(fit.get("train_sizes") for fit in fits):
+            fit = next(fit for fit in fits if fit.get("train_sizes"))
+            name += " †"
+            named.append(f"† {label(method)}: every step of the fit trains the sizes "
+                         f"{', '.join(f'{x:g}' for x in fit['train_sizes'])} (`train_sizes`) besides `size_min` "
+                         f"{fit['size_min']:g}; the other sizes only through its {fit['n_random_sizes']} random "
+                         "sizes a step.")
         rows.append([name, *cells, ", ".join(_fmt(w) for w in windows), ", ".join(_fmt(t) for t in tokens)])
     lines = _table(header, rows)
+    for note in named:
+        lines += ["", note]
     if obsolete:
         lines += ["", "\\* Superseded: measured with the activation score of before issue 15, which averaged in the "
                   "weights a unit reads its input with (their Wanda score is their magnitude) and cut MLP units of "

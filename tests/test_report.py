@@ -1058,3 +1058,20 @@ def test_a_ratio_just_past_its_limit_is_printed_past_it():
     assert report._ratio(26.4 / 24, 1.1) == "1.10"
     assert report._ratio(1.3004, 1.3) == "1.3004"
     assert report._ratio(0.5, 1.0, strict=True) == "0.50"
+
+
+def test_a_fit_that_names_its_sizes_says_so_under_the_quality_table():
+    """A row whose fit trains named sizes (train_sizes) is marked, and a note under the table
+    names them and size_min, so an off-ladder size (0.4 here) reads as one; a fit without them
+    (older records have no such key) is not marked."""
+    def run(method, size, ppl, fit=None):
+        return {"method": method, "size_requested": size, "size_reached": size, "ppl": ppl, "windows": 2,
+                "train_tokens": 10, "date": "2026-12-01T10:00:00", "settings": {"fit": fit} if fit else {}}
+
+    fit = {"train_sizes": [0.5, 0.7, 0.9], "size_min": 0.3, "n_random_sizes": 2, "seed": 0}
+    lines = report.quality_table([run("ppn_bayes", 0.5, 40.0, fit), run("ppn_bayes", 0.4, 50.0, fit),
+                                  run("ppn_bayes-flat", 0.5, 45.0, {"size_min": 0.3, "seed": 0})])
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in lines if line.startswith("| ppn_bayes")}
+    assert list(rows) == ["ppn_bayes †", "ppn_bayes, flat units (no hierarchy)"]
+    assert lines[-1] == ("† ppn_bayes: every step of the fit trains the sizes 0.5, 0.7, 0.9 (`train_sizes`) besides "
+                         "`size_min` 0.3; the other sizes only through its 2 random sizes a step.")
