@@ -434,9 +434,8 @@ def quality_table(records: list[dict]) -> list[str]:
         if any(superseded(r) for r in picked):
             obsolete = True
             name += " (superseded\\*)"
-        fits = [(r.get("settings") or {}).get("fit") or {} for r in picked]
-        if any(fit.get("train_sizes") for fit in fits):
-            fit = next(fit for fit in fits if fit.get("train_sizes"))
+        fit = next((fit for fit in map(fit_settings, picked) if fit.get("train_sizes")), None)
+        if fit:
             name += " †"
             named.append(f"† {label(method)}: every step of the fit trains the sizes "
                          f"{', '.join(f'{x:g}' for x in fit['train_sizes'])} (`train_sizes`) besides `size_min` "

@@ -236,17 +236,9 @@ class FitConfig:
         check_schedule(self.lr_schedule)
         if self.init not in INITS:
             raise ValueError(f"init must be one of {', '.join(map(repr, INITS))}, got {self.init!r}")
-        for size in self.train_sizes:
-            if not self.size_min < size <= 1:
-                raise ValueError(f"train_sizes must lie in (size_min, 1] = ({self.size_min:g}, 1] (size_min is "
-                                 f"trained every step already), got {size}")
-        if len(set(self.train_sizes)) != len(self.train_sizes):
-            raise ValueError(f"train_sizes has a size twice: {self.train_sizes}")
-        for size in self.eval_sizes:
-            if not 0 < size <= 1:
-                raise ValueError(f"eval_sizes must lie in (0, 1], got {size}")
-        if len(set(self.eval_sizes)) != len(self.eval_sizes):
-            raise ValueError(f"eval_sizes has a size twice: {self.eval_sizes}")
+        _check_sizes("train_sizes", self.train_sizes, self.size_min,
+                     f"(size_min, 1] = ({self.size_min:g}, 1] (size_min is trained every step already)")
+        _check_sizes("eval_sizes", self.eval_sizes)
         if self.distill_weight == 0 and self.nll_weight == 0:
             raise ValueError("nll_weight and distill_weight are both 0: the likelihood would be empty")
         if self.prior_tokens is not None and self.prior_tokens < 1:
@@ -278,6 +270,16 @@ class FitConfig:
         if name not in CONCERNS:
             raise ValueError(f"concern must be one of {', '.join(map(repr, CONCERNS))}, got {name!r}")
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["concern"] == name}
+
+
+def _check_sizes(name: str, sizes: tuple[float, ...], low: float = 0.0, interval: str = "(0, 1]") -> None:
+    """Raise ``ValueError`` unless every one of ``sizes`` lies in ``(low, 1]`` (named ``interval``
+    in the message) and none is given twice."""
+    for size in sizes:
+        if not low < size <= 1:
+            raise ValueError(f"{name} must lie in {interval}, got {size}")
+    if len(set(sizes)) != len(sizes):
+        raise ValueError(f"{name} has a size twice: {sizes}")
 
 
 @functools.cache
