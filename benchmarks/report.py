@@ -416,6 +416,22 @@ def row_records(records: list[dict]) -> dict:
     return chosen
 
 
+def _fit_notes(picked: list[dict]) -> list[tuple[str, str]]:
+    """The marks and notes of a quality row whose fit departs from the plain loop in what its
+    steps train: named sizes (``train_sizes``, †) and a held start (``hold_steps``, ‡)."""
+    notes = []
+    fit = next((fit for fit in map(fit_settings, picked) if fit.get("train_sizes")), None)
+    if fit:
+        notes.append(("†", f"every step of the fit trains the sizes {', '.join(f'{x:g}' for x in fit['train_sizes'])} "
+                           f"(`train_sizes`) besides `size_min` {fit['size_min']:g}; the other sizes only through its "
+                           f"{fit['n_random_sizes']} random sizes a step."))
+    fit = next((fit for fit in map(fit_settings, picked) if fit.get("hold_steps")), None)
+    if fit:
+        notes.append(("‡", f"the first {fit['hold_steps']:,} of the fit's {fit['steps']:,} steps hold the guide at its "
+                           "start and train the LM on the start's masks (`hold_steps`); the posterior learns after."))
+    return notes
+
+
 def quality_table(records: list[dict]) -> list[str]:
     """Rows: methods; columns: sizes; cells: perplexity (size reached): :func:`row_records`."""
     chosen = row_records(records)
@@ -434,13 +450,9 @@ def quality_table(records: list[dict]) -> list[str]:
         if any(superseded(r) for r in picked):
             obsolete = True
             name += " (superseded\\*)"
-        fit = next((fit for fit in map(fit_settings, picked) if fit.get("train_sizes")), None)
-        if fit:
-            name += " †"
-            named.append(f"† {label(method)}: every step of the fit trains the sizes "
-                         f"{', '.join(f'{x:g}' for x in fit['train_sizes'])} (`train_sizes`) besides `size_min` "
-                         f"{fit['size_min']:g}; the other sizes only through its {fit['n_random_sizes']} random "
-                         "sizes a step.")
+        for mark, note in _fit_notes(picked):
+            name += f" {mark}"
+            named.append(f"{mark} {label(method)}: {note}")
         rows.append([name, *cells, ", ".join(_fmt(w) for w in windows), ", ".join(_fmt(t) for t in tokens)])
     lines = _table(header, rows)
     for note in named:

@@ -22,11 +22,12 @@ CASES = {
     # the frozen original LM as the teacher, a copy in every process.
     "ddp-flat-point": {"config": _BASE.replace(parallel="ddp", hierarchy=False, posterior="point",
                                                teacher="original"), "tied": False},
-    # The last 2 steps settle: the whole guide without gradient (find_unused_parameters), the
-    # LM trained on the deployed masks, read from the guide that every process holds, which
-    # first takes the mean of its 2 steps before (average_steps) in every process alike.
-    "ddp-settle": {"config": _BASE.replace(parallel="ddp", gate_coupling="prefix", init_jitter=0.5, settle_steps=2,
-                                           average_steps=2),
+    # The first 2 steps hold and the last 2 settle: the whole guide without gradient
+    # (find_unused_parameters), the LM trained on the deployed masks, read from the guide
+    # that every process holds: its start, then the mean of its 2 steps before the settling
+    # (average_steps), in every process alike.
+    "ddp-settle": {"config": _BASE.replace(parallel="ddp", gate_coupling="prefix", init_jitter=0.5, steps=6,
+                                           hold_steps=2, settle_steps=2, average_steps=2),
                    "tied": True},
 }
 

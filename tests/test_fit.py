@@ -127,6 +127,11 @@ def test_a_nan_loss_stops_the_fit_and_writes_nothing(tmp_path):
     (dict(steps=4, settle_steps=5), r"settle_steps \(5\) must not exceed steps \(4\)"),
     (dict(settle_steps=-1), "settle_steps must not be negative"),
     (dict(settle_steps=2, train_lm=False), "with train_lm off it would train nothing"),
+    (dict(hold_steps=-1), "hold_steps must not be negative"),
+    (dict(hold_steps=2, train_lm=False), "hold_steps trains the LM alone on fixed masks; with train_lm off"),
+    (dict(steps=6, hold_steps=3, settle_steps=2, average_steps=2),
+     r"hold_steps \+ average_steps \+ settle_steps \(3 \+ 2 \+ 2\) must not exceed steps \(6\)"),
+    (dict(hold_steps=2, freeze_lm_steps=1), "hold_steps .* and freeze_lm_steps .* are exclusive"),
 ])
 def test_bad_settings_are_named(changes, message):
     with pytest.raises(ValueError, match=message):
@@ -312,10 +317,8 @@ def test_the_lm_waits_for_freeze_lm_steps():
     assert any(not torch.equal(before[name], p) for name, p in fitted.lm.named_parameters())
 
 
-def test_settling_steps_train_the_lm_on_the_deployed_masks_alone(monkeypatch):
-    """settle_steps=3 of 6: the guide after the fit is, to the bit, the guide of the same fit
-    stopped after 3 steps; the LM still trains; and in each settling step the gates of every
-    drawn size are exactly the deployed masks at that size (the prefixes of the final ranking)."""
+def _recorded_gates(monkeypatch) -> list:
+    """Every call of the likelihood from now on, as ``(sizes, layer gates, unit gates)``."""
     calls = []
     likelihood = PuppetModel.likelihood
 
@@ -324,6 +327,21 @@ def test_settling_steps_train_the_lm_on_the_deployed_masks_alone(monkeypatch):
         return likelihood(self, input_ids, plan, teacher, gates)
 
     monkeypatch.setattr(PuppetModel, "likelihood", recorded)
+    return calls
+
+
+def _deployed(ranking, sizes, layer, unit) -> bool:
+    """Whether a call's gates are ``ranking``'s masks at every one of its sizes."""
+    masks = [ranking.masks(size) for size in sizes]
+    return torch.equal(layer, torch.stack([m.layer for m in masks]).float()) and \
+        torch.equal(unit, torch.stack([m.unit for m in masks]).float())
+
+
+def test_settling_steps_train_the_lm_on_the_deployed_masks_alone(monkeypatch):
+    """settle_steps=3 of 6: the guide after the fit is, to the bit, the guide of the same fit
+    stopped after 3 steps; the LM still trains; and in each settling step the gates of every
+    drawn size are exactly the deployed masks at that size (the prefixes of the final ranking)."""
+    calls = _recorded_gates(monkeypatch)
     config = FitConfig(steps=6, settle_steps=3, batch_size=4, seq_len=32, mlp_group=8, gate_coupling="prefix",
                        init_jitter=0.5, lr_guide=0.5, lr_lm=1e-3, size_min=0.3, log_every=1)
 
@@ -338,17 +356,11 @@ def test_settling_steps_train_the_lm_on_the_deployed_masks_alone(monkeypatch):
     for name, value in settled.guide.named_parameters():
         assert torch.equal(value, dict(first.guide.named_parameters())[name]), name
     assert any(not torch.equal(p, q) for p, q in zip(first.lm.parameters(), settled.lm.parameters()))
-    ranking = settled.ranking()
-
-    def deployed(sizes, layer, unit):  # the gates are the final ranking's masks at every size
-        masks = [ranking.masks(size) for size in sizes]
-        return torch.equal(layer, torch.stack([m.layer for m in masks]).float()) and \
-            torch.equal(unit, torch.stack([m.unit for m in masks]).float())
-
-    assert all(deployed(*call) for call in calls[3:])
+    ranking = settled.ranking()  # the gates are the final ranking's masks at every size
+    assert all(_deployed(ranking, *call) for call in calls[3:])
     # the sampled steps before them drew other masks at some size (the guide moved and its
     # draws scatter): settling changes which sub-networks the LM learns
-    assert not all(deployed(*call) for call in calls[:3])
+    assert not all(_deployed(ranking, *call) for call in calls[:3])
     assert [row["sizes"] for row in settled.result.history[3:]] == [list(c[0]) for c in calls[3:]]
 
 
@@ -407,6 +419,47 @@ def test_averaging_needs_settling_and_room():
         FitConfig(steps=10, settle_steps=3, average_steps=8)
     with pytest.raises(ValueError, match="average_steps must not be negative"):
         FitConfig(steps=10, settle_steps=3, average_steps=-1)
+
+
+HELD = FitConfig(steps=6, hold_steps=2, settle_steps=2, batch_size=4, seq_len=32, mlp_group=8, gate_coupling="prefix",
+                 init_jitter=0.5, lr_guide=0.5, lr_lm=1e-3, size_min=0.3, log_every=1)
+
+
+def test_holding_steps_train_the_lm_on_the_starting_masks_before_the_guide_learns(monkeypatch):
+    """hold_steps=2, then 2 learning steps, then settle_steps=2: in the held steps the gates of
+    every drawn size are exactly the prefixes of the starting guide's ranking, and the guide
+    does not move (a fit that is all hold ends with the guide it started from, whatever the
+    LM's rate) while the LM trains; then the guide learns (the learning steps draw other
+    masks), and the fit settles on the ranking of the guide it learnt, not the start's."""
+    calls = _recorded_gates(monkeypatch)
+    held = _fit_tiny(HELD.replace(steps=2, settle_steps=0))
+    other_rate = _fit_tiny(HELD.replace(steps=2, settle_steps=0, lr_lm=1e-2))
+    for (name, value), other in zip(held.guide.named_parameters(), other_rate.guide.parameters()):
+        assert torch.equal(value, other), name
+    untrained = tiny_llama(TOKENIZER.vocab_size, layers=2, hidden=32, heads=2, kv_heads=1, intermediate=64)
+    assert any(not torch.equal(p, q) for p, q in zip(untrained.parameters(), held.lm.parameters()))
+    calls.clear()
+    whole = _fit_tiny(HELD)
+    assert len(calls) == 6
+    start, learnt = held.ranking(), whole.ranking()
+    assert all(_deployed(start, *call) for call in calls[:2])
+    assert not all(_deployed(start, *call) for call in calls[2:4])  # the guide's draws scatter
+    assert all(_deployed(learnt, *call) for call in calls[4:])
+    assert any(not torch.equal(p, q) for p, q in zip(held.guide.parameters(), whole.guide.parameters()))
+    assert [row["sizes"] for row in whole.result.history[:2]] == [list(c[0]) for c in calls[:2]]
+
+
+def test_a_fit_stopped_while_it_holds_resumes_to_the_uninterrupted_one(tmp_path):
+    """Stopped after every step (stop_after) and resumed, a fit that holds, learns and settles
+    ends with the guide and the LM of the uninterrupted one, to the bit."""
+    whole = _fit_tiny(HELD)
+    checkpoint = tmp_path / "ckpt"
+    fitted = _fit_tiny(HELD, checkpoint=checkpoint, stop_after=1e-9)
+    while fitted.result.steps_done < HELD.steps:
+        fitted = _fit_tiny(HELD, checkpoint=checkpoint, resume=True, stop_after=1e-9)
+    for (name, value), other in zip(fitted.guide.named_parameters(), whole.guide.parameters()):
+        assert torch.equal(value, other), name
+    assert all(torch.equal(p, q) for p, q in zip(fitted.lm.parameters(), whole.lm.parameters()))
 
 
 def test_guide_locations_start_jittered_when_asked():

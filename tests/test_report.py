@@ -1063,7 +1063,8 @@ def test_a_ratio_just_past_its_limit_is_printed_past_it():
 def test_a_fit_that_names_its_sizes_says_so_under_the_quality_table():
     """A row whose fit trains named sizes (train_sizes) is marked, and a note under the table
     names them and size_min, so an off-ladder size (0.4 here) reads as one; a fit without them
-    (older records have no such key) is not marked."""
+    (older records have no such key) is not marked. A fit that holds its start (hold_steps)
+    is marked and noted the same way, with its own mark; the notes follow the rows' order."""
     def run(method, size, ppl, fit=None):
         return {"method": method, "size_requested": size, "size_reached": size, "ppl": ppl, "windows": 2,
                 "train_tokens": 10, "date": "2026-12-01T10:00:00", "settings": {"fit": fit} if fit else {}}
@@ -1075,3 +1076,12 @@ def test_a_fit_that_names_its_sizes_says_so_under_the_quality_table():
     assert list(rows) == ["ppn_bayes †", "ppn_bayes, flat units (no hierarchy)"]
     assert lines[-1] == ("† ppn_bayes: every step of the fit trains the sizes 0.5, 0.7, 0.9 (`train_sizes`) besides "
                          "`size_min` 0.3; the other sizes only through its 2 random sizes a step.")
+    held = {"hold_steps": 1000, "steps": 3052, "size_min": 0.3, "seed": 0}
+    lines = report.quality_table([run("ppn_bayes", 0.5, 40.0, held), run("ppn_bayes-flat", 0.5, 45.0, fit)])
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in lines if line.startswith("| ppn_bayes")}
+    assert list(rows) == ["ppn_bayes ‡", "ppn_bayes, flat units (no hierarchy) †"]
+    assert lines[-3:] == ["‡ ppn_bayes: the first 1,000 of the fit's 3,052 steps hold the guide at its start and train "
+                          "the LM on the start's masks (`hold_steps`); the posterior learns after.", "",
+                          "† ppn_bayes, flat units (no hierarchy): every step of the fit trains the sizes 0.5, 0.7, 0.9 "
+                          "(`train_sizes`) besides `size_min` 0.3; the other sizes only through its 2 random sizes a "
+                          "step."]

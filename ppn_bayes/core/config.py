@@ -145,6 +145,10 @@ class FitConfig:
             "standard deviation of a seeded random spread of the initial unit locations log λ_lu")
     freeze_lm_steps: int = setting(0, OPTIMISATION,
             "the LM's weights stay fixed for this many first steps (the gates settle first)")
+    hold_steps: int = setting(0, OPTIMISATION,
+            "the first this many steps hold the guide at its start and train the LM alone on the start's deployed "
+            "masks (the prefixes of the starting ranking at each drawn size), so the LM has learnt to work cut "
+            "before the posterior moves the structure (0: the guide learns from the first step)")
     settle_steps: int = setting(0, OPTIMISATION,
             "the last this many steps freeze the guide and train the LM on the deployed masks alone (the prefixes "
             "of the posterior's median ranking at each drawn size), so the sub-networks that ship are the ones the "
@@ -206,7 +210,7 @@ class FitConfig:
             )
         for name in ("lr_lm", "weight_decay", "distill_weight", "nll_weight", "prior_weight", "checkpoint_every",
                      "n_random_sizes", "grad_clip", "init_jitter", "freeze_lm_steps", "eval_every",
-                     "warmup_steps", "settle_steps", "average_steps"):
+                     "warmup_steps", "hold_steps", "settle_steps", "average_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.settle_steps > self.steps:
@@ -216,9 +220,16 @@ class FitConfig:
         if self.average_steps + self.settle_steps > self.steps:
             raise ValueError(f"average_steps + settle_steps ({self.average_steps} + {self.settle_steps}) must not "
                              f"exceed steps ({self.steps})")
-        if self.settle_steps and not self.train_lm:
-            raise ValueError("settle_steps trains the LM alone on fixed masks; with train_lm off it would train "
-                             "nothing")
+        if self.hold_steps + self.average_steps + self.settle_steps > self.steps:
+            raise ValueError(f"hold_steps + average_steps + settle_steps ({self.hold_steps} + {self.average_steps} + "
+                             f"{self.settle_steps}) must not exceed steps ({self.steps})")
+        for name in ("hold_steps", "settle_steps"):
+            if getattr(self, name) and not self.train_lm:
+                raise ValueError(f"{name} trains the LM alone on fixed masks; with train_lm off it would train "
+                                 "nothing")
+        if self.hold_steps and self.freeze_lm_steps:
+            raise ValueError("hold_steps (the guide waits) and freeze_lm_steps (the LM waits) are exclusive: "
+                             "together nothing would train in the first steps")
         if not 0 <= self.adam_beta2 < 1:
             raise ValueError(f"adam_beta2 must be in [0, 1), got {self.adam_beta2}")
         if self.posterior not in ("normal", "point"):
@@ -331,7 +342,7 @@ NOT_IDENTIFYING: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(FitC
 #: deployed-style (prefix) training masks, units started from their activation ranks, a half
 #: cosine of the rates, the LM's weights at 1e-3 with AdamW's beta2 0.95, and every row of a
 #: batch a gated size: ``size_min`` 0.3 and three sizes drawn more often small. The settings
-#: that scale with the number of steps (``warmup_steps``, ``settle_steps``, ``average_steps``)
+#: that scale with the number of steps (``warmup_steps``, ``hold_steps``, ``settle_steps``, ``average_steps``)
 #: are left to the caller: the record used 100, 300 and 300 of 3,052 steps.
 RECIPES: dict[str, types.MappingProxyType] = {
     "default": types.MappingProxyType({}),

@@ -119,9 +119,10 @@ def fit(
     if config.teacher == "original" and config.train_lm and config.parallel == "fsdp":
         raise ValueError("teacher='original' keeps a whole frozen copy of the LM in every process and is not "
                          "available with parallel='fsdp'; use teacher='self' or parallel='ddp'")
-    if config.settle_steps and config.parallel == "fsdp":
-        raise ValueError("settle_steps is not available with parallel='fsdp' (the ranking is read from the whole "
-                         "guide every process holds); use parallel='ddp' or settle_steps=0")
+    for name in ("hold_steps", "settle_steps"):
+        if getattr(config, name) and config.parallel == "fsdp":
+            raise ValueError(f"{name} is not available with parallel='fsdp' (the ranking is read from the whole "
+                             f"guide every process holds); use parallel='ddp' or {name}=0")
     if config.compile != "none" and config.parallel == "fsdp":
         raise ValueError("compile is not available with parallel='fsdp'; use compile='none' or parallel='ddp'")
     context = distributed.setup(config.parallel, next(lm.parameters()).device)
@@ -211,9 +212,10 @@ def _restore_and_wrap(lm, config, arch, context, gated, model, guide, teacher, f
     if config.compile != "none":
         model.compile(config.compile)
     # Ablations leave some guide parameters without gradient (the layer scales without
-    # the hierarchy, the log-scales of a point posterior), and so do settling steps (the
-    # whole guide): DDP must be told.
-    unused = not (config.hierarchy and config.posterior == "normal") or config.settle_steps > 0
+    # the hierarchy, the log-scales of a point posterior), and so do holding and settling
+    # steps (the whole guide): DDP must be told.
+    unused = not (config.hierarchy and config.posterior == "normal") or config.settle_steps > 0 \
+        or config.hold_steps > 0
     run.runner = distributed.wrap(StepLoss(model, guide), decoder_layers(lm), context, find_unused_parameters=unused)
     run.optimizer = build_optimizer(lm, guide, config)
     if opt_state is not None:

@@ -151,7 +151,7 @@ class FitState:
 
     ``runner`` is the step module as the parallel engine wraps it (DDP, FSDP2 or itself);
     ``teacher`` the frozen original LM for ``teacher='original'`` (else ``None``);
-    ``settled`` the posterior's median ranking once the fit settles (``settle_steps``);
+    ``settled`` the posterior's median ranking while the guide is frozen (``hold_steps``, ``settle_steps``);
     ``guide_sum`` the guide's parameters summed over the steps averaged so far (``average_steps``).
     """
 
@@ -170,7 +170,7 @@ class FitState:
     validation: list[dict] = field(default_factory=list)
     step_times: list[float] = field(default_factory=list)
     checkpoint_bytes: dict | None = None
-    settled: Ranking | None = None  # the guide's ranking while the fit settles (settle_steps)
+    settled: Ranking | None = None  # the guide's ranking while it is frozen (hold_steps, settle_steps)
     guide_sum: dict[str, torch.Tensor] | None = None  # the guide's parameters summed so far (average_steps)
 
 

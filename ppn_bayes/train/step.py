@@ -13,7 +13,9 @@ likelihood, spread evenly over them, so every size counts alike.
 The last ``settle_steps`` steps of a fit settle: the guide is frozen and the rows of each
 size are read under the masks that ship at that size (:func:`deployed_gates`), the
 likelihood alone (no Pyro trace, no prior term). With ``average_steps`` the guide first takes
-the mean of its parameters over that many steps before (:func:`average_guide`).
+the mean of its parameters over that many steps before (:func:`average_guide`). The first
+``hold_steps`` steps are alike, under the masks of the guide's start: the LM learns to work
+cut before the posterior moves the structure.
 
 Row weights carry the factor ``world_size · accumulate``: a micro-batch's loss is divided
 by ``accumulate`` before its backward and DDP averages gradients over processes, so the
@@ -37,8 +39,8 @@ from ..core.schedule import lr_factor
 from . import seeds
 from .state import FitState, group
 
-__all__ = ["StepLoss", "average_guide", "averaging", "deployed_gates", "self_teacher", "settles", "step_sizes",
-           "step_plan", "teacher_of", "train_step"]
+__all__ = ["StepLoss", "average_guide", "averaging", "deployed_gates", "guide_frozen", "holds", "self_teacher",
+           "settles", "step_sizes", "step_plan", "teacher_of", "train_step"]
 
 
 class StepLoss(nn.Module):
@@ -110,6 +112,18 @@ def settles(config: FitConfig, step: int) -> bool:
     return step >= config.steps - config.settle_steps
 
 
+def holds(config: FitConfig, step: int) -> bool:
+    """Whether ``step`` is one of the first ``hold_steps``: the guide held at its start, the
+    LM trained on the start's deployed masks alone."""
+    return step < config.hold_steps
+
+
+def guide_frozen(config: FitConfig, step: int) -> bool:
+    """Whether the guide is frozen at ``step`` (it holds or settles) and the rows read the
+    deployed masks of its median ranking (:func:`deployed_gates`)."""
+    return holds(config, step) or settles(config, step)
+
+
 def averaging(config: FitConfig, step: int) -> bool:
     """Whether ``step`` is one of the ``average_steps`` steps before the first settling step,
     whose guides are averaged."""
@@ -138,8 +152,9 @@ def average_guide(state: FitState, step: int) -> None:
 def deployed_gates(state: FitState, sizes: tuple[float, ...], device: torch.device) -> Gates:
     """The masks that ship at each of ``sizes`` (the longest prefixes of the posterior's
     median ranking, :meth:`Ranking.masks`) as gates ``[K, L]``, ``[K, L, U]`` on ``device``.
-    The guide does not move while a fit settles, so its ranking is read once (again after a
-    resume, from the same guide) and kept in ``state.settled``."""
+    The guide does not move while it is frozen (the fit holds or settles), so its ranking is
+    read once (again after a resume, from the same guide) and kept in ``state.settled``
+    until the guide learns again."""
     if state.settled is None:
         state.settled = Ranking.from_guide(state.guide)
     gates = [state.settled.masks(size).gates(device) for size in sizes]
@@ -176,8 +191,10 @@ def train_step(state: FitState, batches, *, context, device: torch.device) -> to
     config, step = state.config, state.step
     micro = config.accumulate
     factor = lr_factor(config.lr_schedule, step, config.steps, config.warmup_steps)
-    settling = settles(config, step)
-    group(state.optimizer, "guide")["lr"] = 0.0 if settling else config.lr_guide * factor
+    frozen = guide_frozen(config, step)
+    if not frozen:
+        state.settled = None  # the hold's ranking is not the one the fit later settles on
+    group(state.optimizer, "guide")["lr"] = 0.0 if frozen else config.lr_guide * factor
     if config.train_lm:  # the LM's weights wait for the first freeze_lm_steps steps
         group(state.optimizer, "lm")["lr"] = 0.0 if step < config.freeze_lm_steps else config.lr_lm * factor
     state.optimizer.zero_grad(set_to_none=True)
@@ -191,7 +208,7 @@ def train_step(state: FitState, batches, *, context, device: torch.device) -> to
                          scale=context.world_size * micro)
         plan = StepPlan(plan.sizes, plan.groups.to(device, non_blocking=True),
                         plan.row_weights.to(device, non_blocking=True))
-        gates = deployed_gates(state, plan.sizes, device) if settling else None
+        gates = deployed_gates(state, plan.sizes, device) if frozen else None
         last = k == micro - 1
         with _autocast(config, device):
             teacher = teacher_of(state, input_ids)
