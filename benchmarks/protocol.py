@@ -128,6 +128,8 @@ class Method:
 
 
 _LONGER = f"{LONG_FINETUNE} x longer self-distillation"
+#: A method's fit change that reads the fit's number of steps, whatever it is (:func:`fit_changes`).
+ALL_STEPS = "steps"
 _PREFIX = dict(gate_coupling="prefix")
 _KD = dict(teacher="original", nll_weight=0.0)
 
@@ -141,6 +143,11 @@ REGISTRY = (
            fit=dict(posterior="point", prior_weight=0.0), fit_tokens="optional", default=True),
     Method("ppn_bayes-frozen", "ppn_bayes, frozen LM (gates only)", "ablation", "fit",
            fit=dict(train_lm=False), fit_tokens="optional", default=True),
+    # no posterior learning: the LM trained on the start's nested masks (the activation ranking,
+    # close to the uniform width cut) for every step, on the fit's rows: what the learnt
+    # structure adds over its start
+    Method("ppn_bayes-start", "ppn_bayes, the start's masks held throughout (no structure learnt)", "ablation", "fit",
+           fit=dict(hold_steps=ALL_STEPS, settle_steps=0, average_steps=0), fit_tokens="optional"),
     # the next-token loss alone (set: the fit of record trains by distillation alone, nll_weight=0)
     Method("ppn_bayes-nodistill", "ppn_bayes, no self-distillation", "ablation", "fit",
            fit=dict(distill_weight=0.0, nll_weight=1.0), fit_tokens="optional", default=True),
@@ -264,9 +271,13 @@ def listed(sizes) -> str:
 SETTING_ABLATIONS = ("settle_steps", "average_steps")
 
 
-def fit_changes(name: str) -> dict:
-    """The FitConfig changes of method ``name`` from the fit of record (none for a non-fit)."""
-    return dict(METHODS[name].fit) if name in METHODS else {}
+def fit_changes(name: str, steps: int | None = None) -> dict:
+    """The FitConfig changes of method ``name`` from the fit of record (none for a non-fit);
+    with ``steps``, a change to :data:`ALL_STEPS` reads the fit's number of steps."""
+    changes = dict(METHODS[name].fit) if name in METHODS else {}
+    if steps is not None:
+        changes = {k: steps if v == ALL_STEPS else v for k, v in changes.items()}
+    return changes
 
 
 _check_registry()

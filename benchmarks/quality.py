@@ -14,6 +14,8 @@ Methods (``--methods``)::
     ppn_bayes-point       ablation: posterior='point', prior_weight=0 (no Bayesian prior)
     ppn_bayes-frozen      ablation: train_lm=False (gates only)
     ppn_bayes-nodistill   ablation: distill_weight=0, nll_weight=1 (no self-distillation)
+    ppn_bayes-start       ablation: hold_steps = every step, no settling (the LM trained on the
+                          start's nested masks, no structure learnt)
     ppn_bayes-long        variant: the same settings, recorded apart (give it more --fit-steps)
     ppn_bayes-short       variant: the same, for fewer --fit-steps (the ablations' reference at a
                           smaller budget, kept apart from the fit of record the targets judge)
@@ -389,7 +391,7 @@ def run_dense(run: Run, method: str) -> None:
 
 def fit_config_of(config: QualityConfig, method: str) -> FitConfig:
     """The fit of ``method``: the fit of record, with the ablation's or variant's changes."""
-    return config.fit.replace(**fit_changes(method))
+    return config.fit.replace(**fit_changes(method, steps=config.fit.steps))
 
 
 def run_ppn(run: Run, method: str) -> None:

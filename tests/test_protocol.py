@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -55,6 +56,7 @@ def test_quality_reads_fit_changes_and_fit_tokens_from_the_registry():
     assert quality.ABLATIONS == {"ppn_bayes-flat": {"hierarchy": False},
                                  "ppn_bayes-point": {"posterior": "point", "prior_weight": 0.0},
                                  "ppn_bayes-frozen": {"train_lm": False},
+                                 "ppn_bayes-start": {"hold_steps": "steps", "settle_steps": 0, "average_steps": 0},
                                  "ppn_bayes-nodistill": {"distill_weight": 0.0, "nll_weight": 1.0}}
     assert quality.FIT_TOKENS_METHODS == ("ppn_bayes-teacher", "ppn_bayes-kd-prefix-mix")
     assert quality.MIXING_METHODS == ("ppn_bayes", *quality.ABLATIONS, "ppn_bayes-short", "ppn_bayes-kd-prefix-mix")
@@ -63,6 +65,10 @@ def test_quality_reads_fit_changes_and_fit_tokens_from_the_registry():
     for method in protocol.ids(builder="fit"):  # every fit's settings are valid from the fit of record
         quality.fit_config_of(config, method)  # FitConfig refuses e.g. neither loss (nll_weight=distill_weight=0)
     assert quality.fit_config_of(config, "ppn_bayes") == fit
+    # a change that reads the fit's steps: the start held for every one of them
+    held = quality.fit_config_of(dataclasses.replace(config, fit=fit.replace(steps=40, settle_steps=4,
+                                                                              average_steps=4)), "ppn_bayes-start")
+    assert held == fit.replace(steps=40, hold_steps=40)
     assert quality.fit_config_of(config, "ppn_bayes-kd-prefix") == fit.replace(
         teacher="original", nll_weight=0.0, gate_coupling="prefix")
     # a +distill method fine-tunes its base, the -long ones LONG_FINETUNE times as long
