@@ -213,16 +213,13 @@ class FitConfig:
                      "warmup_steps", "hold_steps", "settle_steps", "average_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
-        if self.settle_steps > self.steps:
-            raise ValueError(f"settle_steps ({self.settle_steps}) must not exceed steps ({self.steps})")
         if self.average_steps and not self.settle_steps:
             raise ValueError("average_steps averages the guide for the fit's settling steps; it needs settle_steps > 0")
-        if self.average_steps + self.settle_steps > self.steps:
-            raise ValueError(f"average_steps + settle_steps ({self.average_steps} + {self.settle_steps}) must not "
-                             f"exceed steps ({self.steps})")
-        if self.hold_steps + self.average_steps + self.settle_steps > self.steps:
-            raise ValueError(f"hold_steps + average_steps + settle_steps ({self.hold_steps} + {self.average_steps} + "
-                             f"{self.settle_steps}) must not exceed steps ({self.steps})")
+        spans = {name: getattr(self, name) for name in ("hold_steps", "average_steps", "settle_steps")
+                 if getattr(self, name)}  # the stretches of steps the fit sets apart, in their order
+        if sum(spans.values()) > self.steps:
+            raise ValueError(f"{' + '.join(spans)} ({' + '.join(map(str, spans.values()))}) must not exceed steps "
+                             f"({self.steps})")
         for name in ("hold_steps", "settle_steps"):
             if getattr(self, name) and not self.train_lm:
                 raise ValueError(f"{name} trains the LM alone on fixed masks; with train_lm off it would train "
