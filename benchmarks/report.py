@@ -419,13 +419,13 @@ def row_records(records: list[dict]) -> dict:
 def _fit_notes(picked: list[dict]) -> list[tuple[str, str]]:
     """The marks and notes of a quality row whose fit departs from the plain loop in what its
     steps train: named sizes (``train_sizes``, †) and a held start (``hold_steps``, ‡)."""
-    notes = []
-    fit = next((fit for fit in map(fit_settings, picked) if fit.get("train_sizes")), None)
+    notes, fits = [], [fit_settings(r) for r in picked]
+    fit = next((fit for fit in fits if fit.get("train_sizes")), None)
     if fit:
         notes.append(("†", f"every step of the fit trains the sizes {', '.join(f'{x:g}' for x in fit['train_sizes'])} "
                            f"(`train_sizes`) besides `size_min` {fit['size_min']:g}; the other sizes only through its "
                            f"{fit['n_random_sizes']} random sizes a step."))
-    fit = next((fit for fit in map(fit_settings, picked) if fit.get("hold_steps")), None)
+    fit = next((fit for fit in fits if fit.get("hold_steps")), None)
     if fit:
         notes.append(("‡", f"the first {fit['hold_steps']:,} of the fit's {fit['steps']:,} steps hold the guide at its "
                            "start and train the LM on the start's masks (`hold_steps`); the posterior learns after."))
