@@ -404,12 +404,13 @@ def short_width_kd_table(records: list[dict]) -> list[str]:
 
 def row_records(records: list[dict]) -> dict:
     """The record of each (method, size) the quality table shows: the latest of the method's
-    newest configuration (:func:`_same_settings` of its latest record) where that configuration
-    was measured at the size, else the latest at the size. Runs that ended together with other
-    settings (a setting's ablation beside its reference) thus never mix in one row."""
-    chosen = latest(records, lambda r: (r["method"], size_key(r)))
-    newest = latest(records, lambda r: r["method"])
-    for method, record in newest.items():
+    newest configuration (:func:`_same_settings` of its latest record) at each size that
+    configuration was measured at. A row is one configuration: runs that ended together with
+    other settings (a setting's ablation beside its reference) never mix in it, and a size only
+    earlier settings measured is left out of it (those runs stay in the spread and rate tables),
+    so a row's notes (:func:`_fit_notes`) hold for every cell."""
+    chosen = {}
+    for method, record in latest(records, lambda r: r["method"]).items():
         same = _same_settings(record)
         group = latest([r for r in records if r["method"] == method and _same_settings(r) == same], size_key)
         chosen.update({(method, size): r for size, r in group.items()})

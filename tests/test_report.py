@@ -991,19 +991,27 @@ def test_settle_benchmark_compares_fits_with_and_without_settling(tmp_path):
 
 def test_a_quality_row_shows_one_configuration():
     """Two settings of one method recorded side by side (their dates interleave by size) and an
-    older run at a size neither has: the row takes every size its newest configuration measured
-    from that configuration alone, the other size from the older run."""
+    older run (another setting, a held start) at a size neither has: the row takes every size its
+    newest configuration measured from that configuration alone, and leaves the older run's size
+    out: "–" there, and no mark of the held start (its note would not hold for the row)."""
     from ppn_bayes.core.config import FitConfig
 
     def run(size, ppl, date, **fit):
-        return {"method": "ppn_bayes-short", "size_requested": size, "ppl": ppl, "date": date, "train_tokens": 10,
-                "windows": 2, "settings": {"fit": FitConfig(steps=10, **fit).to_dict()}}
+        return {"method": "ppn_bayes-short", "size_requested": size, "size_reached": size, "ppl": ppl, "date": date,
+                "train_tokens": 10, "windows": 2, "settings": {"fit": FitConfig(steps=10, **fit).to_dict()}}
 
-    records = [run(0.7, 70.0, "2026-12-01"),
+    records = [run(0.7, 70.0, "2026-12-01", hold_steps=2),
                run(0.5, 51.0, "2026-12-03T06:00:02", settle_steps=3), run(0.5, 50.0, "2026-12-03T06:00:01"),
                run(0.3, 81.0, "2026-12-03T06:00:03", settle_steps=3), run(0.3, 80.0, "2026-12-03T06:00:04")]
     chosen = report.row_records(records)
-    assert {size: r["ppl"] for (_, size), r in chosen.items()} == {0.7: 70.0, 0.5: 50.0, 0.3: 80.0}
+    assert {size: r["ppl"] for (_, size), r in chosen.items()} == {0.5: 50.0, 0.3: 80.0}
+    table = report.quality_table(records)
+    header, row = ([c.strip() for c in line.strip("|").split("|")] for line in (table[0], table[2]))
+    assert row[0] == report.label("ppn_bayes-short") and row[header.index("0.7")] == "–"
+    assert row[header.index("0.5")] == "50 (0.500)" and row[header.index("0.3")] == "80 (0.300)"
+    assert "‡" not in "\n".join(table)
+    # the held start's run alone is the newest: its row, with its mark
+    assert "‡" in "\n".join(report.quality_table(records[:1]))
 
 
 def _rankings_file(path: Path, ranking, **extra) -> None:
