@@ -148,6 +148,12 @@ REGISTRY = (
     # structure adds over its start
     Method("ppn_bayes-start", "ppn_bayes, the start's masks held throughout (no structure learnt)", "ablation", "fit",
            fit=dict(hold_steps=ALL_STEPS, settle_steps=0, average_steps=0), fit_tokens="optional"),
+    # one size: every row of every step trains size 0.5 (no size_min of 0.3, no random sizes), with
+    # the fit's path, rows, text and learnt structure: width-kd's peer at 0.5 (the uniform cut
+    # trained for that size alone), which says what the other sizes' rows, sharing the LM's
+    # weights, cost 0.5 in the one fit
+    Method("ppn_bayes-alone", "ppn_bayes, every row at size 0.5 (one size trained)", "ablation", "fit",
+           fit=dict(size_min=0.5, n_random_sizes=0), fit_tokens="optional"),
     # the next-token loss alone (set: the fit of record trains by distillation alone, nll_weight=0)
     Method("ppn_bayes-nodistill", "ppn_bayes, no self-distillation", "ablation", "fit",
            fit=dict(distill_weight=0.0, nll_weight=1.0), fit_tokens="optional", default=True),

@@ -16,6 +16,8 @@ Methods (``--methods``)::
     ppn_bayes-nodistill   ablation: distill_weight=0, nll_weight=1 (no self-distillation)
     ppn_bayes-start       ablation: hold_steps = every step, no settling (the LM trained on the
                           start's nested masks, no structure learnt)
+    ppn_bayes-alone       ablation: size_min=0.5, no random sizes (every row trains 0.5 alone:
+                          width-kd's peer, what sharing the LM with the other sizes costs 0.5)
     ppn_bayes-long        variant: the same settings, recorded apart (give it more --fit-steps)
     ppn_bayes-short       variant: the same, for fewer --fit-steps (the ablations' reference at a
                           smaller budget, kept apart from the fit of record the targets judge)

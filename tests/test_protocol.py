@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from ppn_bayes.train.step import step_plan
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 RECORDS = ROOT / "docs" / "benchmarks" / "records"
@@ -57,6 +59,7 @@ def test_quality_reads_fit_changes_and_fit_tokens_from_the_registry():
                                  "ppn_bayes-point": {"posterior": "point", "prior_weight": 0.0},
                                  "ppn_bayes-frozen": {"train_lm": False},
                                  "ppn_bayes-start": {"hold_steps": "steps", "settle_steps": 0, "average_steps": 0},
+                                 "ppn_bayes-alone": {"size_min": 0.5, "n_random_sizes": 0},
                                  "ppn_bayes-nodistill": {"distill_weight": 0.0, "nll_weight": 1.0}}
     assert quality.FIT_TOKENS_METHODS == ("ppn_bayes-teacher", "ppn_bayes-kd-prefix-mix")
     assert quality.MIXING_METHODS == ("ppn_bayes", *quality.ABLATIONS, "ppn_bayes-short", "ppn_bayes-kd-prefix-mix")
@@ -69,6 +72,13 @@ def test_quality_reads_fit_changes_and_fit_tokens_from_the_registry():
     held = quality.fit_config_of(dataclasses.replace(config, fit=fit.replace(steps=40, settle_steps=4,
                                                                               average_steps=4)), "ppn_bayes-start")
     assert held == fit.replace(steps=40, hold_steps=40)
+    # one size: every row of every step trains 0.5, whatever the fit of record draws
+    alone = quality.fit_config_of(config, "ppn_bayes-alone")
+    assert alone == fit.replace(size_min=0.5, n_random_sizes=0) and not alone.train_sizes
+    for step in range(5):
+        plan = step_plan(alone, step, rows=16, first_row=0, global_rows=16, scale=1)
+        assert plan.sizes == (0.5,) and plan.groups.eq(1).all() and plan.row_weights.sum().item() == 1.0
+    assert len(step_plan(fit, 0, rows=16, first_row=0, global_rows=16, scale=1).sizes) > 1
     assert quality.fit_config_of(config, "ppn_bayes-kd-prefix") == fit.replace(
         teacher="original", nll_weight=0.0, gate_coupling="prefix")
     # a +distill method fine-tunes its base, the -long ones LONG_FINETUNE times as long

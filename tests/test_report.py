@@ -395,14 +395,14 @@ def test_issue_15_bar_runs_one_a_gpu_rehearsal_on_cpu(tiny_setup, tmp_path):
 @pytest.mark.slow
 def test_issue_15_ablation_jobs_rehearsal_on_cpu(tiny_setup, tmp_path):
     """gpu_job.sh part14 with fit:SEED:METHOD jobs on a tiny LM: the shorter reference fit and
-    the three ablations side by side, each in its own folder (the start held, hold_steps = its
-    every step, among them); the four fits share every setting
+    the ablations side by side, each in its own folder (the start held, hold_steps = its
+    every step, and one size alone among them); the fits share every setting
     but the ablation's own changes (the recipe, the seed, the text and the tokens) (minutes:
     slow; test_jobs checks that a method quality.py does not fit is refused)."""
     fit_changes = _load("protocol").fit_changes
     env = _part14_env(tiny_setup, tmp_path, GPUS="5", RECORD_EXTRA="--fit-set compile=none --fit-set warmup_steps=1",
                       WKD_EXTRA="--fit-set warmup_steps=1", WIDTH_KD_COMPILE="none")
-    methods = ("ppn_bayes-short", "ppn_bayes-flat", "ppn_bayes-point", "ppn_bayes-start")
+    methods = ("ppn_bayes-short", "ppn_bayes-flat", "ppn_bayes-point", "ppn_bayes-start", "ppn_bayes-alone")
     # FitConfig fields of one job, a list among them: its folder reads '_' for the list's commas
     settled = "fit:0:ppn_bayes-short:settle_steps=1/average_steps=1/train_sizes=0.5,0.7"
     changes = ("settle_steps", "average_steps", "train_sizes")
