@@ -31,6 +31,7 @@ from ppn_bayes.core.config import NOT_IDENTIFYING, FitConfig
 from ppn_bayes.core.ranking import Ranking
 from ppn_bayes.deploy.finetune import DistillConfig
 from ppn_bayes.deploy.subnetwork import selection_from_masks
+from ppn_bayes.inspect.trajectory import evaluated_sizes, mask_trajectory, read_validation
 from ppn_bayes.io import atomic_file, atomic_write_text
 from ppn_bayes.records import BENCHMARKS, RECORDS_DIR, curve_match, read_records
 
@@ -684,6 +685,78 @@ def plot_allocation(shares: list[tuple[float, list, list]], arch: Architecture, 
     plt.close(fig)
 
 
+def layers_with_units(trajectory) -> list[int]:
+    """At each evaluation of a :class:`~ppn_bayes.inspect.trajectory.MaskTrajectory`, the layers
+    whose deployed masks keep at least one unit (a kept layer with none computes nothing)."""
+    return [int(n) for n in (trajectory.layer & ((trajectory.attention + trajectory.mlp) > 0)).sum(axis=1)]
+
+
+def structure_section(validation_dir: Path, rankings_dir: Path, images: Path, image_prefix: str) -> list[str]:
+    """How each fit's structure moved: for the evaluations of a fit kept in ``validation_dir``
+    (``NAME.jsonl``, the fit's ``validation.jsonl``) beside its rankings file
+    (``rankings_dir/NAME.json``, whose architecture reads the masks), the layers in which the
+    deployed sub-network of each evaluated size keeps units, and its held-out perplexity, at every
+    evaluation; one table per size, and one picture (the layers against the step, a line a fit,
+    a panel a size). A file with no rankings file beside it is named as skipped."""
+    files = sorted(validation_dir.glob("*.jsonl")) if validation_dir.is_dir() else []
+    fits, skipped = [], []
+    for path in files:
+        rankings = rankings_dir / f"{path.stem}.json"
+        if not rankings.is_file():
+            skipped.append(path.name)
+            continue
+        method, entry = next(iter(read_rankings(rankings).items()))
+        rows = read_validation(path)
+        arch = ranking_of(rankings, method, entry).arch
+        fits.append((path.stem, {size: mask_trajectory(rows, arch, size) for size in evaluated_sizes(rows)}, arch))
+    if not fits:
+        return []
+    try:
+        shown = validation_dir.resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        shown = validation_dir.as_posix()
+    lines = ["## How each fit's structure moved", "",
+             f"From the evaluations of fits kept in `{shown}/` (each the fit's `validation.jsonl`, read with the "
+             "architecture of the rankings file of the same name): at each evaluation, the layers in which the "
+             "deployed sub-network of a size keeps at least one unit, of the LM's layers, and its held-out "
+             "perplexity on the fit's evaluation windows. Cells: layers · perplexity.", ""]
+    sizes = sorted({size for _, trajectories, _ in fits for size in trajectories}, reverse=True)
+    for size in sizes:
+        runs = [(name, trajectories[size], arch) for name, trajectories, arch in fits if size in trajectories]
+        steps = sorted({int(step) for _, t, _ in runs for step in t.steps})
+        rows = []
+        for name, t, arch in runs:
+            cells = {int(step): f"{n} · {math.exp(nll):.1f}" for step, n, nll in zip(t.steps, layers_with_units(t), t.nll)}
+            rows.append([f"`{name}` ({arch.n_layers} layers)", *(cells.get(step, "–") for step in steps)])
+        lines += [f"### Size {size:g}", "", *_table(["fit", *(f"{step:,}" for step in steps)], rows), ""]
+    name = "structure-along-the-fits.png"
+    plot_structure(fits, sizes, images / name)
+    lines += [f"![layers with units against the step, a line a fit, one panel a size]({image_prefix}/{name})", ""]
+    if skipped:
+        lines += ["Skipped (no rankings file of the same name, so no architecture to read the masks with): "
+                  + ", ".join(f"`{n}`" for n in skipped) + ".", ""]
+    return lines
+
+
+def plot_structure(fits: list, sizes: list[float], path: Path) -> None:
+    """The layers with units of each evaluated size against the step: one panel a size, a line a fit."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(sizes), figsize=(4.2 * len(sizes), 3.4), constrained_layout=True, squeeze=False)
+    top = max(arch.n_layers for _, _, arch in fits)
+    for ax, size in zip(axes[0], sizes):
+        ax.set_ylim(0, top + 1)
+        for name, trajectories, arch in fits:
+            if size in trajectories:
+                t = trajectories[size]
+                ax.plot(t.steps, layers_with_units(t), marker="o", markersize=3, label=name)
+        ax.set_title(f"size {size:g}", fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel("layers with units")
+    axes[0][-1].legend(fontsize=7)
+    _savefig(fig, path)
+    plt.close(fig)
+
+
 # -- speed -------------------------------------------------------------------------------------------------
 def _machine_kind(record: dict) -> str:
     return str(record.get("machine", "?")).split(":")[0]
@@ -916,9 +989,12 @@ def _pyplot():
     return plt
 
 
-def render(records_dir: Path, out: Path, images: Path, rankings_dir: Path | None = None) -> str:
+def render(records_dir: Path, out: Path, images: Path, rankings_dir: Path | None = None,
+           validation_dir: Path | None = None) -> str:
     """The text of docs/benchmarks.md (plots are written on the way); ``rankings_dir``: the
-    rankings files of the allocation section (default: ``rankings`` beside ``records_dir``)."""
+    rankings files of the allocation section (default: ``rankings`` beside ``records_dir``);
+    ``validation_dir``: the fits' evaluations of the structure section (default: ``validation``
+    beside ``records_dir``)."""
     try:
         prefix = images.resolve().relative_to(out.parent.resolve()).as_posix()
     except ValueError:
@@ -937,6 +1013,8 @@ def render(records_dir: Path, out: Path, images: Path, rankings_dir: Path | None
     lines += quality_section(records["quality"], images, prefix)
     rankings_dir = rankings_dir if rankings_dir is not None else records_dir.parent / "rankings"
     lines += allocation_section(rankings_dir, records["quality"], images, prefix)
+    validation_dir = validation_dir if validation_dir is not None else records_dir.parent / "validation"
+    lines += structure_section(validation_dir, rankings_dir, images, prefix)
     lines += speed_section(records["speed"], images, prefix)
     for benchmark in ("recipes", "speculative", "resize", "fit", "teacher", "token_nll", "settle"):
         lines += generic_section(benchmark, records[benchmark])

@@ -1053,6 +1053,52 @@ def test_allocation_section_lists_each_layers_kept_units_as_the_masks_keep_them(
         report.allocation_section(rankings, [], tmp_path / "img", "img")
 
 
+def test_structure_section_counts_the_layers_each_evaluation_keeps_units_in(tmp_path):
+    """Two evaluations of a fit (the masks of two rankings at 0.9 and 0.5) beside its rankings
+    file: each cell is the layers whose deployed masks keep a unit, counted from the masks
+    themselves, with the held-out perplexity; a kept layer with no unit does not count; a
+    validation file with no rankings file beside it is named as skipped."""
+    import torch
+
+    from ppn_bayes.core.architecture import describe
+    from ppn_bayes.core.ranking import Ranking
+
+    arch = describe(tiny_llama(11, layers=6, hidden=32, heads=4, kv_heads=2, intermediate=64), mlp_group=8)
+    rankings, validation = tmp_path / "rankings", tmp_path / "validation"
+    rankings.mkdir()
+    validation.mkdir()
+    first, last = Ranking.random(arch, seed=3), Ranking.random(arch, seed=4)
+    _rankings_file(rankings / "fit.json", last)
+    rows, expected = [], {}
+    for step, ranking in ((5, first), (10, last)):
+        sizes = []
+        for size, nll in ((0.9, 1.0), (0.5, 2.0)):
+            masks = ranking.masks(size)
+            marks = masks.marks()
+            if step == 10 and size == 0.5:  # layer 0 kept with no unit: it computes nothing
+                L = arch.n_layers
+                U = len(marks) // L - 1
+                marks = "1" + marks[1:L] + "0" * U + marks[L + U:]
+            flat = torch.tensor([m == "1" for m in marks])
+            layer, unit = flat[:arch.n_layers], flat[arch.n_layers:].view(arch.n_layers, -1)
+            if step == 10 and size == 0.5:
+                assert layer[0] and not unit[0].any()  # counting kept layers alone would count it
+            expected[(size, step)] = f"{int((layer & unit.any(-1)).sum())} · {math.exp(nll):.1f}"
+            sizes.append({"size": size, "nll": nll, "kept": marks})
+        rows.append({"step": step, "nll_full": 0.5, "windows": 2, "sizes": sizes})
+    (validation / "fit.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (validation / "orphan.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    lines = report.structure_section(validation, rankings, tmp_path / "img", "img")
+    text = "\n".join(lines)
+    for size in (0.9, 0.5):
+        table = text.split(f"### Size {size:g}")[1].split("\n\n")[1].splitlines()
+        assert table[0] == "| fit | 5 | 10 |"
+        assert table[2] == f"| `fit` (6 layers) | {expected[(size, 5)]} | {expected[(size, 10)]} |"
+    assert "`orphan.jsonl`" in text.split("Skipped")[1]
+    assert (tmp_path / "img" / "structure-along-the-fits.png").stat().st_size > 0
+    assert report.structure_section(tmp_path / "none", rankings, tmp_path / "img", "img") == []
+
+
 def test_a_ratio_just_past_its_limit_is_printed_past_it():
     """43.176 against width-kd's 39.22 is 1.1009: missed, and printed 1.101, not a missed 1.10; a
     ratio that two decimals show on its own side keeps two (26.4 / 24, met, 1.10); a rival beaten
