@@ -949,7 +949,9 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(x for x in text.replace(",", " ").split() if x)
 
 
-def _fit_overrides(pairs: list[str], base: FitConfig) -> FitConfig:
+def fit_overrides(pairs: list[str], base: FitConfig) -> FitConfig:
+    """``base`` with the ``--fit-set KEY=VALUE`` pairs set, each value read as the field's type
+    (a tuple of sizes comma-separated; ``none`` for an optional whole number)."""
     changes = {}
     fields = {f.name: f for f in dataclasses.fields(FitConfig)}
     for pair in pairs:
@@ -1070,7 +1072,7 @@ def config_from(args: argparse.Namespace) -> QualityConfig:
     fit = QUICK_FIT if quick else DEFAULT_FIT
     fit = fit.replace(**{k: v for k, v in (("steps", args.fit_steps), ("batch_size", args.fit_batch),
                                            ("seq_len", args.fit_seq_len)) if v is not None})
-    fit = _fit_overrides(args.fit_set, fit)
+    fit = fit_overrides(args.fit_set, fit)
     if args.freeze_fraction is not None:
         if not 0 <= args.freeze_fraction <= 1:
             raise SystemExit(f"--freeze-fraction must lie in [0, 1], got {args.freeze_fraction}")

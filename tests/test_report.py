@@ -1140,3 +1140,26 @@ def test_a_fit_that_names_its_sizes_says_so_under_the_quality_table():
                           "† ppn_bayes, flat units (no hierarchy): every step of the fit trains the sizes 0.5, 0.7, 0.9 "
                           "(`train_sizes`) besides `size_min` 0.3; the other sizes only through its 2 random sizes a "
                           "step."]
+
+
+def test_grad_norms_splits_the_clipped_norm_between_the_guide_and_the_lm():
+    """benchmarks/grad_norms.py on a tiny LM: at every step the norm the fit clips is the
+    guide's and the LM's together (their squares add up, to float32 rounding of the clip's own
+    sum), the LM's is never 0, and the guide's is exactly 0 on the steps that hold it at its start
+    (no gradient reaches it) and positive once it learns."""
+    from ppn_bayes import FitConfig
+    from ppn_bayes.data import CharTokenizer
+    from ppn_bayes.demo import embedded_text
+
+    grad_norms = _load("grad_norms")
+    text = embedded_text()[:20_000]
+    tokenizer = CharTokenizer.for_text(text)
+    lm = tiny_llama(tokenizer.vocab_size, layers=2, hidden=32, heads=4, kv_heads=2, intermediate=64)
+    config = FitConfig.recipe("record").replace(steps=4, batch_size=2, seq_len=32, warmup_steps=1, mlp_group=16,
+                                                hold_steps=2)
+    rows = grad_norms.gradient_norms(lm, torch.tensor(tokenizer.encode(text)), config)
+    assert len(rows) == 4
+    for row in rows:
+        assert row["lm"] > 0
+        assert row["clipped"] == pytest.approx(math.hypot(row["guide"], row["lm"]), rel=1e-5)
+    assert [row["guide"] for row in rows[:2]] == [0.0, 0.0] and all(row["guide"] > 0 for row in rows[2:])
