@@ -611,6 +611,14 @@ def _counts(counts: list[int | None], sep: str) -> str:
     return sep.join("-" if n is None else str(n) for n in counts)
 
 
+def _shown(folder: Path) -> str:
+    """A folder as the page names it: relative to the repository where it lies inside it."""
+    try:
+        return folder.resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        return folder.as_posix()
+
+
 def allocation_section(rankings_dir: Path, records: list[dict], images: Path, image_prefix: str) -> list[str]:
     """Where each size keeps its units: per layer, the attention and MLP units that the deployed
     masks of the protocol's sizes keep (one table and one picture per rankings file in
@@ -618,10 +626,7 @@ def allocation_section(rankings_dir: Path, records: list[dict], images: Path, im
     files = sorted(rankings_dir.glob("*.json")) if rankings_dir.is_dir() else []
     if not files:
         return []
-    try:
-        shown = rankings_dir.resolve().relative_to(ROOT).as_posix()
-    except ValueError:
-        shown = rankings_dir.as_posix()
+    shown = _shown(rankings_dir)
     lines = ["## Where each size keeps its units", "",
              f"The deployed masks of each protocol size, layer by layer (layers counted from 0), from the rankings "
              f"of fits of record kept in `{shown}/` (the `rankings.json` that `quality.py "
@@ -711,10 +716,7 @@ def structure_section(validation_dir: Path, rankings_dir: Path, images: Path, im
         fits.append((path.stem, {size: mask_trajectory(rows, arch, size) for size in evaluated_sizes(rows)}, arch))
     if not fits:
         return []
-    try:
-        shown = validation_dir.resolve().relative_to(ROOT).as_posix()
-    except ValueError:
-        shown = validation_dir.as_posix()
+    shown = _shown(validation_dir)
     lines = ["## How each fit's structure moved", "",
              f"From the evaluations of fits kept in `{shown}/` (each the fit's `validation.jsonl`, read with the "
              "architecture of the rankings file of the same name): at each evaluation, the layers in which the "
