@@ -692,8 +692,9 @@ def plot_allocation(shares: list[tuple[float, list, list]], arch: Architecture, 
 
 def layers_with_units(trajectory) -> list[int]:
     """At each evaluation of a :class:`~ppn_bayes.inspect.trajectory.MaskTrajectory`, the layers
-    whose deployed masks keep at least one unit (a kept layer with none computes nothing)."""
-    return [int(n) for n in (trajectory.layer & ((trajectory.attention + trajectory.mlp) > 0)).sum(axis=1)]
+    whose deployed masks keep at least one unit (a kept layer with none computes nothing; a
+    dropped layer's counts are 0)."""
+    return [int(n) for n in ((trajectory.attention + trajectory.mlp) > 0).sum(axis=1)]
 
 
 def structure_section(validation_dir: Path, rankings_dir: Path, images: Path, image_prefix: str) -> list[str]:
