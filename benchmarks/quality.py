@@ -396,6 +396,14 @@ def fit_config_of(config: QualityConfig, method: str) -> FitConfig:
     return config.fit.replace(**fit_changes(method, steps=config.fit.steps))
 
 
+def sizes_per_step(fit_config: FitConfig) -> int:
+    """The networks a step of the fit trains, each on its share of the rows: the gated sizes
+    (``size_min``, the ``train_sizes``, the random ones) and the full LM where it has rows."""
+    from ppn_bayes.train.step import step_sizes
+
+    return len(step_sizes(fit_config, 0)) + int(fit_config.train_lm and fit_config.train_full_lm)
+
+
 def run_ppn(run: Run, method: str) -> None:
     from ppn_bayes.fit import fit, load_fit, read_state
 
@@ -456,7 +464,7 @@ def run_ppn(run: Run, method: str) -> None:
         "training": f"ppn_bayes fit (teacher {fit_config.teacher}, sandwich rule, {fit_config.gate_coupling} gates)",
         "fit": fit_config.to_dict(),
         "ablation": ABLATIONS.get(method, {}), "variant": VARIANTS.get(method, {}), "autocast": _autocast_used(c), **train_text,
-        "sizes_per_step": 2 + fit_config.n_random_sizes, "fit_seconds": seconds,
+        "sizes_per_step": sizes_per_step(fit_config), "fit_seconds": seconds,
         "validation": [{k: v for k, v in row.items() if k != "sizes"} | {"sizes": [
             {k: v for k, v in r.items() if k != "kept"} for r in row.get("sizes", [])]}
             for row in fitted.result.validation],

@@ -79,6 +79,10 @@ def test_quality_reads_fit_changes_and_fit_tokens_from_the_registry():
         plan = step_plan(alone, step, rows=16, first_row=0, global_rows=16, scale=1)
         assert plan.sizes == (0.5,) and plan.groups.eq(1).all() and plan.row_weights.sum().item() == 1.0
     assert len(step_plan(fit, 0, rows=16, first_row=0, global_rows=16, scale=1).sizes) > 1
+    # the records count the networks a step trains: one alone, four in the fit of record, and
+    # the full LM as one more where it has rows
+    assert quality.sizes_per_step(alone) == 1 and quality.sizes_per_step(fit) == 4
+    assert quality.sizes_per_step(fit.replace(train_full_lm=True, train_sizes=(0.5,))) == 6
     assert quality.fit_config_of(config, "ppn_bayes-kd-prefix") == fit.replace(
         teacher="original", nll_weight=0.0, gate_coupling="prefix")
     # a +distill method fine-tunes its base, the -long ones LONG_FINETUNE times as long

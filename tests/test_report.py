@@ -168,6 +168,8 @@ def test_quality_and_speed_end_to_end(tiny_setup, tmp_path):
         assert r["settings"]["eval_dtype"] == "float32"
     fitted = [r for r in rows if r["method"] == "ppn_bayes"]
     assert all(r["train_tokens"] == 2 * 2 * 32 and r["settings"]["fit"]["steps"] == 2 for r in fitted)
+    # the record recipe's step: size_min and three random sizes, no row for the full LM
+    assert all(r["settings"]["sizes_per_step"] == 4 for r in fitted)
     assert all(r["train_tokens"] == 0 and r["settings"]["training"] == "none"
                for r in rows if r["method"] in ("shortgpt", "magnitude"))
     saved = json.loads(rankings.read_text())
