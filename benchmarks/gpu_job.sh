@@ -52,6 +52,7 @@
 #   benchmarks/gpu_job.sh cache-out  # torch.compile's cache ($WORK/inductor-cache) in 15 MiB parts under
 #                                 # $OUT/inductor-cache; carried to a later machine, COMPILE_CACHE=that folder
 #                                 # restores it before anything compiles
+#   benchmarks/gpu_job.sh gen        # the teacher texts of part9-11 alone (with FREE_TEXT=1 gen-free too)
 #   benchmarks/gpu_job.sh gen-out [gen-free]  # a teacher text of part9-11 into $OUT/gen (or gen-free):
 #                                 # a store of ~32 MB in ~8 MB shards, to carry to a later machine as
 #                                 # GEN_STORE (GEN_FREE_STORE) = that folder, instead of writing it again
@@ -70,7 +71,7 @@
 # model and working paths, FIT_STEPS, LIMIT, the *_EXTRA flags of a CPU rehearsal with a tiny LM:
 # DEVICE=cpu, QUALITY_EXTRA, SPEED_EXTRA, ..., as tests/test_report.py does); part9's own below.
 set -uo pipefail
-part="${1:?usage: gpu_job.sh check|part1|...|part14|nll-out|cache-out|gen-out}"
+part="${1:?usage: gpu_job.sh check|part1|...|part14|nll-out|cache-out|gen|gen-out}"
 START=$(date +%s)
 export GPU_JOB_START=$START
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 LLM_COMPRESSOR_LOG_LEVEL=WARNING TOKENIZERS_PARALLELISM=false
@@ -347,6 +348,11 @@ if sys.argv[1].split(":")[2] not in kds:
     du -sh "$TORCHINDUCTOR_CACHE_DIR" "$OUT/inductor-cache"
     (( n <= 7 )) || { echo "the cache makes $n parts: more than comes back (8 files a call)"; exit 2; }
     exit 0 ;;
+  gen)  # the teacher texts alone (the model and tokens cached first): a machine with too little time left for a
+    # fit still writes them, for gen-out to bring back
+    prepare
+    fit_data > /dev/null || exit 1
+    exit 0 ;;
   gen-out)  # gen-out [NAME]: a teacher text's store (gen, or gen-free; shards of about 8 MB: part9-11 write
     # 4M-token shards) into $OUT/NAME, to bring back and carry to a later machine as GEN_STORE or
     # GEN_FREE_STORE (saves its ~4 minutes of generation)
@@ -355,7 +361,7 @@ if sys.argv[1].split(":")[2] not in kds:
     mkdir -p "$OUT/$name" && cp "$WORK/$name"/manifest.json "$WORK/$name"/shard-*.safetensors "$OUT/$name/" \
       && ls -la "$OUT/$name"
     exit 0 ;;
-  *) echo "unknown part $part: check, part1 to part14, nll-out, cache-out, gen-out"; exit 2 ;;
+  *) echo "unknown part $part: check, part1 to part14, nll-out, cache-out, gen, gen-out"; exit 2 ;;
 esac
 [[ -f "$RANKINGS" ]] && cp "$RANKINGS" "$OUT/rankings.json"
 echo "[gpu_job] $part done in $(( $(date +%s) - START )) s; records:"

@@ -301,6 +301,13 @@ def test_issue_15_parts_rehearsal_on_cpu(tiny_setup, tmp_path):
     assert sha[0] == sha[1] and again["ppl"] == kd["ppl"]
     log = (tmp_path / "out2" / "gen.log").read_text()
     assert log.count("tokens from") == 2 and '"rounds"' not in log  # both carried in, nothing generated
+    # the texts alone, on a fresh work folder: the same store, and no fit
+    job("gen", OUT=str(tmp_path / "out3"), WORK=str(tmp_path / "work3"))
+    job("gen-out", OUT=str(tmp_path / "out3"), WORK=str(tmp_path / "work3"))
+    written = sorted((tmp_path / "out3" / "gen").iterdir())
+    assert [f.name for f in written] == sorted(f.name for f in (tmp_path / "out" / "gen").iterdir())
+    assert all(f.read_bytes() == (tmp_path / "out" / "gen" / f.name).read_bytes() for f in written)
+    assert not (tmp_path / "out3" / "records").exists() or not read_records("quality", tmp_path / "out3" / "records")
 
 
 @pytest.mark.slow
