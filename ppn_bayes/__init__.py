@@ -8,7 +8,7 @@ from .version import VERSION as __version__  # noqa: E402, F401
 from .core.architecture import Architecture, UnsupportedModelError, describe  # noqa: E402
 from .core.config import FitConfig  # noqa: E402
 from .core.gating import GatedLM, Gates  # noqa: E402
-from .core.ranking import Masks, Ranking  # noqa: E402
+from .core.ranking import Masks, Ranking, UntrainedSizeWarning  # noqa: E402
 from .data import CharTokenizer, TokenBlocks, embedded_text, load_tokens, tokenize  # noqa: E402
 from .deploy.maskfile import MaskFile, load_masks, save_masks  # noqa: E402
 from .deploy.subnetwork import build_subnetwork, load_subnetwork, save_subnetwork  # noqa: E402
@@ -28,7 +28,7 @@ except ModuleNotFoundError as err:
 __all__ = [
     "Architecture", "CharTokenizer", "FitConfig", "FitResult", "GatedLM", "Gates", "MaskFile", "Masks",
     "Perplexity", "PuppetFit", "PuppetGuide", "PuppetModel", "Ranking", "TokenBlocks",
-    "UnsupportedModelError", "build_subnetwork", "describe", "embedded_text", "export_ranked", "fit",
+    "UnsupportedModelError", "UntrainedSizeWarning", "build_subnetwork", "describe", "embedded_text", "export_ranked", "fit",
     "load_fit", "load_lm", "load_masks", "load_subnetwork", "load_tokens", "perplexity", "resize",
     "save_lm", "save_masks", "save_subnetwork", "tiny_llama", "tokenize",
 ]

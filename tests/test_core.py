@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import copy
+import json
+import warnings
 
 import pytest
 import torch
 from conftest import tiny_lm
 from torch import nn
 
-from ppn_bayes import GatedLM, Gates, Ranking, UnsupportedModelError, describe
+from ppn_bayes import GatedLM, Gates, Ranking, UnsupportedModelError, UntrainedSizeWarning, describe
 from ppn_bayes.core.architecture import decoder_layers, family_of, get_module
-from ppn_bayes.core.budget import expected_size, keep_probs, solve_log_tau
+from ppn_bayes.core.budget import Budget, expected_size, keep_probs, solve_log_tau
 
 
 # -- architecture ----------------------------------------------------------------------------
@@ -267,6 +269,34 @@ def test_masks_refuse_bad_sizes():
         ranking.masks_for_params(1)
     by_count = ranking.masks_for_params(ranking.total_params // 2)
     assert by_count.kept_params <= ranking.total_params // 2
+
+
+def test_masks_outside_the_trained_sizes_warn_and_the_sizes_travel_with_the_ranking():
+    arch = describe(tiny_lm("llama"), mlp_group=32)
+    plain = Ranking.random(arch, seed=3)
+    ranking = plain.trained_on(0.5, 0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # inside the trained sizes, or a ranking that no fit trained: silent
+        for size in (0.5, 0.7, 0.9):
+            assert torch.equal(ranking.masks(size).flat(), plain.masks(size).flat())
+        plain.masks(0.2)
+        ranking.masks_for(Budget(n_params=ranking.total_params // 2 + 1))
+    with pytest.warns(UntrainedSizeWarning,
+                      match=r"size 0\.3 lies outside the sizes the fit trained \(0\.5 to 0\.9\).*--size-min 0\.3"):
+        below = ranking.masks(0.3)
+    assert torch.equal(below.flat(), plain.masks(0.3).flat())  # the same masks, with a warning
+    with pytest.warns(UntrainedSizeWarning, match=r"--size-max 0\.95"):
+        ranking.masks(0.95)
+    with pytest.warns(UntrainedSizeWarning, match="--size-min"):  # a parameter count reads as its fraction
+        ranking.masks_for(Budget(n_params=ranking.total_params // 5))
+    data = ranking.to_dict()
+    assert data["trained_sizes"] == [0.5, 0.9] and "trained_sizes" not in plain.to_dict()
+    again = Ranking.from_dict(arch, json.loads(json.dumps(data)))
+    assert again.trained == (0.5, 0.9) and torch.equal(again.items, ranking.items)
+    assert Ranking.from_dict(arch, plain.to_dict()).trained is None  # a file from before they were written
+    for bad in ([0.9, 0.5], [0, 0.5], [0.5, 1.5], [0.5], ["0.5", 1], [True, 1], 0.5):
+        with pytest.raises(ValueError, match="trained"):
+            Ranking.from_dict(arch, {**plain.to_dict(), "trained_sizes": bad})
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

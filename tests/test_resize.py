@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -247,6 +248,28 @@ def test_cli_end_to_end(fitted, tmp_path, capsys):
     assert evals["fit"]["kept_params"] == evals["masked-dense"]["kept_params"] == evals["fit"]["decoder_params"]
     code, out, _ = _cli(capsys, "eval", checkpoint, "--data", text, "--seq-len", 32, "--limit", 6, "--quiet")
     assert code == 0 and "perplexity" in out
+
+
+def test_a_size_the_fit_never_trained_warns_through_the_ranked_checkpoint_and_the_mask_file(fitted, tmp_path):
+    from ppn_bayes import UntrainedSizeWarning, load_fit, load_masks, save_masks
+
+    fit = load_fit(fitted / "checkpoint")
+    assert fit.ranking().trained == (fit.config.size_min, fit.config.size_max) == (0.3, 1.0)
+    ranked = export_ranked(fitted / "checkpoint", tmp_path / "ranked")
+    assert open_ranked(ranked).ranking.trained == (0.3, 1.0)
+    with pytest.warns(UntrainedSizeWarning, match=r"size 0\.2 lies outside the sizes the fit trained \(0\.3 to 1\)"):
+        resize(ranked, 0.2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resize(ranked, 0.3)
+    with pytest.warns(UntrainedSizeWarning):
+        save_masks(tmp_path / "masks.json", fit.ranking(), sizes=(0.2, 0.5), lm=fit.lm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # reading the file back checks its masks without a warning
+        loaded = load_masks(tmp_path / "masks.json", fit.lm)
+    assert loaded.ranking.trained == (0.3, 1.0)
+    with pytest.warns(UntrainedSizeWarning):
+        loaded.masks_for(0.2)
 
 
 def test_cli_bad_input(fitted, tmp_path, capsys):

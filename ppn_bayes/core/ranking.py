@@ -8,10 +8,15 @@ mask for a size is the longest prefix of the ranking whose cost fits the budget.
 * the hierarchy holds: since ``π_lu ≤ π_l`` a unit crosses after its layer, so no prefix
   keeps a unit of a dropped layer;
 * a mask is short of its budget by less than the cost of the next item in the ranking.
+
+A fit's ranking also knows the sizes the fit trained (``size_min`` to ``size_max``): a mask
+asked for outside them is a prefix that no training step used, and comes with an
+:class:`UntrainedSizeWarning`.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +25,12 @@ from .architecture import Architecture
 from .budget import Budget
 from .gating import Gates
 
-__all__ = ["Masks", "Ranking", "crossing_log_tau"]
+__all__ = ["Masks", "Ranking", "UntrainedSizeWarning", "crossing_log_tau"]
+
+
+class UntrainedSizeWarning(UserWarning):
+    """Masks were asked for at a size outside the sizes the fit trained: the LM never learnt
+    to work under them, so expect that sub-network to be worse than the trained sizes."""
 
 
 def crossing_log_tau(log_lambda_layer: torch.Tensor, log_lambda_unit: torch.Tensor, *, steps: int = 80):
@@ -93,14 +103,22 @@ class Ranking:
     """Layers and units in the order they are kept as the size grows.
 
     ``items [K, 2]`` holds ``(layer, unit)`` pairs, ``unit = -1`` for a layer itself;
-    ``cost [K]`` their parameter counts; ``K = L · (1 + U)``.
+    ``cost [K]`` their parameter counts; ``K = L · (1 + U)``. ``trained``: the smallest and
+    largest size the fit trained (``None`` for a ranking that no fit trained, or of unknown
+    origin): masks outside them warn (:class:`UntrainedSizeWarning`).
     """
 
-    def __init__(self, arch: Architecture, items: torch.Tensor, cost: torch.Tensor):
+    def __init__(self, arch: Architecture, items: torch.Tensor, cost: torch.Tensor,
+                 trained: tuple[float, float] | None = None):
         self.arch = arch
         self.items = items
         self.cost = cost
+        self.trained = _check_trained(trained)
         self._cumulative = torch.cumsum(cost, 0)
+
+    def trained_on(self, smallest: float, largest: float) -> "Ranking":
+        """The same ranking, known to come from a fit that trained sizes ``smallest`` to ``largest``."""
+        return Ranking(self.arch, self.items, self.cost, trained=(smallest, largest))
 
     @classmethod
     def from_log_lambda(cls, arch: Architecture, log_lambda_layer, log_lambda_unit) -> "Ranking":
@@ -152,8 +170,19 @@ class Ranking:
         return self.masks_for(Budget(size=size))
 
     def masks_for(self, budget: Budget) -> Masks:
-        """Masks for a :class:`~ppn_bayes.core.budget.Budget` (a size or a parameter count)."""
-        return self.masks_for_params(budget.params(self.total_params), size_requested=budget.size)
+        """Masks for a :class:`~ppn_bayes.core.budget.Budget` (a size or a parameter count);
+        an :class:`UntrainedSizeWarning` when the size lies outside the sizes the fit trained."""
+        n_params = budget.params(self.total_params)
+        masks = self.masks_for_params(n_params, size_requested=budget.size)  # a budget it refuses: no warning
+        if self.trained is not None:
+            size = budget.size if budget.size is not None else n_params / self.total_params
+            smallest, largest = self.trained
+            if not smallest <= size <= largest:
+                flag = "--size-min" if size < smallest else "--size-max"
+                warnings.warn(f"size {size:.4g} lies outside the sizes the fit trained ({smallest:g} to {largest:g}): "
+                              "no training step used this sub-network, so expect it to be worse than the trained "
+                              f"sizes; fit with {flag} {size:.4g} to train it", UntrainedSizeWarning, stacklevel=2)
+        return masks
 
     def masks_for_params(self, n_params: int, *, size_requested: float | None = None) -> Masks:
         """Masks for a budget of ``n_params`` decoder parameters."""
@@ -183,16 +212,21 @@ class Ranking:
 
     # -- files: the ranking as JSON, validated when read ------------------------------------
     def to_dict(self) -> dict:
-        """``{"items": [[layer, unit], ...], "cost": [...]}`` (``unit = -1``: the layer)."""
-        return {"items": self.items.tolist(), "cost": self.cost.tolist()}
+        """``{"items": [[layer, unit], ...], "cost": [...]}`` (``unit = -1``: the layer), and
+        ``"trained_sizes": [smallest, largest]`` for a fit's ranking."""
+        data = {"items": self.items.tolist(), "cost": self.cost.tolist()}
+        if self.trained is not None:
+            data["trained_sizes"] = list(self.trained)
+        return data
 
     @classmethod
     def from_dict(cls, arch: Architecture, data: dict) -> "Ranking":
         """A ranking read from :meth:`to_dict`'s output, checked against ``arch``.
 
         Raises ``ValueError`` naming the problem unless the items are every layer and
-        every unit exactly once, each unit after its own layer (the hierarchy), and each
-        cost is that item's cost in ``arch``.
+        every unit exactly once, each unit after its own layer (the hierarchy), each cost is
+        that item's cost in ``arch``, and the optional ``trained_sizes`` are two sizes in
+        order (a file written before it knew them has none).
         """
         if not isinstance(data, dict) or "items" not in data or "cost" not in data:
             raise ValueError("a ranking needs 'items' and 'cost'")
@@ -226,4 +260,18 @@ class Ranking:
         cost_t = torch.tensor(cost, dtype=torch.int64)
         if not torch.equal(cost_t, expected):
             raise ValueError("the ranking's costs differ from the architecture's")
-        return cls(arch, items_t, cost_t)
+        trained = data.get("trained_sizes")
+        if trained is not None and not (isinstance(trained, list) and len(trained) == 2 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in trained)):
+            raise ValueError(f"'trained_sizes' must be [smallest, largest], two sizes, got {trained!r}")
+        return cls(arch, items_t, cost_t, trained=None if trained is None else (trained[0], trained[1]))
+
+
+def _check_trained(trained) -> tuple[float, float] | None:
+    """``(smallest, largest)`` as floats with ``0 < smallest <= largest <= 1``, or ``None``."""
+    if trained is None:
+        return None
+    smallest, largest = (float(x) for x in trained)
+    if not 0 < smallest <= largest <= 1:
+        raise ValueError(f"the trained sizes must satisfy 0 < smallest <= largest <= 1, got {smallest}, {largest}")
+    return smallest, largest

@@ -113,7 +113,7 @@ def ranked_ranking(ranking: Ranking, order: Selection) -> Ranking:
         position.update({(layer, u): p for p, u in enumerate(order.attention[layer])})
         position.update({(layer, A + u): A + p for p, u in enumerate(order.mlp[layer])})
     items = [[l, u if u < 0 else position[(l, u)]] for l, u in ranking.items.tolist()]
-    return Ranking(ranking.arch, torch.tensor(items, dtype=torch.long), ranking.cost.clone())
+    return Ranking(ranking.arch, torch.tensor(items, dtype=torch.long), ranking.cost.clone(), trained=ranking.trained)
 
 
 def _base_ranking(ranked: Ranking, order: Selection) -> Ranking:
@@ -127,7 +127,7 @@ def _base_ranking(ranked: Ranking, order: Selection) -> Ranking:
             items.append([l, order.attention[l][p]])
         else:
             items.append([l, A + order.mlp[l][p - A]])
-    return Ranking(ranked.arch, torch.tensor(items, dtype=torch.long), ranked.cost.clone())
+    return Ranking(ranked.arch, torch.tensor(items, dtype=torch.long), ranked.cost.clone(), trained=ranked.trained)
 
 
 # -- export -----------------------------------------------------------------------------------
@@ -508,7 +508,8 @@ def resize(ranked: str | Path | RankedCheckpoint, size: float | None = None, out
     masks = checkpoint.masks(size, n_params=n_params)
     selection = selection_from_masks(masks)
     file = checkpoint.tensors_file
-    header = 8 + int.from_bytes(file.open("rb").read(8), "little")
+    with file.open("rb") as head:
+        header = 8 + int.from_bytes(head.read(8), "little")
     try:
         with _open_for_reading(file) as handle:
             reader = RankedTensors(handle, checkpoint, dtype, device)

@@ -85,10 +85,11 @@ class PuppetFit:
         return self.guide.arch
 
     def ranking(self):
-        """The deterministic ranking of layers and units (see :mod:`ppn_bayes.core.ranking`)."""
+        """The deterministic ranking of layers and units (see :mod:`ppn_bayes.core.ranking`),
+        which knows the sizes this fit trained (``size_min`` to ``size_max``)."""
         from ..core.ranking import Ranking
 
-        return Ranking.from_guide(self.guide)
+        return Ranking.from_guide(self.guide).trained_on(self.config.size_min, self.config.size_max)
 
     def masks(self, size: float):
         """Hard masks for ``size``: the longest prefix of the ranking within budget."""
