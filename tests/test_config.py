@@ -176,3 +176,13 @@ def test_a_recipe_sets_its_settings_over_the_defaults_and_given_flags_win(capsys
     with pytest.raises(SystemExit):
         config("--recipe", "nope")
     assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_the_trained_range_spans_every_size_a_step_can_train():
+    base = FitConfig(size_min=0.3, size_max=0.8, n_random_sizes=1)
+    assert base.trained_range == (0.3, 1.0)  # the full LM's rows
+    assert base.replace(train_full_lm=False).trained_range == (0.3, 0.8)  # the random sizes reach size_max
+    assert base.replace(train_lm=False).trained_range == (0.3, 0.8)  # a frozen LM has no full-LM rows
+    one = base.replace(train_full_lm=False, n_random_sizes=0)
+    assert one.trained_range == (0.3, 0.3)  # size_min alone, as ppn_bayes-alone at 0.5
+    assert one.replace(train_sizes=(0.5, 0.9)).trained_range == (0.3, 0.9)  # named sizes past size_max

@@ -282,12 +282,12 @@ def test_masks_outside_the_trained_sizes_warn_and_the_sizes_travel_with_the_rank
         plain.masks(0.2)
         ranking.masks_for(Budget(n_params=ranking.total_params // 2 + 1))
     with pytest.warns(UntrainedSizeWarning,
-                      match=r"size 0\.3 lies outside the sizes the fit trained \(0\.5 to 0\.9\).*--size-min 0\.3"):
+                      match=r"size 0\.3 lies outside the sizes the fit trained \(0\.5 to 0\.9\).*--train-sizes"):
         below = ranking.masks(0.3)
     assert torch.equal(below.flat(), plain.masks(0.3).flat())  # the same masks, with a warning
-    with pytest.warns(UntrainedSizeWarning, match=r"--size-max 0\.95"):
+    with pytest.warns(UntrainedSizeWarning, match=r"size 0\.95 "):
         ranking.masks(0.95)
-    with pytest.warns(UntrainedSizeWarning, match="--size-min"):  # a parameter count reads as its fraction
+    with pytest.warns(UntrainedSizeWarning, match=r"size 0\.(2|1999) lies outside"):  # a count reads as its fraction
         ranking.masks_for(Budget(n_params=ranking.total_params // 5))
     data = ranking.to_dict()
     assert data["trained_sizes"] == [0.5, 0.9] and "trained_sizes" not in plain.to_dict()

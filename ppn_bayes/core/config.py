@@ -252,6 +252,18 @@ class FitConfig:
         if self.prior_tokens is not None and self.prior_tokens < 1:
             raise ValueError(f"prior_tokens must be positive, got {self.prior_tokens}")
 
+    @property
+    def trained_range(self) -> tuple[float, float]:
+        """The smallest and the largest size a fit with these settings trains: ``size_min``, and
+        the largest of the ``train_sizes``, ``size_max`` (where random sizes are drawn) and 1
+        (where the full LM has rows of its own)."""
+        tops = [self.size_min, *self.train_sizes]
+        if self.n_random_sizes:
+            tops.append(self.size_max)
+        if self.train_lm and self.train_full_lm:
+            tops.append(1.0)
+        return self.size_min, max(tops)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -9,7 +9,7 @@ mask for a size is the longest prefix of the ranking whose cost fits the budget.
   keeps a unit of a dropped layer;
 * a mask is short of its budget by less than the cost of the next item in the ranking.
 
-A fit's ranking also knows the sizes the fit trained (``size_min`` to ``size_max``): a mask
+A fit's ranking also knows the sizes the fit trained (``FitConfig.trained_range``): a mask
 asked for outside them is a prefix that no training step used, and comes with an
 :class:`UntrainedSizeWarning`.
 """
@@ -178,10 +178,10 @@ class Ranking:
             size = budget.size if budget.size is not None else n_params / self.total_params
             smallest, largest = self.trained
             if not smallest <= size <= largest:
-                flag = "--size-min" if size < smallest else "--size-max"
                 warnings.warn(f"size {size:.4g} lies outside the sizes the fit trained ({smallest:g} to {largest:g}): "
                               "no training step used this sub-network, so expect it to be worse than the trained "
-                              f"sizes; fit with {flag} {size:.4g} to train it", UntrainedSizeWarning, stacklevel=2)
+                              "sizes; to train it, fit with sizes that include it (--size-min, --size-max, "
+                              "--train-sizes)", UntrainedSizeWarning, stacklevel=2)
         return masks
 
     def masks_for_params(self, n_params: int, *, size_requested: float | None = None) -> Masks:

@@ -86,10 +86,10 @@ class PuppetFit:
 
     def ranking(self):
         """The deterministic ranking of layers and units (see :mod:`ppn_bayes.core.ranking`),
-        which knows the sizes this fit trained (``size_min`` to ``size_max``)."""
+        which knows the sizes this fit trained (:attr:`FitConfig.trained_range`)."""
         from ..core.ranking import Ranking
 
-        return Ranking.from_guide(self.guide).trained_on(self.config.size_min, self.config.size_max)
+        return Ranking.from_guide(self.guide).trained_on(*self.config.trained_range)
 
     def masks(self, size: float):
         """Hard masks for ``size``: the longest prefix of the ranking within budget."""
