@@ -401,7 +401,7 @@ def sizes_per_step(fit_config: FitConfig) -> int:
     (``size_min``, the ``train_sizes``, the random ones) and the full LM where it has rows."""
     from ppn_bayes.train.step import step_sizes
 
-    return len(step_sizes(fit_config, 0)) + int(fit_config.train_lm and fit_config.train_full_lm)
+    return len(step_sizes(fit_config, 0)) + int(fit_config.full_lm_rows)
 
 
 def run_ppn(run: Run, method: str) -> None:

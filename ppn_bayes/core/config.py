@@ -253,6 +253,12 @@ class FitConfig:
             raise ValueError(f"prior_tokens must be positive, got {self.prior_tokens}")
 
     @property
+    def full_lm_rows(self) -> bool:
+        """Whether a step gives the full LM (every gate on) rows of its own: while the LM trains
+        and ``train_full_lm`` is on."""
+        return self.train_lm and self.train_full_lm
+
+    @property
     def trained_range(self) -> tuple[float, float]:
         """The smallest and the largest size a fit with these settings trains: ``size_min``, and
         the largest of the ``train_sizes``, ``size_max`` (where random sizes are drawn) and 1
@@ -260,7 +266,7 @@ class FitConfig:
         tops = [self.size_min, *self.train_sizes]
         if self.n_random_sizes:
             tops.append(self.size_max)
-        if self.train_lm and self.train_full_lm:
+        if self.full_lm_rows:
             tops.append(1.0)
         return self.size_min, max(tops)
 

@@ -88,7 +88,7 @@ def step_groups(config: FitConfig, step: int, global_rows: int) -> tuple[list[fl
     Rows are dealt to the groups in turn, starting at group ``step mod K``: a global batch
     smaller than the number of groups trains some groups each step, all of them in turn."""
     sizes = step_sizes(config, step)
-    groups = ([0] if config.train_lm and config.train_full_lm else []) + list(range(1, len(sizes) + 1))
+    groups = ([0] if config.full_lm_rows else []) + list(range(1, len(sizes) + 1))
     member = (torch.arange(global_rows) + step) % len(groups)  # [G] index into groups
     return sizes, torch.tensor(groups)[member]
 
