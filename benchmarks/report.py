@@ -23,9 +23,11 @@ import dataclasses
 import json
 import math
 import sys
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
+from ppn_bayes import UntrainedSizeWarning
 from ppn_bayes.core.architecture import Architecture
 from ppn_bayes.core.config import NOT_IDENTIFYING, FitConfig
 from ppn_bayes.core.ranking import Ranking
@@ -420,7 +422,8 @@ def row_records(records: list[dict]) -> dict:
 
 def _fit_notes(picked: list[dict]) -> list[tuple[str, str]]:
     """The marks and notes of a quality row whose fit departs from the plain loop in what its
-    steps train: named sizes (``train_sizes``, †) and a held start (``hold_steps``, ‡)."""
+    steps train: named sizes (``train_sizes``, †), a held start (``hold_steps``, ‡) and settled
+    masks at the end (``settle_steps``, §)."""
     notes, fits = [], [fit_settings(r) for r in picked]
     fit = next((fit for fit in fits if fit.get("train_sizes")), None)
     if fit:
@@ -431,6 +434,12 @@ def _fit_notes(picked: list[dict]) -> list[tuple[str, str]]:
     if fit:
         notes.append(("‡", f"the first {fit['hold_steps']:,} of the fit's {fit['steps']:,} steps hold the guide at its "
                            "start and train the LM on the start's masks (`hold_steps`); the posterior learns after."))
+    fit = next((fit for fit in fits if fit.get("settle_steps")), None)
+    if fit:
+        source = (f"those of the guide averaged over the {fit['average_steps']:,} steps before (`settle_steps`, "
+                  "`average_steps`)" if fit.get("average_steps") else "those of the guide then (`settle_steps`)")
+        notes.append(("§", f"the last {fit['settle_steps']:,} of the fit's {fit['steps']:,} steps train the LM on the "
+                           f"masks that ship, {source}."))
     return notes
 
 
@@ -597,14 +606,23 @@ def plot_quality(records: list[dict], path: Path, model) -> bool:
 # -- allocation -------------------------------------------------------------------------------------------------
 def units_per_layer(ranking: Ranking, size: float) -> tuple[float, list[int | None], list[int | None]]:
     """The deployed masks of ``size``: the size reached, and each layer's kept attention and MLP
-    units (``None`` for a dropped layer)."""
-    masks = ranking.masks(size)
+    units (``None`` for a dropped layer). A size outside the sizes the fit trained reads as well,
+    without the warning (:func:`untrained` marks it in the tables)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UntrainedSizeWarning)
+        masks = ranking.masks(size)
     widths = selection_from_masks(masks).widths(ranking.arch)  # the widths the sub-network is built with
     attention: list[int | None] = [None] * ranking.arch.n_layers
     mlp: list[int | None] = [None] * ranking.arch.n_layers
     for layer, a, m in zip(widths.source_layers, widths.attention_units, widths.mlp_units):
         attention[layer], mlp[layer] = a, m
     return masks.size_reached, attention, mlp
+
+
+def untrained(ranking: Ranking, size: float) -> bool:
+    """Whether ``size`` lies outside the sizes the ranking's fit trained (``Ranking.trained``;
+    rankings that do not say are taken as trained at every size)."""
+    return ranking.trained is not None and not ranking.trained[0] <= size <= ranking.trained[1]
 
 
 def _counts(counts: list[int | None], sep: str) -> str:
@@ -644,8 +662,8 @@ def allocation_section(rankings_dir: Path, records: list[dict], images: Path, im
             rows, shares = [], []
             for size in PROTOCOL_SIZES:
                 reached, attention, mlp = units_per_layer(ranking, size)
-                rows.append([f"{size:g}", f"{reached:.3f}", f"{sum(a is not None for a in attention)} of "
-                             f"{arch.n_layers}", _counts(attention, "" if arch.n_attention_units < 10 else " "),
+                rows.append([f"{size:g}" + (" (untrained)" if untrained(ranking, size) else ""), f"{reached:.3f}",
+                             f"{sum(a is not None for a in attention)} of {arch.n_layers}", _counts(attention, "" if arch.n_attention_units < 10 else " "),
                              _counts(mlp, " ")])
                 shares.append((size, attention, mlp))
             lines += _table(["size", "size reached", "layers kept",

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import warnings
 import shutil
 import subprocess
 import sys
@@ -1055,6 +1056,18 @@ def test_allocation_section_lists_each_layers_kept_units_as_the_masks_keep_them(
                                   for l, keep in enumerate(masks.layer.tolist())]
     assert "seed 1, 1,234 training tokens" in "\n".join(lines)
     assert (tmp_path / "img" / "allocation-fit-ppn_bayes.png").stat().st_size > 0
+    # a fit that trained 0.5 alone: its other sizes read the same, marked, and without the warning
+    one = tmp_path / "one"
+    one.mkdir()
+    _rankings_file(one / "alone.json", ranking.trained_on(0.5, 0.5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        marked = [line for line in report.allocation_section(one, [], tmp_path / "img", "img")
+                  if re.match(r"\| 0\.\d ", line)]
+    assert [line.split(" | ")[0] for line in marked] == [
+        f"| {size:g}" + ("" if size == 0.5 else " (untrained)") for size in report.PROTOCOL_SIZES]
+    assert [line.split(" | ", 1)[1] for line in marked] == [
+        line.split(" | ", 1)[1] for line in lines if re.match(r"\| 0\.\d ", line)]
     # nothing to show: no section; a file of another kind: an error that names it
     assert report.allocation_section(tmp_path / "none", [], tmp_path / "img", "img") == []
     (rankings / "other.json").write_text(json.dumps({"format": "ppn_bayes.masks", "rankings": {}}))
@@ -1128,7 +1141,8 @@ def test_a_fit_that_names_its_sizes_says_so_under_the_quality_table():
     """A row whose fit trains named sizes (train_sizes) is marked, and a note under the table
     names them and size_min, so an off-ladder size (0.4 here) reads as one; a fit without them
     (older records have no such key) is not marked. A fit that holds its start (hold_steps)
-    is marked and noted the same way, with its own mark; the notes follow the rows' order."""
+    is marked and noted the same way, with its own mark, and so is one that settles its masks
+    at the end (settle_steps); the notes follow the rows' order."""
     def run(method, size, ppl, fit=None):
         return {"method": method, "size_requested": size, "size_reached": size, "ppl": ppl, "windows": 2,
                 "train_tokens": 10, "date": "2026-12-01T10:00:00", "settings": {"fit": fit} if fit else {}}
@@ -1149,6 +1163,17 @@ def test_a_fit_that_names_its_sizes_says_so_under_the_quality_table():
                           "† ppn_bayes, flat units (no hierarchy): every step of the fit trains the sizes 0.5, 0.7, 0.9 "
                           "(`train_sizes`) besides `size_min` 0.3; the other sizes only through its 2 random sizes a "
                           "step."]
+    # settled masks at the end: their own mark, with the averaged steps where the fit averages
+    settled = {"settle_steps": 1500, "average_steps": 300, "steps": 3052, "size_min": 0.5, "seed": 0}
+    lines = report.quality_table([run("ppn_bayes-alone", 0.5, 40.5, settled),
+                                  run("ppn_bayes", 0.5, 43.0, {**held, "settle_steps": 2, "steps": 4})])
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in lines if line.startswith("| ppn_bayes")}
+    assert list(rows) == ["ppn_bayes ‡ §", f"{report.label('ppn_bayes-alone')} §"]
+    assert lines[-3] == ("§ ppn_bayes: the last 2 of the fit's 4 steps train the LM on the masks that ship, those of "
+                         "the guide then (`settle_steps`).")
+    assert lines[-1] == (f"§ {report.label('ppn_bayes-alone')}: the last 1,500 of the fit's 3,052 steps train the LM on "
+                         "the masks that ship, those of the guide averaged over the 300 steps before (`settle_steps`, "
+                         "`average_steps`).")
 
 
 def test_grad_norms_splits_the_clipped_norm_between_the_guide_and_the_lm():
