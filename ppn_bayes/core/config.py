@@ -9,10 +9,11 @@ import numbers
 import types
 import typing
 from dataclasses import dataclass
+from typing import Sequence
 
 from .schedule import check_schedule
 
-__all__ = ["FitConfig", "check_compiler", "check_fields", "setting", "CONCERNS", "FIT_HELP", "NOT_IDENTIFYING",
+__all__ = ["FitConfig", "check_anchors", "check_compiler", "check_fields", "setting", "CONCERNS", "FIT_HELP", "NOT_IDENTIFYING",
            "RECIPES"]
 
 #: The concerns a fit's settings fall into, in ``--help`` order: ``prior`` (the Bayesian
@@ -50,6 +51,22 @@ def check_compiler(backend: str) -> str:
     if backend not in COMPILERS:
         raise ValueError(f"compile must be one of {', '.join(map(repr, COMPILERS))}, got {backend!r}")
     return backend
+
+
+def check_anchors(anchors: Sequence[float]) -> tuple[float, ...]:
+    """``anchors`` as a tuple, or ``ValueError`` naming what is wrong: none given, one outside
+    ``(0, 1]``, or not strictly increasing."""
+    anchors = tuple(anchors)
+    if not anchors:
+        raise ValueError("size_anchors must hold at least one size")
+    for a in anchors:
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or not 0 < a <= 1:
+            raise ValueError(f"size_anchors must lie in (0, 1], got {a!r} in {anchors}")
+    if any(b <= a for a, b in zip(anchors, anchors[1:])):
+        raise ValueError(f"size_anchors must be sorted and strictly increasing, got {anchors}")
+    return anchors
+
+
 #: How the guide's unit locations start (``FitConfig.init``).
 INITS = ("neutral", "activation")
 
@@ -111,6 +128,15 @@ class FitConfig:
             "give the full LM (every gate on) its share of each step's rows, the top of the sandwich rule; "
             "--no-train-full-lm gives every row to a gated size (with teacher='original' the full LM, which no "
             "one deploys, then only moves with the sub-networks it holds)")
+    size_rank: int = setting(0, OBJECTIVE,
+            "rank r of the size adapters: every decoder layer's attention and MLP output projections get, per "
+            "anchor size, a low-rank correction B A of this rank, interpolated in the size between the "
+            "size_anchors, trained with the LM's weights and merged exactly into the weights of each exported "
+            "size (0: no adapters, the fit as before)", bound="nonnegative")
+    size_anchors: tuple[float, ...] = setting((0.3, 0.5, 0.7, 0.9, 1.0), OBJECTIVE,
+            "with size_rank: the anchor sizes of the size adapters (sorted, strictly increasing, each in (0, 1]); "
+            "a size between two anchors reads both corrections, linearly interpolated, one outside them the "
+            "nearest end anchor's")
     temperature: float = setting(0.5, OBJECTIVE,
             "temperature of the relaxed Bernoulli gates (straight-through)")
     gate_coupling: str = setting("independent", OBJECTIVE,
@@ -247,6 +273,12 @@ class FitConfig:
         _check_sizes("train_sizes", self.train_sizes, self.size_min,
                      f"(size_min, 1] = ({self.size_min:g}, 1] (size_min is trained every step already)")
         _check_sizes("eval_sizes", self.eval_sizes)
+        if self.size_rank < 0:
+            raise ValueError(f"size_rank must not be negative, got {self.size_rank}")
+        check_anchors(self.size_anchors)
+        if self.size_rank and not self.train_lm:
+            raise ValueError("size_rank > 0: the size adapters train with the LM's weights; with train_lm off "
+                             "they would stay zero")
         if self.distill_weight == 0 and self.nll_weight == 0:
             raise ValueError("nll_weight and distill_weight are both 0: the likelihood would be empty")
         if self.prior_tokens is not None and self.prior_tokens < 1:

@@ -9,6 +9,11 @@ For layer ``l`` with layer gate ``z_l`` and unit gates ``z_lu``:
 
 Multiplying by exactly 1.0 changes no bit, so all gates at one reproduce the LM's logits
 exactly. :meth:`GatedLM.unload` removes every hook and returns the untouched LM.
+
+With :class:`~ppn_bayes.core.adapters.SizeAdapters` (``adapters=``) and per-row size weights
+``w [B, K]`` given with the gates, each of the two output projections also adds its size
+correction ``Σ_k w_k · (x A_kᵀ) B_kᵀ`` (``x`` its input after the unit gates) before the layer
+gate multiplies the output. Without size weights (a teacher pass) nothing is added.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .adapters import SizeAdapters
 from .architecture import Architecture, decoder_layers, describe, family_of, get_module
 
 __all__ = ["Gates", "GatedLM"]
@@ -51,11 +57,15 @@ class GatedLM(nn.Module):
     the teacher (no gates) and the gated student.
     """
 
-    def __init__(self, lm: nn.Module, arch: Architecture | None = None, *, mlp_group: int = 64):
+    def __init__(self, lm: nn.Module, arch: Architecture | None = None, *, mlp_group: int = 64,
+                 adapters: SizeAdapters | None = None):
         super().__init__()
         self.lm = lm
         self.arch = arch if arch is not None else describe(lm, mlp_group=mlp_group)
+        #: the size adapters (:mod:`ppn_bayes.core.adapters`), or ``None``
+        self.adapters = adapters
         self._gates: Gates | None = None
+        self._size_weights: torch.Tensor | None = None
         self._compiled_hidden = None
         self._handles: list = []
         family = family_of(lm)
@@ -66,11 +76,11 @@ class GatedLM(nn.Module):
             down = get_module(layer, family.mlp_out)
             self._handles += [
                 o.register_forward_pre_hook(self._unit_hook(index, slice(0, A), head_width)),
-                o.register_forward_hook(self._layer_hook(index)),
+                o.register_forward_hook(self._layer_hook(index, "o")),
                 down.register_forward_pre_hook(
                     self._unit_hook(index, slice(A, None), self.arch.mlp_group)
                 ),
-                down.register_forward_hook(self._layer_hook(index)),
+                down.register_forward_hook(self._layer_hook(index, "mlp_out")),
             ]
 
     # -- hooks -----------------------------------------------------------------------
@@ -87,10 +97,12 @@ class GatedLM(nn.Module):
 
         return hook
 
-    def _layer_hook(self, index: int):
+    def _layer_hook(self, index: int, projection: str):
         def hook(module, args, output):
             if self._gates is None:
                 return None
+            if self._size_weights is not None:  # args: the input as the unit hook left it
+                output = output + self.adapters.delta(index, projection, args[0], self._size_weights).to(output.dtype)
             gate = self._gates.layer[..., index].to(output.dtype)  # [*B]
             if gate.dim() == 1:
                 gate = gate[:, None, None]  # [B, 1, 1]
@@ -108,16 +120,38 @@ class GatedLM(nn.Module):
                 f"{tuple(gates.unit.shape)} do not fit {L} layers x {U} units"
             )
 
+    def _check_size_weights(self, gates: Gates | None, size_weights: torch.Tensor | None) -> None:
+        """Refuse size weights without adapters or gates, or of the wrong number of anchors."""
+        if size_weights is None:
+            return
+        if self.adapters is None:
+            raise ValueError("size weights were given, but this gated LM has no size adapters")
+        if gates is None:
+            raise ValueError("size weights apply with gates only (a pass without gates is the untouched LM)")
+        if size_weights.shape[-1] != self.adapters.n_anchors or size_weights.dim() > 2:
+            raise ValueError(f"size weights of shape {tuple(size_weights.shape)} do not fit "
+                             f"{self.adapters.n_anchors} anchors ([K] or [B, K])")
+
+    def size_weights(self, sizes) -> torch.Tensor:
+        """The adapters' interpolation weights ``[..., K]`` of ``sizes`` (a number or a tensor
+        ``[...]``), in the adapters' dtype."""
+        if self.adapters is None:
+            raise ValueError("this gated LM has no size adapters")
+        return self.adapters.weights(sizes).to(self.adapters.anchors.device, next(self.adapters.parameters()).dtype)
+
     @contextlib.contextmanager
-    def gates_applied(self, gates: Gates | None):
-        """Run the LM under ``gates`` inside the ``with`` block."""
+    def gates_applied(self, gates: Gates | None, size_weights: torch.Tensor | None = None):
+        """Run the LM under ``gates`` (and the size adapters under ``size_weights``, ``[K]`` or
+        per row ``[B, K]``) inside the ``with`` block."""
         if gates is not None:
             self._check(gates)
-        previous, self._gates = self._gates, gates
+        self._check_size_weights(gates, size_weights)
+        previous = self._gates, self._size_weights
+        self._gates, self._size_weights = gates, size_weights
         try:
             yield self
         finally:
-            self._gates = previous
+            self._gates, self._size_weights = previous
 
     # -- the decoder's final hidden states, for the fit's objective ----------------------
     @property
@@ -130,31 +164,39 @@ class GatedLM(nn.Module):
         """The LM head's weight ``[V, d]``: logits are ``hidden · headᵀ``."""
         return self.lm.get_output_embeddings().weight
 
-    def _gated_hidden(self, input_ids: torch.Tensor, layer: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
-        # The gates are plain tensor arguments, so one compiled graph serves every step and
-        # size; the hooks read them from the module while the call runs.
-        self._gates = Gates(layer, unit)
+    def _gated_hidden(self, input_ids: torch.Tensor, layer: torch.Tensor, unit: torch.Tensor,
+                      size_weights: torch.Tensor | None = None) -> torch.Tensor:
+        # The gates (and the size weights) are plain tensor arguments, so one compiled graph
+        # serves every step and size; the hooks read them from the module while the call runs.
+        self._gates, self._size_weights = Gates(layer, unit), size_weights
         try:
             return self.base(input_ids=input_ids, use_cache=False).last_hidden_state  # [B, T, d]
         finally:
-            self._gates = None
+            self._gates, self._size_weights = None, None
 
     def compile(self, **options) -> None:
         """Compile :meth:`hidden` (``torch.compile(..., dynamic=False, **options)``): one graph
         for every gate value of a batch shape."""
         self._compiled_hidden = torch.compile(self._gated_hidden, dynamic=False, **options)
 
-    def hidden(self, input_ids: torch.Tensor, gates: Gates) -> torch.Tensor:
+    def hidden(self, input_ids: torch.Tensor, gates: Gates, size_weights: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states ``[B, T, d]`` of the LM under ``gates`` (per-row gates ``layer
-        [B, L]``, ``unit [B, L, U]``, or shared ``[L]``, ``[L, U]``); compiled after :meth:`compile`."""
+        [B, L]``, ``unit [B, L, U]``, or shared ``[L]``, ``[L, U]``) and, with size adapters, the
+        per-row size weights ``[B, K]`` (``None``: no adapter is applied); compiled after
+        :meth:`compile`."""
         self._check(gates)
+        self._check_size_weights(gates, size_weights)
         run = self._compiled_hidden or self._gated_hidden
-        return run(input_ids, gates.layer, gates.unit)
+        if size_weights is None:  # the graph of a fit without adapters, as before
+            return run(input_ids, gates.layer, gates.unit)
+        return run(input_ids, gates.layer, gates.unit, size_weights)
 
-    def forward(self, input_ids: torch.Tensor, gates: Gates | None = None, **kwargs):
-        """Logits ``[B, T, V]`` of the LM under ``gates`` (no KV cache: only the logits come back)."""
+    def forward(self, input_ids: torch.Tensor, gates: Gates | None = None, size_weights: torch.Tensor | None = None,
+                **kwargs):
+        """Logits ``[B, T, V]`` of the LM under ``gates`` and the size adapters' ``size_weights``
+        (``[K]`` or ``[B, K]``; see :meth:`size_weights`) (no KV cache: only the logits come back)."""
         kwargs.setdefault("use_cache", False)
-        with self.gates_applied(gates):
+        with self.gates_applied(gates, size_weights):
             return self.lm(input_ids=input_ids, **kwargs).logits
 
     def unload(self) -> nn.Module:

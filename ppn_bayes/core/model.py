@@ -329,18 +329,30 @@ class PuppetModel(_Push):
         """Step 4 of :meth:`forward` alone, no Pyro site: the rows' weighted loss (the negative
         log-likelihood) when the ``K`` sizes of ``plan`` have ``gates`` (``[K, L]``,
         ``[K, L, U]``) and group 0 every gate on. A fit's settling steps call it with the
-        deployed masks (``FitConfig.settle_steps``)."""
+        deployed masks (``FitConfig.settle_steps``). With size adapters every row also reads its
+        size's correction (:meth:`size_weights`)."""
         if isinstance(teacher, torch.Tensor):
             teacher = Teacher(logits=teacher)
         self.last_realised_size = self.realised_size(gates)  # [K] on the device, read by the fit's log
         ones = Gates.ones(self.arch, device=input_ids.device, dtype=gates.unit.dtype)
         row_gates = Gates(torch.cat([ones.layer[None], gates.layer]).index_select(0, plan.groups),  # [B, L]
                           torch.cat([ones.unit[None], gates.unit]).index_select(0, plan.groups))  # [B, L, U]
-        hidden = self.gated.hidden(input_ids, row_gates)  # [B, T, d]
+        hidden = self.gated.hidden(input_ids, row_gates, self.size_weights(plan, input_ids.device))  # [B, T, d]
         total, rows = self.objective(hidden, self.gated.head, input_ids, plan.row_weights, teacher,
                                      nll_weight=self.nll_weight, kl_weight=self.distill_weight)
         self.last_rows = rows  # per-row NLL and KL, detached, read by the fit's log
         return total
+
+
+    def size_weights(self, plan: StepPlan, device) -> torch.Tensor | None:
+        """The size adapters' weights of each row ``[B, K]`` (rows of group 0, the full LM, at
+        size 1), or ``None`` when the gated LM has no adapters. The sizes are filled on the
+        device (no host copy); the weights of each group are indexed by ``plan.groups``."""
+        if self.gated.adapters is None:
+            return None
+        sizes = torch.stack([torch.full((), float(s), dtype=torch.float64, device=device)
+                             for s in (1.0, *plan.sizes)])  # [1 + K]
+        return self.gated.size_weights(sizes).index_select(0, plan.groups)  # [B, K]
 
 
 class PuppetGuide(_Push):
