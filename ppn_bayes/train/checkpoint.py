@@ -1,7 +1,8 @@
 """A fit's checkpoint: a folder written atomically, safetensors for tensors, JSON for the rest.
 
 Layout: ``lm/`` (a Hugging Face directory, one ``model.safetensors``), ``guide.safetensors``,
-``optimizer.safetensors``, ``state.json`` and, for a fit stopped while it averages its guide,
+``optimizer.safetensors``, ``state.json``, for a fit with size adapters (``size_rank > 0``)
+``adapters.safetensors`` and, for a fit stopped while it averages its guide,
 ``guide_sum.safetensors``. :func:`check_resumable` is the resume
 contract: a checkpoint continues only with the same model, the same settings, the same
 global batch, the same training data and more steps than it has done.
@@ -30,7 +31,7 @@ from ..optim_state import load_tensors, optimizer_tensors, read_optimizer, resto
 from ..store import check_same_data
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "save_checkpoint", "read_state", "read_optimizer",
-           "read_guide_sum", "restore_modules", "restore_optimizer", "recorded_architecture", "load_tensors",
+           "read_guide_sum", "restore_adapters", "restore_modules", "restore_optimizer", "recorded_architecture", "load_tensors",
            "check_resumable", "weights_fingerprint", "versions"]
 
 CHECKPOINT_FORMAT = "ppn_bayes.checkpoint"
@@ -79,7 +80,7 @@ def save_checkpoint(path, *, lm, guide, optimizer, step, config, arch, history, 
                     overwrite: bool = True, world_size: int = 1, lm_state_dict: dict | None = None,
                     guide_state_dict: dict | None = None, optimizer_state: dict | None = None,
                     lm_class: type | None = None, teacher_fingerprint: str | None = None,
-                    data: dict | None = None, guide_sum: dict | None = None) -> Path:
+                    data: dict | None = None, guide_sum: dict | None = None, adapters: nn.Module | None = None) -> Path:
     """Write a fit's checkpoint directory atomically.
 
     Layout: ``lm/`` (a Hugging Face directory, one ``model.safetensors``),
@@ -96,7 +97,8 @@ def save_checkpoint(path, *, lm, guide, optimizer, step, config, arch, history, 
     before sharding. Every tensor is written whole, so the checkpoint loads in any
     number of processes. ``guide_sum`` (a fit stopped while it averages its guide,
     ``FitConfig.average_steps``): the guide's parameters summed so far, in
-    ``guide_sum.safetensors``.
+    ``guide_sum.safetensors``. ``adapters`` (``FitConfig.size_rank > 0``): the size adapters'
+    tensors (``layers.<l>.o_A`` …), in ``adapters.safetensors``.
     """
     opt = optimizer_state if optimizer_state is not None else optimizer.state_dict()
     guide_tensors = guide_state_dict if guide_state_dict is not None else guide.state_dict()
@@ -127,6 +129,9 @@ def save_checkpoint(path, *, lm, guide, optimizer, step, config, arch, history, 
         save_file(optimizer_tensors(opt), tmp / "optimizer.safetensors")
         if guide_sum is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in guide_sum.items()}, tmp / "guide_sum.safetensors")
+        if adapters is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in adapters.state_dict().items()},
+                      tmp / "adapters.safetensors")
         atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
     return Path(path)
 
@@ -155,11 +160,34 @@ def recorded_architecture(state: dict, path) -> Architecture:
         raise FileFormatError(f"checkpoint {path}: state.json has a malformed architecture ({err})") from None
 
 
-def restore_modules(path: Path, lm: nn.Module, guide: PuppetGuide) -> None:
-    """Load the LM's and the guide's tensors; every file is read and checked first."""
+def restore_adapters(path: Path, adapters: nn.Module, tensors: dict | None = None) -> None:
+    """Load the size adapters' tensors from ``adapters.safetensors`` (or ``tensors`` read
+    from it already), checked by name and shape."""
+    file = Path(path) / "adapters.safetensors"
+    if tensors is None:
+        if not file.is_file():
+            raise FileFormatError(f"checkpoint: {file} is missing: the fit has size adapters (size_rank > 0)")
+        tensors = load_tensors(file)
+    try:
+        adapters.load_state_dict(tensors)
+    except RuntimeError as err:
+        raise FileFormatError(f"checkpoint: {file} does not fit ({err})") from None
+
+
+def restore_modules(path: Path, lm: nn.Module, guide: PuppetGuide, adapters: nn.Module | None = None) -> None:
+    """Load the LM's, the guide's and the size adapters' (when given) tensors; every file is
+    read and checked first."""
     from safetensors.torch import load_model
 
     guide_tensors = load_tensors(path / "guide.safetensors")
+    adapter_tensors = None
+    if adapters is not None:
+        if not (path / "adapters.safetensors").is_file():
+            raise FileFormatError(f"checkpoint: {path / 'adapters.safetensors'} is missing: the fit has size "
+                                  "adapters (size_rank > 0)")
+        adapter_tensors = load_tensors(path / "adapters.safetensors")
+        if set(adapter_tensors) != set(adapters.state_dict()):
+            raise FileFormatError(f"checkpoint: {path / 'adapters.safetensors'} does not fit these size adapters")
     lm_file = path / "lm" / "model.safetensors"
     if not lm_file.is_file():
         raise FileFormatError(f"checkpoint: {lm_file} is missing")
@@ -173,6 +201,8 @@ def restore_modules(path: Path, lm: nn.Module, guide: PuppetGuide) -> None:
         guide.load_state_dict(guide_tensors)
     except RuntimeError as err:
         raise FileFormatError(f"checkpoint: guide.safetensors does not fit ({err})") from None
+    if adapters is not None:
+        restore_adapters(path, adapters, adapter_tensors)
 
 
 def read_guide_sum(path: Path, guide: PuppetGuide) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ single-process fit of batch ``N·B``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from .. import distributed
+from ..core.adapters import SizeAdapters, check_adaptable
 from ..core.architecture import Architecture, decoder_layers, describe
 from ..core.config import FitConfig
 from ..data import TokenBlocks
@@ -35,7 +37,8 @@ from ..io import FileFormatError, recover_directory
 from ..store import TokenSource
 from ..transfer import Readback, to_device
 from . import checkpoint as ckpt
-from .state import FitResult, FitState, PuppetFit, build_guide, build_model, build_optimizer, copy_frozen
+from .state import (FitResult, FitState, PuppetFit, build_adapters, build_guide, build_model, build_optimizer,
+                    copy_frozen)
 from .init import activation_start
 from .step import StepLoss, average_guide, averaging, step_sizes, train_step
 
@@ -123,6 +126,11 @@ def fit(
         if getattr(config, name) and config.parallel == "fsdp":
             raise ValueError(f"{name} is not available with parallel='fsdp' (the ranking is read from the whole "
                              f"guide every process holds); use parallel='ddp' or {name}=0")
+    if config.size_rank and config.parallel == "fsdp":
+        raise ValueError("size adapters (size_rank > 0) are not available with parallel='fsdp' (the adapters are "
+                         "not sharded); use parallel='ddp' or size_rank=0")
+    if config.size_rank:
+        check_adaptable(lm)
     if config.compile != "none" and config.parallel == "fsdp":
         raise ValueError("compile is not available with parallel='fsdp'; use compile='none' or parallel='ddp'")
     context = distributed.setup(config.parallel, next(lm.parameters()).device)
@@ -207,7 +215,7 @@ def _restore_and_wrap(lm, config, arch, context, gated, model, guide, teacher, f
     if state is not None:
         if averaging(config, state["step"] - 1) and averaging(config, state["step"]):  # stopped while averaging
             run.guide_sum = ckpt.read_guide_sum(checkpoint, guide)  # read and checked before the weights load
-        ckpt.restore_modules(checkpoint, lm, guide)
+        ckpt.restore_modules(checkpoint, lm, guide, gated.adapters)
         run.step, run.history, run.validation = state["step"], state["history"], list(state.get("validation", []))
     if config.compile != "none":
         model.compile(config.compile)
@@ -217,7 +225,7 @@ def _restore_and_wrap(lm, config, arch, context, gated, model, guide, teacher, f
     unused = not (config.hierarchy and config.posterior == "normal") or config.settle_steps > 0 \
         or config.hold_steps > 0
     run.runner = distributed.wrap(StepLoss(model, guide), decoder_layers(lm), context, find_unused_parameters=unused)
-    run.optimizer = build_optimizer(lm, guide, config)
+    run.optimizer = build_optimizer(lm, guide, config, gated.adapters)
     if opt_state is not None:
         ckpt.restore_optimizer(run.optimizer, opt_state, checkpoint)
     return run
@@ -265,7 +273,8 @@ def _loop(run: FitState, blocks, context, *, checkpoint, tokenizer, progress, ev
         done = step + 1
         if eval_tokens is not None and (done == config.steps or (config.eval_every and done % config.eval_every == 0)):
             log.flush(began)
-            row = _validate(lm, run.guide, eval_tokens, config, done, run.validation[-1] if run.validation else None)
+            row = _validate(lm, run.guide, eval_tokens, config, done, run.validation[-1] if run.validation else None,
+                            adapters=run.gated.adapters)
             run.validation.append(row)
             log.show(ppl_full=f"{math.exp(row['nll_full']):.1f}",
                      **{f"ppl_{r['size']:g}": f"{math.exp(r['nll']):.1f}" for r in row["sizes"]})
@@ -300,7 +309,7 @@ def _loop(run: FitState, blocks, context, *, checkpoint, tokenizer, progress, ev
         peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         checkpoint_bytes=run.checkpoint_bytes,
     )
-    return PuppetFit(lm=lm, guide=guide, config=config, result=result)
+    return PuppetFit(lm=lm, guide=guide, config=config, result=result, adapters=run.gated.adapters)
 
 
 def _past(deadline: float, context, device: torch.device, done: int, every: int) -> bool:
@@ -376,7 +385,8 @@ def _save(run: FitState, context, checkpoint: Path, step: int, tokenizer, data: 
         ckpt.save_checkpoint(checkpoint, lm=run.lm, guide=run.guide, optimizer=run.optimizer, step=step,
                              config=run.config, arch=run.arch, history=run.history, validation=run.validation,
                              tokenizer=tokenizer, world_size=context.world_size,
-                             teacher_fingerprint=run.teacher_fingerprint, data=data, guide_sum=run.guide_sum, **full)
+                             teacher_fingerprint=run.teacher_fingerprint, data=data, guide_sum=run.guide_sum,
+                             adapters=run.gated.adapters, **full)
         run.checkpoint_bytes = checkpoint_sizes(checkpoint)
     context.barrier()
 
@@ -403,7 +413,7 @@ def eval_sizes(config: FitConfig) -> tuple[float, ...]:
 
 
 def _validate(lm: nn.Module, guide, tokens: torch.Tensor, config: FitConfig, step: int,
-              previous: dict | None) -> dict:
+              previous: dict | None, adapters: SizeAdapters | None = None) -> dict:
     """One evaluation during a fit, the same on every process.
 
     ``nll_full``: the held-out mean next-token NLL of the full LM on ``tokens`` (whole
@@ -414,7 +424,9 @@ def _validate(lm: nn.Module, guide, tokens: torch.Tensor, config: FitConfig, ste
     at the ``previous`` evaluation that both keep (Jaccard; ``None`` at the first);
     ``ambiguous``, the share of units and layers whose inclusion frequency in the deployed
     masks of ``DIAGNOSTIC_DRAWS`` posterior draws lies inside ``AMBIGUOUS`` (0 when the
-    posterior has settled on one mask at this size)."""
+    posterior has settled on one mask at this size). With size ``adapters`` every LM evaluated
+    is the one that ships: the correction of its size merged into the weights (size 1 for the
+    full LM), the LM's own weights restored afterwards."""
     from ..inspect.evaluate import perplexity
     from ..core.ranking import Ranking, flat_from_marks
     from ..deploy.subnetwork import build_subnetwork
@@ -424,14 +436,14 @@ def _validate(lm: nn.Module, guide, tokens: torch.Tensor, config: FitConfig, ste
     draws_layer, draws_unit = guide.sample_log_lambda(DIAGNOSTIC_DRAWS, generator=generator)
     drawn = [Ranking.from_log_lambda(guide.arch, draws_layer[i], draws_unit[i]) for i in range(DIAGNOSTIC_DRAWS)]
     device = next(lm.parameters()).device
-    with torch.autocast(device.type, enabled=False):  # the weights' precision, whatever the caller's
+    with torch.autocast(device.type, enabled=False), _merged(adapters, lm, 1.0):  # the weights' precision
         full = perplexity(lm, tokens, seq_len=config.seq_len, batch_size=config.batch_size)
     before = {row["size"]: row for row in (previous or {}).get("sizes", [])}
     rows = []
     for size in eval_sizes(config):
         masks = ranking.masks(size)
         kept = masks.flat()
-        with torch.autocast(device.type, enabled=False):  # the sliced sub-network, as it ships
+        with torch.autocast(device.type, enabled=False), _merged(adapters, lm, size):  # as it ships
             small = perplexity(build_subnetwork(lm, masks), tokens, seq_len=config.seq_len,
                                batch_size=config.batch_size)
         frequency = torch.stack([r.masks(size).flat() for r in drawn]).double().mean(0)
@@ -443,6 +455,12 @@ def _validate(lm: nn.Module, guide, tokens: torch.Tensor, config: FitConfig, ste
         rows.append({"size": size, "size_reached": masks.size_reached, "nll": small.nll, "stability": stability,
                      "ambiguous": ambiguous, "kept": masks.marks()})
     return {"step": step, "nll_full": full.nll, "windows": full.windows, "sizes": rows}
+
+
+def _merged(adapters: SizeAdapters | None, lm: nn.Module, size: float):
+    """``lm`` with the adapters' correction of ``size`` merged inside the block (restored to the
+    bit after); a no-op without adapters."""
+    return contextlib.nullcontext() if adapters is None else adapters.merged(lm, size)
 
 
 def _gather_plain(lm, guide, lm_class: type, config: FitConfig, arch: Architecture):
@@ -485,7 +503,10 @@ def load_fit(path: str | Path, *, device: str | torch.device = "cpu", dtype=torc
     except RuntimeError as err:
         raise FileFormatError(f"checkpoint {path}: guide.safetensors does not fit ({err})") from None
     guide.to(device)
+    adapters = build_adapters(lm, config)
+    if adapters is not None:
+        ckpt.restore_adapters(path, adapters)
     result = FitResult(config=state["config"], architecture=state["architecture"], history=state["history"],
                        validation=state.get("validation", []), steps_done=state["step"], checkpoint=str(path),
                        versions=state.get("versions", {}), data=state.get("data"))
-    return PuppetFit(lm=lm, guide=guide, config=config, result=result)
+    return PuppetFit(lm=lm, guide=guide, config=config, result=result, adapters=adapters)

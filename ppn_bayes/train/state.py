@@ -13,6 +13,7 @@ import pyro
 import torch
 from torch import nn
 
+from ..core.adapters import SizeAdapters
 from ..core.architecture import Architecture
 from ..core.config import FitConfig
 from ..core.gating import GatedLM
@@ -20,7 +21,8 @@ from ..core.model import PuppetGuide, PuppetModel
 from ..core.ranking import Ranking
 from .checkpoint import versions
 
-__all__ = ["FitResult", "PuppetFit", "FitState", "build_guide", "build_model", "build_optimizer", "lm_parameters"]
+__all__ = ["FitResult", "PuppetFit", "FitState", "build_adapters", "build_guide", "build_model", "build_optimizer",
+           "lm_parameters"]
 
 
 @dataclass
@@ -72,12 +74,25 @@ class FitResult:
 
 @dataclass
 class PuppetFit:
-    """A fitted push puppet network: the LM (point estimate) and the guide ``q(log λ)``."""
+    """A fitted push puppet network: the LM (point estimate) and the guide ``q(log λ)``, and
+    with ``FitConfig.size_rank > 0`` the size adapters (:mod:`ppn_bayes.core.adapters`) whose
+    correction of each size :meth:`lm_at` merges into the LM's weights."""
 
     lm: nn.Module
     guide: PuppetGuide
     config: FitConfig
     result: FitResult
+    adapters: SizeAdapters | None = None
+
+    def lm_at(self, size: float) -> nn.Module:
+        """The LM whose sub-network of ``size`` ships: a copy of :attr:`lm` with the size
+        adapters' correction of ``size`` merged into its weights, ``W + Σ_k w_k(size) B_k A_k``
+        (float64, cast to the weights' dtype); :attr:`lm` is left untouched. Slice it with the
+        masks of the same size (``build_subnetwork(fit.lm_at(s), fit.masks(s))``). Without
+        adapters, :attr:`lm` itself (there is nothing to merge)."""
+        if self.adapters is None:
+            return self.lm
+        return self.adapters.merge_(copy.deepcopy(self.lm), size)
 
     @property
     def arch(self) -> Architecture:
@@ -105,13 +120,24 @@ def build_guide(config: FitConfig, arch: Architecture, prior_scale: float) -> Pu
     )
 
 
+def build_adapters(lm: nn.Module, config: FitConfig) -> SizeAdapters | None:
+    """The size adapters a fit with ``config`` starts from (``None`` for ``size_rank=0``):
+    float32 (float64 for a float64 LM), on the LM's device, seeded by ``config.seed``."""
+    if not config.size_rank:
+        return None
+    weight = next(lm.parameters())
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    return SizeAdapters(lm, config.size_anchors, config.size_rank, seed=config.seed, dtype=dtype).to(weight.device)
+
+
 def build_model(lm: nn.Module, config: FitConfig, arch: Architecture, prior_tokens: int,
                 device: torch.device | None):
-    """Gated LM, model and guide; ``device=None`` leaves them where they are (FSDP moves shards).
+    """Gated LM (with the size adapters of ``config.size_rank > 0``), model and guide;
+    ``device=None`` leaves them where they are (FSDP moves shards).
 
     The prior KL is scaled by ``prior_weight / prior_tokens`` (per token, like the likelihood)."""
     pyro.settings.set(module_local_params=True)
-    gated = GatedLM(lm, arch)
+    gated = GatedLM(lm, arch, adapters=build_adapters(lm, config))
     prior_scale = config.prior_weight / (config.prior_tokens or prior_tokens)
     model = PuppetModel(gated, hierarchy=config.hierarchy, prior_scale=prior_scale,
                         temperature=config.temperature, distill_weight=config.distill_weight,
@@ -127,12 +153,15 @@ def lm_parameters(lm: nn.Module) -> list[nn.Parameter]:
     return [p for p in lm.parameters() if p.requires_grad]
 
 
-def build_optimizer(lm: nn.Module, guide: PuppetGuide, config: FitConfig) -> torch.optim.Optimizer:
+def build_optimizer(lm: nn.Module, guide: PuppetGuide, config: FitConfig,
+                    adapters: SizeAdapters | None = None) -> torch.optim.Optimizer:
     """AdamW with two groups, named ``guide`` and ``lm`` (the LM's only when it trains, with
-    β2 = ``adam_beta2``); its fused kernels where every parameter is on a GPU."""
+    β2 = ``adam_beta2``; the size ``adapters``' parameters, when given, after the LM's);
+    its fused kernels where every parameter is on a GPU."""
     groups = [{"name": "guide", "params": list(guide.parameters()), "lr": config.lr_guide, "weight_decay": 0.0}]
     if config.train_lm:
-        groups.append({"name": "lm", "params": lm_parameters(lm), "lr": config.lr_lm,
+        extra = list(adapters.parameters()) if adapters is not None else []
+        groups.append({"name": "lm", "params": lm_parameters(lm) + extra, "lr": config.lr_lm,
                        "weight_decay": config.weight_decay, "betas": (0.9, config.adam_beta2)})
     on_gpu = all(p.is_cuda for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, fused=True) if on_gpu else torch.optim.AdamW(groups)
