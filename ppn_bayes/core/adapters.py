@@ -33,7 +33,7 @@ from torch import nn
 from .architecture import decoder_layers, family_of, get_module
 from .config import check_anchors
 
-__all__ = ["PROJECTIONS", "SizeAdapters", "anchor_weights", "check_anchors", "check_adaptable"]
+__all__ = ["PROJECTIONS", "SizeAdapters", "anchor_weights", "check_anchors", "check_adaptable", "refuse_adapters"]
 
 #: The projections a size adapter corrects, by their :class:`~ppn_bayes.core.architecture.Family`
 #: attribute: the attention output (``o``) and the MLP output (``mlp_out``).
@@ -67,6 +67,18 @@ def check_adaptable(lm: nn.Module) -> None:
     if family.conv1d:
         raise ValueError(f"size adapters (size_rank > 0) are not available for {family.name} models, whose "
                          "projections are Conv1D (transposed weights); fit with size_rank=0")
+
+
+def refuse_adapters(size_rank: int, source, what: str) -> None:
+    """Refuse a fit with size adapters (``size_rank > 0``) on a path that would drop them:
+    ``what`` (e.g. "a mask file") holds one set of weights for every size, where each size of
+    such a fit has its own merged weights."""
+    if size_rank:
+        raise ValueError(
+            f"{source} is a fit with size adapters (size_rank={size_rank}): {what} cannot carry them (every size "
+            "has its own merged weights, W + sum_k w_k(s) B_k A_k), and dropping them would ship other "
+            "sub-networks than the fit trained; cut each size from the fit itself (ppn-bayes eval or distill "
+            "CHECKPOINT --size S, or PuppetFit.subnetwork(size) and save_subnetwork in Python)")
 
 
 class _LayerAdapter(nn.Module):

@@ -441,6 +441,11 @@ def _draft_source(target: nn.Module, source, shared: bool) -> Callable[[float], 
         raise TypeError(f"pass a Target, a fitted network (PuppetFit), a Ranking or a mapping size -> draft LM, "
                         f"not {type(source).__name__}")
 
+    adapters = getattr(source, "adapters", None)  # a PuppetFit with size adapters: each size its own weights
+    if adapters is not None and shared:
+        raise ValueError("shared=True cuts every draft from one target's weights; a fit with size adapters has "
+                         "other weights at every size: use shared=False")
+
     def from_ranking(size):
         if shared:
             draft = shared_draft(target, ranking, size)
@@ -448,6 +453,8 @@ def _draft_source(target: nn.Module, source, shared: bool) -> Callable[[float], 
         from ..deploy.subnetwork import build_subnetwork
 
         masks = ranking.masks(size)
+        if adapters is not None:  # the draft as the fit ships it: sliced from its size's merged LM
+            return build_subnetwork(source.lm_at(masks.size_requested), masks), masks.size_reached
         return build_subnetwork(target, masks), masks.size_reached
     return from_ranking
 

@@ -73,12 +73,22 @@ def open_tokenizer(path: str | Path, kind: str | None = None):
     raise ValueError(f"{path} is a {kind} file: its tokenizer is read with its LM (load_lm)")
 
 
+def _fit_size_rank(path: Path) -> int:
+    """The ``size_rank`` of the fit checkpoint at ``path`` (0 for fits older than size adapters)."""
+    from ..train import read_state
+
+    return int(read_state(path)["config"].get("size_rank", 0))
+
+
 def _open_full(path: Path, kind: str, *, device, dtype, ranking: bool) -> tuple[nn.Module, object, object]:
     """``(lm, tokenizer, ranking or None)`` of a fit checkpoint, a Hugging Face directory or
-    a GGUF file: the full LM, and with ``ranking`` a fit's ranking at its posterior median."""
+    a GGUF file: the full LM, and with ``ranking`` a fit's ranking at its posterior median.
+    A fit with size adapters is refused here: its LM differs by size (:func:`open_model` cuts it)."""
     if kind == "fit":
+        from ..core.adapters import refuse_adapters
         from ..train import load_fit
 
+        refuse_adapters(_fit_size_rank(path), path, "one full LM for every size (a mask file, ranked drafts)")
         fitted = load_fit(path, device=device, dtype=dtype)
         return fitted.lm, open_tokenizer(path, kind), fitted.ranking() if ranking else None
     from ..lm import load_lm
@@ -101,6 +111,9 @@ def resize_checkpoint(checkpoint: str | Path, out: str | Path, *, size: float | 
         return resize(checkpoint, size, out, n_params=n_params, overwrite=overwrite, dtype=dtype)
     if kind != "fit":
         raise ValueError(f"{checkpoint} is a {kind} model, not a fit or ranked checkpoint: nothing to resize")
+    from ..core.adapters import refuse_adapters
+
+    refuse_adapters(_fit_size_rank(Path(checkpoint)), checkpoint, "resize (through a ranked checkpoint)")
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     if keep_ranked is not None:
@@ -159,6 +172,8 @@ def open_model(path: str | Path, *, size: float | None = None, n_params: int | N
         return OpenedModel(lm, open_tokenizer(path, kind), kind)
     if kind != "fit" and wants_cut and masks_file is None:
         raise ValueError(f"{path} holds no ranking: pass a mask file to cut it")
+    if kind == "fit" and masks_file is None and _fit_size_rank(path):
+        return _open_adapter_fit(path, size, n_params, masked_dense, device=device, dtype=dtype)
     lm, tokenizer, ranking = _open_full(path, kind, device=device, dtype=dtype, ranking=masks_file is None)
     if not wants_cut:
         return OpenedModel(lm, tokenizer, kind)
@@ -171,6 +186,26 @@ def open_model(path: str | Path, *, size: float | None = None, n_params: int | N
     sub = build_subnetwork(lm, masks)
     del lm
     return OpenedModel(sub, tokenizer, kind, masks)
+
+
+def _open_adapter_fit(path: Path, size, n_params, masked_dense: bool, *, device, dtype) -> OpenedModel:
+    """A fit with size adapters, opened as it ships: cut at ``size`` (or ``n_params``), the
+    sub-network of its own ranking sliced from the LM with that size's correction merged
+    (:meth:`~ppn_bayes.train.state.PuppetFit.lm_at`); uncut, the full LM at size 1."""
+    from ..train import load_fit
+    from .subnetwork import build_subnetwork
+
+    fitted = load_fit(path, device=device, dtype=dtype)
+    tokenizer = open_tokenizer(path, "fit")
+    if size is None and n_params is None:
+        return OpenedModel(fitted.adapters.merge_(fitted.lm, 1.0), tokenizer, "fit")
+    masks = fitted.ranking().masks_for(Budget(size, n_params))
+    lm = fitted.adapters.merge_(fitted.lm, masks.size_requested)  # the loaded LM is ours: merged in place
+    if masked_dense:
+        return OpenedModel(lm, tokenizer, "fit", masks, masked_dense=True)
+    sub = build_subnetwork(lm, masks)
+    del lm, fitted
+    return OpenedModel(sub, tokenizer, "fit", masks)
 
 
 @dataclass
@@ -234,8 +269,11 @@ def export_masks(checkpoint: str | Path, out: str | Path, *, sizes: Iterable[flo
         save_masks(out, ranked.base_ranking(), sizes=sizes, n_params=n_params, identity=ranked.base_model,
                    overwrite=overwrite, source=str(checkpoint))
     elif kind == "fit":
+        from ..core.adapters import refuse_adapters
         from ..train import load_fit
 
+        refuse_adapters(_fit_size_rank(Path(checkpoint)), checkpoint, "a mask file (applied to the fitted LM's "
+                        "own weights)")
         fitted = load_fit(checkpoint)
         save_masks(out, fitted.ranking(), sizes=sizes, n_params=n_params, lm=fitted.lm, overwrite=overwrite,
                    source=str(checkpoint))

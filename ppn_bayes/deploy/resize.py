@@ -170,10 +170,13 @@ def export_ranked(source, out: str | Path, *, ranking: Ranking | None = None, to
     """
     from .identity import model_identity
 
+    from ..core.adapters import refuse_adapters
+
     if isinstance(source, (str, Path)):
-        from ..train import load_fit
+        from ..train import load_fit, read_state
 
         checkpoint = Path(source)
+        refuse_adapters(read_state(checkpoint)["config"].get("size_rank", 0), checkpoint, "a ranked checkpoint")
         fitted = load_fit(checkpoint)
         if tokenizer is None:
             tokenizer = tokenizer_files(checkpoint / "lm")
@@ -186,6 +189,7 @@ def export_ranked(source, out: str | Path, *, ranking: Ranking | None = None, to
         if ranking is None:
             raise ValueError("pass the ranking to sort an LM by (ranking=)")
     else:  # a PuppetFit
+        refuse_adapters(source.config.size_rank, "this fit", "a ranked checkpoint")
         lm = source.lm
         ranking = ranking if ranking is not None else source.ranking()
     arch = describe(lm, mlp_group=ranking.arch.mlp_group)

@@ -94,21 +94,15 @@ class PuppetFit:
             return self.lm
         return self.adapters.merge_(copy.deepcopy(self.lm), size)
 
-    @property
-    def arch(self) -> Architecture:
-        """The units and costs of the LM (see :mod:`ppn_bayes.core.architecture`)."""
-        return self.guide.arch
+    def subnetwork(self, size: float | None = None, *, n_params: int | None = None):
+        """``(sub-network, masks)`` that ship at ``size`` (or ``n_params``): the masks of the
+        ranking, sliced from :meth:`lm_at` of the size they were asked for
+        (``masks.size_requested``; a parameter budget's fraction of the decoder's parameters)."""
+        from ..core.budget import Budget
+        from ..deploy.subnetwork import build_subnetwork
 
-    def ranking(self):
-        """The deterministic ranking of layers and units (see :mod:`ppn_bayes.core.ranking`),
-        which knows the sizes this fit trained (:attr:`FitConfig.trained_range`)."""
-        from ..core.ranking import Ranking
-
-        return Ranking.from_guide(self.guide).trained_on(*self.config.trained_range)
-
-    def masks(self, size: float):
-        """Hard masks for ``size``: the longest prefix of the ranking within budget."""
-        return self.ranking().masks(size)
+        masks = self.ranking().masks_for(Budget(size, n_params))
+        return build_subnetwork(self.lm_at(masks.size_requested), masks), masks
 
 
 def build_guide(config: FitConfig, arch: Architecture, prior_scale: float) -> PuppetGuide:
