@@ -76,10 +76,10 @@ def run_recipe(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - began
     fitted.lm.float().eval()
     ranking = fitted.ranking()
-    full = run.evaluate(fitted.lm)
+    full = run.evaluate(fitted.lm_at(1.0))  # with size adapters (size_rank > 0) every size has its own weights
     for size in args.sizes:
         masks = ranking.masks(size)
-        result = run.evaluate(_subnetwork(fitted.lm, masks)[0])
+        result = run.evaluate(_subnetwork(fitted.lm_at(size), masks)[0])
         append_record("recipes", method="ppn_bayes", recipe=args.recipe, changes=RECIPES[args.recipe],
                       model=run.config.name, records_dir=args.records_dir, size_requested=size,
                       size_reached=masks.size_reached, ppl=result.ppl, nll=result.nll, windows=result.windows,

@@ -368,15 +368,18 @@ def _subnetwork(lm, masks):
     return sub, kept
 
 
-def evaluate_ranking(run: Run, method: str, lm, ranking, sizes, *, train_tokens: int, settings: dict):
-    """Slice ``lm`` at every size of ``ranking`` and record the sub-networks' perplexity."""
+def evaluate_ranking(run: Run, method: str, lm, ranking, sizes, *, train_tokens: int, settings: dict,
+                     lm_at=None):
+    """Slice ``lm`` at every size of ``ranking`` and record the sub-networks' perplexity;
+    ``lm_at`` (a ppn_bayes fit's :meth:`~ppn_bayes.train.state.PuppetFit.lm_at`): the LM of
+    each size to slice instead, its size adapters' correction merged (``size_rank > 0``)."""
     for size in sizes:
         if run.out_of_time():
             print(f"[quality] out of time: {method} at {size} skipped", flush=True)
             run.skipped += 1
             return
         masks = ranking.masks(size)
-        sub, kept = _subnetwork(lm, masks)
+        sub, kept = _subnetwork(lm if lm_at is None else lm_at(size), masks)
         result = run.evaluate(sub)
         run.record(method, size_requested=size, size_reached=masks.size_reached, result=result,
                    train_tokens=train_tokens, settings=settings, params_kept=kept,
@@ -472,10 +475,11 @@ def run_ppn(run: Run, method: str) -> None:
         "checkpoint": str(checkpoint),
     }
     run.save_ranking(method, ranking, train_tokens=train_tokens, fit=fit_config.to_dict())
-    if method == RECORD:
+    if method == RECORD and not fit_config.size_rank:  # a ranked checkpoint cannot carry size adapters
         _export_ranked(run, fitted)
     sizes = c.sizes if method == RECORD else c.ablation_sizes
-    evaluate_ranking(run, method, fitted.lm, ranking, sizes, train_tokens=train_tokens, settings=settings)
+    evaluate_ranking(run, method, fitted.lm, ranking, sizes, train_tokens=train_tokens, settings=settings,
+                     lm_at=fitted.lm_at)
 
 
 def _fit_tokens(run: Run, method: str) -> tuple[torch.Tensor, dict]:
@@ -692,9 +696,10 @@ def distill_finetune(student, teacher, tokens: torch.Tensor, fit_config: FitConf
 
 
 def _finetune_sizes(run: Run, method: str, lm, ranking, fit_config: FitConfig, *, train_tokens: int,
-                    settings: dict, repeat: int = 1) -> None:
-    """Cut ``lm`` at every ``finetune_sizes`` of ``ranking``, fine-tune each sub-network
-    towards the dense LM (:func:`distill_finetune`) and record its perplexity."""
+                    settings: dict, repeat: int = 1, lm_at=None) -> None:
+    """Cut ``lm`` (or ``lm_at(size)``, as :func:`evaluate_ranking`) at every ``finetune_sizes``
+    of ``ranking``, fine-tune each sub-network towards the dense LM (:func:`distill_finetune`)
+    and record its perplexity."""
     c = run.config
     for size in c.finetune_sizes:
         if run.out_of_time():
@@ -702,7 +707,7 @@ def _finetune_sizes(run: Run, method: str, lm, ranking, fit_config: FitConfig, *
             run.skipped += 1
             return
         masks = ranking.masks(size)
-        sub, kept = _subnetwork(lm, masks)
+        sub, kept = _subnetwork(lm if lm_at is None else lm_at(size), masks)
         sub.float()
         cost = distill_finetune(sub, run.lm, run.train_tokens, fit_config, config=c, repeat=repeat)
         result = run.evaluate(sub)
@@ -742,7 +747,7 @@ def run_ppn_finetuned(run: Run, method: str) -> None:
     fitted.lm.float().eval()
     fit_tokens = fit_config.steps * fit_config.batch_size * fit_config.seq_len
     _finetune_sizes(run, method, fitted.lm, fitted.ranking(), fit_config, train_tokens=(1 + repeat) * fit_tokens,
-                    repeat=repeat,
+                    repeat=repeat, lm_at=fitted.lm_at,
                     settings={"training": f"the {base} fit, then a self-distillation fine-tune of "
                                           "its sub-network at this size (the +distill baselines' recipe)",
                               "fit_tokens": fit_tokens, "finetune_tokens": repeat * fit_tokens,

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         row = {}
         for size in args.sizes:
             masks = ranking.masks(size)
-            ppl = perplexity(fitted.lm, held_out.tokens, seq_len=128, masks=masks, limit=args.eval_windows).ppl
+            ppl = perplexity(fitted.lm_at(size), held_out.tokens, seq_len=128, masks=masks, limit=args.eval_windows).ppl
             row[size] = {"ppl": ppl, "size_reached": masks.size_reached,
                          "moved": moved(fitted.result.validation, size)}
         results[variant, seed] = row
