@@ -104,6 +104,22 @@ class PuppetFit:
         masks = self.ranking().masks_for(Budget(size, n_params))
         return build_subnetwork(self.lm_at(masks.size_requested), masks), masks
 
+    @property
+    def arch(self) -> Architecture:
+        """The units and costs of the LM (see :mod:`ppn_bayes.core.architecture`)."""
+        return self.guide.arch
+
+    def ranking(self):
+        """The deterministic ranking of layers and units (see :mod:`ppn_bayes.core.ranking`),
+        which knows the sizes this fit trained (:attr:`FitConfig.trained_range`)."""
+        from ..core.ranking import Ranking
+
+        return Ranking.from_guide(self.guide).trained_on(*self.config.trained_range)
+
+    def masks(self, size: float):
+        """Hard masks for ``size``: the longest prefix of the ranking within budget."""
+        return self.ranking().masks(size)
+
 
 def build_guide(config: FitConfig, arch: Architecture, prior_scale: float) -> PuppetGuide:
     """The guide ``q(log λ)`` a fit with ``config`` starts from."""
