@@ -123,6 +123,7 @@ class SizeAdapters(nn.Module):
 
     @property
     def n_anchors(self) -> int:
+        """``K``, the number of anchor sizes."""
         return self.anchors.numel()
 
     def weights(self, sizes) -> torch.Tensor:
