@@ -29,6 +29,10 @@ CASES = {
     "ddp-settle": {"config": _BASE.replace(parallel="ddp", gate_coupling="prefix", init_jitter=0.5, steps=6,
                                            hold_steps=2, settle_steps=2, average_steps=2),
                    "tied": True},
+    # Size adapters: their parameters live in the wrapped module and train in the LM's group;
+    # the held-out evaluations read the merged LM of each size.
+    "ddp-adapters": {"config": _BASE.replace(parallel="ddp", size_rank=2, eval_every=2, eval_windows=2),
+                     "tied": True, "eval": True},
 }
 
 

@@ -41,6 +41,8 @@ ATOL = 1e-5
 def _tensors(fitted) -> dict[str, torch.Tensor]:
     out = {f"guide.{k}": v.detach() for k, v in fitted.guide.state_dict().items()}
     out.update({f"lm.{k}": v.detach() for k, v in fitted.lm.state_dict().items()})
+    if fitted.adapters is not None:
+        out.update({f"adapters.{k}": v.detach() for k, v in fitted.adapters.state_dict().items()})
     return out
 
 
