@@ -43,7 +43,8 @@ def run(name: str, out: Path) -> None:
     tensors = {f"guide.{k}": v.detach().cpu().contiguous() for k, v in fitted.guide.state_dict().items()}
     tensors.update({f"lm.{k}": v.detach().cpu().clone().contiguous() for k, v in fitted.lm.state_dict().items()})
     if fitted.adapters is not None:
-        tensors.update({f"adapters.{k}": v.detach().cpu().contiguous() for k, v in fitted.adapters.state_dict().items()})
+        tensors.update({f"adapters.{k}": v.detach().cpu().contiguous()
+                        for k, v in fitted.adapters.state_dict().items()})
     save_file(tensors, folder / f"rank{rank}.safetensors")
     if rank == 0:
         (folder / "result.json").write_text(fitted.result.to_json())

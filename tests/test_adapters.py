@@ -120,14 +120,16 @@ def test_the_gated_forward_equals_the_merged_and_sliced_subnetwork_of_each_rows_
             merged = adapters.merge_(copy.deepcopy(lm), size)
             sub = build_subnetwork(merged, m)
             expected = sub(x[row:row + 1]).logits[0]
-            assert torch.allclose(logits[row], expected, rtol=0, atol=1e-10), (size, (logits[row] - expected).abs().max())
+            gap = (logits[row] - expected).abs().max()
+            assert torch.allclose(logits[row], expected, rtol=0, atol=1e-10), (size, gap)
             # the size matters: the other row's correction gives other logits
             other = build_subnetwork(adapters.merge_(copy.deepcopy(lm), sizes[1 - row]), m)(x[row:row + 1]).logits[0]
             assert (other - expected).abs().max() > 1e-3
         # the likelihood's per-row weights are those of each row's group (group 0 at size 1)
         model = PuppetModel(gated)
         plan = StepPlan(sizes, torch.tensor([0, 2, 1]), torch.full((3,), 1 / 3))
-        assert torch.equal(model.size_weights(plan, "cpu"), gated.size_weights(torch.tensor([1.0, 0.7, 0.42], dtype=torch.float64)))
+        expected = gated.size_weights(torch.tensor([1.0, 0.7, 0.42], dtype=torch.float64))
+        assert torch.equal(model.size_weights(plan, "cpu"), expected)
     gated.unload()
 
 

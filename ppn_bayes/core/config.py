@@ -13,8 +13,8 @@ from typing import Sequence
 
 from .schedule import check_schedule
 
-__all__ = ["FitConfig", "check_anchors", "check_compiler", "check_fields", "setting", "CONCERNS", "FIT_HELP", "NOT_IDENTIFYING",
-           "RECIPES"]
+__all__ = ["FitConfig", "check_anchors", "check_compiler", "check_fields", "setting", "CONCERNS", "FIT_HELP",
+           "NOT_IDENTIFYING", "RECIPES"]
 
 #: The concerns a fit's settings fall into, in ``--help`` order: ``prior`` (the Bayesian
 #: model and its guide: units, hierarchy, the prior's weight, the guide's start),

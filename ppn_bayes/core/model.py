@@ -343,7 +343,6 @@ class PuppetModel(_Push):
         self.last_rows = rows  # per-row NLL and KL, detached, read by the fit's log
         return total
 
-
     def size_weights(self, plan: StepPlan, device) -> torch.Tensor | None:
         """The size adapters' weights of each row ``[B, K]`` (rows of group 0, the full LM, at
         size 1), or ``None`` when the gated LM has no adapters. The sizes are filled on the

@@ -31,8 +31,8 @@ from ..optim_state import load_tensors, optimizer_tensors, read_optimizer, resto
 from ..store import check_same_data
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "save_checkpoint", "read_state", "read_optimizer",
-           "read_guide_sum", "restore_adapters", "restore_modules", "restore_optimizer", "recorded_architecture", "load_tensors",
-           "check_resumable", "weights_fingerprint", "versions"]
+           "read_guide_sum", "restore_adapters", "restore_modules", "restore_optimizer", "recorded_architecture",
+           "load_tensors", "check_resumable", "weights_fingerprint", "versions"]
 
 CHECKPOINT_FORMAT = "ppn_bayes.checkpoint"
 CHECKPOINT_VERSION = 1
