@@ -12,26 +12,30 @@ and TF32 matmuls on CUDA, float32 on the CPU.
   (``teacher='original'``, ``nll_weight=0``, ``n_random_sizes=1``): the full LM, the
   smallest size and one random size in one pass (each on its third of the rows), the
   guide and the budget equation, the objective in chunks, the gated LM compiled
-  (``--compile``, default ``inductor`` on CUDA).
+  (``--compile``, default ``inductor`` on CUDA);
+* ``ppn_bayes+adapters`` (with ``--size-rank R``): the same fit with size adapters of rank
+  ``R`` (:mod:`ppn_bayes.core.adapters`), measured after the plain fit in the same run.
 
 Each loop reads its loss once a step (the fit one step late, without waiting), and
 throughput counts the steps after ``--warmup``, each training token once (steps x batch x
 seq_len). Records in ``fit.jsonl``: ``method`` ``kd`` and ``ppn_bayes``, with
 ``tokens_per_s``, ``train_tokens``, ``seconds``, ``peak_memory_gb``; the ppn_bayes record
 also has ``ratio_vs_kd`` (its tokens/s over the KD step's) and ``step_cost_vs_kd`` (its
-step time over the KD step's). The KD step is measured first and its record written at once.
+step time over the KD step's); the ppn_bayes+adapters record has ``size_rank`` and
+``ratio_vs_plain`` (its tokens/s over the plain fit's). The KD step is measured first and its record written at once.
 
 Examples::
 
     python3 benchmarks/fit_cost.py --model /root/SmolLM2-135M-Instruct.Q4_1.gguf \\
         --train-text .device/b/wiki_summaries_en.txt --records-dir "$OUT/records"
-    python benchmarks/fit_cost.py --quick --device cpu --records-dir /tmp/records
+    python benchmarks/fit_cost.py --quick --device cpu --size-rank 2 --records-dir /tmp/records
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import sys
 import tempfile
 import time
@@ -90,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", default=None, choices=["none", "inductor", "aot_eager", "eager"],
                    help="the fit's torch.compile backend (default: inductor on CUDA, none on the CPU)")
     p.add_argument("--mlp-group", type=int, default=64, help="intermediate channels per MLP unit (default: 64)")
+    p.add_argument("--size-rank", type=int, default=0, metavar="R",
+                   help="also measure the fit with size adapters of rank R (FitConfig.size_rank, the default "
+                        "anchors) after the plain fit, recorded as ppn_bayes+adapters with its ratio to the plain "
+                        "fit of the same run (default: 0, not measured)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="where to train (default: cuda)")
     p.add_argument("--work-dir", default=None,
                    help="cache of the converted model and tokens (default: a temporary folder)")
@@ -109,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     from ppn_bayes.records import append_record
 
     args = build_parser().parse_args(argv)
+    if args.size_rank < 0:
+        raise SystemExit(f"--size-rank must not be negative, got {args.size_rank}")
     if args.quick:
         args.steps, args.warmup, args.batch_size, args.seq_len, args.mlp_group = 4, 1, 4, 32, 32
     cuda = args.device == "cuda"
@@ -159,6 +169,23 @@ def main(argv: list[str] | None = None) -> int:
                       loss=[row["loss"] for row in fitted.result.history], fit_config=config.to_dict(), **common)
         print(f"[fit_cost] ppn_bayes: {ours:,.0f} tokens/s, step {base / ours:.2f} x the KD step's, "
               f"peak {peak} GB", flush=True)
+        if args.size_rank:
+            del fitted, lm
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            adapted = dataclasses.replace(config, size_rank=args.size_rank)
+            lm, _ = load_lm(lm_dir, device=args.device)
+            fitted = fit(lm, blocks, adapted, progress=False)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+            theirs, seconds = steady_tokens_per_s(fitted.result.step_times, args.warmup, tokens_per_step)
+            append_record("fit", method="ppn_bayes+adapters", model=name, records_dir=args.records_dir,
+                          tokens_per_s=theirs, ratio_vs_kd=theirs / base, ratio_vs_plain=theirs / ours,
+                          size_rank=args.size_rank, seconds=fitted.result.seconds, timed_seconds=seconds,
+                          passes_per_step=1, peak_memory_gb=peak, loss=[row["loss"] for row in fitted.result.history],
+                          fit_config=adapted.to_dict(), **common)
+            print(f"[fit_cost] ppn_bayes with size adapters of rank {args.size_rank}: {theirs:,.0f} tokens/s, "
+                  f"{theirs / ours:.3f} x the plain fit's, peak {peak} GB", flush=True)
     return 0
 
 

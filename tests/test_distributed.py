@@ -279,8 +279,12 @@ def test_fit_scaling_rehearsal(tmp_path):
 
 @pytest.mark.slow
 def test_fit_cost_rehearsal(tmp_path):
-    assert _benchmark("fit_cost").main(["--quick", "--device", "cpu", "--records-dir", str(tmp_path)]) == 0
+    assert _benchmark("fit_cost").main(["--quick", "--device", "cpu", "--size-rank", "2",
+                                        "--records-dir", str(tmp_path)]) == 0
     records = [json.loads(line) for line in (tmp_path / "fit.jsonl").read_text().splitlines()]
-    assert [r["method"] for r in records] == ["kd", "ppn_bayes"]
+    assert [r["method"] for r in records] == ["kd", "ppn_bayes", "ppn_bayes+adapters"]
     assert records[1]["ratio_vs_kd"] == pytest.approx(records[1]["tokens_per_s"] / records[0]["tokens_per_s"])
-    assert records[0]["train_tokens"] == records[1]["train_tokens"] == 4 * 4 * 32
+    assert records[2]["ratio_vs_plain"] == pytest.approx(records[2]["tokens_per_s"] / records[1]["tokens_per_s"])
+    assert records[2]["size_rank"] == records[2]["fit_config"]["size_rank"] == 2
+    assert records[1]["fit_config"]["size_rank"] == 0
+    assert records[0]["train_tokens"] == records[1]["train_tokens"] == records[2]["train_tokens"] == 4 * 4 * 32
