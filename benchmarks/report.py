@@ -422,8 +422,8 @@ def row_records(records: list[dict]) -> dict:
 
 def _fit_notes(picked: list[dict]) -> list[tuple[str, str]]:
     """The marks and notes of a quality row whose fit departs from the plain loop in what its
-    steps train: named sizes (``train_sizes``, †), a held start (``hold_steps``, ‡) and settled
-    masks at the end (``settle_steps``, §)."""
+    steps train: named sizes (``train_sizes``, †), a held start (``hold_steps``, ‡), size
+    adapters (``size_rank``, ¶) and settled masks at the end (``settle_steps``, §)."""
     notes, fits = [], [fit_settings(r) for r in picked]
     fit = next((fit for fit in fits if fit.get("train_sizes")), None)
     if fit:
@@ -434,6 +434,12 @@ def _fit_notes(picked: list[dict]) -> list[tuple[str, str]]:
     if fit:
         notes.append(("‡", f"the first {fit['hold_steps']:,} of the fit's {fit['steps']:,} steps hold the guide at its "
                            "start and train the LM on the start's masks (`hold_steps`); the posterior learns after."))
+    fit = next((fit for fit in fits if fit.get("size_rank")), None)
+    if fit:
+        anchors = ", ".join(f"{a:g}" for a in fit.get("size_anchors") or ())
+        notes.append(("¶", f"each size reads its own low-rank correction of the output projections, size adapters "
+                           f"of rank {fit['size_rank']} at the sizes {anchors} interpolated between them "
+                           "(`size_rank`, `size_anchors`), merged into its weights at export."))
     fit = next((fit for fit in fits if fit.get("settle_steps")), None)
     if fit:
         source = (f"those of the guide averaged over the {fit['average_steps']:,} steps before (`settle_steps`, "

@@ -241,8 +241,8 @@ def test_paths_that_cannot_carry_adapters_refuse_them(tmp_path):
     named = "is a fit with size adapters .*cannot carry them"
     with pytest.raises(ValueError, match=named + "|" + "size adapters .*: a mask file"):
         export_masks(checkpoint, tmp_path / "masks.json", sizes=[0.5])
-    with pytest.raises(ValueError, match=named):
-        resize_checkpoint(checkpoint, tmp_path / "sub", size=0.5)
+    with pytest.raises(ValueError, match="is a fit with size adapters .*--keep-ranked.* cannot carry them"):
+        resize_checkpoint(checkpoint, tmp_path / "sub", size=0.5, keep_ranked=tmp_path / "ranked")
     with pytest.raises(ValueError, match=named):
         export_ranked(checkpoint, tmp_path / "ranked")
     with pytest.raises(ValueError, match=named):
@@ -258,12 +258,20 @@ def test_paths_that_cannot_carry_adapters_refuse_them(tmp_path):
     with pytest.raises(ValueError, match="not available for gpt2 models, whose projections are Conv1D"):
         fit(gpt2, TOKENS.clamp(max=96), CONFIG, progress=False)
     assert not any(module._forward_hooks for module in gpt2.modules())
-    # and open_model cuts the fit as it ships
+    # and open_model and resize (without --keep-ranked) cut the fit as it ships
     opened = open_model(checkpoint, size=0.5)
     sub, masks = fitted.subnetwork(0.5)
     x = TOKENS[:32][None]
+    with pytest.raises(ValueError, match="size"):  # a bad size, before the LM loads: nothing written
+        resize_checkpoint(checkpoint, tmp_path / "sub", size=1.5)
+    assert not (tmp_path / "sub").exists()
+    result = resize_checkpoint(checkpoint, tmp_path / "sub", size=0.5)
+    assert (result.size_reached, result.kept_params) == (masks.size_reached, masks.kept_params)
+    with pytest.raises(FileExistsError):
+        resize_checkpoint(checkpoint, tmp_path / "sub", size=0.5)
     with torch.no_grad():
         assert torch.equal(opened.lm(x).logits, sub(x).logits)
+        assert torch.equal(load_subnetwork(tmp_path / "sub")(x).logits, sub(x).logits)
 
 
 # 6. end to end ---------------------------------------------------------------------------

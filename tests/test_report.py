@@ -20,6 +20,7 @@ import torch
 from ppn_bayes.data import CharTokenizer, TokenBlocks, embedded_text
 from ppn_bayes.lm import save_lm, tiny_llama
 from ppn_bayes.records import append_record, read_records
+from ppn_bayes.train import load_fit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -457,6 +458,30 @@ def test_issue_15_ablation_jobs_rehearsal_on_cpu(tiny_setup, tmp_path):
             {k: v for k, v in fits["ppn_bayes-short"].items() if k not in changed[m]}
         assert {k: fits[m][k] for k in changed[m]} == fit_changes(m, steps=fits[m]["steps"])
     assert len({(r["train_tokens"], json.dumps(r["settings"]["fit_data"], sort_keys=True)) for r in records}) == 1
+
+
+@pytest.mark.slow
+def test_issue_15_size_adapters_job_rehearsal_on_cpu(tiny_setup, tmp_path):
+    """The next GPU run of benchmarks/README.md on a tiny LM: part14 with the fit of record's
+    uniform sizes and size adapters (JOBS fit:0:ppn_bayes:size_power=1/size_rank=2, TOKEN_NLL=1),
+    then nll-out of its folder: every size recorded from the fit with its adapters, its token
+    NLLs packed, and no ranked checkpoint (which could not carry them) (minutes: slow)."""
+    env = _part14_env(tiny_setup, tmp_path, GPUS="1", TOKEN_NLL="1",
+                      RECORD_EXTRA="--fit-set compile=none --fit-set warmup_steps=1")
+    folder = "seed0-ppn_bayes-size_power1-size_rank2"
+    subprocess.run(["bash", "benchmarks/gpu_job.sh", "part14"], cwd=ROOT, check=True, timeout=900,
+                   env={**env, "JOBS": "fit:0:ppn_bayes:size_power=1/size_rank=2"})
+    subprocess.run(["bash", "benchmarks/gpu_job.sh", "nll-out", folder], cwd=ROOT, check=True, timeout=300, env=env)
+    records = [r for r in read_records("quality", tmp_path / "out" / "records") if r["method"] == "ppn_bayes"]
+    assert sorted(r["size_requested"] for r in records) == [0.3, 0.4, 0.5, 0.7, 0.9]
+    assert all(r["settings"]["fit"]["size_rank"] == 2 and r["settings"]["fit"]["size_power"] == 1 for r in records)
+    checkpoint = next((tmp_path / "work" / folder).rglob("adapters.safetensors")).parent
+    assert not (tmp_path / "work" / folder / "ranked").exists()
+    assert (tmp_path / "out" / f"token-nll-{folder}.safetensors").stat().st_size > 0
+    # the records are the sub-networks cut from the fit with its adapters
+    fitted = load_fit(checkpoint)
+    assert fitted.adapters is not None and fitted.config.size_rank == 2
+    assert {r["size_reached"] for r in records} == {fitted.masks(r["size_requested"]).size_reached for r in records}
 
 
 @pytest.mark.slow
@@ -1142,7 +1167,7 @@ def test_a_fit_that_names_its_sizes_says_so_under_the_quality_table():
     names them and size_min, so an off-ladder size (0.4 here) reads as one; a fit without them
     (older records have no such key) is not marked. A fit that holds its start (hold_steps)
     is marked and noted the same way, with its own mark, and so is one that settles its masks
-    at the end (settle_steps); the notes follow the rows' order."""
+    at the end (settle_steps) or reads size adapters (size_rank); the notes follow the rows' order."""
     def run(method, size, ppl, fit=None):
         return {"method": method, "size_requested": size, "size_reached": size, "ppl": ppl, "windows": 2,
                 "train_tokens": 10, "date": "2026-12-01T10:00:00", "settings": {"fit": fit} if fit else {}}
@@ -1174,6 +1199,13 @@ def test_a_fit_that_names_its_sizes_says_so_under_the_quality_table():
     assert lines[-1] == (f"§ {report.label('ppn_bayes-alone')}: the last 1,500 of the fit's 3,052 steps train the LM on "
                          "the masks that ship, those of the guide averaged over the 300 steps before (`settle_steps`, "
                          "`average_steps`).")
+    # size adapters: their own mark, with the rank and the anchors
+    adapted = {"size_rank": 16, "size_anchors": [0.3, 0.5, 1.0], "size_min": 0.3, "seed": 0}
+    lines = report.quality_table([run("ppn_bayes", 0.5, 41.0, adapted)])
+    assert lines[2].startswith("| ppn_bayes ¶ |")
+    assert lines[-1] == ("¶ ppn_bayes: each size reads its own low-rank correction of the output projections, size "
+                         "adapters of rank 16 at the sizes 0.3, 0.5, 1 interpolated between them (`size_rank`, "
+                         "`size_anchors`), merged into its weights at export.")
 
 
 def test_grad_norms_splits_the_clipped_norm_between_the_guide_and_the_lm():

@@ -53,7 +53,8 @@ def register(subparsers) -> None:
         description="Cut the sub-network of --size (or --params) and save it (safetensors + JSON). CHECKPOINT is "
                     "a ranked checkpoint, read slice by slice without ever loading the full LM, or a fit "
                     "checkpoint, which is first exported to a ranked one (loading the full LM once; keep it with "
-                    "--keep-ranked DIR to resize again cheaply). The result loads with "
+                    "--keep-ranked DIR to resize again cheaply; a fit with size adapters, whose sizes each have "
+                    "weights of their own, is cut from the whole fit and refuses --keep-ranked). The result loads with "
                     "ppn_bayes.load_subnetwork, and with AutoModelForCausalLM.from_pretrained when every layer "
                     "keeps the same widths.",
     )

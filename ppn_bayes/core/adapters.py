@@ -77,8 +77,9 @@ def refuse_adapters(size_rank: int, source, what: str) -> None:
         raise ValueError(
             f"{source} is a fit with size adapters (size_rank={size_rank}): {what} cannot carry them (every size "
             "has its own merged weights, W + sum_k w_k(s) B_k A_k), and dropping them would ship other "
-            "sub-networks than the fit trained; cut each size from the fit itself (ppn-bayes eval or distill "
-            "CHECKPOINT --size S, or PuppetFit.subnetwork(size) and save_subnetwork in Python)")
+            "sub-networks than the fit trained; cut each size from the fit itself (ppn-bayes resize CHECKPOINT --size "
+            "S --out DIR without --keep-ranked, ppn-bayes eval or distill CHECKPOINT --size S, or "
+            "PuppetFit.subnetwork(size) in Python)")
 
 
 class _LayerAdapter(nn.Module):

@@ -104,7 +104,10 @@ def resize_checkpoint(checkpoint: str | Path, out: str | Path, *, size: float | 
 
     A fit checkpoint is first exported with :func:`export_ranked` (which loads the full
     LM) to ``keep_ranked``, or to a temporary directory removed afterwards; export once
-    and resize the ranked checkpoint to avoid loading the full LM at every size.
+    and resize the ranked checkpoint to avoid loading the full LM at every size. A fit with
+    size adapters (``size_rank > 0``) has weights of each size's own, which no ranked
+    checkpoint holds: it is loaded whole and cut at once (:meth:`PuppetFit.subnetwork
+    <ppn_bayes.train.state.PuppetFit.subnetwork>`), and ``keep_ranked`` is refused.
     """
     kind = checkpoint_kind(checkpoint)
     if kind == "ranked":
@@ -113,9 +116,13 @@ def resize_checkpoint(checkpoint: str | Path, out: str | Path, *, size: float | 
         raise ValueError(f"{checkpoint} is a {kind} model, not a fit or ranked checkpoint: nothing to resize")
     from ..core.adapters import refuse_adapters
 
-    refuse_adapters(_fit_size_rank(Path(checkpoint)), checkpoint, "resize (through a ranked checkpoint)")
+    size_rank = _fit_size_rank(Path(checkpoint))
+    if keep_ranked is not None:
+        refuse_adapters(size_rank, checkpoint, "a ranked checkpoint (--keep-ranked)")
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    if size_rank:
+        return _resize_adapted(Path(checkpoint), out, size=size, n_params=n_params, overwrite=overwrite, dtype=dtype)
     if keep_ranked is not None:
         ranked = export_ranked(checkpoint, keep_ranked, overwrite=overwrite)
         return resize(ranked, size, out, n_params=n_params, overwrite=overwrite, dtype=dtype)
@@ -125,6 +132,30 @@ def resize_checkpoint(checkpoint: str | Path, out: str | Path, *, size: float | 
     with tempfile.TemporaryDirectory(prefix=".ranked.", dir=Path(out).parent) as tmp:
         ranked = export_ranked(checkpoint, Path(tmp) / "ranked")
         return resize(ranked, size, out, n_params=n_params, overwrite=overwrite, dtype=dtype)
+
+
+def _resize_adapted(checkpoint: Path, out: str | Path, *, size: float | None, n_params: int | None,
+                    overwrite: bool, dtype: torch.dtype | None) -> ResizeResult:
+    """The sub-network of ``size`` of a fit with size adapters, saved to ``out``: the fit loaded
+    whole (its LM, guide and adapters), the correction of the size merged, then cut."""
+    import time
+
+    from ..train import load_fit
+    from .subnetwork import save_subnetwork
+
+    began = time.perf_counter()
+    Budget(size, n_params)  # a bad size or count is refused before the LM loads
+    fitted = load_fit(checkpoint)
+    sub, masks = fitted.subnetwork(size, n_params=n_params)
+    if dtype is not None:
+        sub.to(dtype)
+    save_subnetwork(sub, open_tokenizer(checkpoint, "fit"), out, overwrite=overwrite)
+    files = [checkpoint / "lm" / "model.safetensors", checkpoint / "guide.safetensors",
+             checkpoint / "adapters.safetensors"]
+    read = sum(f.stat().st_size for f in files)
+    return ResizeResult(size_requested=masks.size_requested, size_reached=masks.size_reached,
+                        kept_params=masks.kept_params, total_params=masks.total_params, bytes_read=read,
+                        checkpoint_bytes=read, seconds=time.perf_counter() - began, out=str(out), lm=sub)
 
 
 @dataclass
