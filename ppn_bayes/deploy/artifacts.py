@@ -24,6 +24,7 @@ from ..io import FileFormatError
 from .maskfile import MaskFile, load_masks, save_masks
 from ..core.budget import Budget
 from ..core.ranking import Masks
+from ..train.checkpoint import recorded_size_rank
 from .resize import INDEX_FILE, ResizeResult, export_ranked, open_ranked, resize, tokenizer_files
 
 __all__ = ["checkpoint_kind", "open_tokenizer", "resize_checkpoint", "OpenedModel", "open_model", "RankedLM",
@@ -73,13 +74,6 @@ def open_tokenizer(path: str | Path, kind: str | None = None):
     raise ValueError(f"{path} is a {kind} file: its tokenizer is read with its LM (load_lm)")
 
 
-def _fit_size_rank(path: Path) -> int:
-    """The ``size_rank`` of the fit checkpoint at ``path`` (0 for fits older than size adapters)."""
-    from ..train import read_state
-
-    return int(read_state(path)["config"].get("size_rank", 0))
-
-
 def _open_full(path: Path, kind: str, *, device, dtype, ranking: bool) -> tuple[nn.Module, object, object]:
     """``(lm, tokenizer, ranking or None)`` of a fit checkpoint, a Hugging Face directory or
     a GGUF file: the full LM, and with ``ranking`` a fit's ranking at its posterior median.
@@ -88,7 +82,7 @@ def _open_full(path: Path, kind: str, *, device, dtype, ranking: bool) -> tuple[
         from ..core.adapters import refuse_adapters
         from ..train import load_fit
 
-        refuse_adapters(_fit_size_rank(path), path, "one full LM for every size (a mask file, ranked drafts)")
+        refuse_adapters(recorded_size_rank(path), path, "one full LM for every size (a mask file, ranked drafts)")
         fitted = load_fit(path, device=device, dtype=dtype)
         return fitted.lm, open_tokenizer(path, kind), fitted.ranking() if ranking else None
     from ..lm import load_lm
@@ -116,7 +110,7 @@ def resize_checkpoint(checkpoint: str | Path, out: str | Path, *, size: float | 
         raise ValueError(f"{checkpoint} is a {kind} model, not a fit or ranked checkpoint: nothing to resize")
     from ..core.adapters import refuse_adapters
 
-    size_rank = _fit_size_rank(Path(checkpoint))
+    size_rank = recorded_size_rank(Path(checkpoint))
     if keep_ranked is not None:
         refuse_adapters(size_rank, checkpoint, "a ranked checkpoint (--keep-ranked)")
     if Path(out).exists() and not overwrite:
@@ -203,7 +197,7 @@ def open_model(path: str | Path, *, size: float | None = None, n_params: int | N
         return OpenedModel(lm, open_tokenizer(path, kind), kind)
     if kind != "fit" and wants_cut and masks_file is None:
         raise ValueError(f"{path} holds no ranking: pass a mask file to cut it")
-    if kind == "fit" and masks_file is None and _fit_size_rank(path):
+    if kind == "fit" and masks_file is None and recorded_size_rank(path):
         return _open_adapter_fit(path, size, n_params, masked_dense, device=device, dtype=dtype)
     lm, tokenizer, ranking = _open_full(path, kind, device=device, dtype=dtype, ranking=masks_file is None)
     if not wants_cut:
@@ -303,7 +297,7 @@ def export_masks(checkpoint: str | Path, out: str | Path, *, sizes: Iterable[flo
         from ..core.adapters import refuse_adapters
         from ..train import load_fit
 
-        refuse_adapters(_fit_size_rank(Path(checkpoint)), checkpoint, "a mask file (applied to the fitted LM's "
+        refuse_adapters(recorded_size_rank(Path(checkpoint)), checkpoint, "a mask file (applied to the fitted LM's "
                         "own weights)")
         fitted = load_fit(checkpoint)
         save_masks(out, fitted.ranking(), sizes=sizes, n_params=n_params, lm=fitted.lm, overwrite=overwrite,

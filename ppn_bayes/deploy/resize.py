@@ -173,10 +173,10 @@ def export_ranked(source, out: str | Path, *, ranking: Ranking | None = None, to
     from ..core.adapters import refuse_adapters
 
     if isinstance(source, (str, Path)):
-        from ..train import load_fit, read_state
+        from ..train import load_fit, recorded_size_rank
 
         checkpoint = Path(source)
-        refuse_adapters(read_state(checkpoint)["config"].get("size_rank", 0), checkpoint, "a ranked checkpoint")
+        refuse_adapters(recorded_size_rank(checkpoint), checkpoint, "a ranked checkpoint")
         fitted = load_fit(checkpoint)
         if tokenizer is None:
             tokenizer = tokenizer_files(checkpoint / "lm")

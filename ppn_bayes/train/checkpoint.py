@@ -32,7 +32,7 @@ from ..store import check_same_data
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "save_checkpoint", "read_state", "read_optimizer",
            "read_guide_sum", "restore_adapters", "restore_modules", "restore_optimizer", "recorded_architecture",
-           "load_tensors", "check_resumable", "weights_fingerprint", "versions"]
+           "recorded_size_rank", "load_tensors", "check_resumable", "weights_fingerprint", "versions"]
 
 CHECKPOINT_FORMAT = "ppn_bayes.checkpoint"
 CHECKPOINT_VERSION = 1
@@ -150,6 +150,12 @@ def read_state(path) -> dict:
         if key not in state:
             raise FileFormatError(f"checkpoint {path}: state.json lacks '{key}'")
     return state
+
+
+def recorded_size_rank(path) -> int:
+    """The ``size_rank`` of the fit checkpoint at ``path`` (0, no size adapters, for fits
+    older than them)."""
+    return int(read_state(path)["config"].get("size_rank", 0))
 
 
 def recorded_architecture(state: dict, path) -> Architecture:
