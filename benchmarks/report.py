@@ -613,7 +613,7 @@ def plot_quality(records: list[dict], path: Path, model) -> bool:
 def units_per_layer(ranking: Ranking, size: float) -> tuple[float, list[int | None], list[int | None]]:
     """The deployed masks of ``size``: the size reached, and each layer's kept attention and MLP
     units (``None`` for a dropped layer). A size outside the sizes the fit trained reads as well,
-    without the warning (:func:`untrained` marks it in the tables)."""
+    without the warning (:meth:`Ranking.untrained` marks it in the tables)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UntrainedSizeWarning)
         masks = ranking.masks(size)
@@ -623,12 +623,6 @@ def units_per_layer(ranking: Ranking, size: float) -> tuple[float, list[int | No
     for layer, a, m in zip(widths.source_layers, widths.attention_units, widths.mlp_units):
         attention[layer], mlp[layer] = a, m
     return masks.size_reached, attention, mlp
-
-
-def untrained(ranking: Ranking, size: float) -> bool:
-    """Whether ``size`` lies outside the sizes the ranking's fit trained (``Ranking.trained``;
-    rankings that do not say are taken as trained at every size)."""
-    return ranking.trained is not None and not ranking.trained[0] <= size <= ranking.trained[1]
 
 
 def _counts(counts: list[int | None], sep: str) -> str:
@@ -668,7 +662,7 @@ def allocation_section(rankings_dir: Path, records: list[dict], images: Path, im
             rows, shares = [], []
             for size in PROTOCOL_SIZES:
                 reached, attention, mlp = units_per_layer(ranking, size)
-                rows.append([f"{size:g}" + (" (untrained)" if untrained(ranking, size) else ""), f"{reached:.3f}",
+                rows.append([f"{size:g}" + (" (untrained)" if ranking.untrained(size) else ""), f"{reached:.3f}",
                              f"{sum(a is not None for a in attention)} of {arch.n_layers}", _counts(attention, "" if arch.n_attention_units < 10 else " "),
                              _counts(mlp, " ")])
                 shares.append((size, attention, mlp))

@@ -289,6 +289,9 @@ def test_masks_outside_the_trained_sizes_warn_and_the_sizes_travel_with_the_rank
         ranking.masks(0.95)
     with pytest.warns(UntrainedSizeWarning, match=r"size 0\.(2|1999) lies outside"):  # a count reads as its fraction
         ranking.masks_for(Budget(n_params=ranking.total_params // 5))
+    # the same bounds answer Ranking.untrained, ends included; a ranking no fit trained: never
+    assert [ranking.untrained(s) for s in (0.3, 0.5, 0.7, 0.9, 0.95)] == [True, False, False, False, True]
+    assert not any(plain.untrained(s) for s in (0.1, 0.5, 1.0))
     data = ranking.to_dict()
     assert data["trained_sizes"] == [0.5, 0.9] and "trained_sizes" not in plain.to_dict()
     again = Ranking.from_dict(arch, json.loads(json.dumps(data)))

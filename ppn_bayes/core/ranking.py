@@ -120,6 +120,11 @@ class Ranking:
         """The same ranking, known to come from a fit that trained sizes ``smallest`` to ``largest``."""
         return Ranking(self.arch, self.items, self.cost, trained=(smallest, largest))
 
+    def untrained(self, size: float) -> bool:
+        """Whether ``size`` lies outside the sizes the fit trained (:attr:`trained`; a ranking
+        that does not know them counts every size as trained)."""
+        return self.trained is not None and not self.trained[0] <= size <= self.trained[1]
+
     @classmethod
     def from_log_lambda(cls, arch: Architecture, log_lambda_layer, log_lambda_unit) -> "Ranking":
         """Rank by crossing ``log τ``; ties keep layers first, then lower indices."""
@@ -174,14 +179,13 @@ class Ranking:
         an :class:`UntrainedSizeWarning` when the size lies outside the sizes the fit trained."""
         n_params = budget.params(self.total_params)
         masks = self.masks_for_params(n_params, size_requested=budget.size)  # a budget it refuses: no warning
-        if self.trained is not None:
-            size = budget.size if budget.size is not None else n_params / self.total_params
+        size = budget.size if budget.size is not None else n_params / self.total_params
+        if self.untrained(size):
             smallest, largest = self.trained
-            if not smallest <= size <= largest:
-                warnings.warn(f"size {size:.4g} lies outside the sizes the fit trained ({smallest:g} to {largest:g}): "
-                              "no training step used this sub-network, so expect it to be worse than the trained "
-                              "sizes; to train it, fit with sizes that include it (--size-min, --size-max, "
-                              "--train-sizes)", UntrainedSizeWarning, stacklevel=2)
+            warnings.warn(f"size {size:.4g} lies outside the sizes the fit trained ({smallest:g} to {largest:g}): "
+                          "no training step used this sub-network, so expect it to be worse than the trained "
+                          "sizes; to train it, fit with sizes that include it (--size-min, --size-max, "
+                          "--train-sizes)", UntrainedSizeWarning, stacklevel=2)
         return masks
 
     def masks_for_params(self, n_params: int, *, size_requested: float | None = None) -> Masks:
