@@ -155,14 +155,18 @@ def main(argv: list[str] | None = None) -> int:
                       seconds=times[-1], timed_seconds=seconds, passes_per_step=1, peak_memory_gb=peak, **common)
         print(f"[fit_cost] kd: {base:,.0f} tokens/s, peak {peak} GB", flush=True)
         del lm, teacher
-        if cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
 
-        lm, _ = load_lm(lm_dir, device=args.device)
-        fitted = fit(lm, blocks, config, progress=False)
-        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-        ours, seconds = steady_tokens_per_s(fitted.result.step_times, args.warmup, tokens_per_step)
+        def timed_fit(fit_config: FitConfig):
+            """A fit of ``fit_config`` on a fresh copy of the LM, the GPU's memory freed and its peak
+            reset first: ``(fitted, tokens/s after the warm-up, those steps' seconds, peak GB)``."""
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            fitted = fit(load_lm(lm_dir, device=args.device)[0], blocks, fit_config, progress=False)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+            return (fitted, *steady_tokens_per_s(fitted.result.step_times, args.warmup, tokens_per_step), peak)
+
+        fitted, ours, seconds, peak = timed_fit(config)
         append_record("fit", method="ppn_bayes", model=name, records_dir=args.records_dir, tokens_per_s=ours,
                       ratio_vs_kd=ours / base, step_cost_vs_kd=base / ours, seconds=fitted.result.seconds,
                       timed_seconds=seconds, passes_per_step=1, peak_memory_gb=peak,
@@ -170,15 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[fit_cost] ppn_bayes: {ours:,.0f} tokens/s, step {base / ours:.2f} x the KD step's, "
               f"peak {peak} GB", flush=True)
         if args.size_rank:
-            del fitted, lm
-            if cuda:
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
+            del fitted
             adapted = dataclasses.replace(config, size_rank=args.size_rank)
-            lm, _ = load_lm(lm_dir, device=args.device)
-            fitted = fit(lm, blocks, adapted, progress=False)
-            peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-            theirs, seconds = steady_tokens_per_s(fitted.result.step_times, args.warmup, tokens_per_step)
+            fitted, theirs, seconds, peak = timed_fit(adapted)
             append_record("fit", method="ppn_bayes+adapters", model=name, records_dir=args.records_dir,
                           tokens_per_s=theirs, ratio_vs_kd=theirs / base, ratio_vs_plain=theirs / ours,
                           size_rank=args.size_rank, seconds=fitted.result.seconds, timed_seconds=seconds,

@@ -166,18 +166,26 @@ def recorded_architecture(state: dict, path) -> Architecture:
         raise FileFormatError(f"checkpoint {path}: state.json has a malformed architecture ({err})") from None
 
 
+def _read_adapters(path: Path, adapters: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors of ``adapters.safetensors``, refused when the file is missing or its names
+    are not those of ``adapters``."""
+    file = Path(path) / "adapters.safetensors"
+    if not file.is_file():
+        raise FileFormatError(f"checkpoint: {file} is missing: the fit has size adapters (size_rank > 0)")
+    tensors = load_tensors(file)
+    if set(tensors) != set(adapters.state_dict()):
+        raise FileFormatError(f"checkpoint: {file} does not fit these size adapters")
+    return tensors
+
+
 def restore_adapters(path: Path, adapters: nn.Module, tensors: dict | None = None) -> None:
     """Load the size adapters' tensors from ``adapters.safetensors`` (or ``tensors`` read
     from it already), checked by name and shape."""
-    file = Path(path) / "adapters.safetensors"
-    if tensors is None:
-        if not file.is_file():
-            raise FileFormatError(f"checkpoint: {file} is missing: the fit has size adapters (size_rank > 0)")
-        tensors = load_tensors(file)
+    tensors = tensors if tensors is not None else _read_adapters(path, adapters)
     try:
         adapters.load_state_dict(tensors)
     except RuntimeError as err:
-        raise FileFormatError(f"checkpoint: {file} does not fit ({err})") from None
+        raise FileFormatError(f"checkpoint: {Path(path) / 'adapters.safetensors'} does not fit ({err})") from None
 
 
 def restore_modules(path: Path, lm: nn.Module, guide: PuppetGuide, adapters: nn.Module | None = None) -> None:
@@ -186,14 +194,7 @@ def restore_modules(path: Path, lm: nn.Module, guide: PuppetGuide, adapters: nn.
     from safetensors.torch import load_model
 
     guide_tensors = load_tensors(path / "guide.safetensors")
-    adapter_tensors = None
-    if adapters is not None:
-        if not (path / "adapters.safetensors").is_file():
-            raise FileFormatError(f"checkpoint: {path / 'adapters.safetensors'} is missing: the fit has size "
-                                  "adapters (size_rank > 0)")
-        adapter_tensors = load_tensors(path / "adapters.safetensors")
-        if set(adapter_tensors) != set(adapters.state_dict()):
-            raise FileFormatError(f"checkpoint: {path / 'adapters.safetensors'} does not fit these size adapters")
+    adapter_tensors = _read_adapters(path, adapters) if adapters is not None else None
     lm_file = path / "lm" / "model.safetensors"
     if not lm_file.is_file():
         raise FileFormatError(f"checkpoint: {lm_file} is missing")
