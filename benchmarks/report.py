@@ -617,7 +617,9 @@ def units_per_layer(ranking: Ranking, size: float) -> tuple[float, list[int | No
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UntrainedSizeWarning)
         masks = ranking.masks(size)
-    widths = selection_from_masks(masks).widths(ranking.arch)  # the widths the sub-network is built with
+    # the masks' widths: a kept layer with no unit reads 0 and 0 (the sub-network leaves it out when it has no
+    # output bias, ppn_bayes.deploy.subnetwork.idle_layers)
+    widths = selection_from_masks(masks).widths(ranking.arch)
     attention: list[int | None] = [None] * ranking.arch.n_layers
     mlp: list[int | None] = [None] * ranking.arch.n_layers
     for layer, a, m in zip(widths.source_layers, widths.attention_units, widths.mlp_units):

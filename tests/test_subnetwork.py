@@ -51,6 +51,21 @@ def _hand_masks(arch, layer, unit) -> Masks:
     return Masks(arch, layer, unit, kept / arch.total_cost, kept, arch.total_cost)
 
 
+def _idle(lm, masks) -> list[int]:
+    """The kept layers a sub-network leaves out, by their definition: no unit, and no bias on
+    the attention and MLP output projections (GPT-2 has them); the first stays when all would go."""
+    biased = any(name.endswith(("c_proj.bias", "o_proj.bias", "down_proj.bias")) for name, _ in lm.named_parameters())
+    kept = masks.layer.nonzero().flatten().tolist()
+    idle = [] if biased else [l for l in kept if not masks.unit[l].any()]
+    return idle if len(idle) < len(kept) else idle[1:]
+
+
+def _expected_params(lm, masks) -> int:
+    """``masks.kept_params`` less the idle layers' own parameters (their norms)."""
+    layer_cost, _ = masks.arch.costs(dtype=torch.int64)
+    return masks.kept_params - int(sum(layer_cost[l] for l in _idle(lm, masks)))
+
+
 def _rankings(arch):
     generator = torch.Generator().manual_seed(3)
     log_layer = torch.randn(arch.n_layers, generator=generator)
@@ -82,6 +97,7 @@ def test_twenty_sizes_match_the_masked_reference(family):
     lm = tiny_lm(family)
     arch = _arch(lm)
     total_before = {k: v.clone() for k, v in lm.state_dict().items()}
+    empty_seen = 0
     for ranking in _rankings(arch):
         smallest = float(ranking.cost[0]) / ranking.total_params
         sizes = torch.linspace(smallest * 1.001, 1.0, 20).tolist()
@@ -89,11 +105,14 @@ def test_twenty_sizes_match_the_masked_reference(family):
             sub = build_subnetwork(lm, masks)
             torch.testing.assert_close(_logits(sub), _reference_logits(lm, masks), atol=ATOL, rtol=1e-5)
             n_all = sum(p.numel() for p in sub.parameters())
-            assert decoder_params(sub) == masks.kept_params
+            assert decoder_params(sub) == _expected_params(lm, masks)
             assert n_all - decoder_params(sub) == arch.outside_cost
             widths = subnetwork_widths(sub)
-            assert list(widths.source_layers) == masks.layer.nonzero().flatten().tolist()
+            kept = masks.layer.nonzero().flatten().tolist()
+            assert list(widths.source_layers) == [l for l in kept if l not in _idle(lm, masks)]
             assert sub.config.num_hidden_layers == len(widths.source_layers)
+            empty_seen += sum(not masks.unit[l].any() for l in kept)
+    assert empty_seen, "no size of these rankings kept a layer with no unit: the case above went untested"
     for key, value in lm.state_dict().items():  # the input LM is untouched
         assert torch.equal(value, total_before[key]), key
 
@@ -119,6 +138,34 @@ def test_layers_with_no_attention_or_no_mlp_units(family):
     assert decoder_params(sub) == masks.kept_params
     # Caches still count every position: greedy generation equals the reference.
     _assert_greedy_matches(lm, sub, masks)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_kept_layer_with_no_unit_is_left_out_where_it_adds_nothing(family):
+    """Layer 1 kept with no unit: the identity where its output projections have no bias (left
+    out, the same logits and greedy tokens through two layers), GPT-2's biases where they have
+    (kept, as EmptyAttention and EmptyMLP). Every kept layer empty: the first one stays."""
+    lm = tiny_lm(family, seed=6)
+    arch = _arch(lm)
+    layer = torch.ones(arch.n_layers, dtype=torch.bool)
+    unit = torch.ones(arch.n_layers, arch.n_units, dtype=torch.bool)
+    unit[1] = False
+    masks = _hand_masks(arch, layer, unit)
+    sub = build_subnetwork(lm, masks)
+    layer_cost, _ = arch.costs(dtype=torch.int64)
+    if family == "gpt2":
+        assert subnetwork_widths(sub).source_layers == (0, 1, 2)
+        assert decoder_params(sub) == masks.kept_params
+    else:
+        assert subnetwork_widths(sub).source_layers == (0, 2)
+        assert decoder_params(sub) == masks.kept_params - int(layer_cost[1])
+    torch.testing.assert_close(_logits(sub), _reference_logits(lm, masks), atol=ATOL, rtol=1e-5)
+    _assert_greedy_matches(lm, sub, masks)
+
+    empty = _hand_masks(arch, layer, torch.zeros_like(unit))
+    sub = build_subnetwork(lm, empty)
+    assert subnetwork_widths(sub).source_layers == ((0, 1, 2) if family == "gpt2" else (0,))
+    torch.testing.assert_close(_logits(sub), _reference_logits(lm, empty), atol=ATOL, rtol=1e-5)
 
 
 def _greedy_reference(lm, masks, prompt, steps):
@@ -213,7 +260,7 @@ def test_uneven_widths_load_with_load_subnetwork(tmp_path, family):
     out = save_subnetwork(sub, None, tmp_path / "sub")
     loaded = load_subnetwork(out)
     torch.testing.assert_close(_logits(loaded), _reference_logits(lm, masks), atol=ATOL, rtol=1e-5)
-    assert decoder_params(loaded) == masks.kept_params
+    assert decoder_params(loaded) == _expected_params(lm, masks)
     _assert_greedy_matches(lm, loaded, masks, steps=3)
 
 
@@ -297,7 +344,7 @@ def _check_the_three_sources(lm, ranking, folder, sizes) -> tuple[int, int]:
     every tensor exactly; returns how many sizes re-index layers and empty some layer."""
     from ppn_bayes.decode.speculative import rank_sorted, shared_draft
     from ppn_bayes.deploy.resize import export_ranked, open_ranked, resize
-    from ppn_bayes.deploy.subnetwork import selection_from_masks, tensor_plan
+    from ppn_bayes.deploy.subnetwork import LMTensors, idle_layers, selection_from_masks, tensor_plan
 
     checkpoint = open_ranked(export_ranked(lm, folder / "ranked", ranking=ranking))
     sorted_lm, ranked = rank_sorted(lm, ranking)  # the LM the ranked file stores, in memory
@@ -325,7 +372,8 @@ def _check_the_three_sources(lm, ranking, folder, sizes) -> tuple[int, int]:
         # A rank-sorted LM keeps prefixes, so every non-empty tensor of the views is a view
         # of its full tensor; GPT-2's fused q|k|v is no prefix when some attention units go.
         names = [name for name, _ in views.named_parameters(remove_duplicate=False)]
-        for name, take in tensor_plan(ranked.arch, selection, names).items():
+        built = selection.without(idle_layers(LMTensors(sorted_lm), ranked.arch, selection))  # the layers it holds
+        for name, take in tensor_plan(ranked.arch, built, names).items():
             if got[name].numel() == 0:
                 continue
             shares = got[name].untyped_storage().data_ptr() == full[take.source].untyped_storage().data_ptr()

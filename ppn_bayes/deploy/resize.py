@@ -431,6 +431,10 @@ class RankedTensors:
                     f"ranked checkpoint {self.checkpoint.path}: {name} rows {start + offset}.. fail their "
                     "checksum (the tensor file is corrupt); export the checkpoint again")
 
+    def has(self, name: str) -> bool:
+        """Whether the checkpoint holds a tensor ``name``."""
+        return self.checkpoint.aliases.get(name, name) in self.checkpoint.shapes
+
     def take(self, take: Take) -> torch.Tensor:
         """The rows ``take`` keeps, read from the file."""
         name = self.checkpoint.aliases.get(take.source, take.source)

@@ -61,6 +61,7 @@ __all__ = [
     "LMTensors",
     "SharedTensors",
     "selection_from_masks",
+    "idle_layers",
     "tensor_plan",
     "subnetwork_widths",
     "decoder_params",
@@ -96,6 +97,13 @@ class Selection:
     layers: tuple[int, ...]
     attention: tuple[tuple[int, ...], ...]
     mlp: tuple[tuple[int, ...], ...]
+
+    def without(self, positions: Iterable[int]) -> "Selection":
+        """This selection less the kept layers at ``positions`` (indices into :attr:`layers`)."""
+        drop = set(positions)
+        keep = [j for j in range(len(self.layers)) if j not in drop]
+        return Selection(layers=tuple(self.layers[j] for j in keep),
+                         attention=tuple(self.attention[j] for j in keep), mlp=tuple(self.mlp[j] for j in keep))
 
     def widths(self, arch: Architecture) -> "Widths":
         """The per-layer widths of this selection."""
@@ -585,6 +593,10 @@ class TensorSource(Protocol):
         """The full LM's tensor ``cut.source``, whole or cut as ``cut`` says."""
         ...
 
+    def has(self, name: str) -> bool:
+        """Whether the full LM holds a tensor ``name``."""
+        ...
+
     def generation_config(self):
         """The sub-network's generation config, or None."""
         ...
@@ -614,6 +626,10 @@ class LMTensors:
         """A copy of what ``cut`` keeps."""
         return take_rows(self.full(cut), cut)
 
+    def has(self, name: str) -> bool:
+        """Whether the LM holds a tensor ``name``."""
+        return name in self.tensors
+
     def generation_config(self):
         """A copy of the LM's generation config (None if it has none)."""
         generation = getattr(self.lm, "generation_config", None)
@@ -638,9 +654,32 @@ class SharedTensors(LMTensors):
         return take_rows(tensor, cut)
 
 
+def idle_layers(source: TensorSource, arch: Architecture, selection: Selection) -> tuple[int, ...]:
+    """Positions in ``selection`` of the kept layers that add nothing to the residual stream:
+    no attention unit, no MLP unit, and no bias on the attention and MLP output projections
+    (``source`` holds none), so that both output zeros and the layer passes its input on
+    unchanged, as the masked LM computes it. A family whose output projections carry biases
+    (GPT-2) adds them in such a layer, which therefore is not idle. The first layer is left
+    out of the answer when every kept layer is idle: a sub-network keeps at least one."""
+    family = FAMILIES[arch.family]
+
+    def biased(layer: int, path: str) -> bool:
+        return source.has(f"{family.layers}.{layer}.{path}.bias")
+
+    idle = tuple(j for j, (layer, attention, mlp) in enumerate(zip(selection.layers, selection.attention,
+                                                                   selection.mlp))
+                 if not attention and not mlp and not biased(layer, family.o) and not biased(layer, family.mlp_out))
+    return idle if len(idle) < len(selection.layers) else idle[1:]
+
+
 def build_from_source(source: TensorSource, arch: Architecture, selection: Selection) -> nn.Module:
     """The sub-network holding ``selection`` of the LM described by ``arch``, its tensors
     taken from ``source`` (a new module in eval mode; the source is not modified).
+
+    The kept layers that are idle (:func:`idle_layers`: no unit, no output bias) are left
+    out: the logits are the same without them, and every token decodes through fewer
+    layers. Its decoder then holds the masks' ``kept_params`` less those layers' own
+    parameters (their norms), and ``config.ppn_widths.source_layers`` lists the layers it holds.
 
     Raises ``ValueError`` when ``source`` shares storage and the family rescales the kept
     layers' weights (GPT-2's ``scale_attn_by_inverse_layer_idx``), and
@@ -650,6 +689,7 @@ def build_from_source(source: TensorSource, arch: Architecture, selection: Selec
     if source.shares_storage and family.scales_attention_by_layer(source.config):
         raise ValueError(f"a {family.name} LM with {family.layer_scale_flag} rescales its kept layers' weights: "
                          "use build_subnetwork (a copy) for its drafts")
+    selection = selection.without(idle_layers(source, arch, selection))
     widths = selection.widths(arch)
     config = subnetwork_config(source.config, family, widths)
     sub = empty_subnetwork(config, family, widths, source.attn_implementation)
@@ -680,10 +720,11 @@ def build_subnetwork(lm: nn.Module, masks) -> nn.Module:
     -------
     torch.nn.Module
         A new LM of the same class, in eval mode, with the dropped layers, attention
-        units and MLP units removed; its logits equal those of the masked-dense
+        units and MLP units removed, and the kept layers left with no unit and no output
+        bias (:func:`idle_layers`) as well; its logits equal those of the masked-dense
         reference ``GatedLM(lm, masks.arch)(x, gates=masks.gates())``. Its decoder layers
-        hold ``masks.kept_params`` parameters; per-layer widths are in
-        ``sub.config.ppn_widths`` (see :func:`subnetwork_widths`).
+        hold ``masks.kept_params`` parameters less the idle layers' own (their norms);
+        per-layer widths are in ``sub.config.ppn_widths`` (see :func:`subnetwork_widths`).
 
     Raises
     ------
