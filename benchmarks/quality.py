@@ -359,13 +359,10 @@ def _autocast(config: QualityConfig):
 def _subnetwork(lm, masks):
     """The sliced sub-network (deployment helper's ``build_subnetwork``), its decoder
     parameter count checked against the masks."""
-    from ppn_bayes.deploy.subnetwork import build_subnetwork, decoder_params
+    from ppn_bayes.deploy.subnetwork import build_subnetwork, held_params
 
     sub = build_subnetwork(lm, masks)
-    kept = decoder_params(sub)
-    if kept != masks.kept_params:
-        raise RuntimeError(f"the sub-network holds {kept} decoder parameters, the masks {masks.kept_params}")
-    return sub, kept
+    return sub, held_params(sub, masks)
 
 
 def evaluate_ranking(run: Run, method: str, lm, ranking, sizes, *, train_tokens: int, settings: dict,
@@ -383,7 +380,7 @@ def evaluate_ranking(run: Run, method: str, lm, ranking, sizes, *, train_tokens:
         result = run.evaluate(sub)
         run.record(method, size_requested=size, size_reached=masks.size_reached, result=result,
                    train_tokens=train_tokens, settings=settings, params_kept=kept,
-                   layers_kept=int(masks.layer.sum()), evaluated="subnetwork")
+                   layers_kept=sub.config.num_hidden_layers, evaluated="subnetwork")
         del sub
 
 
@@ -712,7 +709,7 @@ def _finetune_sizes(run: Run, method: str, lm, ranking, fit_config: FitConfig, *
         cost = distill_finetune(sub, run.lm, run.train_tokens, fit_config, config=c, repeat=repeat)
         result = run.evaluate(sub)
         run.record(method, size_requested=size, size_reached=masks.size_reached, result=result,
-                   train_tokens=train_tokens, params_kept=kept, layers_kept=int(masks.layer.sum()),
+                   train_tokens=train_tokens, params_kept=kept, layers_kept=sub.config.num_hidden_layers,
                    evaluated="subnetwork",
                    settings={"fit": fit_config.to_dict(), "autocast": _autocast_used(c), **settings, **cost})
         del sub

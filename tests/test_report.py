@@ -1229,3 +1229,33 @@ def test_grad_norms_splits_the_clipped_norm_between_the_guide_and_the_lm():
         assert row["lm"] > 0
         assert row["clipped"] == pytest.approx(math.hypot(row["guide"], row["lm"]), rel=1e-5)
     assert [row["guide"] for row in rows[:2]] == [0.0, 0.0] and all(row["guide"] > 0 for row in rows[2:])
+
+
+def test_quality_and_speed_build_sub_networks_that_leave_an_idle_layer_out():
+    """Masks that keep a layer with no unit: the benchmarks' sub-networks leave it out (the
+    tiny Llama has no output bias), hold the masks' parameters less its norms, and give the
+    masked LM's logits; the parameter check accepts that and nothing else."""
+    from conftest import tiny_lm
+
+    from ppn_bayes.core.architecture import describe
+    from ppn_bayes.core.gating import GatedLM
+    from ppn_bayes.core.ranking import Masks
+    from ppn_bayes.deploy.subnetwork import decoder_params, subnetwork_widths
+
+    lm = tiny_lm("llama", seed=7)
+    arch = describe(lm, mlp_group=32)
+    layer = torch.ones(arch.n_layers, dtype=torch.bool)
+    unit = torch.ones(arch.n_layers, arch.n_units, dtype=torch.bool)
+    unit[1] = False
+    layer_cost, unit_cost = arch.costs(dtype=torch.int64)
+    kept = int(layer_cost.sum() + unit_cost[unit].sum())
+    masks = Masks(arch, layer, unit, kept / arch.total_cost, kept, arch.total_cost)
+    sub, params = _load("quality")._subnetwork(lm, masks)
+    assert subnetwork_widths(sub).source_layers == (0, 2)
+    assert params == decoder_params(sub) == kept - int(layer_cost[1])
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(0))
+    gated = GatedLM(lm, arch)
+    with torch.no_grad():
+        reference = gated(ids, gates=masks.gates())
+        torch.testing.assert_close(sub(input_ids=ids).logits, reference, atol=1e-5, rtol=1e-5)
+    gated.unload()

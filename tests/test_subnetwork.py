@@ -14,6 +14,7 @@ from ppn_bayes.deploy.subnetwork import (
     EmptyMLP,
     build_subnetwork,
     decoder_params,
+    held_params,
     load_subnetwork,
     save_subnetwork,
     subnetwork_widths,
@@ -105,7 +106,7 @@ def test_twenty_sizes_match_the_masked_reference(family):
             sub = build_subnetwork(lm, masks)
             torch.testing.assert_close(_logits(sub), _reference_logits(lm, masks), atol=ATOL, rtol=1e-5)
             n_all = sum(p.numel() for p in sub.parameters())
-            assert decoder_params(sub) == _expected_params(lm, masks)
+            assert decoder_params(sub) == _expected_params(lm, masks) == held_params(sub, masks)
             assert n_all - decoder_params(sub) == arch.outside_cost
             widths = subnetwork_widths(sub)
             kept = masks.layer.nonzero().flatten().tolist()
@@ -161,6 +162,12 @@ def test_a_kept_layer_with_no_unit_is_left_out_where_it_adds_nothing(family):
         assert decoder_params(sub) == masks.kept_params - int(layer_cost[1])
     torch.testing.assert_close(_logits(sub), _reference_logits(lm, masks), atol=ATOL, rtol=1e-5)
     _assert_greedy_matches(lm, sub, masks)
+
+    assert held_params(sub, masks) == decoder_params(sub)
+    other = _hand_masks(arch, layer, torch.ones_like(unit))  # masks it was not built from
+    with pytest.raises(RuntimeError, match="leaves out layers \\[1\\], which keep units" if family != "gpt2"
+                       else "decoder parameters, its masks"):
+        held_params(sub, other)
 
     empty = _hand_masks(arch, layer, torch.zeros_like(unit))
     sub = build_subnetwork(lm, empty)

@@ -65,6 +65,7 @@ __all__ = [
     "tensor_plan",
     "subnetwork_widths",
     "decoder_params",
+    "held_params",
     "save_subnetwork",
     "load_subnetwork",
     "WIDTHS_VERSION",
@@ -741,6 +742,26 @@ def subnetwork_widths(sub: nn.Module) -> Widths:
     if data is None:
         raise ValueError("this LM is not a ppn_bayes sub-network (its config has no ppn_widths)")
     return Widths.from_dict(data)
+
+
+def held_params(sub: nn.Module, masks) -> int:
+    """The decoder parameters of ``sub``, a sub-network built from ``masks``, checked against
+    them: the masks' ``kept_params`` less the own parameters (norms) of the kept layers it
+    left out, each of which must keep no unit (:func:`idle_layers`). ``RuntimeError`` naming
+    the difference otherwise (a builder that cut the wrong rows, or a sub-network of other
+    masks)."""
+    arch = masks.arch
+    held = set(subnetwork_widths(sub).source_layers)
+    left_out = [l for l in torch.as_tensor(masks.layer).nonzero().flatten().tolist() if l not in held]
+    busy = [l for l in left_out if bool(torch.as_tensor(masks.unit)[l].any())]
+    if busy:
+        raise RuntimeError(f"the sub-network leaves out layers {busy}, which keep units")
+    expected = masks.kept_params - sum(arch.layer_cost[l] for l in left_out)
+    params = decoder_params(sub)
+    if params != expected:
+        raise RuntimeError(f"the sub-network holds {params} decoder parameters, its masks {expected} "
+                           f"({masks.kept_params} less the norms of the {len(left_out)} idle layers left out)")
+    return params
 
 
 def decoder_params(lm: nn.Module) -> int:
