@@ -72,3 +72,18 @@ def shared_data():
     if not data.exists():
         pytest.skip("../shared/data is absent")
     return data
+
+
+def idle_layers_of(lm, masks) -> list[int]:
+    """The kept layers a sub-network leaves out, by their definition: no unit, and no bias on
+    the attention and MLP output projections (GPT-2 has them); the first stays when all would go."""
+    biased = any(name.endswith(("c_proj.bias", "o_proj.bias", "down_proj.bias")) for name, _ in lm.named_parameters())
+    kept = masks.layer.nonzero().flatten().tolist()
+    idle = [] if biased else [l for l in kept if not masks.unit[l].any()]
+    return idle if len(idle) < len(kept) else idle[1:]
+
+
+def expected_params(lm, masks) -> int:
+    """``masks.kept_params`` less the idle layers' own parameters (their norms)."""
+    layer_cost, _ = masks.arch.costs(dtype=torch.int64)
+    return masks.kept_params - int(sum(layer_cost[l] for l in idle_layers_of(lm, masks)))

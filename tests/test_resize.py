@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_lm
+from conftest import expected_params, tiny_lm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -252,10 +252,8 @@ def test_cli_end_to_end(fitted, tmp_path, capsys):
     # tiny Llama's output projections have no bias, so such a layer is the identity and is left out).
     from ppn_bayes import load_fit
 
-    masks = load_fit(checkpoint).masks(0.5)
-    layer_cost, _ = masks.arch.costs(dtype=torch.int64)
-    idle = [l for l in masks.layer.nonzero().flatten().tolist() if not masks.unit[l].any()]
-    assert evals["fit"]["decoder_params"] == masks.kept_params - int(sum(layer_cost[l] for l in idle))
+    fit = load_fit(checkpoint)
+    assert evals["fit"]["decoder_params"] == expected_params(fit.lm, fit.masks(0.5))
     code, out, _ = _cli(capsys, "eval", checkpoint, "--data", text, "--seq-len", 32, "--limit", 6, "--quiet")
     assert code == 0 and "perplexity" in out
 

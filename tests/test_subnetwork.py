@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_lm
+from conftest import FAMILIES, expected_params, idle_layers_of, tiny_lm
 
 from ppn_bayes.core.architecture import describe
 from ppn_bayes.core.gating import GatedLM
@@ -52,21 +52,6 @@ def _hand_masks(arch, layer, unit) -> Masks:
     return Masks(arch, layer, unit, kept / arch.total_cost, kept, arch.total_cost)
 
 
-def _idle(lm, masks) -> list[int]:
-    """The kept layers a sub-network leaves out, by their definition: no unit, and no bias on
-    the attention and MLP output projections (GPT-2 has them); the first stays when all would go."""
-    biased = any(name.endswith(("c_proj.bias", "o_proj.bias", "down_proj.bias")) for name, _ in lm.named_parameters())
-    kept = masks.layer.nonzero().flatten().tolist()
-    idle = [] if biased else [l for l in kept if not masks.unit[l].any()]
-    return idle if len(idle) < len(kept) else idle[1:]
-
-
-def _expected_params(lm, masks) -> int:
-    """``masks.kept_params`` less the idle layers' own parameters (their norms)."""
-    layer_cost, _ = masks.arch.costs(dtype=torch.int64)
-    return masks.kept_params - int(sum(layer_cost[l] for l in _idle(lm, masks)))
-
-
 def _rankings(arch):
     generator = torch.Generator().manual_seed(3)
     log_layer = torch.randn(arch.n_layers, generator=generator)
@@ -106,11 +91,11 @@ def test_twenty_sizes_match_the_masked_reference(family):
             sub = build_subnetwork(lm, masks)
             torch.testing.assert_close(_logits(sub), _reference_logits(lm, masks), atol=ATOL, rtol=1e-5)
             n_all = sum(p.numel() for p in sub.parameters())
-            assert decoder_params(sub) == _expected_params(lm, masks) == held_params(sub, masks)
+            assert decoder_params(sub) == expected_params(lm, masks) == held_params(sub, masks)
             assert n_all - decoder_params(sub) == arch.outside_cost
             widths = subnetwork_widths(sub)
             kept = masks.layer.nonzero().flatten().tolist()
-            assert list(widths.source_layers) == [l for l in kept if l not in _idle(lm, masks)]
+            assert list(widths.source_layers) == [l for l in kept if l not in idle_layers_of(lm, masks)]
             assert sub.config.num_hidden_layers == len(widths.source_layers)
             empty_seen += sum(not masks.unit[l].any() for l in kept)
     assert empty_seen, "no size of these rankings kept a layer with no unit: the case above went untested"
@@ -267,7 +252,7 @@ def test_uneven_widths_load_with_load_subnetwork(tmp_path, family):
     out = save_subnetwork(sub, None, tmp_path / "sub")
     loaded = load_subnetwork(out)
     torch.testing.assert_close(_logits(loaded), _reference_logits(lm, masks), atol=ATOL, rtol=1e-5)
-    assert decoder_params(loaded) == _expected_params(lm, masks)
+    assert decoder_params(loaded) == expected_params(lm, masks)
     _assert_greedy_matches(lm, loaded, masks, steps=3)
 
 
