@@ -797,10 +797,15 @@ def speed_section(records: list[dict], images: Path, image_prefix: str) -> list[
                          ("Quick checks (smoke runs: not the protocol)", [r for r in records if _is_quick(r)])):
         if not group:
             continue
-        by = defaultdict(list)
+        by = defaultdict(list)  # one table per measurement: rows of other shapes or dtypes are not comparable
         for record in group:
-            by[(_machine_kind(record), record.get("phase"), record.get("model"))].append(record)
-        for (machine, phase, model), rows in sorted(by.items(), key=lambda kv: str(kv[0])):
+            by[(_machine_kind(record), record.get("phase"), record.get("model"), record.get("dtype"),
+                bool(record.get("compiled")), record.get("batch"), record.get("seq_len"),
+                record.get("new_tokens"))].append(record)
+        # per machine, phase and model, the latest measurement first (only it is plotted)
+        newest_first = sorted(by.items(), key=lambda kv: max(r.get("date") or "" for r in kv[1]), reverse=True)
+        plotted = set()
+        for (machine, phase, model, *_), rows in sorted(newest_first, key=lambda kv: str(kv[0][:3])):
             first = rows[-1]
             shape = (f"batch {first.get('batch')} x {first.get('seq_len')}" if phase == "prefill" else
                      f"batch {first.get('batch')}, {first.get('seq_len')}-token prompt, "
@@ -821,7 +826,8 @@ def speed_section(records: list[dict], images: Path, image_prefix: str) -> list[
                             table)
             lines += provenance(rows)
             lines.append("")
-            if title == "Protocol runs":
+            if title == "Protocol runs" and (machine, phase, model) not in plotted:
+                plotted.add((machine, phase, model))
                 name = f"speed-{_slug(machine)}-{phase}.png"
                 if plot_speed(list(chosen.values()), images / name, f"{phase} on {machine}"):
                     lines += [f"![speed-up against size, {phase} on {machine}]({image_prefix}/{name})", ""]

@@ -50,11 +50,36 @@ def _quality(records_dir, method, size, ppl, reached=None, *, quick=False, date=
     return record
 
 
-def _speed(records_dir, method, size, rate, ratio, phase="decode", machine="h200: NVIDIA H200"):
+def _speed(records_dir, method, size, rate, ratio, phase="decode", machine="h200: NVIDIA H200", new_tokens=256):
     return append_record("speed", method=method, model="M", records_dir=records_dir, command="cmd-s",
                          size_requested=size, size_reached=size - 0.01, tokens_per_s=rate, ratio_vs_dense=ratio,
-                         phase=phase, batch=1, seq_len=32, new_tokens=256, dtype="bfloat16", compiled=True,
+                         phase=phase, batch=1, seq_len=32, new_tokens=new_tokens, dtype="bfloat16", compiled=True,
                          quick=False, machine=machine)
+
+
+def test_speed_rows_of_another_measurement_shape_get_their_own_table(tmp_path):
+    """A later run that decodes 256 tokens supersedes the rows it measured, not a row of a run that
+    decoded 64: each shape has its own table, headed by that shape."""
+    rec = tmp_path / "records"
+    _speed(rec, "dense", 1.0, 10.0, 1.0, machine="cpu: x86_64", new_tokens=64)
+    _speed(rec, "magnitude-zeros", 0.5, 11.0, 1.1, machine="cpu: x86_64", new_tokens=64)
+    _speed(rec, "dense", 1.0, 17.0, 1.0, machine="cpu: x86_64", new_tokens=256)
+    _speed(rec, "ppn_bayes", 0.5, 25.0, 1.47, machine="cpu: x86_64", new_tokens=256)
+    path = rec / "speed.jsonl"  # the 64-token run a week before
+    dated = [{**json.loads(line), "date": date} for line, date in
+             zip(path.read_text().splitlines(), ["2026-11-28T22:57:00+00:00"] * 2 + ["2026-12-05T08:00:00+00:00"] * 2)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in dated))
+    out = tmp_path / "benchmarks.md"
+    report.main(["--records-dir", str(rec), "--out", str(out)])
+    text = out.read_text()
+    tables = text.split("### Protocol runs: decode on cpu")[1:]
+    assert len(tables) == 2 and "256 new tokens" in tables[0].split("\n")[0]  # the latest measurement first
+    assert text.count("](benchmarks/speed-cpu-decode.png)") == 1 and "speed-cpu-decode.png" in tables[0]
+    by_tokens = {("256 new tokens" in t.split("\n")[0]): t.split("Produced by")[0] for t in tables}
+    assert "| magnitude-zeros | 0.5 |" in by_tokens[False] and "| 10 | 1 |" in by_tokens[False]
+    assert "| ppn_bayes | 0.5 |" not in by_tokens[False]
+    assert "| ppn_bayes | 0.5 |" in by_tokens[True] and "| 17 | 1 |" in by_tokens[True]
+    assert "magnitude-zeros" not in by_tokens[True]
 
 
 def test_report_with_no_records_says_not_yet_measured(tmp_path):
