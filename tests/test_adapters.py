@@ -299,3 +299,9 @@ def test_a_fit_with_adapters_exports_subnetworks_that_load_and_match_the_gated_f
     merged = fitted.lm_at(0.5)
     assert all(torch.equal(p, q) for p, q in zip(before, fitted.lm.parameters()))  # lm_at leaves the LM alone
     assert any(not torch.equal(p, q) for p, q in zip(merged.parameters(), fitted.lm.parameters()))
+    # subnetwork merges in place and undoes it: the LM to the bit, the sub-network that of the copy lm_at makes
+    sub, masks = fitted.subnetwork(0.5)
+    assert all(torch.equal(p, q) for p, q in zip(before, fitted.lm.parameters()))
+    reference = build_subnetwork(merged, masks)
+    assert [n for n, _ in sub.named_parameters()] == [n for n, _ in reference.named_parameters()]
+    assert all(torch.equal(p, q) for p, q in zip(sub.parameters(), reference.parameters()))

@@ -454,7 +454,7 @@ def _draft_source(target: nn.Module, source, shared: bool) -> Callable[[float], 
 
         masks = ranking.masks(size)
         if adapters is not None:  # the draft as the fit ships it: sliced from its size's merged LM
-            return build_subnetwork(source.lm_at(masks.size_requested), masks), masks.size_reached
+            return source.subnetwork_of(masks), masks.size_reached
         return build_subnetwork(target, masks), masks.size_reached
     return from_ranking
 

@@ -99,10 +99,21 @@ class PuppetFit:
         ranking, sliced from :meth:`lm_at` of the size they were asked for
         (``masks.size_requested``; a parameter budget's fraction of the decoder's parameters)."""
         from ..core.budget import Budget
-        from ..deploy.subnetwork import build_subnetwork
 
         masks = self.ranking().masks_for(Budget(size, n_params))
-        return build_subnetwork(self.lm_at(masks.size_requested), masks), masks
+        return self.subnetwork_of(masks), masks
+
+    def subnetwork_of(self, masks) -> nn.Module:
+        """The sub-network ``masks`` keep, sliced from :meth:`lm_at` of ``masks.size_requested``
+        (what :meth:`subnetwork` returns for them). With size adapters, the correction is merged
+        into :attr:`lm` in place for the slicing and undone to the bit after (the slices are
+        copies), so no second LM is held."""
+        from ..deploy.subnetwork import build_subnetwork
+
+        if self.adapters is None:
+            return build_subnetwork(self.lm, masks)
+        with self.adapters.merged(self.lm, masks.size_requested) as lm:
+            return build_subnetwork(lm, masks)
 
     @property
     def arch(self) -> Architecture:
