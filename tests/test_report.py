@@ -41,8 +41,13 @@ def _quality(records_dir, method, size, ppl, reached=None, *, quick=False, date=
                            size_requested=size, size_reached=reached if reached is not None else size - 0.002,
                            ppl=ppl, windows=2 if quick else 147, seq_len=2048, train_tokens=0, quick=quick,
                            machine="h200: NVIDIA H200")
-    if date is not None:  # rewrite the last line with a chosen date
-        path = Path(records_dir) / "quality.jsonl"
+    return _dated(records_dir, "quality", record, date)
+
+
+def _dated(records_dir, benchmark, record, date):
+    """``record``, the last line of ``benchmark``'s file, rewritten with a chosen ``date`` (None: as written)."""
+    if date is not None:
+        path = Path(records_dir) / f"{benchmark}.jsonl"
         lines = path.read_text().splitlines()
         record["date"] = date
         lines[-1] = json.dumps(record)
@@ -50,25 +55,24 @@ def _quality(records_dir, method, size, ppl, reached=None, *, quick=False, date=
     return record
 
 
-def _speed(records_dir, method, size, rate, ratio, phase="decode", machine="h200: NVIDIA H200", new_tokens=256):
-    return append_record("speed", method=method, model="M", records_dir=records_dir, command="cmd-s",
-                         size_requested=size, size_reached=size - 0.01, tokens_per_s=rate, ratio_vs_dense=ratio,
-                         phase=phase, batch=1, seq_len=32, new_tokens=new_tokens, dtype="bfloat16", compiled=True,
-                         quick=False, machine=machine)
+def _speed(records_dir, method, size, rate, ratio, phase="decode", machine="h200: NVIDIA H200", new_tokens=256,
+           date=None):
+    record = append_record("speed", method=method, model="M", records_dir=records_dir, command="cmd-s",
+                           size_requested=size, size_reached=size - 0.01, tokens_per_s=rate, ratio_vs_dense=ratio,
+                           phase=phase, batch=1, seq_len=32, new_tokens=new_tokens, dtype="bfloat16", compiled=True,
+                           quick=False, machine=machine)
+    return _dated(records_dir, "speed", record, date)
 
 
 def test_speed_rows_of_another_measurement_shape_get_their_own_table(tmp_path):
     """A later run that decodes 256 tokens supersedes the rows it measured, not a row of a run that
     decoded 64: each shape has its own table, headed by that shape."""
     rec = tmp_path / "records"
-    _speed(rec, "dense", 1.0, 10.0, 1.0, machine="cpu: x86_64", new_tokens=64)
-    _speed(rec, "magnitude-zeros", 0.5, 11.0, 1.1, machine="cpu: x86_64", new_tokens=64)
-    _speed(rec, "dense", 1.0, 17.0, 1.0, machine="cpu: x86_64", new_tokens=256)
-    _speed(rec, "ppn_bayes", 0.5, 25.0, 1.47, machine="cpu: x86_64", new_tokens=256)
-    path = rec / "speed.jsonl"  # the 64-token run a week before
-    dated = [{**json.loads(line), "date": date} for line, date in
-             zip(path.read_text().splitlines(), ["2026-11-28T22:57:00+00:00"] * 2 + ["2026-12-05T08:00:00+00:00"] * 2)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in dated))
+    week_before, now = "2026-11-28T22:57:00+00:00", "2026-12-05T08:00:00+00:00"  # the 64-token run a week before
+    _speed(rec, "dense", 1.0, 10.0, 1.0, machine="cpu: x86_64", new_tokens=64, date=week_before)
+    _speed(rec, "magnitude-zeros", 0.5, 11.0, 1.1, machine="cpu: x86_64", new_tokens=64, date=week_before)
+    _speed(rec, "dense", 1.0, 17.0, 1.0, machine="cpu: x86_64", new_tokens=256, date=now)
+    _speed(rec, "ppn_bayes", 0.5, 25.0, 1.47, machine="cpu: x86_64", new_tokens=256, date=now)
     out = tmp_path / "benchmarks.md"
     report.main(["--records-dir", str(rec), "--out", str(out)])
     text = out.read_text()
