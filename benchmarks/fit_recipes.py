@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from protocol import RECIPE_SIZES, listed  # noqa: E402
-from quality import SHARED, QualityConfig, Run, _autocast, _subnetwork, load_inputs  # noqa: E402
+from quality import SHARED, QualityConfig, Run, _autocast, load_inputs  # noqa: E402
 
 from ppn_bayes.core.config import FitConfig  # noqa: E402
 from ppn_bayes.records import RECORDS_DIR, append_record  # noqa: E402
@@ -79,7 +79,7 @@ def run_recipe(args: argparse.Namespace) -> None:
     full = run.evaluate(fitted.lm_at(1.0))  # with size adapters (size_rank > 0) every size has its own weights
     for size in args.sizes:
         masks = ranking.masks(size)
-        result = run.evaluate(_subnetwork(fitted.lm_at(size), masks)[0])
+        result = run.evaluate(fitted.subnetwork_of(masks))
         append_record("recipes", method="ppn_bayes", recipe=args.recipe, changes=RECIPES[args.recipe],
                       model=run.config.name, records_dir=args.records_dir, size_requested=size,
                       size_reached=masks.size_reached, ppl=result.ppl, nll=result.nll, windows=result.windows,

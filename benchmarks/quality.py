@@ -356,27 +356,28 @@ def _autocast(config: QualityConfig):
     return contextlib.nullcontext()
 
 
-def _subnetwork(lm, masks):
-    """The sliced sub-network (deployment helper's ``build_subnetwork``), its decoder
-    parameter count checked against the masks."""
+def _subnetwork(lm, masks, subnetwork_of=None):
+    """The sliced sub-network (deployment helper's ``build_subnetwork``, or a fit's
+    ``subnetwork_of``), its decoder parameter count checked against the masks."""
     from ppn_bayes.deploy.subnetwork import build_subnetwork, held_params
 
-    sub = build_subnetwork(lm, masks)
+    sub = build_subnetwork(lm, masks) if subnetwork_of is None else subnetwork_of(masks)
     return sub, held_params(sub, masks)
 
 
 def evaluate_ranking(run: Run, method: str, lm, ranking, sizes, *, train_tokens: int, settings: dict,
-                     lm_at=None):
+                     subnetwork_of=None):
     """Slice ``lm`` at every size of ``ranking`` and record the sub-networks' perplexity;
-    ``lm_at`` (a ppn_bayes fit's :meth:`~ppn_bayes.train.state.PuppetFit.lm_at`): the LM of
-    each size to slice instead, its size adapters' correction merged (``size_rank > 0``)."""
+    ``subnetwork_of`` (a ppn_bayes fit's :meth:`~ppn_bayes.train.state.PuppetFit.subnetwork_of`):
+    what cuts the masks instead, from the LM with the size adapters' correction of their size
+    merged (``size_rank > 0``; in place and undone, no copy of the LM)."""
     for size in sizes:
         if run.out_of_time():
             print(f"[quality] out of time: {method} at {size} skipped", flush=True)
             run.skipped += 1
             return
         masks = ranking.masks(size)
-        sub, kept = _subnetwork(lm if lm_at is None else lm_at(size), masks)
+        sub, kept = _subnetwork(lm, masks, subnetwork_of)
         result = run.evaluate(sub)
         run.record(method, size_requested=size, size_reached=masks.size_reached, result=result,
                    train_tokens=train_tokens, settings=settings, params_kept=kept,
@@ -476,7 +477,7 @@ def run_ppn(run: Run, method: str) -> None:
         _export_ranked(run, fitted)
     sizes = c.sizes if method == RECORD else c.ablation_sizes
     evaluate_ranking(run, method, fitted.lm, ranking, sizes, train_tokens=train_tokens, settings=settings,
-                     lm_at=fitted.lm_at)
+                     subnetwork_of=fitted.subnetwork_of)
 
 
 def _fit_tokens(run: Run, method: str) -> tuple[torch.Tensor, dict]:
@@ -693,8 +694,8 @@ def distill_finetune(student, teacher, tokens: torch.Tensor, fit_config: FitConf
 
 
 def _finetune_sizes(run: Run, method: str, lm, ranking, fit_config: FitConfig, *, train_tokens: int,
-                    settings: dict, repeat: int = 1, lm_at=None) -> None:
-    """Cut ``lm`` (or ``lm_at(size)``, as :func:`evaluate_ranking`) at every ``finetune_sizes``
+                    settings: dict, repeat: int = 1, subnetwork_of=None) -> None:
+    """Cut ``lm`` (or through ``subnetwork_of``, as :func:`evaluate_ranking`) at every ``finetune_sizes``
     of ``ranking``, fine-tune each sub-network towards the dense LM (:func:`distill_finetune`)
     and record its perplexity."""
     c = run.config
@@ -704,7 +705,7 @@ def _finetune_sizes(run: Run, method: str, lm, ranking, fit_config: FitConfig, *
             run.skipped += 1
             return
         masks = ranking.masks(size)
-        sub, kept = _subnetwork(lm if lm_at is None else lm_at(size), masks)
+        sub, kept = _subnetwork(lm, masks, subnetwork_of)
         sub.float()
         cost = distill_finetune(sub, run.lm, run.train_tokens, fit_config, config=c, repeat=repeat)
         result = run.evaluate(sub)
@@ -744,7 +745,7 @@ def run_ppn_finetuned(run: Run, method: str) -> None:
     fitted.lm.float().eval()
     fit_tokens = fit_config.steps * fit_config.batch_size * fit_config.seq_len
     _finetune_sizes(run, method, fitted.lm, fitted.ranking(), fit_config, train_tokens=(1 + repeat) * fit_tokens,
-                    repeat=repeat, lm_at=fitted.lm_at,
+                    repeat=repeat, subnetwork_of=fitted.subnetwork_of,
                     settings={"training": f"the {base} fit, then a self-distillation fine-tune of "
                                           "its sub-network at this size (the +distill baselines' recipe)",
                               "fit_tokens": fit_tokens, "finetune_tokens": repeat * fit_tokens,

@@ -229,6 +229,34 @@ def test_quality_and_speed_end_to_end(tiny_setup, tmp_path):
     assert by[("decode", "magnitude-zeros", 0.5)]["size_reached"] == pytest.approx(0.5, abs=0.02)
 
 
+def test_a_fit_with_size_adapters_is_scored_on_each_sizes_merged_weights(tiny_setup, tmp_path):
+    """quality.py cuts an adapter fit's sub-networks through ``PuppetFit.subnetwork_of`` (merged in
+    place, undone to the bit): each record is the perplexity of the slow reference, the masks cut
+    from the copy ``lm_at(size)`` makes, scored by the same Run in the same precision."""
+    from ppn_bayes.deploy.subnetwork import build_subnetwork
+
+    quality = _load("quality")
+    records, work = tmp_path / "records", tmp_path / "work"
+    args = [*_tiny_quality_args(tiny_setup, records, "--methods", "ppn_bayes", "--fit-set", "size_rank=2",
+                                "--fit-set", "lr_lm=0.05"), "--work-dir", str(work)]
+    quality.main(args)
+    rows = read_records("quality", records)
+    assert [r["size_requested"] for r in rows] == [0.7, 0.5]
+    config = quality.config_from(quality.build_parser().parse_args(args))
+    run = quality.Run(config, *quality.load_inputs(config))
+    fitted = load_fit(work / "fits" / "ppn_bayes")
+    fitted.lm.float().eval()
+    assert fitted.adapters is not None
+    ranking = fitted.ranking()
+    for r in rows:
+        masks = ranking.masks(r["size_requested"])
+        reference = run.evaluate(build_subnetwork(fitted.lm_at(r["size_requested"]), masks))
+        assert r["ppl"] == reference.ppl
+    # the adapters moved: the sizes' own weights are not the plain LM's
+    masks = ranking.masks(0.5)
+    assert run.evaluate(build_subnetwork(fitted.lm, masks)).ppl != rows[1]["ppl"]
+
+
 def test_a_fit_variant_then_a_fine_tune_of_its_chosen_size(tiny_setup, tmp_path):
     """ppn_bayes-original+distill fits ppn_bayes-original first (teacher='original'),
     records its sizes, then fine-tunes its sub-network at the chosen size."""
