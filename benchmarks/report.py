@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import sys
 import warnings
 from collections import defaultdict
@@ -797,11 +798,13 @@ def speed_section(records: list[dict], images: Path, image_prefix: str) -> list[
                          ("Quick checks (smoke runs: not the protocol)", [r for r in records if _is_quick(r)])):
         if not group:
             continue
-        by = defaultdict(list)  # one table per measurement: rows of other shapes or dtypes are not comparable
+        # one table per measurement: rows of other shapes or dtypes are not comparable, nor sub-networks
+        # cut by another ranking (a later run of one ranking does not leave an older ranking's rows in its table)
+        by = defaultdict(list)
         for record in group:
             by[(_machine_kind(record), record.get("phase"), record.get("model"), record.get("dtype"),
                 bool(record.get("compiled")), record.get("batch"), record.get("seq_len"),
-                record.get("new_tokens"))].append(record)
+                record.get("new_tokens"), _rankings_of(record))].append(record)
         # per machine, phase and model, the latest measurement first (only it is plotted)
         newest_first = sorted(by.items(), key=lambda kv: max(r.get("date") or "" for r in kv[1]), reverse=True)
         plotted = set()
@@ -810,8 +813,10 @@ def speed_section(records: list[dict], images: Path, image_prefix: str) -> list[
             shape = (f"batch {first.get('batch')} x {first.get('seq_len')}" if phase == "prefill" else
                      f"batch {first.get('batch')}, {first.get('seq_len')}-token prompt, "
                      f"{first.get('new_tokens')} new tokens")
+            rankings = _rankings_of(first)
             lines += [f"### {title}: {phase} on {machine}, {model} ({first.get('dtype')}, "
-                      f"{'compiled' if first.get('compiled') else 'eager'}, {shape})", ""]
+                      f"{'compiled' if first.get('compiled') else 'eager'}, {shape}"
+                      + (f"; sub-networks of `{rankings}`" if rankings else "") + ")", ""]
             chosen = latest(rows, lambda r: (r["method"], size_key(r)))
             table = []
             for (method, size), r in sorted(chosen.items(), key=lambda kv: (_order(kv[0][0]), -kv[0][1])):
@@ -832,6 +837,13 @@ def speed_section(records: list[dict], images: Path, image_prefix: str) -> list[
                 if plot_speed(list(chosen.values()), images / name, f"{phase} on {machine}"):
                     lines += [f"![speed-up against size, {phase} on {machine}]({image_prefix}/{name})", ""]
     return lines
+
+
+def _rankings_of(record: dict) -> str:
+    """The rankings file a speed record's sub-networks were cut by: ``--rankings`` of its command
+    ('' where it names none)."""
+    found = re.search(r"--rankings[= ]('[^']*'|\S+)", record.get("command") or "")
+    return found.group(1).strip("'") if found else ""
 
 
 def plot_speed(records: list[dict], path: Path, title: str) -> bool:

@@ -56,8 +56,8 @@ def _dated(records_dir, benchmark, record, date):
 
 
 def _speed(records_dir, method, size, rate, ratio, phase="decode", machine="h200: NVIDIA H200", new_tokens=256,
-           date=None):
-    record = append_record("speed", method=method, model="M", records_dir=records_dir, command="cmd-s",
+           date=None, command="cmd-s"):
+    record = append_record("speed", method=method, model="M", records_dir=records_dir, command=command,
                            size_requested=size, size_reached=size - 0.01, tokens_per_s=rate, ratio_vs_dense=ratio,
                            phase=phase, batch=1, seq_len=32, new_tokens=new_tokens, dtype="bfloat16", compiled=True,
                            quick=False, machine=machine)
@@ -84,6 +84,31 @@ def test_speed_rows_of_another_measurement_shape_get_their_own_table(tmp_path):
     assert "| ppn_bayes | 0.5 |" not in by_tokens[False]
     assert "| ppn_bayes | 0.5 |" in by_tokens[True] and "| 17 | 1 |" in by_tokens[True]
     assert "magnitude-zeros" not in by_tokens[True]
+
+
+def test_speed_rows_of_another_ranking_get_their_own_table(tmp_path):
+    """A later run of the same shape that cuts its sub-networks by another rankings file does not
+    leave the older ranking's rows in its table: the older run keeps a table of its own (not
+    plotted), and two runs of one rankings file share one table."""
+    rec = tmp_path / "records"
+    old, new = "2026-11-28T22:57:00+00:00", "2026-12-05T13:30:00+00:00"
+    old_cmd = "python3 benchmarks/speed.py --rankings /root/ppn-work/rankings.json --sizes 0.5,0.3"
+    new_cmd = "python3 benchmarks/speed.py --rankings docs/benchmarks/rankings/seed0-hold1000.json"
+    _speed(rec, "dense", 1.0, 700.0, 1.0, date=old, command=old_cmd)
+    _speed(rec, "ppn_bayes", 0.5, 900.0, 1.28, date=old, command=old_cmd)
+    _speed(rec, "ppn_bayes", 0.3, 1178.0, 1.67, date=old, command=old_cmd)
+    _speed(rec, "dense", 1.0, 750.0, 1.0, date=new, command=new_cmd)
+    _speed(rec, "ppn_bayes", 0.5, 786.0, 1.05, date=new, command=new_cmd)
+    _speed(rec, "ppn_bayes", 0.3, 911.0, 1.22, date=new, command=new_cmd + " --sizes 0.3")  # a second run
+    out = tmp_path / "benchmarks.md"
+    report.main(["--records-dir", str(rec), "--out", str(out)])
+    tables = out.read_text().split("### Protocol runs: decode on h200")[1:]
+    assert len(tables) == 2
+    latest, older = (t.split("Produced by")[0] for t in tables)
+    assert "sub-networks of `docs/benchmarks/rankings/seed0-hold1000.json`" in latest.split("\n")[0]
+    assert "| ppn_bayes | 0.3 | 0.29 | 911 | 1.22 |" in latest and "1,178" not in latest
+    assert "| ppn_bayes | 0.3 | 0.29 | 1,178 | 1.67 |" in older and "`/root/ppn-work/rankings.json`" in older
+    assert "speed-h200-decode.png" in tables[0] and "speed-h200-decode.png" not in tables[1]
 
 
 def test_report_with_no_records_says_not_yet_measured(tmp_path):
