@@ -808,12 +808,11 @@ def speed_section(records: list[dict], images: Path, image_prefix: str) -> list[
         # per machine, phase and model, the latest measurement first (only it is plotted)
         newest_first = sorted(by.items(), key=lambda kv: max(r.get("date") or "" for r in kv[1]), reverse=True)
         plotted = set()
-        for (machine, phase, model, *_), rows in sorted(newest_first, key=lambda kv: str(kv[0][:3])):
+        for (machine, phase, model, *_, rankings), rows in sorted(newest_first, key=lambda kv: str(kv[0][:3])):
             first = rows[-1]
             shape = (f"batch {first.get('batch')} x {first.get('seq_len')}" if phase == "prefill" else
                      f"batch {first.get('batch')}, {first.get('seq_len')}-token prompt, "
                      f"{first.get('new_tokens')} new tokens")
-            rankings = _rankings_of(first)
             lines += [f"### {title}: {phase} on {machine}, {model} ({first.get('dtype')}, "
                       f"{'compiled' if first.get('compiled') else 'eager'}, {shape}"
                       + (f"; sub-networks of `{rankings}`" if rankings else "") + ")", ""]
