@@ -628,6 +628,15 @@ def units_per_layer(ranking: Ranking, size: float) -> tuple[float, list[int | No
     return masks.size_reached, attention, mlp
 
 
+def _layers_kept(attention: list[int | None], mlp: list[int | None], n_layers: int) -> str:
+    """The layers a size's masks keep, "K of N", and where some of them keep no unit, how many
+    do ("K of N (U with units)"): the sub-network leaves the others out where their output
+    projections carry no bias (:func:`ppn_bayes.deploy.subnetwork.idle_layers`)."""
+    kept = sum(a is not None for a in attention)
+    with_units = sum(a is not None and (a > 0 or m > 0) for a, m in zip(attention, mlp))
+    return f"{kept} of {n_layers}" + (f" ({with_units} with units)" if with_units < kept else "")
+
+
 def _counts(counts: list[int | None], sep: str) -> str:
     return sep.join("-" if n is None else str(n) for n in counts)
 
@@ -652,7 +661,9 @@ def allocation_section(rankings_dir: Path, records: list[dict], images: Path, im
              f"The deployed masks of each protocol size, layer by layer (layers counted from 0), from the rankings "
              f"of fits of record kept in `{shown}/` (the `rankings.json` that `quality.py "
              "--rankings` wrote beside the fit's records). Each cell lists every layer: the units it keeps, `-` for "
-             "a dropped layer.", ""]
+             "a dropped layer. A kept layer with no unit (0 and 0) passes its input on unchanged; a sub-network leaves "
+             "it out where its output projections carry no bias, as SmolLM2's do not, so that its tokens run through "
+             "the layers with units.", ""]
     for path in files:
         for method, entry in read_rankings(path).items():
             ranking = ranking_of(path, method, entry)
@@ -666,8 +677,8 @@ def allocation_section(rankings_dir: Path, records: list[dict], images: Path, im
             for size in PROTOCOL_SIZES:
                 reached, attention, mlp = units_per_layer(ranking, size)
                 rows.append([f"{size:g}" + (" (untrained)" if ranking.untrained(size) else ""), f"{reached:.3f}",
-                             f"{sum(a is not None for a in attention)} of {arch.n_layers}", _counts(attention, "" if arch.n_attention_units < 10 else " "),
-                             _counts(mlp, " ")])
+                             _layers_kept(attention, mlp, arch.n_layers),
+                             _counts(attention, "" if arch.n_attention_units < 10 else " "), _counts(mlp, " ")])
                 shares.append((size, attention, mlp))
             lines += _table(["size", "size reached", "layers kept",
                              f"attention units kept (of {arch.n_attention_units}, {arch.heads_per_unit} query heads "

@@ -1143,7 +1143,7 @@ def test_allocation_section_lists_each_layers_kept_units_as_the_masks_keep_them(
     from ppn_bayes.io import FileFormatError
 
     arch = describe(tiny_llama(11, layers=6, hidden=32, heads=4, kv_heads=2, intermediate=64), mlp_group=8)
-    ranking = Ranking.random(arch, seed=3)
+    ranking = Ranking.random(arch, seed=1)  # at 0.5 it keeps a layer with no unit
     rankings = tmp_path / "rankings"
     rankings.mkdir()
     _rankings_file(rankings / "fit.json", ranking, fit={"seed": 1}, train_tokens=1234)
@@ -1155,12 +1155,16 @@ def test_allocation_section_lists_each_layers_kept_units_as_the_masks_keep_them(
     for size, (_, reached, layers, attention, mlp) in rows.items():
         masks = ranking.masks(size)
         assert reached == f"{masks.size_reached:.3f}"
-        assert layers == f"{int(masks.layer.sum())} of {arch.n_layers}"
+        kept = masks.layer.tolist()
+        with_units = sum(keep and bool(masks.unit[l].any()) for l, keep in enumerate(kept))
+        assert layers == f"{sum(kept)} of {arch.n_layers}" + (
+            f" ({with_units} with units)" if with_units < sum(kept) else "")
         # one mark a layer: '-' exactly where the masks drop the layer, else its kept units of each kind
         assert list(attention) == ["-" if not keep else str(int(masks.unit[l, :A].sum()))
                                    for l, keep in enumerate(masks.layer.tolist())]
         assert mlp.split(" ") == ["-" if not keep else str(int(masks.unit[l, A:].sum()))
                                   for l, keep in enumerate(masks.layer.tolist())]
+    assert rows[0.5][2] == "6 of 6 (5 with units)"
     assert "seed 1, 1,234 training tokens" in "\n".join(lines)
     assert (tmp_path / "img" / "allocation-fit-ppn_bayes.png").stat().st_size > 0
     # a fit that trained 0.5 alone: its other sizes read the same, marked, and without the warning
