@@ -104,7 +104,7 @@ MIXING_METHODS = tuple(m for m in ids(quality=True) if method_of(m).mixes_fit_to
 METHODS = ids(quality=True)
 DEFAULT_METHODS = ids(default=True)
 #: The fit of record: 2048-token windows, every row a gated size (the smallest, and three
-#: drawn more often small, u^2; no row for the full LM), every size taught by the frozen
+#: drawn uniformly; no row for the full LM; u^2, more often small, until 5 December 2026), every size taught by the frozen
 #: original LM with no next-token loss, deployed-style (prefix) training masks, units started
 #: from their activation ranks, a warm-up and a cosine schedule (issue 15); the LM's weights at
 #: rate 1e-3 with AdamW's beta2 0.95 (the 12M-token width-kd sweep of 2 December 2026: 64.3 at

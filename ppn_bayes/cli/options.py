@@ -146,7 +146,7 @@ def add_fit_options(parser: argparse.ArgumentParser, defaults: FitConfig = FitCo
                         help="named settings applied before the flags below, which win where given: 'record' is "
                              "the fit of record (docs/method.md: " + ", ".join(
                                  f"{k}={v}" for k, v in RECIPES["record"].items()) + "); add --warmup-steps, "
-                             "--settle-steps and --average-steps for your number of steps (the record: 100, 300 "
+                             "--settle-steps and --average-steps for your number of steps (the record: 100, 1500 "
                              "and 300 of 3,052) (default: default, the defaults shown)")
     groups = {name: parser.add_argument_group(f"fit settings: {name} (FitConfig)") for name in CONCERNS}
     add_config_options(parser, FitConfig, defaults, skip=skip, groups=groups)
