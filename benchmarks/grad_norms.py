@@ -2,8 +2,9 @@
 
     python benchmarks/grad_norms.py --model MODEL.gguf --text corpus.txt [--steps 8 --batch 4 --seq-len 256]
 
-Runs ``ppn_bayes.fit`` with the fit of record's recipe (``FitConfig.recipe("record")``, plus
-any ``--fit-set KEY=VALUE``) for a few steps and prints, for each step, the norm of the
+Runs ``ppn_bayes.fit`` with the fit of record's recipe (``FitConfig.recipe("record")``,
+without its settling steps, so that the guide learns at every step, plus any ``--fit-set
+KEY=VALUE``) for a few steps and prints, for each step, the norm of the
 guide's gradient, the norm of the LM's and the norm the fit clips (both together, at
 ``grad_clip``), before clipping. The fit clips the two groups as one vector, where width-kd's
 distillation clips the LM alone: this says how far the guide's share moves the LM's step. A
@@ -68,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     from ppn_bayes import FitConfig
     from ppn_bayes.lm import load_lm
 
-    config = fit_overrides(args.fit_set, FitConfig.recipe("record").replace(
-        steps=args.steps, batch_size=args.batch, seq_len=args.seq_len, warmup_steps=1, log_every=1))
+    config = fit_overrides(args.fit_set, FitConfig.recipe(  # the guide learns every step: no settling
+        "record", steps=args.steps, batch_size=args.batch, seq_len=args.seq_len, warmup_steps=1, log_every=1,
+        settle_steps=0, average_steps=0))
     lm, tokenizer = load_lm(args.model, device=args.device)
     tokens = torch.tensor(tokenizer(Path(args.text).read_text()[:args.chars])["input_ids"])
     for step, row in enumerate(gradient_norms(lm, tokens, config)):

@@ -104,14 +104,17 @@ MIXING_METHODS = tuple(m for m in ids(quality=True) if method_of(m).mixes_fit_to
 METHODS = ids(quality=True)
 DEFAULT_METHODS = ids(default=True)
 #: The fit of record: 2048-token windows, every row a gated size (the smallest, and three
-#: drawn uniformly; no row for the full LM; u^2, more often small, until 5 December 2026), every size taught by the frozen
-#: original LM with no next-token loss, deployed-style (prefix) training masks, units started
-#: from their activation ranks, a warm-up and a cosine schedule (issue 15); the LM's weights at
-#: rate 1e-3 with AdamW's beta2 0.95 (the 12M-token width-kd sweep of 2 December 2026: 64.3 at
-#: 1e-4, 54.0 at 3e-4, 49.3 at 1e-3, 53.2 at 3e-3, 47.4 at 1e-3 with beta2 0.95). With
-#: --fit-tokens it reads the training text and each teacher text in equal shares.
+#: drawn uniformly; no row for the full LM; u^2, more often small, until 5 December 2026),
+#: every size taught by the frozen original LM with no next-token loss, deployed-style
+#: (prefix) training masks, units started from their activation ranks, a warm-up and a cosine
+#: schedule (issue 15); the LM's weights at rate 1e-3 with AdamW's beta2 0.95 (the 12M-token
+#: width-kd sweep of 2 December 2026: 64.3 at 1e-4, 54.0 at 3e-4, 49.3 at 1e-3, 53.2 at 3e-3,
+#: 47.4 at 1e-3 with beta2 0.95). No settling here, so that a run means what it meant before
+#: the recipe scaled its spans (5 December 2026): the GPU runs set ``settle_steps`` and
+#: ``average_steps`` with ``--fit-set``. With --fit-tokens it reads the training text and each
+#: teacher text in equal shares.
 DEFAULT_FIT = FitConfig.recipe("record", steps=300, batch_size=8, seq_len=2048, checkpoint_every=100, log_every=10,
-                               warmup_steps=30)
+                               warmup_steps=30, settle_steps=0, average_steps=0)
 #: The fit of record before issue 15 (self-distillation plus next-token loss, independent
 #: gates, neutral start, constant rates): what the records before 2026-12-01 evening ran.
 PREVIOUS_FIT = FitConfig(steps=300, batch_size=8, seq_len=2048, size_min=0.3, checkpoint_every=100,

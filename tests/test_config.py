@@ -159,7 +159,8 @@ def test_a_recipe_sets_its_settings_over_the_defaults_and_given_flags_win(capsys
     from ppn_bayes.cli.options import fit_config_from
     from ppn_bayes.core.config import RECIPES
 
-    record = RECIPES["record"]
+    # the default fit's 200 steps: the record's 100, 1,500 and 300 of 3,052 scaled and rounded
+    record = {**RECIPES["record"], "warmup_steps": 7, "settle_steps": 98, "average_steps": 20}
     assert FitConfig.recipe("record") == FitConfig(**record)
     assert FitConfig.recipe("record", steps=7).steps == 7 and FitConfig.recipe("default") == FitConfig()
     with pytest.raises(ValueError, match="unknown recipe 'nope'; known: default, record"):
@@ -172,11 +173,41 @@ def test_a_recipe_sets_its_settings_over_the_defaults_and_given_flags_win(capsys
     assert config("--recipe", "record") == FitConfig(**record)
     # a flag given wins over the recipe, even one that gives the default's value (3e-5, not the record's 1e-3)
     given = config("--recipe", "record", "--lr-lm", str(FitConfig().lr_lm), "--train-full-lm", "--steps", "9")
-    assert given == FitConfig(**{**record, "lr_lm": FitConfig().lr_lm, "train_full_lm": True, "steps": 9})
+    assert given == FitConfig(**{**record, "lr_lm": FitConfig().lr_lm, "train_full_lm": True, "steps": 9,
+                                 "warmup_steps": 0, "settle_steps": 4, "average_steps": 1})
     with pytest.raises(SystemExit):
         config("--recipe", "nope")
     assert "invalid choice: 'nope'" in capsys.readouterr().err
 
+
+
+def test_the_record_recipe_scales_its_steps_set_apart_to_the_fits_length():
+    """At the record's own 3,052 steps the recipe gives exactly its 100 warm-up, 1,500 settling
+    and 300 averaging steps; at other lengths each is scaled and rounded, in CLI and Python
+    alike; a span given wins; with the LM frozen there is no settling (it would train nothing)."""
+    from ppn_bayes.cli.options import fit_config_from
+    from ppn_bayes.core.config import RECIPE_SPANS, recipe_settings
+
+    def config(*flags):
+        return fit_config_from(build_parser().parse_args(["fit", "--model", "m", "--data", "d", "--out", "o", *flags]))
+
+    record = config("--recipe", "record", "--steps", "3052")
+    assert (record.warmup_steps, record.settle_steps, record.average_steps) == (100, 1500, 300)
+    assert record == FitConfig.recipe("record", steps=3052)
+    length, spans = RECIPE_SPANS["record"]
+    for steps in (1, 2, 3, 10, 200, 1000, 6104, 30_520):
+        fit = FitConfig.recipe("record", steps=steps)  # valid at every length: the spans fit in the steps
+        assert {k: getattr(fit, k) for k in spans} == {k: round(v * steps / length) for k, v in spans.items()}
+        assert config("--recipe", "record", "--steps", str(steps)) == fit
+    assert FitConfig.recipe("record", steps=6104).settle_steps == 3000
+    given = config("--recipe", "record", "--steps", "3052", "--settle-steps", "0", "--average-steps", "0")
+    assert (given.warmup_steps, given.settle_steps, given.average_steps) == (100, 0, 0)
+    frozen = config("--recipe", "record", "--steps", "3052", "--no-train-lm")
+    assert (frozen.warmup_steps, frozen.settle_steps, frozen.average_steps, frozen.train_lm) == (100, 0, 0, False)
+    assert FitConfig.recipe("record", steps=3052, train_lm=False) == frozen
+    assert recipe_settings("default", 3052) == {}
+    with pytest.raises(ValueError, match="unknown recipe 'nope'"):
+        recipe_settings("nope", 10)
 
 def test_the_trained_range_spans_every_size_a_step_can_train():
     base = FitConfig(size_min=0.3, size_max=0.8, n_random_sizes=1)

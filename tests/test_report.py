@@ -1307,8 +1307,8 @@ def test_grad_norms_splits_the_clipped_norm_between_the_guide_and_the_lm():
     text = embedded_text()[:20_000]
     tokenizer = CharTokenizer.for_text(text)
     lm = tiny_llama(tokenizer.vocab_size, layers=2, hidden=32, heads=4, kv_heads=2, intermediate=64)
-    config = FitConfig.recipe("record").replace(steps=4, batch_size=2, seq_len=32, warmup_steps=1, mlp_group=16,
-                                                hold_steps=2)
+    config = FitConfig.recipe("record", steps=4, batch_size=2, seq_len=32, warmup_steps=1, mlp_group=16,
+                              hold_steps=2, settle_steps=0, average_steps=0)
     rows = grad_norms.gradient_norms(lm, torch.tensor(tokenizer.encode(text)), config)
     assert len(rows) == 4
     for row in rows:

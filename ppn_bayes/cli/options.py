@@ -8,7 +8,7 @@ import dataclasses
 import math
 import typing
 
-from ..core.config import CONCERNS, RECIPES, FitConfig
+from ..core.config import CONCERNS, RECIPE_SPANS, RECIPES, FitConfig, recipe_settings
 
 #: The namespace attribute that holds the settings given on the command line (a set of field
 #: names): what a recipe (``--recipe``) leaves as given.
@@ -145,18 +145,21 @@ def add_fit_options(parser: argparse.ArgumentParser, defaults: FitConfig = FitCo
     parser.add_argument("--recipe", default="default", choices=list(RECIPES),
                         help="named settings applied before the flags below, which win where given: 'record' is "
                              "the fit of record (docs/method.md: " + ", ".join(
-                                 f"{k}={v}" for k, v in RECIPES["record"].items()) + "); add --warmup-steps, "
-                             "--settle-steps and --average-steps for your number of steps (the record: 100, 1500 "
-                             "and 300 of 3,052) (default: default, the defaults shown)")
+                                 f"{k}={v}" for k, v in RECIPES["record"].items()) + "), and its steps set "
+                             f"apart scaled to --steps (of its {RECIPE_SPANS['record'][0]}: " + ", ".join(
+                                 f"{k}={v}" for k, v in RECIPE_SPANS["record"][1].items()) + ") (default: "
+                             "default, the defaults shown)")
     groups = {name: parser.add_argument_group(f"fit settings: {name} (FitConfig)") for name in CONCERNS}
     add_config_options(parser, FitConfig, defaults, skip=skip, groups=groups)
 
 
 def fit_config_from(args: argparse.Namespace, *, base: FitConfig = FitConfig(), skip: tuple[str, ...] = ()) -> FitConfig:
     """The fit settings of :func:`add_fit_options`' flags over ``base``: ``--recipe``'s settings
-    where a flag was not given, the flags' values everywhere else."""
+    (its steps set apart scaled to the fit's ``steps``) where a flag was not given, the flags'
+    values everywhere else."""
     values = config_from(args, FitConfig, skip=skip)
     given = getattr(args, GIVEN, frozenset())
-    recipe = RECIPES[getattr(args, "recipe", "default")]
+    steps, train_lm = (values.get(k, getattr(base, k)) for k in ("steps", "train_lm"))
+    recipe = recipe_settings(getattr(args, "recipe", "default"), steps, train_lm=train_lm)
     values.update({k: v for k, v in recipe.items() if k not in given and k not in skip})
     return base.replace(**values)

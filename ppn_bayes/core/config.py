@@ -14,7 +14,7 @@ from typing import Sequence
 from .schedule import check_schedule
 
 __all__ = ["FitConfig", "check_anchors", "check_compiler", "check_fields", "setting", "CONCERNS", "FIT_HELP",
-           "NOT_IDENTIFYING", "RECIPES"]
+           "NOT_IDENTIFYING", "RECIPES", "RECIPE_SPANS", "recipe_settings"]
 
 #: The concerns a fit's settings fall into, in ``--help`` order: ``prior`` (the Bayesian
 #: model and its guide: units, hierarchy, the prior's weight, the guide's start),
@@ -318,10 +318,13 @@ class FitConfig:
 
     @classmethod
     def recipe(cls, name: str, **changes) -> "FitConfig":
-        """The settings of the named recipe (:data:`RECIPES`) over the defaults, then ``changes``."""
-        if name not in RECIPES:
-            raise ValueError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
-        return cls(**{**RECIPES[name], **changes})
+        """The settings of the named recipe over the defaults, then ``changes``: the recipe's
+        steps set apart (warm-up, settling, averaging; :data:`RECIPE_SPANS`) are scaled to
+        ``changes``' ``steps`` (else the default's), so give ``steps`` here rather than to
+        :meth:`replace` afterwards."""
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        steps, train_lm = (changes.get(k, defaults[k]) for k in ("steps", "train_lm"))
+        return cls(**{**recipe_settings(name, steps, train_lm=train_lm), **changes})
 
     def concern(self, name: str) -> dict:
         """The settings of concern ``name`` (one of :data:`CONCERNS`), as ``{field: value}``."""
@@ -388,15 +391,33 @@ NOT_IDENTIFYING: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(FitC
 #: size taught by a frozen copy of the original LM through the full-logit KL alone,
 #: deployed-style (prefix) training masks, units started from their activation ranks, a half
 #: cosine of the rates, the LM's weights at 1e-3 with AdamW's beta2 0.95, and every row of a
-#: batch a gated size: ``size_min`` 0.3 and three sizes drawn uniformly from [0.3, 1]. The
-#: settings that scale with the number of steps (``warmup_steps``, ``hold_steps``,
-#: ``settle_steps``, ``average_steps``) are left to the caller: the record used 100 warm-up
-#: steps and its masks fixed for the last 1,500 of 3,052 (``settle_steps`` 1,500 from the guide
-#: averaged over the 300 steps before, ``average_steps`` 300). Until 5 December 2026 the record
-#: drew its sizes more often small (``size_power`` 2) and settled for 300 steps.
+#: batch a gated size: ``size_min`` 0.3 and three sizes drawn uniformly from [0.3, 1]; its
+#: steps set apart (:data:`RECIPE_SPANS`) scale with the fit's length. Until 5 December 2026
+#: the record drew its sizes more often small (``size_power`` 2) and settled for 300 steps.
 RECIPES: dict[str, types.MappingProxyType] = {
     "default": types.MappingProxyType({}),
     "record": types.MappingProxyType(dict(
         teacher="original", nll_weight=0.0, gate_coupling="prefix", init="activation", lr_schedule="cosine",
         lr_lm=1e-3, adam_beta2=0.95, size_min=0.3, n_random_sizes=3, size_power=1.0, train_full_lm=False)),
 }
+
+#: The stretches of steps a recipe sets apart, as ``(steps of the recipe's own fit, {setting:
+#: steps})``: :func:`recipe_settings` scales them to a fit's own number of steps (rounded). The
+#: record warmed up for 100 of its 3,052 steps and fixed its masks for the last 1,500
+#: (``settle_steps``), from the guide averaged over the 300 steps before (``average_steps``).
+RECIPE_SPANS: dict[str, tuple[int, types.MappingProxyType]] = {
+    "record": (3052, types.MappingProxyType(dict(warmup_steps=100, settle_steps=1500, average_steps=300))),
+}
+
+
+def recipe_settings(name: str, steps: int, *, train_lm: bool = True) -> dict:
+    """The settings recipe ``name`` sets for a fit of ``steps`` steps: :data:`RECIPES`' own and
+    :data:`RECIPE_SPANS`' scaled to ``steps``. With ``train_lm`` off the settling steps (which
+    train the LM alone) are left out."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
+    settings = dict(RECIPES[name])
+    length, spans = RECIPE_SPANS.get(name, (1, {}))
+    settings.update({k: round(v * steps / length) for k, v in spans.items()
+                     if train_lm or k not in ("settle_steps", "average_steps")})
+    return settings
