@@ -180,7 +180,6 @@ def test_a_recipe_sets_its_settings_over_the_defaults_and_given_flags_win(capsys
     assert "invalid choice: 'nope'" in capsys.readouterr().err
 
 
-
 def test_the_record_recipe_scales_its_steps_set_apart_to_the_fits_length():
     """At the record's own 3,052 steps the recipe gives exactly its 100 warm-up, 1,500 settling
     and 300 averaging steps; at other lengths each is scaled and rounded, in CLI and Python
@@ -208,6 +207,7 @@ def test_the_record_recipe_scales_its_steps_set_apart_to_the_fits_length():
     assert recipe_settings("default", 3052) == {}
     with pytest.raises(ValueError, match="unknown recipe 'nope'"):
         recipe_settings("nope", 10)
+
 
 def test_the_trained_range_spans_every_size_a_step_can_train():
     base = FitConfig(size_min=0.3, size_max=0.8, n_random_sizes=1)
